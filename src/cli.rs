@@ -1,0 +1,137 @@
+//! Operator commands beside the daemon: `apply`, `vfolder create`, `status`.
+//! Each is a thin etcd client: everything they do can be done with `etcdctl`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, GetOptions};
+use uuid::Uuid;
+
+use crate::config::NodeConfig;
+use crate::keys::Keys;
+use crate::names::is_valid_object_name;
+use crate::spec::{parse_vfolder, parse_volume_document, Permission, VfolderSpec};
+
+/// Errors of the operator commands.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// etcd did not answer.
+    #[error("etcd request failed")]
+    Etcd(#[from] etcd_client::Error),
+    /// The input was invalid; nothing was written.
+    #[error("{0}")]
+    Invalid(String),
+    /// A file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Connects to the configured etcd with a request timeout (a CLI must not hang).
+pub async fn connect(cfg: &NodeConfig) -> Result<Client, CliError> {
+    let opts = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_timeout(Duration::from_secs(10));
+    Ok(Client::connect(&cfg.etcd.endpoints, Some(opts)).await?)
+}
+
+/// `vfolderd apply -f FILE`: puts each volume of the seed's `volumes:` list
+/// (or a single spec) at `P/volumes/<name>`, after validating all of them.
+pub async fn apply(cfg: &NodeConfig, file: &Path) -> Result<Vec<String>, CliError> {
+    let text = std::fs::read_to_string(file).map_err(|source| CliError::Read {
+        path: file.display().to_string(),
+        source,
+    })?;
+    let volumes = parse_volume_document(&text).map_err(CliError::Invalid)?;
+    let keys = Keys::new(&cfg.etcd.prefix, &cfg.node);
+    let mut client = connect(cfg).await?;
+    let mut names = Vec::new();
+    for (name, body) in volumes {
+        client
+            .put(format!("{}{name}", keys.volumes_prefix()), body, None)
+            .await?;
+        names.push(name);
+    }
+    Ok(names)
+}
+
+/// `vfolderd vfolder create`: writes a record with a fresh uuid v4 and returns it.
+pub async fn vfolder_create(
+    cfg: &NodeConfig,
+    volume: &str,
+    name: &str,
+    owner: &str,
+    permission: Permission,
+) -> Result<Uuid, CliError> {
+    if !is_valid_object_name(volume) {
+        return Err(CliError::Invalid(format!(
+            "volume {volume:?} is not a valid volume name"
+        )));
+    }
+    let spec = VfolderSpec {
+        name: name.to_string(),
+        owner: owner.to_string(),
+        volume: volume.to_string(),
+        permission,
+        quota_bytes: None,
+    };
+    let body = serde_yaml::to_string(&spec).expect("yaml");
+    parse_vfolder(body.as_bytes()).map_err(CliError::Invalid)?;
+    let keys = Keys::new(&cfg.etcd.prefix, &cfg.node);
+    let id = Uuid::new_v4();
+    connect(cfg)
+        .await?
+        .put(format!("{}{id}", keys.vfolders_prefix()), body, None)
+        .await?;
+    Ok(id)
+}
+
+/// `vfolderd status`: a table of every status key under the prefix.
+pub async fn status(cfg: &NodeConfig) -> Result<String, CliError> {
+    let prefix = format!("{}/status/", cfg.etcd.prefix);
+    let resp = connect(cfg)
+        .await?
+        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+        .await?;
+    let mut rows = vec![["KEY".to_string(), "STATE".into(), "DETAIL".into()]];
+    for kv in resp.kvs() {
+        let key = String::from_utf8_lossy(kv.key());
+        let key = key.strip_prefix(&prefix).unwrap_or(&key).to_string();
+        let v: serde_json::Value = serde_yaml::from_slice(kv.value()).unwrap_or_default();
+        let state = v
+            .get("state")
+            .and_then(|s| s.as_str())
+            .unwrap_or("?")
+            .to_string();
+        let detail = match (
+            v.get("error").and_then(|e| e.as_str()),
+            v.get("users"),
+            v.get("files"),
+        ) {
+            (Some(e), _, _) => e.to_string(),
+            (None, Some(u), _) => format!("users={u}"),
+            (None, None, Some(f)) => format!(
+                "files={f} bytes={}",
+                v.get("bytes").cloned().unwrap_or_default()
+            ),
+            _ => String::new(),
+        };
+        rows.push([key, state, detail]);
+    }
+    let w0 = rows.iter().map(|r| r[0].len()).max().unwrap_or(0);
+    let w1 = rows.iter().map(|r| r[1].len()).max().unwrap_or(0);
+    Ok(rows
+        .iter()
+        .map(|r| {
+            format!("{:w0$}  {:w1$}  {}\n", r[0], r[1], r[2])
+                .trim_end()
+                .to_string()
+                + "\n"
+        })
+        .collect())
+}

@@ -1,0 +1,221 @@
+//! The etcd key schema (v1): classifying desired keys and naming status keys.
+
+use uuid::Uuid;
+
+use crate::names::{escape_key, is_valid_object_name};
+
+/// Key layout for one prefix and one node.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    /// The schema prefix `P`, e.g. `/vfolderd`.
+    pub prefix: String,
+    /// This node's name.
+    pub node: String,
+}
+
+/// What a desired key names.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ObjectKey {
+    /// `P/volumes/<name>`.
+    Volume(String),
+    /// `P/vfolders/<uuid>`.
+    Vfolder(Uuid),
+    /// `P/nodes/<this node>/kernels/<id>`.
+    Kernel(String),
+}
+
+/// The result of classifying a key seen in a desired range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Classified {
+    /// A well-formed desired key.
+    Object(ObjectKey),
+    /// A key inside a desired range whose own name is invalid: it gets a
+    /// status under `rejected/`.
+    Invalid {
+        /// Why.
+        reason: String,
+    },
+    /// Not ours to look at (another node, status keys, unknown subtrees).
+    Ignored,
+}
+
+impl Keys {
+    /// Builds the layout.
+    pub fn new(prefix: &str, node: &str) -> Self {
+        Self {
+            prefix: prefix.trim_end_matches('/').to_string(),
+            node: node.to_string(),
+        }
+    }
+
+    /// `P/volumes/`.
+    pub fn volumes_prefix(&self) -> String {
+        format!("{}/volumes/", self.prefix)
+    }
+    /// `P/vfolders/`.
+    pub fn vfolders_prefix(&self) -> String {
+        format!("{}/vfolders/", self.prefix)
+    }
+    /// `P/nodes/<node>/kernels/`.
+    pub fn kernels_prefix(&self) -> String {
+        format!("{}/nodes/{}/kernels/", self.prefix, self.node)
+    }
+    /// The three ranges this node watches, as prefixes.
+    pub fn desired_prefixes(&self) -> [String; 3] {
+        [
+            self.volumes_prefix(),
+            self.vfolders_prefix(),
+            self.kernels_prefix(),
+        ]
+    }
+
+    /// Classifies a key from one of the desired ranges.
+    pub fn classify(&self, key: &str) -> Classified {
+        let invalid = |reason: String| Classified::Invalid { reason };
+        if let Some(rest) = key.strip_prefix(&self.volumes_prefix()) {
+            return if is_valid_object_name(rest) {
+                Classified::Object(ObjectKey::Volume(rest.to_string()))
+            } else {
+                invalid(format!(
+                    "volume name {rest:?} must match [A-Za-z0-9][A-Za-z0-9._-]{{0,62}}"
+                ))
+            };
+        }
+        if let Some(rest) = key.strip_prefix(&self.vfolders_prefix()) {
+            return match Uuid::parse_str(rest) {
+                Ok(id) if rest.len() == 36 => Classified::Object(ObjectKey::Vfolder(id)),
+                _ => invalid(format!("vfolder key {rest:?} is not a hyphenated uuid")),
+            };
+        }
+        if let Some(rest) = key.strip_prefix(&self.kernels_prefix()) {
+            return if is_valid_object_name(rest) {
+                Classified::Object(ObjectKey::Kernel(rest.to_string()))
+            } else {
+                invalid(format!(
+                    "kernel id {rest:?} must match [A-Za-z0-9][A-Za-z0-9._-]{{0,62}}"
+                ))
+            };
+        }
+        Classified::Ignored
+    }
+
+    /// The desired key of an object.
+    pub fn object_key(&self, obj: &ObjectKey) -> String {
+        match obj {
+            ObjectKey::Volume(v) => format!("{}{v}", self.volumes_prefix()),
+            ObjectKey::Vfolder(id) => format!("{}{id}", self.vfolders_prefix()),
+            ObjectKey::Kernel(k) => format!("{}{k}", self.kernels_prefix()),
+        }
+    }
+
+    /// `P/status/nodes/<node>` (under a lease).
+    pub fn node_status(&self) -> String {
+        format!("{}/status/nodes/{}", self.prefix, self.node)
+    }
+    /// `P/status/nodes/<node>/` — everything this node writes about itself.
+    pub fn node_status_prefix(&self) -> String {
+        format!("{}/status/nodes/{}/", self.prefix, self.node)
+    }
+    /// `P/status/nodes/<node>/volumes/<volume>`.
+    pub fn volume_status(&self, volume: &str) -> String {
+        format!("{}volumes/{volume}", self.node_status_prefix())
+    }
+    /// `P/status/nodes/<node>/kernels/<id>`.
+    pub fn kernel_status(&self, id: &str) -> String {
+        format!("{}kernels/{id}", self.node_status_prefix())
+    }
+    /// `P/status/vfolders/`.
+    pub fn vfolder_status_prefix(&self) -> String {
+        format!("{}/status/vfolders/", self.prefix)
+    }
+    /// `P/status/vfolders/<uuid>`.
+    pub fn vfolder_status(&self, id: &Uuid) -> String {
+        format!("{}{id}", self.vfolder_status_prefix())
+    }
+    /// `P/status/nodes/<node>/rejected/<escaped key after the prefix>`.
+    pub fn rejected_status(&self, key: &str) -> String {
+        let after = key
+            .strip_prefix(&self.prefix)
+            .unwrap_or(key)
+            .trim_start_matches('/');
+        format!(
+            "{}rejected/{}",
+            self.node_status_prefix(),
+            escape_key(after)
+        )
+    }
+}
+
+/// The end of the range covering every key starting with `prefix` (etcd's
+/// "prefix end": the last byte incremented).
+pub fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> Keys {
+        Keys::new("/vfolderd", "n1")
+    }
+
+    #[test]
+    fn classify_recognises_each_kind() {
+        let k = keys();
+        assert_eq!(
+            k.classify("/vfolderd/volumes/v1"),
+            Classified::Object(ObjectKey::Volume("v1".into()))
+        );
+        let id = Uuid::new_v4();
+        assert_eq!(
+            k.classify(&format!("/vfolderd/vfolders/{id}")),
+            Classified::Object(ObjectKey::Vfolder(id))
+        );
+        assert_eq!(
+            k.classify("/vfolderd/nodes/n1/kernels/k1"),
+            Classified::Object(ObjectKey::Kernel("k1".into()))
+        );
+        assert_eq!(
+            k.classify("/vfolderd/nodes/n2/kernels/k1"),
+            Classified::Ignored
+        );
+    }
+
+    #[test]
+    fn classify_flags_invalid_names() {
+        let k = keys();
+        assert!(matches!(
+            k.classify("/vfolderd/volumes/a b"),
+            Classified::Invalid { .. }
+        ));
+        assert!(matches!(
+            k.classify("/vfolderd/vfolders/not-a-uuid"),
+            Classified::Invalid { .. }
+        ));
+        assert!(matches!(
+            k.classify("/vfolderd/nodes/n1/kernels/../x"),
+            Classified::Invalid { .. }
+        ));
+    }
+
+    #[test]
+    fn rejected_status_key_is_escaped() {
+        assert_eq!(
+            keys().rejected_status("/vfolderd/volumes/a b"),
+            "/vfolderd/status/nodes/n1/rejected/volumes%2Fa%20b"
+        );
+    }
+
+    #[test]
+    fn prefix_end_increments_last_byte() {
+        assert_eq!(prefix_end("/a/"), b"/a0".to_vec());
+    }
+}

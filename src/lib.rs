@@ -1,0 +1,39 @@
+//! vfolderd: the per-node reconciler that gives a GPU/notebook cluster's
+//! users their own storage.
+//!
+//! # Layout
+//! - [`config`]: the node config file.
+//! - [`spec`], [`names`], [`keys`], [`policy`]: the key schema and the typed,
+//!   validated desired objects.
+//! - [`state::watch`] → [`state::desired`]: etcd list + watch into a typed cache.
+//! - [`reconcile::actual`]: the mount table; [`state::ledger`]: what vfolderd owns.
+//! - [`reconcile::plan`]: desired × actual → ordered actions (pure).
+//! - [`reconcile::execute`] over [`reconcile::sys`]: carries actions out.
+//! - [`reconcile::report`] → [`state::status`]: status write-back.
+//! - [`reconcile::driver`]: the loop; [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`cli`]: the operator commands.
+
+pub mod cli;
+pub mod config;
+pub mod keys;
+pub mod metrics;
+pub mod names;
+pub mod policy;
+pub mod reconcile;
+pub mod spec;
+pub mod state;
+pub mod usage;
+
+pub use reconcile::driver::{run, Deps};
+
+/// Formats an error with its whole `source()` chain, `a: b: c`.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,204 @@
+//! Prometheus metrics and the HTTP endpoint serving `/metrics`, `/healthz`, `/readyz`.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every series vfolderd exports (listed in README.md).
+pub struct Metrics {
+    /// The registry they live in.
+    pub registry: Registry,
+    /// `vfolderd_reconcile_passes_total{result}`: passes, by converged/not.
+    pub passes: IntCounterVec,
+    /// `vfolderd_reconcile_duration_seconds`: time of one pass.
+    pub pass_duration: Histogram,
+    /// `vfolderd_actions_total{kind,result}`: executed actions.
+    pub actions: IntCounterVec,
+    /// `vfolderd_owned_mounts{kind}`: mounts in the ledger.
+    pub owned_mounts: IntGaugeVec,
+    /// `vfolderd_kernels{state}`: kernels by status.
+    pub kernels: IntGaugeVec,
+    /// `vfolderd_rejected_objects{kind}`: desired objects currently rejected.
+    pub rejected: IntGaugeVec,
+    /// `vfolderd_etcd_watch_revision`: last etcd revision applied.
+    pub watch_revision: IntGauge,
+    /// `vfolderd_etcd_connected`: 1 while etcd answers.
+    pub etcd_connected: IntGauge,
+    /// `vfolderd_ready`: 1 once listed and converged, with etcd reachable.
+    pub ready: IntGauge,
+    /// `vfolderd_status_writes_total`: status keys written or deleted.
+    pub status_writes: IntCounter,
+}
+
+impl Metrics {
+    /// Creates and registers every series.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let passes = IntCounterVec::new(
+            Opts::new(
+                "vfolderd_reconcile_passes_total",
+                "Reconcile passes, by whether they ended converged",
+            ),
+            &["result"],
+        )
+        .expect("metric");
+        let pass_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "vfolderd_reconcile_duration_seconds",
+                "Duration of one reconcile pass",
+            )
+            .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16).expect("buckets")),
+        )
+        .expect("metric");
+        let actions = IntCounterVec::new(
+            Opts::new(
+                "vfolderd_actions_total",
+                "Executed actions by kind and result",
+            ),
+            &["kind", "result"],
+        )
+        .expect("metric");
+        let owned_mounts = IntGaugeVec::new(
+            Opts::new("vfolderd_owned_mounts", "Mounts vfolderd owns, by kind"),
+            &["kind"],
+        )
+        .expect("metric");
+        let kernels = IntGaugeVec::new(
+            Opts::new("vfolderd_kernels", "Kernels on this node by state"),
+            &["state"],
+        )
+        .expect("metric");
+        let rejected = IntGaugeVec::new(
+            Opts::new(
+                "vfolderd_rejected_objects",
+                "Desired objects currently rejected, by kind",
+            ),
+            &["kind"],
+        )
+        .expect("metric");
+        let watch_revision =
+            IntGauge::new("vfolderd_etcd_watch_revision", "Last etcd revision applied")
+                .expect("metric");
+        let etcd_connected =
+            IntGauge::new("vfolderd_etcd_connected", "1 while etcd answers").expect("metric");
+        let ready = IntGauge::new(
+            "vfolderd_ready",
+            "1 after the first list and converge, while etcd answers",
+        )
+        .expect("metric");
+        let status_writes = IntCounter::new(
+            "vfolderd_status_writes_total",
+            "Status keys written or deleted",
+        )
+        .expect("metric");
+        for c in [
+            Box::new(passes.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(pass_duration.clone()),
+            Box::new(actions.clone()),
+            Box::new(owned_mounts.clone()),
+            Box::new(kernels.clone()),
+            Box::new(rejected.clone()),
+            Box::new(watch_revision.clone()),
+            Box::new(etcd_connected.clone()),
+            Box::new(ready.clone()),
+            Box::new(status_writes.clone()),
+        ] {
+            registry.register(c).expect("register");
+        }
+        Self {
+            registry,
+            passes,
+            pass_duration,
+            actions,
+            owned_mounts,
+            kernels,
+            rejected,
+            watch_revision,
+            etcd_connected,
+            ready,
+            status_writes,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("encode");
+        String::from_utf8(buf).expect("utf8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Liveness and readiness flags the endpoints report.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// The reconcile loop is running.
+    pub alive: AtomicBool,
+    /// Listed, converged once, and etcd reachable.
+    pub ready: AtomicBool,
+}
+
+#[derive(Clone)]
+struct AppState {
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+/// Serves the endpoints on an already-bound listener until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(AppState { metrics, health });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn metrics_handler(State(s): State<AppState>) -> String {
+    s.metrics.render()
+}
+
+async fn healthz(State(s): State<AppState>) -> (StatusCode, &'static str) {
+    if s.health.alive.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "reconcile loop not running\n",
+        )
+    }
+}
+
+async fn readyz(State(s): State<AppState>) -> (StatusCode, &'static str) {
+    if s.health.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: waiting for the first etcd list and converge, or etcd unreachable\n",
+        )
+    }
+}

@@ -1,0 +1,270 @@
+//! Actual state: the kernel's mount table (`/proc/self/mountinfo`), parsed by hand
+//! because `procfs` does not decode the octal escapes (`\040`) mountinfo uses.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A mountinfo line that does not have the documented shape.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("mountinfo line {line}: {reason}")]
+pub struct ParseError {
+    /// 1-based line number.
+    pub line: usize,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// One line of mountinfo (see proc_pid_mountinfo(5)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// Unique mount id.
+    pub id: u32,
+    /// Parent mount id.
+    pub parent: u32,
+    /// `major:minor` of the filesystem: binds share their source's.
+    pub dev: String,
+    /// Path inside the filesystem that forms this mount's root (a bind's source subdirectory).
+    pub root: PathBuf,
+    /// Where it is mounted.
+    pub mount_point: PathBuf,
+    /// Per-mount options: `rw`/`ro`, `nosuid`, `nodev`, `noexec`, atime flags.
+    pub mount_options: Vec<String>,
+    /// Filesystem type (`tmpfs`, `fuse.rclone`, `cifs`).
+    pub fstype: String,
+    /// Mount source as the filesystem reports it.
+    pub source: String,
+    /// Per-superblock options.
+    pub super_options: Vec<String>,
+}
+
+impl MountEntry {
+    /// Whether a per-mount option is set.
+    pub fn has_option(&self, opt: &str) -> bool {
+        self.mount_options.iter().any(|o| o == opt)
+    }
+    /// Whether the mount is read-only.
+    pub fn is_readonly(&self) -> bool {
+        self.has_option("ro")
+    }
+}
+
+/// Decodes mountinfo's octal escapes (`\040` space, `\011` tab, `\012` newline, `\134` backslash).
+pub fn unescape(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 4 <= b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') as u32 * 64
+                + (b[i + 2] - b'0') as u32 * 8
+                + (b[i + 3] - b'0') as u32;
+            if let Ok(byte) = u8::try_from(v) {
+                out.push(byte);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parses the whole text of a mountinfo file.
+pub fn parse_mountinfo(text: &str) -> Result<Vec<MountEntry>, ParseError> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            parse_line(l).map_err(|reason| ParseError {
+                line: i + 1,
+                reason,
+            })
+        })
+        .collect()
+}
+
+fn parse_line(line: &str) -> Result<MountEntry, String> {
+    let fields: Vec<&str> = line.split(' ').collect();
+    let sep = fields
+        .iter()
+        .position(|f| *f == "-")
+        .ok_or("no ' - ' separator")?;
+    if sep < 6 || fields.len() < sep + 3 {
+        return Err(format!(
+            "expected at least 6 fields before '-' and 2 after, got {} and {}",
+            sep,
+            fields.len() - sep - 1
+        ));
+    }
+    let num = |s: &str, what: &str| s.parse::<u32>().map_err(|_| format!("bad {what} {s:?}"));
+    Ok(MountEntry {
+        id: num(fields[0], "mount id")?,
+        parent: num(fields[1], "parent id")?,
+        dev: fields[2].to_string(),
+        root: PathBuf::from(unescape(fields[3])),
+        mount_point: PathBuf::from(unescape(fields[4])),
+        mount_options: fields[5].split(',').map(String::from).collect(),
+        fstype: unescape(fields[sep + 1]),
+        source: unescape(fields[sep + 2]),
+        super_options: fields
+            .get(sep + 3)
+            .map(|s| s.split(',').map(String::from).collect())
+            .unwrap_or_default(),
+    })
+}
+
+/// The mount table indexed by mount point; several entries on one point are
+/// kept in mountinfo order, so the last one is the visible (top) mount.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MountTable {
+    by_target: BTreeMap<PathBuf, Vec<MountEntry>>,
+}
+
+impl MountTable {
+    /// Indexes parsed entries.
+    pub fn new(entries: Vec<MountEntry>) -> Self {
+        let mut by_target: BTreeMap<PathBuf, Vec<MountEntry>> = BTreeMap::new();
+        for e in entries {
+            by_target.entry(e.mount_point.clone()).or_default().push(e);
+        }
+        Self { by_target }
+    }
+
+    /// The visible mount at `target`, if any.
+    pub fn top(&self, target: &Path) -> Option<&MountEntry> {
+        self.by_target.get(target).and_then(|v| v.last())
+    }
+
+    /// How many mounts are stacked at `target`.
+    pub fn count(&self, target: &Path) -> usize {
+        self.by_target.get(target).map_or(0, Vec::len)
+    }
+
+    /// Every entry, by mount point.
+    pub fn iter(&self) -> impl Iterator<Item = &MountEntry> {
+        self.by_target.values().flatten()
+    }
+
+    /// Test and model helper: records a mount at `target`.
+    pub fn insert(&mut self, entry: MountEntry) {
+        self.by_target
+            .entry(entry.mount_point.clone())
+            .or_default()
+            .push(entry);
+    }
+
+    /// Test and model helper: removes the top mount at `target`.
+    pub fn remove_top(&mut self, target: &Path) {
+        if let Some(v) = self.by_target.get_mut(target) {
+            v.pop();
+            if v.is_empty() {
+                self.by_target.remove(target);
+            }
+        }
+    }
+}
+
+/// Where the mount table comes from: the real file, or a fixture in tests.
+pub trait MountInfoSource: Send + Sync {
+    /// Reads and parses the current table.
+    fn read(&self) -> Result<MountTable, MountInfoError>;
+}
+
+/// Errors reading the mount table.
+#[derive(Debug, thiserror::Error)]
+pub enum MountInfoError {
+    /// The file could not be read (transient: retried next pass).
+    #[error("cannot read {path}")]
+    Read {
+        /// Usually `/proc/self/mountinfo`.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A line did not parse.
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+}
+
+/// Reads `/proc/self/mountinfo` (or another path).
+#[derive(Debug, Clone)]
+pub struct ProcMountInfo {
+    /// The file to read.
+    pub path: PathBuf,
+}
+
+impl Default for ProcMountInfo {
+    fn default() -> Self {
+        Self {
+            path: "/proc/self/mountinfo".into(),
+        }
+    }
+}
+
+impl MountInfoSource for ProcMountInfo {
+    fn read(&self) -> Result<MountTable, MountInfoError> {
+        let text = std::fs::read_to_string(&self.path).map_err(|source| MountInfoError::Read {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(MountTable::new(parse_mountinfo(&text)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIXTURE: &str = include_str!("../../tests/fixtures/mountinfo-basic.txt");
+
+    #[test]
+    fn mountinfo_parses_fixture_with_escapes_and_optional_fields() {
+        let entries = parse_mountinfo(FIXTURE).unwrap();
+        assert_eq!(entries.len(), 6);
+        let spaced = entries
+            .iter()
+            .find(|e| e.fstype == "tmpfs" && e.mount_point.to_str().unwrap().contains(' '))
+            .unwrap();
+        assert_eq!(
+            spaced.mount_point,
+            PathBuf::from("/var/lib/vfolderd/kernels/k 1/work/my data")
+        );
+        assert!(spaced.has_option("nosuid") && spaced.has_option("nodev") && spaced.is_readonly());
+        let shared = entries
+            .iter()
+            .find(|e| e.mount_point == Path::new("/"))
+            .unwrap();
+        assert_eq!(shared.fstype, "ext4");
+        assert_eq!(shared.source, "/dev/vda");
+        let bind = entries.iter().find(|e| e.root != Path::new("/")).unwrap();
+        assert_eq!(bind.root, PathBuf::from("/ab/cd/abcd"));
+    }
+
+    #[test]
+    fn mountinfo_rejects_lines_without_separator() {
+        let err = parse_mountinfo("1 2 0:1 / / rw shared:1\n").unwrap_err();
+        assert_eq!(err.line, 1);
+    }
+
+    #[test]
+    fn unescape_decodes_octal_and_keeps_other_backslashes() {
+        assert_eq!(unescape("a\\040b\\011c\\134d"), "a b\tc\\d");
+        assert_eq!(unescape("a\\x"), "a\\x");
+    }
+
+    #[test]
+    fn table_top_is_last_stacked_mount() {
+        let mut entries = parse_mountinfo(FIXTURE).unwrap();
+        let mut again = entries[1].clone();
+        again.id = 999;
+        entries.push(again.clone());
+        let t = MountTable::new(entries);
+        assert_eq!(t.count(&again.mount_point), 2);
+        assert_eq!(t.top(&again.mount_point).unwrap().id, 999);
+    }
+}

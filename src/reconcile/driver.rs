@@ -1,0 +1,492 @@
+//! The reconcile loop: waits for the first complete list (the readiness
+//! gate), then runs one node-wide pass at a time on every desired-state
+//! change, on a periodic resync, on a linger deadline and on failure
+//! backoff. A pass is observe → resolve → plan → execute → report; errors
+//! become status, never an exit.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions};
+use serde_json::json;
+use tokio::time::{sleep_until, Instant};
+use uuid::Uuid;
+
+use crate::config::{NodeConfig, Role};
+use crate::keys::Keys;
+use crate::metrics::{Health, Metrics};
+use crate::policy::Policy;
+use crate::reconcile::actual::{MountInfoError, MountInfoSource, ProcMountInfo};
+use crate::reconcile::execute::{observe_dirs, status_message, ExecConfig, Executor};
+use crate::reconcile::plan::{plan, resolve, Action, Actual, NodeView};
+use crate::reconcile::report::{report, Failure, Report, ReportInputs, Usage};
+use crate::reconcile::sys::{LinuxMounter, Mounter};
+use crate::state::desired::{Desired, DesiredParser};
+use crate::state::ledger::{Ledger, LedgerError, MountKind, Owner};
+use crate::state::status::{chrono_now, run_liveness, StatusWriter};
+use crate::state::watch::{run_watcher, DesiredCache};
+
+/// Errors that stop vfolderd from starting. Once running, nothing stops it but shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The sled store could not be opened.
+    #[error("cannot open the state store")]
+    Ledger(#[from] LedgerError),
+    /// The etcd client could not be built (bad endpoint URL).
+    #[error("cannot create the etcd client")]
+    Etcd(#[source] etcd_client::Error),
+    /// A pass task panicked (a bug).
+    #[error("reconcile pass panicked: {0}")]
+    PassPanicked(String),
+}
+
+/// Errors of one pass (transient: retried on the next).
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    /// The mount table could not be read.
+    #[error(transparent)]
+    MountInfo(#[from] MountInfoError),
+    /// The ledger could not be read.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+/// What the daemon talks to; tests pass doubles.
+#[derive(Clone)]
+pub struct Deps {
+    /// Mount syscalls.
+    pub mounter: Arc<dyn Mounter>,
+    /// The mount table.
+    pub mountinfo: Arc<dyn MountInfoSource>,
+}
+
+impl Deps {
+    /// The real kernel.
+    pub fn linux() -> Self {
+        Self {
+            mounter: Arc::new(LinuxMounter),
+            mountinfo: Arc::new(ProcMountInfo::default()),
+        }
+    }
+}
+
+/// How many passes may follow each other at once while actions keep making progress.
+const MAX_CHAINED_PASSES: usize = 4;
+/// Coalesces a burst of watch events into one pass.
+const DEBOUNCE: Duration = Duration::from_millis(5);
+/// Retry delays for a node that does not converge (a failing mount).
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(120);
+/// TTL of the node liveness lease.
+const NODE_LEASE_TTL: i64 = 15;
+
+/// State carried from pass to pass (moved onto a blocking thread for each pass).
+struct Reconciler {
+    node: NodeView,
+    storage: bool,
+    keys: Keys,
+    exec: Executor,
+    ledger: Ledger,
+    mountinfo: Arc<dyn MountInfoSource>,
+    linger: Duration,
+    idle_since: BTreeMap<String, Instant>,
+    failures: BTreeMap<Owner, Failure>,
+    dir_failures: BTreeMap<PathBuf, String>,
+    usage: BTreeMap<Uuid, Usage>,
+}
+
+/// What one pass did.
+struct PassOutcome {
+    report: Report,
+    /// (action kind, succeeded) per executed action.
+    actions: Vec<(&'static str, bool)>,
+    owned: BTreeMap<&'static str, i64>,
+    /// When a lingering volume's time runs out.
+    linger_deadline: Option<Instant>,
+}
+
+impl Reconciler {
+    fn observe(
+        &self,
+        desired: &Desired,
+    ) -> Result<(crate::reconcile::plan::Want, Actual), PassError> {
+        let want = resolve(&self.node, desired);
+        let actual = Actual {
+            mounts: self.mountinfo.read()?,
+            owned_mounts: self.ledger.mounts()?,
+            owned_dirs: self.ledger.dirs()?,
+            dirs: observe_dirs(&want.paths_to_observe()),
+        };
+        Ok((want, actual))
+    }
+
+    fn pass(&mut self, desired: &Desired, rescan: bool) -> Result<PassOutcome, PassError> {
+        let (want, actual) = self.observe(desired)?;
+        let now = Instant::now();
+
+        // Linger: an owned volume nothing wants stays mounted for `linger`.
+        let owned_volumes: BTreeSet<&String> = actual
+            .owned_mounts
+            .values()
+            .filter(|m| m.kind == MountKind::Volume)
+            .map(|m| &m.volume)
+            .collect();
+        self.idle_since
+            .retain(|v, _| owned_volumes.contains(v) && !want.volumes.contains_key(v));
+        for v in owned_volumes
+            .iter()
+            .filter(|v| !want.volumes.contains_key(v.as_str()))
+        {
+            self.idle_since.entry((*v).clone()).or_insert(now);
+        }
+        let keep: BTreeSet<String> = self
+            .idle_since
+            .iter()
+            .filter(|(_, since)| now < **since + self.linger)
+            .map(|(v, _)| v.clone())
+            .collect();
+        let linger_deadline = self
+            .idle_since
+            .values()
+            .map(|s| *s + self.linger)
+            .filter(|d| *d > now)
+            .min();
+
+        let actions = plan(&self.node, &want, &actual, &keep);
+        let mut summary = Vec::with_capacity(actions.len());
+        let (want, actual) = if actions.is_empty() {
+            (want, actual)
+        } else {
+            let outcomes = self.exec.execute(actions, &actual.owned_mounts);
+            let mut touched: BTreeMap<Owner, Option<Failure>> = BTreeMap::new();
+            for o in &outcomes {
+                summary.push((o.action.kind(), o.result.is_ok()));
+                if let Err(e) = &o.result {
+                    tracing::warn!(action = o.action.kind(), owner = ?o.owner, error = %status_message(e), "action failed");
+                }
+                if let (
+                    Action::MakeDir {
+                        path, owner: None, ..
+                    },
+                    r,
+                ) = (&o.action, &o.result)
+                {
+                    match r {
+                        Ok(()) => self.dir_failures.remove(path),
+                        Err(e) => self.dir_failures.insert(path.clone(), status_message(e)),
+                    };
+                }
+                let Some(owner) = &o.owner else { continue };
+                let slot = touched.entry(owner.clone()).or_insert(None);
+                if let (None, Err(e)) = (&slot, &o.result) {
+                    *slot = Some(Failure {
+                        message: status_message(e),
+                        pending: e.is_pending(),
+                    });
+                }
+            }
+            for (owner, f) in touched {
+                match f {
+                    Some(f) => self.failures.insert(owner, f),
+                    None => self.failures.remove(&owner),
+                };
+            }
+            self.observe(desired)?
+        };
+        // Forget failures of objects that no longer exist.
+        self.failures.retain(|o, _| match o {
+            Owner::Volume(v) => desired.volumes.contains_key(v),
+            Owner::Kernel(k) => desired.kernels.contains_key(k),
+        });
+
+        if self.storage {
+            self.usage
+                .retain(|id, _| want.vfolder_dirs.contains_key(id));
+            for (id, (_, path)) in &want.vfolder_dirs {
+                if actual.dirs.contains(path) && (rescan || !self.usage.contains_key(id)) {
+                    if let Ok((files, bytes)) = crate::usage::scan(path) {
+                        self.usage.insert(
+                            *id,
+                            Usage {
+                                files,
+                                bytes,
+                                scanned_at: chrono_now(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+
+        let inputs = ReportInputs {
+            keys: &self.keys,
+            storage: self.storage,
+            failures: &self.failures,
+            dir_failures: &self.dir_failures,
+            usage: &self.usage,
+        };
+        let report = report(&inputs, desired, &want, &actual);
+        let mut owned: BTreeMap<&'static str, i64> = BTreeMap::from([("volume", 0), ("bind", 0)]);
+        for m in actual.owned_mounts.values() {
+            *owned.entry(m.kind.as_str()).or_default() += 1;
+        }
+        Ok(PassOutcome {
+            report,
+            actions: summary,
+            owned,
+            linger_deadline,
+        })
+    }
+}
+
+/// Runs the daemon until `shutdown` resolves. Mounts are left in place on shutdown.
+pub async fn run(
+    cfg: NodeConfig,
+    deps: Deps,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DriverError> {
+    let keys = Keys::new(&cfg.etcd.prefix, &cfg.node);
+    let ledger = {
+        let dir = cfg.state.join("db");
+        tokio::task::spawn_blocking(move || Ledger::open(&dir))
+            .await
+            .map_err(|e| DriverError::PassPanicked(e.to_string()))??
+    };
+    let options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        // Without HTTP/2 keep-alive a watch hangs forever on a frozen etcd;
+        // below 5 s the server answers "too_many_pings" (DESIGN.md).
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true);
+    let client = Client::connect(&cfg.etcd.endpoints, Some(options))
+        .await
+        .map_err(DriverError::Etcd)?;
+
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = {
+        let (m, h, mut rx) = (metrics.clone(), health.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = crate::metrics::serve(listener, m, h, stop).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        })
+    };
+
+    let cache = Arc::new(DesiredCache::default());
+    let parser = DesiredParser {
+        keys: keys.clone(),
+        policy: Policy::default(),
+        kernels_root: cfg.roots.kernels.clone(),
+    };
+    let watcher = AbortOnDrop(tokio::spawn(run_watcher(
+        client.clone(),
+        parser,
+        cache.clone(),
+    )));
+    let liveness = {
+        let (cache, health, keys2) = (cache.clone(), health.clone(), keys.clone());
+        let roles = cfg.roles.clone();
+        let started = chrono_now();
+        AbortOnDrop(tokio::spawn(run_liveness(
+            client.clone(),
+            keys2,
+            NODE_LEASE_TTL,
+            move || {
+                json!({
+                    "state": "Running",
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "revision": cache.revision.load(Ordering::Relaxed),
+                    "ready": health.ready.load(Ordering::Relaxed),
+                    "roles": roles,
+                    "started_at": started,
+                })
+            },
+        )))
+    };
+
+    let mut writer = StatusWriter::new(client.clone(), keys.clone());
+    let exec_cfg = ExecConfig {
+        volumes_root: cfg.roots.volumes.clone(),
+        kernels_root: cfg.roots.kernels.clone(),
+        credentials_dir: cfg.credentials.clone(),
+        run_dir: cfg.state.join("run"),
+        mount_timeout: cfg.mount_timeout,
+    };
+    for root in [&cfg.roots.volumes, &cfg.roots.kernels] {
+        if let Err(e) = std::fs::create_dir_all(root) {
+            tracing::error!(root = %root.display(), error = %e, "cannot create root");
+        }
+    }
+    let mut rec = Some(Reconciler {
+        node: NodeView {
+            agent: cfg.has_role(Role::Agent),
+            storage: cfg.has_role(Role::Storage),
+            volumes_root: cfg.roots.volumes.clone(),
+            kernels_root: cfg.roots.kernels.clone(),
+        },
+        storage: cfg.has_role(Role::Storage),
+        keys: keys.clone(),
+        exec: Executor::new(deps.mounter.clone(), ledger.clone(), exec_cfg),
+        ledger,
+        mountinfo: deps.mountinfo.clone(),
+        linger: cfg.linger,
+        idle_since: BTreeMap::new(),
+        failures: BTreeMap::new(),
+        dir_failures: BTreeMap::new(),
+        usage: BTreeMap::new(),
+    });
+
+    health.alive.store(true, Ordering::Relaxed);
+    tokio::pin!(shutdown);
+    tracing::info!(node = %cfg.node, roles = ?cfg.roles, "waiting for the first complete list of etcd");
+    // Readiness gate (invariant 2): nothing is planned before the first list.
+    while !cache.synced.load(Ordering::Acquire) {
+        metrics
+            .etcd_connected
+            .set(i64::from(cache.connected.load(Ordering::Relaxed)));
+        tokio::select! {
+            _ = cache.changed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = &mut shutdown => return finish(stop_tx, server, &health).await,
+        }
+    }
+
+    let mut next_resync = Instant::now() + cfg.resync;
+    let mut backoff = BACKOFF_MIN;
+    let mut converged_once = false;
+    loop {
+        let desired = cache.snapshot();
+        let rescan = Instant::now() >= next_resync;
+        if rescan {
+            next_resync = Instant::now() + cfg.resync;
+        }
+        let started = std::time::Instant::now();
+        let span = tracing::info_span!("reconcile", revision = desired.revision);
+        let mut last: Option<PassOutcome> = None;
+        for round in 0..MAX_CHAINED_PASSES {
+            let mut r = rec.take().expect("reconciler present");
+            let d = desired.clone();
+            let span = span.clone();
+            let (r, result) = tokio::task::spawn_blocking(move || {
+                let _e = span.enter();
+                let res = r.pass(&d, rescan && round == 0);
+                (r, res)
+            })
+            .await
+            .map_err(|e| DriverError::PassPanicked(e.to_string()))?;
+            rec = Some(r);
+            match result {
+                Ok(o) => {
+                    for (kind, ok) in &o.actions {
+                        metrics
+                            .actions
+                            .with_label_values(&[*kind, if *ok { "ok" } else { "error" }])
+                            .inc();
+                    }
+                    let progressed = o.actions.iter().any(|(_, ok)| *ok);
+                    last = Some(o);
+                    if !progressed {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %crate::error_chain(&e), "reconcile pass failed; retrying");
+                    break;
+                }
+            }
+        }
+        metrics
+            .pass_duration
+            .observe(started.elapsed().as_secs_f64());
+        let mut wake = next_resync;
+        if let Some(o) = &last {
+            metrics
+                .passes
+                .with_label_values(&[if o.report.converged {
+                    "converged"
+                } else {
+                    "pending"
+                }])
+                .inc();
+            for state in ["Pending", "Ready", "Failed", "Rejected"] {
+                metrics
+                    .kernels
+                    .with_label_values(&[state])
+                    .set(*o.report.kernels_by_state.get(state).unwrap_or(&0) as i64);
+            }
+            for (kind, n) in &o.owned {
+                metrics.owned_mounts.with_label_values(&[kind]).set(*n);
+            }
+            for (kind, n) in desired.rejected_counts() {
+                metrics.rejected.with_label_values(&[kind]).set(n as i64);
+            }
+            match writer.sync(&o.report.entries).await {
+                Ok(n) => metrics.status_writes.inc_by(n as u64),
+                Err(e) => {
+                    tracing::warn!(error = %crate::error_chain(&e), "status write failed; will retry")
+                }
+            }
+            converged_once = true;
+            if let Some(d) = o.linger_deadline {
+                wake = wake.min(d);
+            }
+            if o.report.converged {
+                backoff = BACKOFF_MIN;
+            } else {
+                wake = wake.min(Instant::now() + backoff);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        } else {
+            wake = wake.min(Instant::now() + backoff);
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+        let connected = cache.connected.load(Ordering::Relaxed);
+        metrics.etcd_connected.set(i64::from(connected));
+        metrics
+            .watch_revision
+            .set(cache.revision.load(Ordering::Relaxed));
+        let ready = converged_once && connected;
+        health.ready.store(ready, Ordering::Relaxed);
+        metrics.ready.set(i64::from(ready));
+
+        tokio::select! {
+            _ = cache.changed.notified() => tokio::time::sleep(DEBOUNCE).await,
+            _ = sleep_until(wake) => {}
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(watcher);
+    drop(liveness);
+    finish(stop_tx, server, &health).await
+}
+
+async fn finish(
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+    health: &Health,
+) -> Result<(), DriverError> {
+    health.alive.store(false, Ordering::Relaxed);
+    tracing::info!("shutting down; every mount is left in place for running kernels");
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    Ok(())
+}
+
+/// Aborts a background task when dropped (mini-redis `DbDropGuard`).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

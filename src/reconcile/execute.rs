@@ -1,0 +1,485 @@
+//! The executor: carries out planned actions through a [`Mounter`], records
+//! ownership in the ledger around each mount, and reports each outcome.
+//!
+//! It is synchronous (mount(2) blocks); the driver runs it on a blocking
+//! thread. A failed action never stops the others: only the actions that
+//! depend on it (same kernel, same volume) are skipped.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::mount::{MntFlags, MsFlags};
+
+use crate::names::redact;
+use crate::reconcile::fsops::{self, fd_path, open_dir, remove_dir_if_empty, Create, FsError};
+use crate::reconcile::plan::{Action, WantBind, WantVolume};
+use crate::reconcile::sys::{split_flags, HelperError, HelperRequest, Mounter};
+use crate::state::ledger::{Ledger, LedgerError, MountKind, OwnedDir, OwnedMount, Owner};
+
+/// Why an action failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// A directory could not be opened or made safely (e.g. a planted symlink).
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    /// mount(2) failed.
+    #[error("mount {target} failed: {errno}")]
+    MountFailed {
+        /// The mount point.
+        target: PathBuf,
+        /// The errno.
+        errno: Errno,
+    },
+    /// umount2(2) failed (EBUSY is transient).
+    #[error("unmount {target} failed: {errno}")]
+    UnmountFailed {
+        /// The mount point.
+        target: PathBuf,
+        /// The errno.
+        errno: Errno,
+    },
+    /// The mount helper failed or timed out.
+    #[error("mount {target}: {source}")]
+    Helper {
+        /// The mount point.
+        target: PathBuf,
+        /// What the helper did.
+        #[source]
+        source: HelperError,
+    },
+    /// The ledger could not be written; the mount was not attempted.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// A credentials file could not be read or written.
+    #[error("credentials {name}: {message}")]
+    Credentials {
+        /// The credential's name.
+        name: String,
+        /// What went wrong (never the secret).
+        message: String,
+    },
+    /// This build cannot mount the fstype yet.
+    #[error("fstype {0} is not supported by this build yet")]
+    Unsupported(String),
+    /// A vfolder's directory is not on its volume (yet): the kernel waits.
+    #[error("source directory {0} does not exist on its volume yet")]
+    SourceMissing(PathBuf),
+    /// Skipped because an action it depends on failed.
+    #[error("skipped: {0}")]
+    Skipped(String),
+}
+
+impl ExecError {
+    /// Whether the object should be reported `Pending` rather than `Failed`.
+    pub fn is_pending(&self) -> bool {
+        matches!(self, ExecError::SourceMissing(_))
+    }
+}
+
+/// The outcome of one action.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The action.
+    pub action: Action,
+    /// Which object it was for.
+    pub owner: Option<Owner>,
+    /// Its result.
+    pub result: Result<(), ExecError>,
+}
+
+/// Settings the executor needs.
+#[derive(Debug, Clone)]
+pub struct ExecConfig {
+    /// Volumes root.
+    pub volumes_root: PathBuf,
+    /// Kernels root.
+    pub kernels_root: PathBuf,
+    /// Node-local secrets.
+    pub credentials_dir: PathBuf,
+    /// Private directory for transient credential files (0700).
+    pub run_dir: PathBuf,
+    /// Mount helper timeout.
+    pub mount_timeout: Duration,
+}
+
+/// Carries out actions.
+pub struct Executor {
+    mounter: Arc<dyn Mounter>,
+    ledger: Ledger,
+    cfg: ExecConfig,
+}
+
+/// The object an action serves, for status and dependency skipping.
+pub fn owner_of(a: &Action, owned: &BTreeMap<PathBuf, OwnedMount>) -> Option<Owner> {
+    match a {
+        Action::MountVolume { volume } => Some(Owner::Volume(volume.name.clone())),
+        Action::Bind { bind } | Action::Remount { bind } => {
+            Some(Owner::Kernel(bind.kernel.clone()))
+        }
+        Action::MakeDir { owner, .. } => owner.clone(),
+        Action::Unmount { target, .. } | Action::Forget { target } => {
+            owned.get(target).map(|m| match &m.kernel {
+                Some(k) => Owner::Kernel(k.clone()),
+                None => Owner::Volume(m.volume.clone()),
+            })
+        }
+        Action::RemoveDir { .. } => None,
+    }
+}
+
+impl Executor {
+    /// Builds an executor over `mounter` (the real one, or a test double).
+    pub fn new(mounter: Arc<dyn Mounter>, ledger: Ledger, cfg: ExecConfig) -> Self {
+        Self {
+            mounter,
+            ledger,
+            cfg,
+        }
+    }
+
+    /// Runs `actions` in order; returns one outcome per action.
+    pub fn execute(
+        &self,
+        actions: Vec<Action>,
+        owned: &BTreeMap<PathBuf, OwnedMount>,
+    ) -> Vec<Outcome> {
+        let mut failed_owners: BTreeMap<Owner, String> = BTreeMap::new();
+        let mut failed_volume_targets: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut out = Vec::with_capacity(actions.len());
+        for action in actions {
+            let owner = owner_of(&action, owned);
+            let blocked = owner
+                .as_ref()
+                .and_then(|o| failed_owners.get(o))
+                .cloned()
+                .or_else(|| match &action {
+                    Action::Bind { bind } => failed_volume_targets
+                        .contains(&self.cfg.volumes_root.join(&bind.volume))
+                        .then(|| format!("volume {} failed to mount", bind.volume)),
+                    Action::MakeDir { root, .. } => failed_volume_targets
+                        .contains(root)
+                        .then(|| format!("volume at {} failed", root.display())),
+                    _ => None,
+                });
+            let result = match blocked {
+                Some(why) => Err(ExecError::Skipped(why)),
+                None => self.run(&action),
+            };
+            if let Err(e) = &result {
+                if let Some(o) = &owner {
+                    failed_owners
+                        .entry(o.clone())
+                        .or_insert_with(|| e.to_string());
+                }
+                if let Action::MountVolume { volume } = &action {
+                    failed_volume_targets.insert(volume.target.clone());
+                }
+                if let Action::MakeDir {
+                    owner: Some(Owner::Volume(_)),
+                    path,
+                    ..
+                } = &action
+                {
+                    failed_volume_targets.insert(path.clone());
+                }
+            }
+            out.push(Outcome {
+                action,
+                owner,
+                result,
+            });
+        }
+        out
+    }
+
+    fn run(&self, action: &Action) -> Result<(), ExecError> {
+        match action {
+            Action::Unmount { target, .. } => self.unmount(target),
+            Action::Forget { target } => Ok(self.ledger.remove_mount(target)?),
+            Action::RemoveDir { path } => {
+                let root = if path.starts_with(&self.cfg.kernels_root) {
+                    &self.cfg.kernels_root
+                } else {
+                    &self.cfg.volumes_root
+                };
+                remove_dir_if_empty(root, path)?;
+                Ok(self.ledger.remove_dir(path)?)
+            }
+            Action::MakeDir {
+                path,
+                root,
+                uid,
+                gid,
+                owner,
+            } => {
+                let (_, made) = open_dir(
+                    root,
+                    path,
+                    Some(Create {
+                        mode: 0o755,
+                        uid: *uid,
+                        gid: *gid,
+                    }),
+                )?;
+                if let Some(owner) = owner {
+                    for p in made {
+                        self.ledger.put_dir(&OwnedDir {
+                            path: p,
+                            owner: owner.clone(),
+                        })?;
+                    }
+                }
+                Ok(())
+            }
+            Action::MountVolume { volume } => self.mount_volume(volume),
+            Action::Bind { bind } => self.bind(bind),
+            Action::Remount { bind } => {
+                self.remount_bind(bind)?;
+                let mut rec = self.bind_record(bind);
+                rec.readonly = bind.readonly;
+                Ok(self.ledger.put_mount(&rec)?)
+            }
+        }
+    }
+
+    fn unmount(&self, target: &Path) -> Result<(), ExecError> {
+        // UMOUNT_NOFOLLOW: never unmount through a symlink someone swapped in.
+        match self.mounter.umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
+            Ok(()) | Err(Errno::EINVAL | Errno::ENOENT) => Ok(self.ledger.remove_mount(target)?),
+            Err(errno) => Err(ExecError::UnmountFailed {
+                target: target.to_path_buf(),
+                errno,
+            }),
+        }
+    }
+
+    fn mount_volume(&self, v: &WantVolume) -> Result<(), ExecError> {
+        let record = OwnedMount {
+            target: v.target.clone(),
+            kind: MountKind::Volume,
+            source: v.source.clone(),
+            fstype: v.fstype.clone(),
+            volume: v.name.clone(),
+            kernel: None,
+            readonly: false,
+        };
+        // Intent first: if we crash after mounting, the mount is still ours.
+        self.ledger.put_mount(&record)?;
+        let result = self.mount_volume_inner(v);
+        if result.is_err() {
+            self.ledger.remove_mount(&v.target)?;
+        }
+        result
+    }
+
+    fn mount_volume_inner(&self, v: &WantVolume) -> Result<(), ExecError> {
+        let (target_fd, _) = open_dir(&self.cfg.volumes_root, &v.target, None)?;
+        let target = fd_path(&target_fd);
+        let (flags, data) = split_flags(&v.options);
+        let data = (!data.is_empty()).then_some(data);
+        let mount_err = |errno| ExecError::MountFailed {
+            target: v.target.clone(),
+            errno,
+        };
+        match v.fstype.as_str() {
+            "tmpfs" => self
+                .mounter
+                .mount(
+                    Some(Path::new(&v.source)),
+                    &target,
+                    Some("tmpfs"),
+                    flags,
+                    data.as_deref(),
+                )
+                .map_err(mount_err),
+            "bind" => {
+                self.mounter
+                    .mount(
+                        Some(Path::new(&v.source)),
+                        &target,
+                        None,
+                        MsFlags::MS_BIND,
+                        None,
+                    )
+                    .map_err(mount_err)?;
+                let (fd, _) = open_dir(&self.cfg.volumes_root, &v.target, None)?;
+                self.mounter
+                    .mount(
+                        None::<&Path>,
+                        &fd_path(&fd),
+                        None,
+                        flags | MsFlags::MS_REMOUNT | MsFlags::MS_BIND,
+                        None,
+                    )
+                    .map_err(mount_err)
+            }
+            "azureblob" => Err(ExecError::Unsupported(v.fstype.clone())),
+            _ => self.mount_with_helper(v),
+        }
+    }
+
+    /// cifs, nfs and friends go through `mount -t`, whose argv is visible to
+    /// every user in /proc: secrets move into a 0600 file first.
+    fn mount_with_helper(&self, v: &WantVolume) -> Result<(), ExecError> {
+        let mut options: Vec<String> = Vec::new();
+        let mut secrets: Vec<String> = Vec::new();
+        for o in &v.options {
+            let key = o.split('=').next().unwrap_or_default().to_ascii_lowercase();
+            if v.fstype == "cifs"
+                && matches!(
+                    key.as_str(),
+                    "username" | "user" | "password" | "pass" | "domain"
+                )
+            {
+                let k = match key.as_str() {
+                    "user" => "username",
+                    "pass" => "password",
+                    k => k,
+                };
+                secrets.push(format!("{k}={}", o.split_once('=').map_or("", |(_, v)| v)));
+            } else {
+                options.push(o.clone());
+            }
+        }
+        let mut temp_file = None;
+        if let Some(name) = &v.credentials {
+            let path = self.cfg.credentials_dir.join(name);
+            if !path.is_file() {
+                return Err(ExecError::Credentials {
+                    name: name.clone(),
+                    message: format!("{} is not a file", path.display()),
+                });
+            }
+            options.push(format!("credentials={}", path.display()));
+        } else if !secrets.is_empty() {
+            let path = self.write_temp_credentials(&v.name, &secrets)?;
+            options.push(format!("credentials={}", path.display()));
+            temp_file = Some(path);
+        }
+        options.push("nosuid".into());
+        options.push("nodev".into());
+        let req = HelperRequest {
+            fstype: v.fstype.clone(),
+            source: v.source.clone(),
+            target: v.target.clone(),
+            options: options.join(","),
+            timeout: self.cfg.mount_timeout,
+        };
+        let result = self.mounter.run_helper(&req);
+        if let Some(p) = temp_file {
+            let _ = std::fs::remove_file(p);
+        }
+        result.map_err(|source| ExecError::Helper {
+            target: v.target.clone(),
+            source,
+        })
+    }
+
+    fn write_temp_credentials(&self, volume: &str, lines: &[String]) -> Result<PathBuf, ExecError> {
+        let err = |e: std::io::Error| ExecError::Credentials {
+            name: volume.to_string(),
+            message: e.to_string(),
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.cfg.run_dir)
+            .map_err(err)?;
+        let path = self.cfg.run_dir.join(format!("credentials-{volume}"));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(err)?;
+        f.write_all(format!("{}\n", lines.join("\n")).as_bytes())
+            .map_err(err)?;
+        Ok(path)
+    }
+
+    fn bind_record(&self, b: &WantBind) -> OwnedMount {
+        OwnedMount {
+            target: b.target.clone(),
+            kind: MountKind::Bind,
+            source: b.source.to_string_lossy().into_owned(),
+            fstype: "bind".into(),
+            volume: b.volume.clone(),
+            kernel: Some(b.kernel.clone()),
+            readonly: b.readonly,
+        }
+    }
+
+    fn bind(&self, b: &WantBind) -> Result<(), ExecError> {
+        let src = match open_dir(&self.cfg.volumes_root, &b.source, None) {
+            Ok((fd, _)) => fd,
+            Err(FsError::Missing { .. }) => return Err(ExecError::SourceMissing(b.source.clone())),
+            Err(e) => return Err(e.into()),
+        };
+        let (tgt, _) = open_dir(&self.cfg.kernels_root, &b.target, None)?;
+        self.ledger.put_mount(&self.bind_record(b))?;
+        // MS_BIND ignores every other flag, so the bind is made first and its
+        // per-mount flags set by a second MS_REMOUNT|MS_BIND call (mount(2),
+        // "Creating a bind mount" / "Remounting an existing mount").
+        if let Err(errno) = self.mounter.mount(
+            Some(&fd_path(&src)),
+            &fd_path(&tgt),
+            None,
+            MsFlags::MS_BIND,
+            None,
+        ) {
+            self.ledger.remove_mount(&b.target)?;
+            return Err(ExecError::MountFailed {
+                target: b.target.clone(),
+                errno,
+            });
+        }
+        if let Err(e) = self.remount_bind(b) {
+            // Never leave a bind without nosuid,nodev (invariant 6): undo it.
+            if self
+                .mounter
+                .umount2(&b.target, MntFlags::UMOUNT_NOFOLLOW)
+                .is_ok()
+            {
+                self.ledger.remove_mount(&b.target)?;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn remount_bind(&self, b: &WantBind) -> Result<(), ExecError> {
+        // Re-open: the path now resolves to the bind's root, not the directory below it.
+        let (tgt, _) = open_dir(&self.cfg.kernels_root, &b.target, None)?;
+        let mut flags =
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        if b.readonly {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        self.mounter
+            .mount(None::<&Path>, &fd_path(&tgt), None, flags, None)
+            .map_err(|errno| ExecError::MountFailed {
+                target: b.target.clone(),
+                errno,
+            })
+    }
+}
+
+/// Checks whether `path` is a directory without following symlinks (for observing dirs).
+pub fn observe_dirs(paths: &[PathBuf]) -> BTreeSet<PathBuf> {
+    paths
+        .iter()
+        .filter(|p| fsops::is_dir_nofollow(p))
+        .cloned()
+        .collect()
+}
+
+/// A message fit for status: secrets redacted.
+pub fn status_message(e: &ExecError) -> String {
+    redact(&e.to_string())
+}

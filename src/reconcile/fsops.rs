@@ -1,0 +1,299 @@
+//! Directory operations that never follow a symlink below a configured root
+//! (invariant 4): every component is opened with `O_NOFOLLOW`, relative to
+//! its parent's descriptor, the way runc and youki resolve mount targets.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{openat, AtFlags, OFlag};
+use nix::sys::stat::{fstatat, mkdirat, Mode, SFlag};
+use nix::unistd::{fchownat, unlinkat, Gid, Uid, UnlinkatFlags};
+
+/// Errors of safe path operations.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FsError {
+    /// The path does not lie inside its root (or has `.`/`..`).
+    #[error("{path} is not inside {root}")]
+    OutsideRoot {
+        /// The path.
+        path: PathBuf,
+        /// The root.
+        root: PathBuf,
+    },
+    /// A component is a symlink or not a directory: refused, never followed.
+    #[error("{path} is a symlink or not a directory; refusing to follow it")]
+    NotADirectory {
+        /// The offending component's full path.
+        path: PathBuf,
+    },
+    /// A component does not exist.
+    #[error("{path} does not exist")]
+    Missing {
+        /// The missing component's full path.
+        path: PathBuf,
+    },
+    /// Another syscall failed.
+    #[error("{op} {path}: {errno}")]
+    Sys {
+        /// The operation.
+        op: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The errno.
+        errno: Errno,
+    },
+}
+
+/// What to do with missing components.
+#[derive(Debug, Clone, Copy)]
+pub struct Create {
+    /// Mode of created directories.
+    pub mode: u32,
+    /// chown created directories to this uid.
+    pub uid: Option<u32>,
+    /// chown created directories to this gid.
+    pub gid: Option<u32>,
+}
+
+const WALK: OFlag = OFlag::O_PATH
+    .union(OFlag::O_DIRECTORY)
+    .union(OFlag::O_NOFOLLOW)
+    .union(OFlag::O_CLOEXEC);
+
+fn rel_components<'a>(root: &Path, path: &'a Path) -> Result<Vec<&'a std::ffi::OsStr>, FsError> {
+    let outside = || FsError::OutsideRoot {
+        path: path.to_path_buf(),
+        root: root.to_path_buf(),
+    };
+    let rel = path.strip_prefix(root).map_err(|_| outside())?;
+    rel.components()
+        .map(|c| match c {
+            Component::Normal(n) => Ok(n),
+            _ => Err(outside()),
+        })
+        .collect()
+}
+
+fn open_root(root: &Path, create: bool) -> Result<OwnedFd, FsError> {
+    if create {
+        std::fs::create_dir_all(root).map_err(|e| FsError::Sys {
+            op: "mkdir",
+            path: root.to_path_buf(),
+            errno: Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+        })?;
+    }
+    // The configured root itself is trusted (operator-owned); below it nothing is followed.
+    openat(
+        nix::fcntl::AT_FDCWD,
+        root,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|errno| FsError::Sys {
+        op: "open",
+        path: root.to_path_buf(),
+        errno,
+    })
+}
+
+/// Opens `path` (inside `root`) as an `O_PATH` directory descriptor without
+/// following symlinks; with `create`, makes missing components and returns
+/// the ones it made (shallow first).
+pub fn open_dir(
+    root: &Path,
+    path: &Path,
+    create: Option<Create>,
+) -> Result<(OwnedFd, Vec<PathBuf>), FsError> {
+    let comps = rel_components(root, path)?;
+    let mut fd = open_root(root, create.is_some())?;
+    let mut cur = root.to_path_buf();
+    let mut made = Vec::new();
+    for c in comps {
+        cur.push(c);
+        let next = match openat(fd.as_fd(), c, WALK, Mode::empty()) {
+            Ok(f) => f,
+            Err(Errno::ENOENT) if create.is_some() => {
+                let cr = create.expect("checked");
+                match mkdirat(fd.as_fd(), c, Mode::from_bits_truncate(cr.mode)) {
+                    Ok(()) => {
+                        made.push(cur.clone());
+                        if cr.uid.is_some() || cr.gid.is_some() {
+                            fchownat(
+                                fd.as_fd(),
+                                c,
+                                cr.uid.map(Uid::from_raw),
+                                cr.gid.map(Gid::from_raw),
+                                AtFlags::AT_SYMLINK_NOFOLLOW,
+                            )
+                            .map_err(|errno| FsError::Sys {
+                                op: "chown",
+                                path: cur.clone(),
+                                errno,
+                            })?;
+                        }
+                    }
+                    Err(Errno::EEXIST) => {}
+                    Err(errno) => {
+                        return Err(FsError::Sys {
+                            op: "mkdir",
+                            path: cur,
+                            errno,
+                        })
+                    }
+                }
+                openat(fd.as_fd(), c, WALK, Mode::empty()).map_err(|e| walk_error(e, &cur))?
+            }
+            Err(e) => return Err(walk_error(e, &cur)),
+        };
+        fd = next;
+    }
+    Ok((fd, made))
+}
+
+fn walk_error(errno: Errno, path: &Path) -> FsError {
+    match errno {
+        Errno::ENOTDIR | Errno::ELOOP => FsError::NotADirectory {
+            path: path.to_path_buf(),
+        },
+        Errno::ENOENT => FsError::Missing {
+            path: path.to_path_buf(),
+        },
+        errno => FsError::Sys {
+            op: "open",
+            path: path.to_path_buf(),
+            errno,
+        },
+    }
+}
+
+/// The `/proc/self/fd/N` path of a descriptor: mount(2) on it acts on the
+/// very directory that was opened, closing the symlink-swap race.
+pub fn fd_path(fd: &OwnedFd) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Whether `path` exists as a real directory (not a symlink).
+pub fn is_dir_nofollow(path: &Path) -> bool {
+    fstatat(nix::fcntl::AT_FDCWD, path, AtFlags::AT_SYMLINK_NOFOLLOW)
+        .is_ok_and(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR)
+}
+
+/// Outcome of [`remove_dir_if_empty`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removed {
+    /// It was empty and is gone.
+    Removed,
+    /// It was already gone.
+    Absent,
+    /// It holds something: left in place, never user data.
+    NotEmpty,
+}
+
+/// rmdir(2) of `path` inside `root`, through its parent's descriptor.
+pub fn remove_dir_if_empty(root: &Path, path: &Path) -> Result<Removed, FsError> {
+    let Some(parent) = path.parent() else {
+        return Err(FsError::OutsideRoot {
+            path: path.to_path_buf(),
+            root: root.to_path_buf(),
+        });
+    };
+    let name = path.file_name().ok_or_else(|| FsError::OutsideRoot {
+        path: path.into(),
+        root: root.into(),
+    })?;
+    let (pfd, _) = match open_dir(root, parent, None) {
+        Ok(x) => x,
+        Err(FsError::Missing { .. }) => return Ok(Removed::Absent),
+        Err(e) => return Err(e),
+    };
+    match unlinkat(pfd.as_fd(), name, UnlinkatFlags::RemoveDir) {
+        Ok(()) => Ok(Removed::Removed),
+        Err(Errno::ENOENT) => Ok(Removed::Absent),
+        Err(Errno::ENOTEMPTY | Errno::EEXIST | Errno::ENOTDIR) => Ok(Removed::NotEmpty),
+        Err(errno) => Err(FsError::Sys {
+            op: "rmdir",
+            path: path.to_path_buf(),
+            errno,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_dir_creates_missing_components() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("a/b/c");
+        let (_, made) = open_dir(
+            t.path(),
+            &p,
+            Some(Create {
+                mode: 0o755,
+                uid: None,
+                gid: None,
+            }),
+        )
+        .unwrap();
+        assert_eq!(
+            made,
+            vec![t.path().join("a"), t.path().join("a/b"), p.clone()]
+        );
+        assert!(is_dir_nofollow(&p));
+    }
+
+    #[test]
+    fn open_dir_refuses_a_planted_symlink() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("home")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), t.path().join("home/data")).unwrap();
+        let err = open_dir(
+            t.path(),
+            &t.path().join("home/data/x"),
+            Some(Create {
+                mode: 0o755,
+                uid: None,
+                gid: None,
+            }),
+        )
+        .unwrap_err();
+        assert!(matches!(err, FsError::NotADirectory { .. }), "{err}");
+        assert!(
+            !outside.path().join("x").exists(),
+            "nothing was created through the symlink"
+        );
+    }
+
+    #[test]
+    fn open_dir_refuses_paths_outside_root() {
+        let t = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            open_dir(t.path(), Path::new("/etc"), None),
+            Err(FsError::OutsideRoot { .. })
+        ));
+        assert!(matches!(
+            open_dir(t.path(), &t.path().join("a/../b"), None),
+            Err(FsError::OutsideRoot { .. })
+        ));
+    }
+
+    #[test]
+    fn remove_dir_keeps_non_empty_directories() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("d");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("user-file"), b"data").unwrap();
+        assert_eq!(
+            remove_dir_if_empty(t.path(), &d).unwrap(),
+            Removed::NotEmpty
+        );
+        assert!(d.join("user-file").exists());
+        std::fs::remove_file(d.join("user-file")).unwrap();
+        assert_eq!(remove_dir_if_empty(t.path(), &d).unwrap(), Removed::Removed);
+        assert_eq!(remove_dir_if_empty(t.path(), &d).unwrap(), Removed::Absent);
+    }
+}

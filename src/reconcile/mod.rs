@@ -1,0 +1,9 @@
+//! Reconciliation: observe actual state, plan, execute, drive the loop.
+
+pub mod actual;
+pub mod driver;
+pub mod execute;
+pub mod fsops;
+pub mod plan;
+pub mod report;
+pub mod sys;

@@ -1,0 +1,587 @@
+//! The planner: desired × actual → ordered actions. A pure function: no I/O,
+//! no clock, no logging, so it can be tested on tables and with proptest.
+//!
+//! Two steps. [`resolve`] turns the desired objects into the concrete mounts,
+//! binds and directories this node should have ([`Want`]); [`plan`] compares
+//! that with the observed [`Actual`] state and emits [`Action`]s in a fixed
+//! order: teardown first (binds deep→shallow, then volumes no bind still uses,
+//! then directories deep→shallow), then setup (volume mount points and
+//! mounts, vfolder directories, kernel homes, bind targets and binds).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use uuid::Uuid;
+
+use crate::reconcile::actual::MountTable;
+use crate::spec::{vfolder_relpath, KernelMount, MountAt, Permission};
+use crate::state::desired::Desired;
+use crate::state::ledger::{MountKind, OwnedDir, OwnedMount, Owner};
+
+/// The node facts the planner needs.
+#[derive(Debug, Clone)]
+pub struct NodeView {
+    /// Has the agent role (kernels, startup volumes).
+    pub agent: bool,
+    /// Has the storage role (every volume, vfolder directories).
+    pub storage: bool,
+    /// Volume `<v>` is mounted at `<volumes_root>/<v>`.
+    pub volumes_root: PathBuf,
+    /// Kernel homes lie inside this.
+    pub kernels_root: PathBuf,
+}
+
+/// Observed state.
+#[derive(Debug, Clone, Default)]
+pub struct Actual {
+    /// The kernel's mount table.
+    pub mounts: MountTable,
+    /// The ledger's mounts.
+    pub owned_mounts: BTreeMap<PathBuf, OwnedMount>,
+    /// The ledger's directories.
+    pub owned_dirs: BTreeMap<PathBuf, OwnedDir>,
+    /// Which of [`Want::paths_to_observe`] exist as directories.
+    pub dirs: BTreeSet<PathBuf>,
+}
+
+/// A volume this node should have mounted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WantVolume {
+    /// Volume name.
+    pub name: String,
+    /// `<volumes_root>/<name>`.
+    pub target: PathBuf,
+    /// fstype.
+    pub fstype: String,
+    /// Source.
+    pub source: String,
+    /// Options as given (secrets included: the executor moves them to a file).
+    pub options: Vec<String>,
+    /// Node-local credentials file name.
+    pub credentials: Option<String>,
+    /// startup | requested.
+    pub at: MountAt,
+}
+
+/// A bind into a kernel home.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WantBind {
+    /// `<home>/<name>`.
+    pub target: PathBuf,
+    /// The kernel it serves.
+    pub kernel: String,
+    /// The volume the source lies on.
+    pub volume: String,
+    /// The source directory (a vfolder directory or a volume root).
+    pub source: PathBuf,
+    /// Bind read-only.
+    pub readonly: bool,
+    /// What it is, for status: `vfolder:<uuid>` or `volume:<name>`.
+    pub label: String,
+}
+
+/// How a kernel's desired attachments resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// Everything it names exists; its binds are planned.
+    Resolved,
+    /// It waits for something (a vfolder record, a volume spec).
+    Pending(String),
+    /// Its spec is invalid.
+    Rejected(String),
+    /// Its binds are planned, but part of it cannot be served.
+    Failed(String),
+}
+
+/// A kernel's resolved attachments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WantKernel {
+    /// mod revision of its key.
+    pub revision: i64,
+    /// Home directory.
+    pub home: Option<PathBuf>,
+    /// Owner of created directories.
+    pub uid: Option<u32>,
+    /// Group of created directories.
+    pub gid: Option<u32>,
+    /// Outcome of resolution.
+    pub resolution: Resolution,
+    /// Targets of its binds (keys of [`Want::binds`]).
+    pub binds: Vec<PathBuf>,
+}
+
+/// What this node should look like.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Want {
+    /// Volumes to mount.
+    pub volumes: BTreeMap<String, WantVolume>,
+    /// vfolder directories to create (storage role): uuid → (volume, path).
+    pub vfolder_dirs: BTreeMap<Uuid, (String, PathBuf)>,
+    /// Binds by target.
+    pub binds: BTreeMap<PathBuf, WantBind>,
+    /// Kernels.
+    pub kernels: BTreeMap<String, WantKernel>,
+    /// volume → kernels whose binds use it.
+    pub users: BTreeMap<String, BTreeSet<String>>,
+    /// Kernels whose owned binds must stay although none are planned (their
+    /// spec is rejected or waits): an error never unmounts.
+    pub held_kernels: BTreeSet<String>,
+    /// Volumes whose spec is rejected: an owned mount of theirs stays.
+    pub held_volumes: BTreeSet<String>,
+}
+
+impl Want {
+    /// The directories the planner asks about: observe these into [`Actual::dirs`].
+    pub fn paths_to_observe(&self) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = self.volumes.values().map(|v| v.target.clone()).collect();
+        out.extend(self.vfolder_dirs.values().map(|(_, p)| p.clone()));
+        out.extend(self.kernels.values().filter_map(|k| k.home.clone()));
+        out.extend(self.binds.keys().cloned());
+        out
+    }
+}
+
+/// Resolves desired objects into concrete mounts for this node.
+pub fn resolve(node: &NodeView, d: &Desired) -> Want {
+    let mut w = Want::default();
+    let volume_target = |name: &str| node.volumes_root.join(name);
+    let want_volume = |w: &mut Want, name: &str| {
+        if w.volumes.contains_key(name) {
+            return;
+        }
+        if let Some(Ok(spec)) = d.volumes.get(name).map(|e| &e.spec) {
+            w.volumes.insert(
+                name.to_string(),
+                WantVolume {
+                    name: name.to_string(),
+                    target: volume_target(name),
+                    fstype: spec.mount.fstype.clone(),
+                    source: spec.mount.path.clone(),
+                    options: spec.option_list(),
+                    credentials: spec.mount.credentials.clone(),
+                    at: spec.mount.at,
+                },
+            );
+        }
+    };
+    for (name, e) in &d.volumes {
+        match &e.spec {
+            Err(_) => {
+                w.held_volumes.insert(name.clone());
+            }
+            Ok(spec) => {
+                if node.storage || (node.agent && spec.mount.at == MountAt::Startup) {
+                    want_volume(&mut w, name);
+                }
+            }
+        }
+    }
+    if node.storage {
+        for (id, e) in &d.vfolders {
+            if let Ok(vf) = &e.spec {
+                if w.volumes.contains_key(&vf.volume) {
+                    let path = volume_target(&vf.volume).join(vfolder_relpath(id));
+                    w.vfolder_dirs.insert(*id, (vf.volume.clone(), path));
+                }
+            }
+        }
+    }
+    let startup: Vec<(&String, bool)> = d
+        .volumes
+        .iter()
+        .filter_map(|(n, e)| e.spec.as_ref().ok().map(|s| (n, s)))
+        .filter(|(_, s)| s.mount.at == MountAt::Startup)
+        .map(|(n, s)| (n, s.access != Permission::Rw))
+        .collect();
+    for (id, e) in &d.kernels {
+        let mut k = WantKernel {
+            revision: e.revision,
+            home: None,
+            uid: None,
+            gid: None,
+            resolution: Resolution::Resolved,
+            binds: vec![],
+        };
+        let spec = match (&e.spec, node.agent) {
+            (Err(reason), _) => {
+                k.resolution = Resolution::Rejected(reason.clone());
+                None
+            }
+            (Ok(_), false) => {
+                k.resolution = Resolution::Rejected("this node has no agent role".into());
+                None
+            }
+            (Ok(spec), true) => Some(spec),
+        };
+        let Some(spec) = spec else {
+            w.held_kernels.insert(id.clone());
+            w.kernels.insert(id.clone(), k);
+            continue;
+        };
+        k.home = Some(spec.home.clone());
+        k.uid = spec.uid;
+        k.gid = spec.gid;
+        let mut binds: Vec<WantBind> = Vec::new();
+        let mut problem: Option<Resolution> = None;
+        let mut failed: Vec<String> = Vec::new();
+        for m in &spec.mounts {
+            match m {
+                KernelMount::Token { volume, .. } => {
+                    failed.push(format!("token for volume {volume}: per-user SAS tokens are not supported by this build yet"));
+                }
+                KernelMount::Vfolder {
+                    id: vid,
+                    alias,
+                    permission,
+                } => {
+                    let vf = match d.vfolders.get(vid).map(|e| &e.spec) {
+                        None => {
+                            problem.get_or_insert(Resolution::Pending(format!(
+                                "vfolder {vid} has no record"
+                            )));
+                            continue;
+                        }
+                        Some(Err(_)) => {
+                            problem.get_or_insert(Resolution::Pending(format!(
+                                "vfolder {vid} record is rejected"
+                            )));
+                            continue;
+                        }
+                        Some(Ok(vf)) => vf,
+                    };
+                    match d.volumes.get(&vf.volume).map(|e| &e.spec) {
+                        None => {
+                            problem.get_or_insert(Resolution::Pending(format!(
+                                "volume {} of vfolder {vid} does not exist",
+                                vf.volume
+                            )));
+                            continue;
+                        }
+                        Some(Err(_)) => {
+                            problem.get_or_insert(Resolution::Pending(format!(
+                                "volume {} of vfolder {vid} is rejected",
+                                vf.volume
+                            )));
+                            continue;
+                        }
+                        Some(Ok(_)) => {}
+                    }
+                    let perm = permission.unwrap_or(vf.permission);
+                    if perm == Permission::Rw && vf.permission == Permission::Ro {
+                        problem = Some(Resolution::Rejected(format!(
+                            "vfolder {vid} is read-only; rw cannot be granted"
+                        )));
+                        break;
+                    }
+                    let name = alias.as_deref().unwrap_or(&vf.name);
+                    binds.push(WantBind {
+                        target: spec.home.join(name),
+                        kernel: id.clone(),
+                        volume: vf.volume.clone(),
+                        source: volume_target(&vf.volume).join(vfolder_relpath(vid)),
+                        readonly: perm == Permission::Ro,
+                        label: format!("vfolder:{vid}"),
+                    });
+                }
+            }
+        }
+        for (vol, readonly) in &startup {
+            binds.push(WantBind {
+                target: spec.home.join(vol.as_str()),
+                kernel: id.clone(),
+                volume: (*vol).clone(),
+                source: volume_target(vol),
+                readonly: *readonly,
+                label: format!("volume:{vol}"),
+            });
+        }
+        let mut seen = BTreeSet::new();
+        if let Some(dup) = binds.iter().find(|b| !seen.insert(b.target.clone())) {
+            problem = Some(Resolution::Rejected(format!(
+                "two mounts would appear at {} in the home",
+                dup.target
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            )));
+        }
+        if let Some(p) = problem {
+            k.resolution = p;
+            w.held_kernels.insert(id.clone());
+            w.kernels.insert(id.clone(), k);
+            continue;
+        }
+        if !failed.is_empty() {
+            k.resolution = Resolution::Failed(failed.join("; "));
+        }
+        for b in binds {
+            want_volume(&mut w, &b.volume);
+            w.users
+                .entry(b.volume.clone())
+                .or_default()
+                .insert(id.clone());
+            k.binds.push(b.target.clone());
+            w.binds.insert(b.target.clone(), b);
+        }
+        w.kernels.insert(id.clone(), k);
+    }
+    w
+}
+
+/// One step the executor takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Unmount an owned mount, then forget it.
+    Unmount {
+        /// Mount point.
+        target: PathBuf,
+        /// Volume or bind.
+        kind: MountKind,
+    },
+    /// Forget an owned record whose mount is already gone.
+    Forget {
+        /// Mount point.
+        target: PathBuf,
+    },
+    /// Remove an owned directory if it is empty (never user data), then forget it.
+    RemoveDir {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// Create `path` and missing parents below `root`, never following a symlink.
+    MakeDir {
+        /// The directory.
+        path: PathBuf,
+        /// The configured root it must stay inside.
+        root: PathBuf,
+        /// chown to this uid.
+        uid: Option<u32>,
+        /// chown to this gid.
+        gid: Option<u32>,
+        /// Recorded in the ledger for cleanup, if any.
+        owner: Option<Owner>,
+    },
+    /// Mount a volume at its mount point.
+    MountVolume {
+        /// The volume.
+        volume: WantVolume,
+    },
+    /// Bind a directory into a kernel home (`MS_BIND`, then a remount with
+    /// `nosuid,nodev` and `ro` when asked).
+    Bind {
+        /// The bind.
+        bind: WantBind,
+    },
+    /// Fix the flags of an owned bind.
+    Remount {
+        /// The bind as it should be.
+        bind: WantBind,
+    },
+}
+
+impl Action {
+    /// Label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Action::Unmount { .. } => "unmount",
+            Action::Forget { .. } => "forget",
+            Action::RemoveDir { .. } => "rmdir",
+            Action::MakeDir { .. } => "mkdir",
+            Action::MountVolume { .. } => "mount",
+            Action::Bind { .. } => "bind",
+            Action::Remount { .. } => "remount",
+        }
+    }
+}
+
+fn depth(p: &Path) -> usize {
+    p.components().count()
+}
+
+/// Sorts deepest first (children before parents), ties by path for determinism.
+fn deep_first(paths: &mut [PathBuf]) {
+    paths.sort_by(|a, b| depth(b).cmp(&depth(a)).then_with(|| b.cmp(a)));
+}
+
+/// Plans the actions that take `actual` to `want`. `keep` names volumes that
+/// are unused but still lingering: they stay mounted.
+pub fn plan(node: &NodeView, want: &Want, actual: &Actual, keep: &BTreeSet<String>) -> Vec<Action> {
+    let mut out = Vec::new();
+    let mounted = |t: &Path| actual.mounts.top(t).is_some();
+    let mut removed: BTreeSet<PathBuf> = BTreeSet::new();
+
+    // 1. Owned binds that are no longer wanted (or whose source changed), deepest first.
+    let mut binds: Vec<PathBuf> = actual
+        .owned_mounts
+        .values()
+        .filter(|m| m.kind == MountKind::Bind)
+        .map(|m| m.target.clone())
+        .collect();
+    deep_first(&mut binds);
+    for t in binds {
+        let m = &actual.owned_mounts[&t];
+        let keep_it = match want.binds.get(&t) {
+            Some(b) => b.source.as_os_str() == m.source.as_str() && b.volume == m.volume,
+            None => m
+                .kernel
+                .as_ref()
+                .is_some_and(|k| want.held_kernels.contains(k)),
+        };
+        if keep_it {
+            continue;
+        }
+        out.push(if mounted(&t) {
+            Action::Unmount {
+                target: t.clone(),
+                kind: MountKind::Bind,
+            }
+        } else {
+            Action::Forget { target: t.clone() }
+        });
+        removed.insert(t);
+    }
+
+    // 2. Owned volumes nothing wants or uses any more.
+    let in_use: BTreeSet<&str> = actual
+        .owned_mounts
+        .values()
+        .filter(|m| m.kind == MountKind::Bind && !removed.contains(&m.target))
+        .map(|m| m.volume.as_str())
+        .chain(want.binds.values().map(|b| b.volume.as_str()))
+        .collect();
+    let mut vols: Vec<PathBuf> = actual
+        .owned_mounts
+        .values()
+        .filter(|m| m.kind == MountKind::Volume)
+        .map(|m| m.target.clone())
+        .collect();
+    deep_first(&mut vols);
+    for t in vols {
+        let m = &actual.owned_mounts[&t];
+        let wanted = want.volumes.get(&m.volume).is_some_and(|v| v.target == t);
+        if wanted
+            || keep.contains(&m.volume)
+            || want.held_volumes.contains(&m.volume)
+            || in_use.contains(m.volume.as_str())
+        {
+            continue;
+        }
+        out.push(if mounted(&t) {
+            Action::Unmount {
+                target: t.clone(),
+                kind: MountKind::Volume,
+            }
+        } else {
+            Action::Forget { target: t.clone() }
+        });
+        removed.insert(t);
+    }
+
+    // 3. Owned directories nothing needs, deepest first.
+    let mut needed: BTreeSet<&Path> = BTreeSet::new();
+    let kept_targets = actual
+        .owned_mounts
+        .keys()
+        .filter(|t| !removed.contains(*t))
+        .map(PathBuf::as_path);
+    let wanted_paths = want
+        .volumes
+        .values()
+        .map(|v| v.target.as_path())
+        .chain(want.binds.keys().map(PathBuf::as_path));
+    let homes = want.kernels.values().filter_map(|k| k.home.as_deref());
+    for p in kept_targets.chain(wanted_paths).chain(homes) {
+        needed.extend(p.ancestors());
+    }
+    let held = |o: &Owner| match o {
+        Owner::Kernel(k) => want.held_kernels.contains(k),
+        Owner::Volume(v) => want.held_volumes.contains(v) || keep.contains(v),
+    };
+    let mut dirs: Vec<PathBuf> = actual
+        .owned_dirs
+        .values()
+        .filter(|d| !needed.contains(d.path.as_path()) && !held(&d.owner))
+        .map(|d| d.path.clone())
+        .collect();
+    deep_first(&mut dirs);
+    out.extend(dirs.into_iter().map(|path| Action::RemoveDir { path }));
+
+    // A wanted target mounted by someone else is a conflict: leave it alone
+    // (status reports it), and do not bind from or into it.
+    let occupied =
+        |t: &Path| mounted(t) && (!actual.owned_mounts.contains_key(t) || removed.contains(t));
+    let mkdir =
+        |out: &mut Vec<Action>, path: &Path, root: &Path, uid, gid, owner: Option<Owner>| {
+            if !actual.dirs.contains(path) {
+                out.push(Action::MakeDir {
+                    path: path.to_path_buf(),
+                    root: root.to_path_buf(),
+                    uid,
+                    gid,
+                    owner,
+                });
+            }
+        };
+
+    // 4. Volume mounts.
+    for v in want.volumes.values() {
+        if occupied(&v.target) || mounted(&v.target) {
+            continue;
+        }
+        mkdir(
+            &mut out,
+            &v.target,
+            &node.volumes_root,
+            None,
+            None,
+            Some(Owner::Volume(v.name.clone())),
+        );
+        out.push(Action::MountVolume { volume: v.clone() });
+    }
+
+    // 5. vfolder directories (storage role).
+    for (vol, path) in want.vfolder_dirs.values() {
+        let root = &want.volumes[vol].target;
+        if !occupied(root) {
+            mkdir(&mut out, path, root, None, None, None);
+        }
+    }
+
+    // 6. Kernel homes, targets and binds.
+    for (id, k) in &want.kernels {
+        let Some(home) = &k.home else { continue };
+        if k.binds.is_empty()
+            && !matches!(k.resolution, Resolution::Resolved | Resolution::Failed(_))
+        {
+            continue;
+        }
+        let owner = || Some(Owner::Kernel(id.clone()));
+        if !mounted(home) {
+            mkdir(&mut out, home, &node.kernels_root, k.uid, k.gid, owner());
+        }
+        for t in &k.binds {
+            let b = &want.binds[t];
+            if occupied(&want.volumes[&b.volume].target) {
+                continue;
+            }
+            let owned_and_mounted =
+                mounted(t) && actual.owned_mounts.contains_key(t) && !removed.contains(t);
+            if owned_and_mounted {
+                let top = actual.mounts.top(t).expect("mounted");
+                if top.is_readonly() != b.readonly
+                    || !top.has_option("nosuid")
+                    || !top.has_option("nodev")
+                {
+                    out.push(Action::Remount { bind: b.clone() });
+                }
+                continue;
+            }
+            if mounted(t) && !removed.contains(t) {
+                continue; // someone else's mount: a conflict, reported in status
+            }
+            mkdir(&mut out, t, &node.kernels_root, k.uid, k.gid, owner());
+            out.push(Action::Bind { bind: b.clone() });
+        }
+    }
+    out
+}

@@ -1,0 +1,275 @@
+//! The narrow kernel interface the executor uses: one method per syscall (or
+//! per external helper), so tests can swap in [`RecordingMounter`].
+
+use std::collections::VecDeque;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::mount::{MntFlags, MsFlags};
+use wait_timeout::ChildExt;
+
+use crate::names::redact;
+
+/// A request to run the system's `mount -t FSTYPE` helper (cifs, nfs, FUSE).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelperRequest {
+    /// fstype for `-t`.
+    pub fstype: String,
+    /// Mount source.
+    pub source: String,
+    /// Mount point.
+    pub target: PathBuf,
+    /// `-o` options. Never carries a secret: secrets travel in files.
+    pub options: String,
+    /// Kill the helper after this long.
+    pub timeout: Duration,
+}
+
+/// Why a helper failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HelperError {
+    /// It could not be started (no `mount` binary).
+    #[error("cannot start mount helper: {0}")]
+    Spawn(String),
+    /// It ran longer than its timeout and was killed.
+    #[error("mount helper timeout after {0:?}")]
+    Timeout(Duration),
+    /// It exited non-zero; `stderr` is redacted.
+    #[error("mount helper exited with {code}: {stderr}")]
+    Failed {
+        /// Exit code (-1 when killed by a signal).
+        code: i32,
+        /// Its error output, trimmed and redacted.
+        stderr: String,
+    },
+}
+
+/// Kernel mount operations, shaped like `nix::mount`.
+pub trait Mounter: Send + Sync {
+    /// mount(2).
+    fn mount(
+        &self,
+        source: Option<&Path>,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: MsFlags,
+        data: Option<&str>,
+    ) -> Result<(), Errno>;
+    /// umount2(2).
+    fn umount2(&self, target: &Path, flags: MntFlags) -> Result<(), Errno>;
+    /// Runs `mount -t FSTYPE -o OPTIONS SOURCE TARGET`.
+    fn run_helper(&self, req: &HelperRequest) -> Result<(), HelperError>;
+}
+
+/// The real thing: passes each call to the kernel.
+#[derive(Debug, Clone, Default)]
+pub struct LinuxMounter;
+
+impl Mounter for LinuxMounter {
+    fn mount(
+        &self,
+        source: Option<&Path>,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: MsFlags,
+        data: Option<&str>,
+    ) -> Result<(), Errno> {
+        nix::mount::mount(source, target, fstype, flags, data)
+    }
+
+    fn umount2(&self, target: &Path, flags: MntFlags) -> Result<(), Errno> {
+        nix::mount::umount2(target, flags)
+    }
+
+    fn run_helper(&self, req: &HelperRequest) -> Result<(), HelperError> {
+        let mut cmd = Command::new("mount");
+        cmd.arg("-t").arg(&req.fstype);
+        if !req.options.is_empty() {
+            cmd.arg("-o").arg(&req.options);
+        }
+        cmd.arg(&req.source)
+            .arg(&req.target)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| HelperError::Spawn(e.to_string()))?;
+        let status = match child.wait_timeout(req.timeout) {
+            Ok(Some(status)) => status,
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(HelperError::Timeout(req.timeout));
+            }
+            Err(e) => return Err(HelperError::Spawn(e.to_string())),
+        };
+        if status.success() {
+            return Ok(());
+        }
+        let mut stderr = String::new();
+        if let Some(mut s) = child.stderr.take() {
+            let _ = s.read_to_string(&mut stderr);
+        }
+        Err(HelperError::Failed {
+            code: status.code().unwrap_or(-1),
+            stderr: redact(stderr.trim()),
+        })
+    }
+}
+
+/// One recorded call of [`RecordingMounter`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    /// A mount(2).
+    Mount {
+        /// Source.
+        source: Option<PathBuf>,
+        /// Target.
+        target: PathBuf,
+        /// fstype.
+        fstype: Option<String>,
+        /// Flags.
+        flags: MsFlags,
+        /// Data.
+        data: Option<String>,
+    },
+    /// An umount2(2).
+    Umount2 {
+        /// Target.
+        target: PathBuf,
+        /// Flags.
+        flags: MntFlags,
+    },
+    /// A helper run.
+    Helper(HelperRequest),
+}
+
+/// Which call a scripted failure applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallKind {
+    /// mount(2).
+    Mount,
+    /// umount2(2).
+    Umount2,
+    /// The helper.
+    Helper,
+}
+
+/// A test double: records every call and can fail the next N calls of a kind.
+/// It changes nothing in the kernel.
+#[derive(Debug, Default)]
+pub struct RecordingMounter {
+    calls: Mutex<Vec<Call>>,
+    fail_next: Mutex<VecDeque<(CallKind, Errno)>>,
+}
+
+impl RecordingMounter {
+    /// Every call so far.
+    pub fn calls(&self) -> Vec<Call> {
+        self.calls.lock().expect("lock").clone()
+    }
+    /// Fail the next `times` calls of `kind` with `errno`.
+    pub fn fail_next(&self, kind: CallKind, errno: Errno, times: usize) {
+        let mut q = self.fail_next.lock().expect("lock");
+        q.extend(std::iter::repeat_n((kind, errno), times));
+    }
+    fn scripted(&self, kind: CallKind) -> Option<Errno> {
+        let mut q = self.fail_next.lock().expect("lock");
+        let pos = q.iter().position(|(k, _)| *k == kind)?;
+        q.remove(pos).map(|(_, e)| e)
+    }
+}
+
+impl Mounter for RecordingMounter {
+    fn mount(
+        &self,
+        source: Option<&Path>,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: MsFlags,
+        data: Option<&str>,
+    ) -> Result<(), Errno> {
+        self.calls.lock().expect("lock").push(Call::Mount {
+            source: source.map(Path::to_path_buf),
+            target: target.to_path_buf(),
+            fstype: fstype.map(String::from),
+            flags,
+            data: data.map(String::from),
+        });
+        self.scripted(CallKind::Mount).map_or(Ok(()), Err)
+    }
+
+    fn umount2(&self, target: &Path, flags: MntFlags) -> Result<(), Errno> {
+        self.calls.lock().expect("lock").push(Call::Umount2 {
+            target: target.to_path_buf(),
+            flags,
+        });
+        self.scripted(CallKind::Umount2).map_or(Ok(()), Err)
+    }
+
+    fn run_helper(&self, req: &HelperRequest) -> Result<(), HelperError> {
+        self.calls
+            .lock()
+            .expect("lock")
+            .push(Call::Helper(req.clone()));
+        match self.scripted(CallKind::Helper) {
+            None => Ok(()),
+            Some(e) => Err(HelperError::Failed {
+                code: 32,
+                stderr: e.desc().to_string(),
+            }),
+        }
+    }
+}
+
+/// Splits `mount -o` style options into mount(2) flags and the data string,
+/// as mount(8) does. `nosuid,nodev` are always added (DESIGN: every mount
+/// vfolderd makes). See mount(2): <https://man7.org/linux/man-pages/man2/mount.2.html>.
+pub fn split_flags(options: &[String]) -> (MsFlags, String) {
+    let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    let mut data = Vec::new();
+    for o in options {
+        match o.as_str() {
+            "ro" => flags |= MsFlags::MS_RDONLY,
+            "rw" => flags &= !MsFlags::MS_RDONLY,
+            "noexec" => flags |= MsFlags::MS_NOEXEC,
+            "exec" => flags &= !MsFlags::MS_NOEXEC,
+            "noatime" => flags |= MsFlags::MS_NOATIME,
+            "nodiratime" => flags |= MsFlags::MS_NODIRATIME,
+            "relatime" => flags |= MsFlags::MS_RELATIME,
+            "strictatime" => flags |= MsFlags::MS_STRICTATIME,
+            "sync" => flags |= MsFlags::MS_SYNCHRONOUS,
+            "dirsync" => flags |= MsFlags::MS_DIRSYNC,
+            "nosuid" | "nodev" | "async" | "defaults" => {}
+            other => data.push(other.to_string()),
+        }
+    }
+    (flags, data.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_flags_always_adds_nosuid_nodev() {
+        let (f, data) = split_flags(&["size=1m".into(), "ro".into(), "mode=0755".into()]);
+        assert!(f.contains(MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_RDONLY));
+        assert_eq!(data, "size=1m,mode=0755");
+    }
+
+    #[test]
+    fn recording_mounter_fails_next_n_calls() {
+        let m = RecordingMounter::default();
+        m.fail_next(CallKind::Umount2, Errno::EBUSY, 1);
+        assert_eq!(
+            m.umount2(Path::new("/a"), MntFlags::empty()),
+            Err(Errno::EBUSY)
+        );
+        assert_eq!(m.umount2(Path::new("/a"), MntFlags::empty()), Ok(()));
+        assert_eq!(m.calls().len(), 2);
+    }
+}

@@ -1,0 +1,491 @@
+//! Typed desired objects parsed from etcd values: volumes, vfolders, kernels.
+//!
+//! Parsing is strict (unknown fields are refused, naming the field) and every
+//! failure is a message fit for a `Rejected` status: secrets are redacted.
+
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::names::{check_component_name, is_valid_object_name, redact};
+use crate::policy::Policy;
+
+/// When a volume is mounted on an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MountAt {
+    /// At vfolderd start, and bound into every kernel home.
+    Startup,
+    /// Only while a kernel on this node uses one of its vfolders.
+    Requested,
+}
+
+/// Read-only or read-write.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, PartialOrd, Ord, Hash,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Permission {
+    /// Read-only.
+    #[default]
+    Ro,
+    /// Read-write.
+    Rw,
+}
+
+/// The `mount:` block of a volume spec (the seed's format).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountSpec {
+    /// startup | requested.
+    pub at: MountAt,
+    /// cifs, nfs, tmpfs, bind, azureblob, or any fstype with a mount helper.
+    pub fstype: String,
+    /// The mount source (`//host/share`, `host:/export`, a directory for bind).
+    pub path: String,
+    /// Comma-separated mount options, as for `mount -o`.
+    #[serde(default)]
+    pub options: Option<String>,
+    /// Name of a node-local secret file holding credentials.
+    #[serde(default)]
+    pub credentials: Option<String>,
+}
+
+/// A volume spec at `P/volumes/<volume>`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSpec {
+    /// Optional; must equal the key's last segment.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// How to mount it.
+    pub mount: MountSpec,
+    /// How kernels see a startup volume: ro (default) or rw.
+    #[serde(default)]
+    pub access: Permission,
+    /// Storage role creates the blob container if missing (issue 5).
+    #[serde(default)]
+    pub create: bool,
+}
+
+impl VolumeSpec {
+    /// The options as a list, empty entries dropped.
+    pub fn option_list(&self) -> Vec<String> {
+        split_options(self.mount.options.as_deref().unwrap_or(""))
+    }
+}
+
+/// Splits `a,b=c,,d` into `["a", "b=c", "d"]`.
+pub fn split_options(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// A vfolder record at `P/vfolders/<uuid>`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VfolderSpec {
+    /// The user-visible name; the default alias in kernel homes.
+    pub name: String,
+    /// The owning user.
+    pub owner: String,
+    /// The volume it lives on.
+    pub volume: String,
+    /// Default permission for kernels (rw).
+    #[serde(default = "rw")]
+    pub permission: Permission,
+    /// Optional quota, in bytes.
+    #[serde(default)]
+    pub quota_bytes: Option<u64>,
+}
+
+fn rw() -> Permission {
+    Permission::Rw
+}
+
+/// One raw kernel mount entry; validated into [`KernelMount`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKernelMount {
+    #[serde(default)]
+    vfolder: Option<String>,
+    #[serde(default, rename = "as")]
+    alias: Option<String>,
+    #[serde(default)]
+    permission: Option<Permission>,
+    #[serde(default)]
+    volume: Option<String>,
+    #[serde(default)]
+    token: Option<TokenKind>,
+}
+
+/// What a per-user SAS token allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenKind {
+    /// read + list.
+    Read,
+    /// read, add, create, write, delete, list.
+    Write,
+}
+
+/// A validated kernel mount entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelMount {
+    /// Bind a vfolder into the home.
+    Vfolder {
+        /// The vfolder's uuid.
+        id: Uuid,
+        /// Name in the home; defaults to the vfolder's name.
+        alias: Option<String>,
+        /// Overrides the vfolder's permission.
+        permission: Option<Permission>,
+    },
+    /// A per-user SAS token file for a blob volume (issue 5).
+    Token {
+        /// The blob volume.
+        volume: String,
+        /// Token scope.
+        kind: TokenKind,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKernelSpec {
+    #[serde(default)]
+    home: Option<PathBuf>,
+    #[serde(default)]
+    uid: Option<u32>,
+    #[serde(default)]
+    gid: Option<u32>,
+    #[serde(default)]
+    mounts: Vec<RawKernelMount>,
+}
+
+/// A kernel attachment at `P/nodes/<node>/kernels/<id>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelSpec {
+    /// The host directory bound as `/home/work`; inside the kernels root.
+    pub home: PathBuf,
+    /// Owner of created directories.
+    pub uid: Option<u32>,
+    /// Group of created directories.
+    pub gid: Option<u32>,
+    /// What to attach.
+    pub mounts: Vec<KernelMount>,
+}
+
+fn yaml_error(e: &serde_yaml::Error) -> String {
+    redact(&e.to_string())
+}
+
+/// Parses and validates a volume value stored under key name `key_name`.
+pub fn parse_volume(key_name: &str, value: &[u8], policy: &Policy) -> Result<VolumeSpec, String> {
+    let spec: VolumeSpec = serde_yaml::from_slice(value).map_err(|e| yaml_error(&e))?;
+    if let Some(n) = &spec.name {
+        if n != key_name {
+            return Err(format!(
+                "name {n:?} does not match the key's volume name {key_name:?}"
+            ));
+        }
+    }
+    let opts = spec.option_list();
+    policy.check_volume(&spec.mount.fstype, &opts)?;
+    if spec.mount.path.is_empty() || spec.mount.path.contains(['\0', '\n']) {
+        return Err("mount.path must be non-empty and contain no NUL or newline".into());
+    }
+    if let Some(o) = &spec.mount.options {
+        if o.contains(['\0', '\n']) {
+            return Err("mount.options must not contain NUL or newline".into());
+        }
+    }
+    match spec.mount.fstype.as_str() {
+        "bind" if !Path::new(&spec.mount.path).is_absolute() => {
+            return Err("a bind volume's mount.path must be an absolute directory".into())
+        }
+        "cifs" if !spec.mount.path.starts_with("//") => {
+            return Err("a cifs volume's mount.path must look like //host/share".into())
+        }
+        _ => {}
+    }
+    let has_inline_secret = opts
+        .iter()
+        .any(|o| o.to_ascii_lowercase().starts_with("password="));
+    if has_inline_secret && spec.mount.fstype != "cifs" {
+        return Err("inline password= is only supported for cifs (it is moved into a 0600 credentials file); use credentials:".into());
+    }
+    if let Some(c) = &spec.mount.credentials {
+        if !is_valid_object_name(c) {
+            return Err(format!("credentials {c:?} must be a plain file name"));
+        }
+    }
+    Ok(spec)
+}
+
+/// Parses and validates a vfolder record.
+pub fn parse_vfolder(value: &[u8]) -> Result<VfolderSpec, String> {
+    let spec: VfolderSpec = serde_yaml::from_slice(value).map_err(|e| yaml_error(&e))?;
+    check_component_name(&spec.name).map_err(|e| format!("vfolder {e}"))?;
+    if !is_valid_object_name(&spec.volume) {
+        return Err(format!(
+            "volume {:?} is not a valid volume name",
+            spec.volume
+        ));
+    }
+    if spec.owner.is_empty() {
+        return Err("owner must not be empty".into());
+    }
+    Ok(spec)
+}
+
+/// Parses and validates a kernel value; `kernels_root` is where homes must lie.
+pub fn parse_kernel(id: &str, value: &[u8], kernels_root: &Path) -> Result<KernelSpec, String> {
+    let raw: RawKernelSpec = serde_yaml::from_slice(value).map_err(|e| yaml_error(&e))?;
+    let home = match raw.home {
+        None => kernels_root.join(id).join("work"),
+        Some(h) => {
+            if !h.is_absolute()
+                || h.components()
+                    .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+            {
+                return Err(format!(
+                    "home {} must be an absolute path without . or ..",
+                    h.display()
+                ));
+            }
+            if !h.starts_with(kernels_root) || h == kernels_root {
+                return Err(format!(
+                    "home {} must lie inside {}",
+                    h.display(),
+                    kernels_root.display()
+                ));
+            }
+            h
+        }
+    };
+    let mut mounts = Vec::with_capacity(raw.mounts.len());
+    for (i, m) in raw.mounts.into_iter().enumerate() {
+        let entry = match (m.vfolder, m.volume) {
+            (Some(v), None) => {
+                if m.token.is_some() {
+                    return Err(format!(
+                        "mounts[{i}]: token goes with volume:, not vfolder:"
+                    ));
+                }
+                let id = Uuid::parse_str(&v)
+                    .map_err(|_| format!("mounts[{i}]: vfolder {v:?} is not a uuid"))?;
+                if let Some(a) = &m.alias {
+                    check_component_name(a).map_err(|e| format!("mounts[{i}]: as: {e}"))?;
+                }
+                KernelMount::Vfolder {
+                    id,
+                    alias: m.alias,
+                    permission: m.permission,
+                }
+            }
+            (None, Some(volume)) => {
+                if !is_valid_object_name(&volume) {
+                    return Err(format!(
+                        "mounts[{i}]: volume {volume:?} is not a valid volume name"
+                    ));
+                }
+                let Some(kind) = m.token else {
+                    return Err(format!(
+                        "mounts[{i}]: a volume entry needs token: read|write"
+                    ));
+                };
+                if m.alias.is_some() || m.permission.is_some() {
+                    return Err(format!(
+                        "mounts[{i}]: as/permission go with vfolder:, not volume:"
+                    ));
+                }
+                KernelMount::Token { volume, kind }
+            }
+            _ => {
+                return Err(format!(
+                    "mounts[{i}]: exactly one of vfolder: or volume: is required"
+                ))
+            }
+        };
+        mounts.push(entry);
+    }
+    Ok(KernelSpec {
+        home,
+        uid: raw.uid,
+        gid: raw.gid,
+        mounts,
+    })
+}
+
+/// Parses an operator's `apply -f` document: the seed's `volumes:` list or one spec.
+pub fn parse_volume_document(text: &str) -> Result<Vec<(String, String)>, String> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct List {
+        volumes: Vec<serde_yaml::Value>,
+    }
+    let values: Vec<serde_yaml::Value> = match serde_yaml::from_str::<List>(text) {
+        Ok(list) => list.volumes,
+        Err(_) => vec![serde_yaml::from_str(text).map_err(|e| yaml_error(&e))?],
+    };
+    let mut out = Vec::new();
+    for v in values {
+        let name = v
+            .get("name")
+            .and_then(|n| n.as_str())
+            .ok_or_else(|| "every volume in the document needs a name:".to_string())?
+            .to_string();
+        if !is_valid_object_name(&name) {
+            return Err(format!("volume name {name:?} is invalid"));
+        }
+        let body = serde_yaml::to_string(&v).map_err(|e| yaml_error(&e))?;
+        parse_volume(&name, body.as_bytes(), &Policy::default())
+            .map_err(|e| format!("volume {name}: {e}"))?;
+        out.push((name, body));
+    }
+    Ok(out)
+}
+
+/// The directory of a vfolder under its volume's mount point:
+/// `<hex[0:2]>/<hex[2:4]>/<hex>` (Backend.AI's sharding).
+pub fn vfolder_relpath(id: &Uuid) -> PathBuf {
+    let hex = id.simple().to_string();
+    PathBuf::from(&hex[0..2]).join(&hex[2..4]).join(&hex)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = r#"
+volumes:
+
+  - name: azure-shard-1
+    mount:
+      at: requested
+      fstype: cifs
+      path: "//USERNAME.file.core.windows.net/vfolder"
+      options: "vers=3.0,username=USERNAME,password=PASSWORD,dir_mode=0777,file_mode=0777,sec=ntlmssp"
+
+  - name: azure-deeplearning-samples
+    mount:
+      at: startup
+      fstype: cifs
+      path: "//USERNAME.file.core.windows.net/dlsamples"
+      options: "vers=3.0,username=USERNAME,password=PASSWORD,dir_mode=0777,file_mode=0777,sec=ntlmssp"
+"#;
+
+    #[test]
+    fn seed_volumes_parse_as_written() {
+        let vols = parse_volume_document(SEED).unwrap();
+        assert_eq!(vols.len(), 2);
+        let spec = parse_volume(&vols[1].0, vols[1].1.as_bytes(), &Policy::default()).unwrap();
+        assert_eq!(spec.mount.at, MountAt::Startup);
+        assert_eq!(spec.access, Permission::Ro);
+    }
+
+    #[test]
+    fn volume_unknown_field_is_rejected_naming_it() {
+        let err = parse_volume(
+            "v",
+            b"mount: {at: startup, fstype: tmpfs, path: x, colour: red}\n",
+            &Policy::default(),
+        )
+        .unwrap_err();
+        assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn volume_forbidden_fstype_and_option_are_rejected() {
+        let p = Policy::default();
+        assert!(parse_volume(
+            "v",
+            b"mount: {at: startup, fstype: ext4, path: /dev/sda}\n",
+            &p
+        )
+        .unwrap_err()
+        .contains("ext4"));
+        let err = parse_volume(
+            "v",
+            b"mount: {at: startup, fstype: tmpfs, path: x, options: 'size=1m,suid'}\n",
+            &p,
+        );
+        assert!(err.unwrap_err().contains("suid"));
+    }
+
+    #[test]
+    fn volume_error_never_echoes_a_password() {
+        let err = parse_volume(
+            "v",
+            b"mount: {at: password=hunter2, fstype: cifs, path: //a/b}\n",
+            &Policy::default(),
+        )
+        .unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn volume_name_must_match_key() {
+        let err = parse_volume(
+            "a",
+            b"name: b\nmount: {at: startup, fstype: tmpfs, path: t}\n",
+            &Policy::default(),
+        );
+        assert!(err.unwrap_err().contains("does not match"));
+    }
+
+    #[test]
+    fn kernel_home_defaults_and_must_stay_inside_root() {
+        let root = Path::new("/k");
+        assert_eq!(
+            parse_kernel("k1", b"mounts: []\n", root).unwrap().home,
+            PathBuf::from("/k/k1/work")
+        );
+        assert!(parse_kernel("k1", b"home: /etc\n", root).is_err());
+        assert!(parse_kernel("k1", b"home: /k/../etc\n", root).is_err());
+        assert!(parse_kernel("k1", b"home: /k/x/home\n", root).is_ok());
+    }
+
+    #[test]
+    fn kernel_alias_cannot_escape() {
+        let id = Uuid::new_v4();
+        for alias in ["..", "a/b", "."] {
+            let v = format!("mounts: [{{vfolder: {id}, as: {alias:?}}}]\n");
+            assert!(
+                parse_kernel("k", v.as_bytes(), Path::new("/k")).is_err(),
+                "{alias}"
+            );
+        }
+    }
+
+    #[test]
+    fn kernel_mount_entry_shapes() {
+        let id = Uuid::new_v4();
+        let v =
+            format!("mounts: [{{vfolder: {id}, permission: ro}}, {{volume: ds, token: read}}]\n");
+        let k = parse_kernel("k", v.as_bytes(), Path::new("/k")).unwrap();
+        assert_eq!(k.mounts.len(), 2);
+        let bad = format!("mounts: [{{vfolder: {id}, volume: ds}}]\n");
+        assert!(parse_kernel("k", bad.as_bytes(), Path::new("/k")).is_err());
+    }
+
+    #[test]
+    fn vfolder_defaults_to_rw() {
+        let v = parse_vfolder(b"{name: data, owner: alice, volume: vol1}").unwrap();
+        assert_eq!(v.permission, Permission::Rw);
+    }
+
+    #[test]
+    fn vfolder_relpath_is_sharded() {
+        let id = Uuid::parse_str("0123abcd-0000-4000-8000-000000000000").unwrap();
+        assert_eq!(
+            vfolder_relpath(&id),
+            PathBuf::from("01/23/0123abcd000040008000000000000000")
+        );
+    }
+}

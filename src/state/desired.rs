@@ -1,0 +1,174 @@
+//! Desired state: the typed cache of what etcd asks for, fed by the watcher.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use uuid::Uuid;
+
+use crate::keys::{Classified, Keys, ObjectKey};
+use crate::policy::Policy;
+use crate::spec::{parse_kernel, parse_vfolder, parse_volume, KernelSpec, VfolderSpec, VolumeSpec};
+
+/// One desired object: its etcd mod revision and the parsed spec, or why it was rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry<T> {
+    /// `mod_revision` of the key.
+    pub revision: i64,
+    /// The spec, or the `Rejected` reason.
+    pub spec: Result<T, String>,
+}
+
+/// Everything this node is asked to do, as of `revision`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// `P/volumes/*`.
+    pub volumes: BTreeMap<String, Entry<VolumeSpec>>,
+    /// `P/vfolders/*`.
+    pub vfolders: BTreeMap<Uuid, Entry<VfolderSpec>>,
+    /// `P/nodes/<node>/kernels/*`.
+    pub kernels: BTreeMap<String, Entry<KernelSpec>>,
+    /// Keys whose own name is invalid: key → reason.
+    pub invalid_keys: BTreeMap<String, String>,
+    /// The etcd revision this state reflects.
+    pub revision: i64,
+}
+
+/// Turns raw key/value pairs into typed entries. It holds what parsing needs
+/// (key layout, policy, kernels root) so applying an event is O(1) work.
+#[derive(Debug, Clone)]
+pub struct DesiredParser {
+    /// Key layout.
+    pub keys: Keys,
+    /// Allowed fstypes and options.
+    pub policy: Policy,
+    /// Where kernel homes must lie.
+    pub kernels_root: PathBuf,
+}
+
+impl DesiredParser {
+    /// Applies a put of `key` = `value` at `revision`.
+    pub fn apply_put(&self, d: &mut Desired, key: &str, value: &[u8], revision: i64) {
+        match self.keys.classify(key) {
+            Classified::Object(ObjectKey::Volume(name)) => {
+                let spec = parse_volume(&name, value, &self.policy);
+                d.volumes.insert(name, Entry { revision, spec });
+            }
+            Classified::Object(ObjectKey::Vfolder(id)) => {
+                d.vfolders.insert(
+                    id,
+                    Entry {
+                        revision,
+                        spec: parse_vfolder(value),
+                    },
+                );
+            }
+            Classified::Object(ObjectKey::Kernel(id)) => {
+                let spec = parse_kernel(&id, value, &self.kernels_root);
+                d.kernels.insert(id, Entry { revision, spec });
+            }
+            Classified::Invalid { reason } => {
+                d.invalid_keys.insert(key.to_string(), reason);
+            }
+            Classified::Ignored => {}
+        }
+        d.revision = d.revision.max(revision);
+    }
+
+    /// Applies a delete of `key` at `revision`.
+    pub fn apply_delete(&self, d: &mut Desired, key: &str, revision: i64) {
+        match self.keys.classify(key) {
+            Classified::Object(ObjectKey::Volume(name)) => {
+                d.volumes.remove(&name);
+            }
+            Classified::Object(ObjectKey::Vfolder(id)) => {
+                d.vfolders.remove(&id);
+            }
+            Classified::Object(ObjectKey::Kernel(id)) => {
+                d.kernels.remove(&id);
+            }
+            Classified::Invalid { .. } => {
+                d.invalid_keys.remove(key);
+            }
+            Classified::Ignored => {}
+        }
+        d.revision = d.revision.max(revision);
+    }
+
+    /// Builds a whole state from a listing at `revision` (used by tests and the initial list).
+    pub fn from_list<'a>(
+        &self,
+        kvs: impl IntoIterator<Item = (&'a str, &'a [u8], i64)>,
+        revision: i64,
+    ) -> Desired {
+        let mut d = Desired::default();
+        for (k, v, rev) in kvs {
+            self.apply_put(&mut d, k, v, rev);
+        }
+        d.revision = revision;
+        d
+    }
+}
+
+impl Desired {
+    /// Number of objects with a `Rejected` spec or key, by kind (for the metric).
+    pub fn rejected_counts(&self) -> [(&'static str, usize); 4] {
+        [
+            (
+                "volume",
+                self.volumes.values().filter(|e| e.spec.is_err()).count(),
+            ),
+            (
+                "vfolder",
+                self.vfolders.values().filter(|e| e.spec.is_err()).count(),
+            ),
+            (
+                "kernel",
+                self.kernels.values().filter(|e| e.spec.is_err()).count(),
+            ),
+            ("key", self.invalid_keys.len()),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parser() -> DesiredParser {
+        DesiredParser {
+            keys: Keys::new("/v", "n1"),
+            policy: Policy::default(),
+            kernels_root: "/k".into(),
+        }
+    }
+
+    #[test]
+    fn bad_value_is_kept_as_rejected_and_others_parse() {
+        let p = parser();
+        let d = p.from_list(
+            [
+                (
+                    "/v/volumes/good",
+                    &b"mount: {at: startup, fstype: tmpfs, path: t}"[..],
+                    2,
+                ),
+                ("/v/volumes/bad", &b"mount: [unclosed"[..], 3),
+                ("/v/volumes/a b", &b"{}"[..], 4),
+            ],
+            4,
+        );
+        assert!(d.volumes["good"].spec.is_ok());
+        assert!(d.volumes["bad"].spec.is_err());
+        assert!(d.invalid_keys.contains_key("/v/volumes/a b"));
+        assert_eq!(d.revision, 4);
+    }
+
+    #[test]
+    fn delete_removes_entry() {
+        let p = parser();
+        let mut d = p.from_list([("/v/nodes/n1/kernels/k1", &b"mounts: []"[..], 2)], 2);
+        p.apply_delete(&mut d, "/v/nodes/n1/kernels/k1", 3);
+        assert!(d.kernels.is_empty());
+        assert_eq!(d.revision, 3);
+    }
+}

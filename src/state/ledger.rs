@@ -1,0 +1,219 @@
+//! The sled store of what vfolderd itself made: its mounts and directories.
+//!
+//! Ownership lives here (invariant 1): a target absent from the ledger is
+//! never unmounted. A record is written and flushed *before* the mount it
+//! describes, so a crash between the two leaves an owned record whose mount
+//! is missing (the next pass mounts it) rather than an unowned mount.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// sled could not open, read or write (fatal at start, retried later otherwise).
+    #[error("state store {op} failed")]
+    Sled {
+        /// The operation.
+        op: &'static str,
+        /// Why.
+        #[source]
+        source: sled::Error,
+    },
+    /// A record did not decode: the store is from an incompatible version or corrupt.
+    #[error("state store record {key:?} is corrupt")]
+    Corrupt {
+        /// The record's key.
+        key: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Who a mount or directory exists for.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Owner {
+    /// A volume mount point and mount.
+    Volume(String),
+    /// A kernel's home, targets and binds.
+    Kernel(String),
+}
+
+/// Kind of an owned mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MountKind {
+    /// A volume mounted under the volumes root.
+    Volume,
+    /// A bind into a kernel home.
+    Bind,
+}
+
+impl MountKind {
+    /// Label for metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MountKind::Volume => "volume",
+            MountKind::Bind => "bind",
+        }
+    }
+}
+
+/// A mount vfolderd made (or is about to make).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnedMount {
+    /// Mount point.
+    pub target: PathBuf,
+    /// Volume or bind.
+    pub kind: MountKind,
+    /// Mount source (a device string, or a bind's source directory).
+    pub source: String,
+    /// fstype asked for (`bind` for binds).
+    pub fstype: String,
+    /// The volume it mounts or binds from.
+    pub volume: String,
+    /// For binds: the kernel it serves.
+    #[serde(default)]
+    pub kernel: Option<String>,
+    /// For binds: read-only.
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+/// A directory vfolderd created, removed again (only if empty) when its owner goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnedDir {
+    /// The directory.
+    pub path: PathBuf,
+    /// Who it was made for.
+    pub owner: Owner,
+}
+
+/// The persistent store. Cheap to clone (sled trees are reference counted).
+#[derive(Clone)]
+pub struct Ledger {
+    db: sled::Db,
+    mounts: sled::Tree,
+    dirs: sled::Tree,
+}
+
+fn sled_err(op: &'static str) -> impl FnOnce(sled::Error) -> LedgerError {
+    move |source| LedgerError::Sled { op, source }
+}
+
+fn key_of(p: &Path) -> Vec<u8> {
+    p.as_os_str().as_encoded_bytes().to_vec()
+}
+
+impl Ledger {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, LedgerError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(sled_err("open"))?;
+        let mounts = db.open_tree("mounts").map_err(sled_err("open tree"))?;
+        let dirs = db.open_tree("dirs").map_err(sled_err("open tree"))?;
+        Ok(Self { db, mounts, dirs })
+    }
+
+    /// Every owned mount, by target.
+    pub fn mounts(&self) -> Result<BTreeMap<PathBuf, OwnedMount>, LedgerError> {
+        load(&self.mounts, |m: &OwnedMount| m.target.clone())
+    }
+
+    /// Every owned directory, by path.
+    pub fn dirs(&self) -> Result<BTreeMap<PathBuf, OwnedDir>, LedgerError> {
+        load(&self.dirs, |d: &OwnedDir| d.path.clone())
+    }
+
+    /// Records a mount and flushes (called before mounting).
+    pub fn put_mount(&self, m: &OwnedMount) -> Result<(), LedgerError> {
+        let v = serde_json::to_vec(m).expect("owned mount serialises");
+        self.mounts
+            .insert(key_of(&m.target), v)
+            .map_err(sled_err("insert"))?;
+        self.flush()
+    }
+
+    /// Forgets a mount and flushes (called after unmounting).
+    pub fn remove_mount(&self, target: &Path) -> Result<(), LedgerError> {
+        self.mounts
+            .remove(key_of(target))
+            .map_err(sled_err("remove"))?;
+        self.flush()
+    }
+
+    /// Records a created directory and flushes.
+    pub fn put_dir(&self, d: &OwnedDir) -> Result<(), LedgerError> {
+        let v = serde_json::to_vec(d).expect("owned dir serialises");
+        self.dirs
+            .insert(key_of(&d.path), v)
+            .map_err(sled_err("insert"))?;
+        self.flush()
+    }
+
+    /// Forgets a directory and flushes.
+    pub fn remove_dir(&self, path: &Path) -> Result<(), LedgerError> {
+        self.dirs.remove(key_of(path)).map_err(sled_err("remove"))?;
+        self.flush()
+    }
+
+    /// sled fsyncs only every 500 ms on its own; ownership must survive a crash.
+    fn flush(&self) -> Result<(), LedgerError> {
+        self.db.flush().map(|_| ()).map_err(sled_err("flush"))
+    }
+}
+
+fn load<T: for<'de> Deserialize<'de>>(
+    tree: &sled::Tree,
+    key: impl Fn(&T) -> PathBuf,
+) -> Result<BTreeMap<PathBuf, T>, LedgerError> {
+    let mut out = BTreeMap::new();
+    for item in tree.iter() {
+        let (k, v) = item.map_err(sled_err("read"))?;
+        let rec: T = serde_json::from_slice(&v).map_err(|source| LedgerError::Corrupt {
+            key: String::from_utf8_lossy(&k).into_owned(),
+            source,
+        })?;
+        out.insert(key(&rec), rec);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ledger_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = OwnedMount {
+            target: "/v/a b".into(),
+            kind: MountKind::Volume,
+            source: "tmpfs".into(),
+            fstype: "tmpfs".into(),
+            volume: "a".into(),
+            kernel: None,
+            readonly: false,
+        };
+        {
+            let l = Ledger::open(dir.path()).unwrap();
+            l.put_mount(&m).unwrap();
+            l.put_dir(&OwnedDir {
+                path: "/v/a b".into(),
+                owner: Owner::Volume("a".into()),
+            })
+            .unwrap();
+        }
+        let l = Ledger::open(dir.path()).unwrap();
+        assert_eq!(l.mounts().unwrap().get(Path::new("/v/a b")), Some(&m));
+        l.remove_mount(Path::new("/v/a b")).unwrap();
+        assert!(l.mounts().unwrap().is_empty());
+        assert_eq!(l.dirs().unwrap().len(), 1);
+    }
+}

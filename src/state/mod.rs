@@ -1,0 +1,6 @@
+//! State: desired (from etcd), owned (sled ledger), and status write-back.
+
+pub mod desired;
+pub mod ledger;
+pub mod status;
+pub mod watch;

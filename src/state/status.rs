@@ -1,0 +1,198 @@
+//! Status write-back: keeps etcd's status keys equal to the latest report,
+//! writing only what changed (batched in transactions) and deleting what no
+//! longer exists; and the node's liveness key under a kept-alive lease.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use etcd_client::{Client, GetOptions, PutOptions, Txn, TxnOp};
+use serde_json::Value;
+
+use crate::keys::Keys;
+
+/// Errors writing status (transient: the next pass retries).
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// Loading the existing status keys failed.
+    #[error("reading existing status keys failed")]
+    LoadFailed(#[source] etcd_client::Error),
+    /// A write transaction failed.
+    #[error("writing status keys failed")]
+    WriteFailed(#[source] etcd_client::Error),
+    /// The lease could not be granted or kept alive.
+    #[error("node lease failed")]
+    LeaseFailed(#[source] etcd_client::Error),
+}
+
+/// Fields that change without the status meaning anything new.
+const VOLATILE: &[&str] = &["since", "scanned_at"];
+
+/// etcd's default `--max-txn-ops`.
+const MAX_TXN_OPS: usize = 128;
+
+fn stable(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Value::Object(m) = &mut v {
+        for k in VOLATILE {
+            m.remove(*k);
+        }
+    }
+    v
+}
+
+/// Writes status keys, remembering what it wrote.
+pub struct StatusWriter {
+    client: Client,
+    keys: Keys,
+    written: Option<BTreeMap<String, Value>>,
+}
+
+impl StatusWriter {
+    /// A writer for this node.
+    pub fn new(client: Client, keys: Keys) -> Self {
+        Self {
+            client,
+            keys,
+            written: None,
+        }
+    }
+
+    /// Loads what this node wrote before (its node subtree, and vfolder
+    /// statuses naming it) so a restart rewrites nothing that is unchanged.
+    async fn load(&mut self) -> Result<BTreeMap<String, Value>, StatusError> {
+        let mut out = BTreeMap::new();
+        for (prefix, mine_only) in [
+            (self.keys.node_status_prefix(), false),
+            (self.keys.vfolder_status_prefix(), true),
+        ] {
+            let resp = self
+                .client
+                .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+                .await
+                .map_err(StatusError::LoadFailed)?;
+            for kv in resp.kvs() {
+                let Ok(v) = serde_yaml::from_slice::<Value>(kv.value()) else {
+                    continue;
+                };
+                if mine_only
+                    && v.get("node").and_then(Value::as_str) != Some(self.keys.node.as_str())
+                {
+                    continue;
+                }
+                out.insert(String::from_utf8_lossy(kv.key()).into_owned(), v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes etcd hold exactly `entries` (under this node's keys). Returns
+    /// the number of keys written or deleted.
+    pub async fn sync(&mut self, entries: &BTreeMap<String, Value>) -> Result<usize, StatusError> {
+        let mut written = match self.written.take() {
+            Some(w) => w,
+            None => self.load().await?,
+        };
+        let now = chrono_now();
+        let mut ops = Vec::new();
+        let mut changes: Vec<(String, Option<Value>)> = Vec::new();
+        for (k, v) in entries {
+            if written.get(k).map(stable) == Some(stable(v)) {
+                continue;
+            }
+            let mut v = v.clone();
+            if let Value::Object(m) = &mut v {
+                m.insert("since".into(), Value::String(now.clone()));
+            }
+            ops.push(TxnOp::put(
+                k.as_str(),
+                serde_json::to_vec(&v).expect("json"),
+                None,
+            ));
+            changes.push((k.clone(), Some(v)));
+        }
+        for k in written.keys() {
+            if !entries.contains_key(k) {
+                ops.push(TxnOp::delete(k.as_str(), None));
+                changes.push((k.clone(), None));
+            }
+        }
+        let n = ops.len();
+        let mut result = Ok(n);
+        let mut done = 0;
+        for chunk in ops.chunks(MAX_TXN_OPS) {
+            if let Err(e) = self.client.txn(Txn::new().and_then(chunk.to_vec())).await {
+                result = Err(StatusError::WriteFailed(e));
+                break;
+            }
+            done += chunk.len();
+        }
+        for (k, v) in changes.into_iter().take(done) {
+            match v {
+                Some(v) => written.insert(k, v),
+                None => written.remove(&k),
+            };
+        }
+        self.written = Some(written);
+        result
+    }
+}
+
+/// The current UTC time as RFC 3339 (seconds).
+pub fn chrono_now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// Keeps `P/status/nodes/<node>` alive under a lease while vfolderd runs.
+/// `value` is re-read each tick, so readiness and revision stay current.
+pub async fn run_liveness(
+    mut client: Client,
+    keys: Keys,
+    ttl: i64,
+    value: impl Fn() -> Value + Send,
+) {
+    let tick = Duration::from_secs((ttl as u64 / 3).max(1));
+    loop {
+        let lease = match client.lease_grant(ttl, None).await {
+            Ok(l) => l.id(),
+            Err(e) => {
+                tracing::debug!(error = %crate::error_chain(&StatusError::LeaseFailed(e)), "node lease");
+                tokio::time::sleep(tick).await;
+                continue;
+            }
+        };
+        let (mut keeper, mut stream) = match client.lease_keep_alive(lease).await {
+            Ok(x) => x,
+            Err(_) => {
+                tokio::time::sleep(tick).await;
+                continue;
+            }
+        };
+        let mut last: Option<Value> = None;
+        loop {
+            let v = value();
+            if last.as_ref() != Some(&v) {
+                let body = serde_json::to_vec(&v).expect("json");
+                if client
+                    .put(
+                        keys.node_status(),
+                        body,
+                        Some(PutOptions::new().with_lease(lease)),
+                    )
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                last = Some(v);
+            }
+            if keeper.keep_alive().await.is_err() {
+                break;
+            }
+            match tokio::time::timeout(tick, stream.message()).await {
+                Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                _ => break, // lease expired or stream broke: grant a new one
+            }
+            tokio::time::sleep(tick).await;
+        }
+    }
+}

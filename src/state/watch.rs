@@ -1,0 +1,215 @@
+//! The etcd watcher: one consistent list of the three desired ranges at a
+//! revision R (a single transaction), then one watch stream from R+1 with
+//! `prev_kv`. It resumes after errors from the last revision seen per range,
+//! and relists when that revision was compacted (the whole cache is swapped
+//! in one step, so keys deleted meanwhile disappear: mark and sweep for free).
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etcd_client::{Client, EventType, GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions};
+use tokio::sync::Notify;
+
+use crate::state::desired::{Desired, DesiredParser};
+
+/// Errors of the watcher (all transient: it backs off and retries).
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// The initial list transaction failed.
+    #[error("initial list of desired state failed")]
+    InitialListFailed(#[source] etcd_client::Error),
+    /// Opening the watch stream failed.
+    #[error("starting the watch failed")]
+    WatchStartFailed(#[source] etcd_client::Error),
+    /// The stream broke.
+    #[error("watch stream failed")]
+    StreamFailed(#[source] etcd_client::Error),
+    /// The server closed the stream or cancelled the watch.
+    #[error("watch ended: {0}")]
+    Ended(String),
+}
+
+/// The shared desired-state cache: written by the watcher, read by the driver.
+#[derive(Debug, Default)]
+pub struct DesiredCache {
+    desired: Mutex<Desired>,
+    /// Set after the first complete list: the readiness gate of invariant 2.
+    pub synced: AtomicBool,
+    /// Whether the last etcd call succeeded.
+    pub connected: AtomicBool,
+    /// Latest revision applied.
+    pub revision: AtomicI64,
+    /// Woken on every change.
+    pub changed: Notify,
+}
+
+impl DesiredCache {
+    /// A copy of the current desired state.
+    pub fn snapshot(&self) -> Desired {
+        self.desired.lock().expect("desired lock").clone()
+    }
+
+    fn replace(&self, d: Desired) {
+        self.revision.store(d.revision, Ordering::Relaxed);
+        *self.desired.lock().expect("desired lock") = d;
+        self.synced.store(true, Ordering::Release);
+        self.changed.notify_one();
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Desired)) {
+        let mut d = self.desired.lock().expect("desired lock");
+        f(&mut d);
+        self.revision.store(d.revision, Ordering::Relaxed);
+        drop(d);
+        self.changed.notify_one();
+    }
+}
+
+/// Lists the desired ranges in one transaction, so all three are at one revision.
+pub async fn list(client: &mut Client, parser: &DesiredParser) -> Result<Desired, WatchError> {
+    let ops: Vec<TxnOp> = parser
+        .keys
+        .desired_prefixes()
+        .iter()
+        .map(|p| TxnOp::get(p.as_str(), Some(GetOptions::new().with_prefix())))
+        .collect();
+    let resp = client
+        .txn(Txn::new().and_then(ops))
+        .await
+        .map_err(WatchError::InitialListFailed)?;
+    let revision = resp.header().map_or(0, |h| h.revision());
+    let mut d = Desired::default();
+    for op in resp.op_responses() {
+        if let TxnOpResponse::Get(g) = op {
+            for kv in g.kvs() {
+                parser.apply_put(
+                    &mut d,
+                    &String::from_utf8_lossy(kv.key()),
+                    kv.value(),
+                    kv.mod_revision(),
+                );
+            }
+        }
+    }
+    d.revision = revision;
+    Ok(d)
+}
+
+enum WatchEnd {
+    Compacted(i64),
+    Failed(WatchError),
+}
+
+/// Runs forever: list, watch, resume, relist. Cancel by dropping the task.
+pub async fn run_watcher(mut client: Client, parser: DesiredParser, cache: Arc<DesiredCache>) {
+    let mut delay = Duration::from_millis(200);
+    let max_delay = Duration::from_secs(10);
+    loop {
+        let d = match list(&mut client, &parser).await {
+            Ok(d) => d,
+            Err(e) => {
+                cache.connected.store(false, Ordering::Relaxed);
+                cache.changed.notify_one();
+                tracing::warn!(error = %crate::error_chain(&e), retry_in = ?delay, "etcd unreachable; keeping last desired state");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(max_delay);
+                continue;
+            }
+        };
+        let rev = d.revision;
+        tracing::info!(
+            revision = rev,
+            volumes = d.volumes.len(),
+            vfolders = d.vfolders.len(),
+            kernels = d.kernels.len(),
+            "listed desired state"
+        );
+        cache.connected.store(true, Ordering::Relaxed);
+        cache.replace(d);
+        delay = Duration::from_millis(200);
+        let mut next = [rev + 1; 3];
+        loop {
+            match watch_once(&mut client, &parser, &cache, &mut next).await {
+                WatchEnd::Compacted(c) => {
+                    tracing::warn!(
+                        compact_revision = c,
+                        "watch revision was compacted; relisting"
+                    );
+                    break;
+                }
+                WatchEnd::Failed(e) => {
+                    cache.connected.store(false, Ordering::Relaxed);
+                    cache.changed.notify_one();
+                    tracing::warn!(error = %crate::error_chain(&e), retry_in = ?delay, "etcd watch interrupted; will resume");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(max_delay);
+                }
+            }
+        }
+    }
+}
+
+async fn watch_once(
+    client: &mut Client,
+    parser: &DesiredParser,
+    cache: &DesiredCache,
+    next: &mut [i64; 3],
+) -> WatchEnd {
+    let prefixes = parser.keys.desired_prefixes();
+    let opts = |i: usize| {
+        Some(
+            WatchOptions::new()
+                .with_prefix()
+                .with_prev_key()
+                .with_start_revision(next[i]),
+        )
+    };
+    let mut stream = match client.watch(prefixes[0].as_str(), opts(0)).await {
+        Ok(s) => s,
+        Err(e) => return WatchEnd::Failed(WatchError::WatchStartFailed(e)),
+    };
+    for i in 1..3 {
+        if let Err(e) = stream.watch(prefixes[i].as_str(), opts(i)).await {
+            return WatchEnd::Failed(WatchError::WatchStartFailed(e));
+        }
+    }
+    loop {
+        let resp = match stream.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return WatchEnd::Failed(WatchError::Ended("stream closed by server".into()))
+            }
+            Err(e) => return WatchEnd::Failed(WatchError::StreamFailed(e)),
+        };
+        if resp.canceled() {
+            if resp.compact_revision() > 0 {
+                return WatchEnd::Compacted(resp.compact_revision());
+            }
+            return WatchEnd::Failed(WatchError::Ended(format!(
+                "watch cancelled: {}",
+                resp.cancel_reason()
+            )));
+        }
+        if !cache.connected.swap(true, Ordering::Relaxed) {
+            cache.changed.notify_one();
+        }
+        if resp.events().is_empty() {
+            continue;
+        }
+        cache.update(|d| {
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                let key = String::from_utf8_lossy(kv.key());
+                let rev = kv.mod_revision();
+                if let Some(i) = prefixes.iter().position(|p| key.starts_with(p.as_str())) {
+                    next[i] = next[i].max(rev + 1);
+                }
+                match ev.event_type() {
+                    EventType::Put => parser.apply_put(d, &key, kv.value(), rev),
+                    EventType::Delete => parser.apply_delete(d, &key, rev),
+                }
+            }
+        });
+    }
+}
