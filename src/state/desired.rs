@@ -50,7 +50,7 @@ impl DesiredParser {
     pub fn apply_put(&self, d: &mut Desired, key: &str, value: &[u8], revision: i64) {
         match self.keys.classify(key) {
             Classified::Object(ObjectKey::Volume(name)) => {
-                let spec = parse_volume(&name, value, &self.policy);
+                let spec = log_rejected(key, parse_volume(&name, value, &self.policy));
                 d.volumes.insert(name, Entry { revision, spec });
             }
             Classified::Object(ObjectKey::Vfolder(id)) => {
@@ -63,10 +63,11 @@ impl DesiredParser {
                 );
             }
             Classified::Object(ObjectKey::Kernel(id)) => {
-                let spec = parse_kernel(&id, value, &self.kernels_root);
+                let spec = log_rejected(key, parse_kernel(&id, value, &self.kernels_root));
                 d.kernels.insert(id, Entry { revision, spec });
             }
             Classified::Invalid { reason } => {
+                tracing::warn!(key, reason = %reason, "rejected desired key");
                 d.invalid_keys.insert(key.to_string(), reason);
             }
             Classified::Ignored => {}
@@ -107,6 +108,14 @@ impl DesiredParser {
         d.revision = revision;
         d
     }
+}
+
+/// Logs a rejection once, where it is found (on the put that brought it).
+fn log_rejected<T>(key: &str, r: Result<T, String>) -> Result<T, String> {
+    if let Err(reason) = &r {
+        tracing::warn!(key, reason = %reason, "rejected desired object");
+    }
+    r
 }
 
 impl Desired {

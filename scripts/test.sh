@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test command (README "Run the tests"): installs what is missing, then
+# runs the whole suite as root inside a private mount namespace, so the real
+# tmpfs/bind mounts the end-to-end tests make never reach the host.
+# Extra arguments go to `cargo test` (e.g. a test name filter).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" != 0 ]; then
+  echo "the tests mount filesystems: run as root (sudo $0)" >&2
+  exit 1
+fi
+scripts/install-deps.sh
+cargo build --all-targets --quiet
+exec unshare --mount --propagation private -- cargo test --no-fail-fast "$@"

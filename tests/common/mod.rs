@@ -1,0 +1,322 @@
+//! Test harness: a real etcd on a free loopback port, the real `vfolderd`
+//! binary as a daemon, and helpers to read status keys and the mount table.
+//! The suite runs as root in a private mount namespace (scripts/test.sh).
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, GetOptions};
+use serde_json::Value;
+use vfolderd::reconcile::actual::{parse_mountinfo, MountEntry};
+
+/// Panics unless we are root in a mount namespace of our own: the tests make
+/// real mounts and must never touch the host's table.
+pub fn require_private_mount_namespace() {
+    let ours = std::fs::read_link("/proc/self/ns/mnt").expect("read own mount ns");
+    let init = std::fs::read_link("/proc/1/ns/mnt").ok();
+    assert!(nix::unistd::geteuid().is_root(), "end-to-end tests need root: run scripts/test.sh");
+    assert_ne!(Some(ours), init, "end-to-end tests must run in a private mount namespace: run scripts/test.sh");
+}
+
+/// A free loopback TCP port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A throwaway etcd server.
+pub struct Etcd {
+    child: Child,
+    /// Client URL.
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it answers.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (cport, pport) = (free_port(), free_port());
+        let endpoint = format!("http://127.0.0.1:{cport}");
+        let peer = format!("http://127.0.0.1:{pport}");
+        let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("t={peer}")])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("etcd is installed (scripts/install-deps.sh)");
+        let etcd = Etcd { child, endpoint, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut c) = Client::connect([&etcd.endpoint], None).await {
+                if c.get("probe", None).await.is_ok() {
+                    return etcd;
+                }
+            }
+            assert!(Instant::now() < deadline, "etcd did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A client.
+    pub async fn client(&self) -> Client {
+        Client::connect([&self.endpoint], None).await.unwrap()
+    }
+
+    /// Puts `value` at `key`.
+    pub async fn put(&self, key: &str, value: &str) {
+        self.client().await.put(key, value, None).await.unwrap();
+    }
+
+    /// Deletes `key`.
+    pub async fn delete(&self, key: &str) {
+        self.client().await.delete(key, None).await.unwrap();
+    }
+
+    /// Reads a status value as JSON.
+    pub async fn get_json(&self, key: &str) -> Option<Value> {
+        let resp = self.client().await.get(key, None).await.unwrap();
+        resp.kvs().first().map(|kv| serde_yaml::from_slice(kv.value()).unwrap())
+    }
+
+    /// Every key and value under `prefix`.
+    pub async fn dump(&self, prefix: &str) -> Vec<(String, String)> {
+        let resp = self.client().await.get(prefix, Some(GetOptions::new().with_prefix())).await.unwrap();
+        resp.kvs().iter().map(|kv| (kv.key_str().unwrap().to_string(), kv.value_str().unwrap().to_string())).collect()
+    }
+
+    /// Waits until the value at `key` satisfies `pred`, and returns it.
+    pub async fn wait_for(&self, key: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last;
+        loop {
+            let v = self.get_json(key).await;
+            if let Some(v) = &v {
+                if pred(v) {
+                    return v.clone();
+                }
+            }
+            last = v;
+            assert!(Instant::now() < deadline, "timed out waiting for {key} to be {what}; last value: {last:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until `key`'s `state` is `state`.
+    pub async fn wait_state(&self, key: &str, state: &str) -> Value {
+        self.wait_for(key, state, |v| v["state"] == state).await
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One vfolderd daemon with its own roots under a temp directory.
+pub struct Node {
+    /// Node name.
+    pub name: String,
+    /// Temp directory holding roots, state and config.
+    pub dir: tempfile::TempDir,
+    /// The config file.
+    pub config: PathBuf,
+    /// `/metrics` address.
+    pub listen: String,
+    child: Option<Child>,
+}
+
+/// Options of a test node.
+pub struct NodeOpts {
+    /// Roles, e.g. `[agent, storage]`.
+    pub roles: &'static str,
+    /// Resync period.
+    pub resync: &'static str,
+    /// Linger.
+    pub linger: &'static str,
+}
+
+impl Default for NodeOpts {
+    fn default() -> Self {
+        Self { roles: "[agent, storage]", resync: "1s", linger: "0s" }
+    }
+}
+
+/// The key prefix every test uses.
+pub const P: &str = "/vfolderd";
+
+impl Node {
+    /// Writes a config and starts the daemon.
+    pub fn start(etcd: &Etcd, name: &str, opts: NodeOpts) -> Self {
+        let dir = tempfile::Builder::new().prefix("vfolderd-e2e").tempdir().unwrap();
+        let listen = format!("127.0.0.1:{}", free_port());
+        let d = dir.path().display();
+        let cfg = format!(
+            "node: {name}\nroles: {}\netcd: {{endpoints: [\"{}\"], prefix: {P}}}\nroots: {{volumes: {d}/volumes, kernels: {d}/kernels}}\n\
+             state: {d}/state\ncredentials: {d}/credentials\npolicies: {d}/policies\nlisten: {listen}\nresync: {}\nlinger: {}\nmount_timeout: 10s\n",
+            opts.roles, etcd.endpoint, opts.resync, opts.linger
+        );
+        let config = dir.path().join("node.yaml");
+        std::fs::write(&config, cfg).unwrap();
+        let mut n = Node { name: name.into(), dir, config, listen, child: None };
+        n.spawn();
+        n
+    }
+
+    /// (Re)starts the daemon process.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("vfolderd.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_vfolderd"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info,vfolderd=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// Sends SIGTERM and waits for exit; returns whether it exited cleanly.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else { return true };
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("vfolderd.log")).unwrap_or_default()
+    }
+
+    /// Volumes root.
+    pub fn volumes(&self) -> PathBuf {
+        self.dir.path().join("volumes")
+    }
+    /// Kernels root.
+    pub fn kernels(&self) -> PathBuf {
+        self.dir.path().join("kernels")
+    }
+    /// Default home of kernel `id`.
+    pub fn home(&self, id: &str) -> PathBuf {
+        self.kernels().join(id).join("work")
+    }
+
+    /// Runs a CLI subcommand with this node's config; returns stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let pos = if full.first().map(String::as_str) == Some("vfolder") { 2 } else { 1 };
+        full.insert(pos, "--config".into());
+        full.insert(pos + 1, self.config.display().to_string());
+        let out = Command::new(env!("CARGO_BIN_EXE_vfolderd")).args(&full).output().unwrap();
+        assert!(out.status.success(), "vfolderd {full:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Volume status key.
+    pub fn volume_status(&self, v: &str) -> String {
+        format!("{P}/status/nodes/{}/volumes/{v}", self.name)
+    }
+    /// Kernel status key.
+    pub fn kernel_status(&self, k: &str) -> String {
+        format!("{P}/status/nodes/{}/kernels/{k}", self.name)
+    }
+    /// Kernel desired key.
+    pub fn kernel_key(&self, k: &str) -> String {
+        format!("{P}/nodes/{}/kernels/{k}", self.name)
+    }
+
+    /// Mounts of this node's roots, from the real mount table.
+    pub fn mounts(&self) -> Vec<MountEntry> {
+        mounts_under(self.dir.path())
+    }
+
+    /// The visible mount at `target`.
+    pub fn mount_at(&self, target: &Path) -> Option<MountEntry> {
+        self.mounts().into_iter().filter(|m| m.mount_point == target).last()
+    }
+
+    /// Scrapes `/metrics`.
+    pub fn metrics(&self) -> String {
+        http_get(&self.listen, "/metrics").1
+    }
+
+    /// The value of one series (exact label text, e.g. `vfolderd_kernels{state="Ready"}`).
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        self.metrics().lines().find_map(|l| l.strip_prefix(series).and_then(|r| r.trim().parse().ok()))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Clean our namespace's mounts so the temp dir can be removed.
+        let mut ms = mounts_under(self.dir.path());
+        ms.sort_by_key(|m| std::cmp::Reverse(m.mount_point.components().count()));
+        for m in ms {
+            let _ = nix::mount::umount2(&m.mount_point, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// Mounts whose mount point lies under `dir`, in mountinfo order.
+pub fn mounts_under(dir: &Path) -> Vec<MountEntry> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    parse_mountinfo(&text).unwrap().into_iter().filter(|m| m.mount_point.starts_with(dir)).collect()
+}
+
+/// A minimal HTTP/1.0 GET: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "cannot connect to {addr}: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let code = buf.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (code, body)
+}
+
+/// A tmpfs volume spec.
+pub fn tmpfs_volume(at: &str) -> String {
+    format!("mount: {{at: {at}, fstype: tmpfs, path: vfolderd-test, options: 'size=16m'}}\n")
+}
+
+/// Runs an async test body with a deadline, so a deadlock fails instead of hanging CI.
+pub async fn within<F: std::future::Future<Output = ()>>(secs: u64, f: F) {
+    tokio::time::timeout(Duration::from_secs(secs), f).await.expect("test timed out: likely deadlocked");
+}
