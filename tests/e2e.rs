@@ -21,22 +21,40 @@ async fn seed_volumes_apply_and_tmpfs_startup_volume_is_mounted() {
     require_private_mount_namespace();
     within(90, async {
         let etcd = Etcd::start().await;
-        let node = Node::start(&etcd, "n1", NodeOpts { roles: "[agent]", ..Default::default() });
+        let node = Node::start(
+            &etcd,
+            "n1",
+            NodeOpts {
+                roles: "[agent]",
+                ..Default::default()
+            },
+        );
         let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/seed-volumes.yaml");
         let out = node.cli(&["apply", "-f", seed.to_str().unwrap()]);
-        assert!(out.contains("applied volume azure-shard-1") && out.contains("applied volume azure-deeplearning-samples"), "{out}");
-        etcd.put(&format!("{P}/volumes/datasets"), &tmpfs_volume("startup")).await;
+        assert!(
+            out.contains("applied volume azure-shard-1")
+                && out.contains("applied volume azure-deeplearning-samples"),
+            "{out}"
+        );
+        etcd.put(&format!("{P}/volumes/datasets"), &tmpfs_volume("startup"))
+            .await;
 
-        etcd.wait_state(&node.volume_status("datasets"), "Mounted").await;
-        let m = node.mount_at(&node.volumes().join("datasets")).expect("datasets mounted");
+        etcd.wait_state(&node.volume_status("datasets"), "Mounted")
+            .await;
+        let m = node
+            .mount_at(&node.volumes().join("datasets"))
+            .expect("datasets mounted");
         assert_eq!(m.fstype, "tmpfs");
         assert!(m.has_option("nosuid") && m.has_option("nodev"), "{m:?}");
 
         // The seed's startup cifs volume parses (not Rejected); this kernel has no CIFS client,
         // so the mount fails, and the error names no secret.
-        let st = etcd.wait_state(&node.volume_status("azure-deeplearning-samples"), "Failed").await;
+        let st = etcd
+            .wait_state(&node.volume_status("azure-deeplearning-samples"), "Failed")
+            .await;
         // The requested one is not needed by any kernel on an agent node.
-        etcd.wait_state(&node.volume_status("azure-shard-1"), "Unmounted").await;
+        etcd.wait_state(&node.volume_status("azure-shard-1"), "Unmounted")
+            .await;
         for (k, v) in etcd.dump(&format!("{P}/status/")).await {
             assert!(!v.contains("PASSWORD"), "secret in status {k}: {v}");
         }
@@ -51,21 +69,40 @@ async fn vfolder_create_makes_the_sharded_directory_and_reports_usage() {
     require_private_mount_namespace();
     within(90, async {
         let etcd = Etcd::start().await;
-        let node = Node::start(&etcd, "n1", NodeOpts { roles: "[storage]", ..Default::default() });
-        etcd.put(&format!("{P}/volumes/shard1"), &tmpfs_volume("requested")).await;
-        let id = node.cli(&["vfolder", "create", "--volume", "shard1", "--name", "mydata", "--owner", "alice"]);
+        let node = Node::start(
+            &etcd,
+            "n1",
+            NodeOpts {
+                roles: "[storage]",
+                ..Default::default()
+            },
+        );
+        etcd.put(&format!("{P}/volumes/shard1"), &tmpfs_volume("requested"))
+            .await;
+        let id = node.cli(&[
+            "vfolder", "create", "--volume", "shard1", "--name", "mydata", "--owner", "alice",
+        ]);
         let id = id.trim();
         uuid::Uuid::parse_str(id).expect("prints a uuid");
-        let st = etcd.wait_state(&format!("{P}/status/vfolders/{id}"), "Ready").await;
+        let st = etcd
+            .wait_state(&format!("{P}/status/vfolders/{id}"), "Ready")
+            .await;
         let dir = node.volumes().join("shard1").join(shard(id));
         assert_eq!(st["path"], dir.display().to_string());
         assert!(dir.is_dir(), "{} exists", dir.display());
-        assert_eq!((st["files"].as_u64(), st["bytes"].as_u64()), (Some(0), Some(0)));
+        assert_eq!(
+            (st["files"].as_u64(), st["bytes"].as_u64()),
+            (Some(0), Some(0))
+        );
 
         std::fs::write(dir.join("a.txt"), b"hello").unwrap();
         std::fs::create_dir(dir.join("sub")).unwrap();
         std::fs::write(dir.join("sub/b.bin"), vec![0u8; 1000]).unwrap();
-        let st = etcd.wait_for(&format!("{P}/status/vfolders/{id}"), "rescanned", |v| v["files"] == 2).await;
+        let st = etcd
+            .wait_for(&format!("{P}/status/vfolders/{id}"), "rescanned", |v| {
+                v["files"] == 2
+            })
+            .await;
         assert_eq!(st["bytes"], 1005);
         assert_eq!(st["node"], "n1");
     })
@@ -74,9 +111,14 @@ async fn vfolder_create_makes_the_sharded_directory_and_reports_usage() {
 
 /// Puts a tmpfs volume and a vfolder on it; returns the vfolder uuid.
 async fn volume_and_vfolder(etcd: &Etcd, volume: &str, name: &str, permission: &str) -> String {
-    etcd.put(&format!("{P}/volumes/{volume}"), &tmpfs_volume("requested")).await;
+    etcd.put(&format!("{P}/volumes/{volume}"), &tmpfs_volume("requested"))
+        .await;
     let id = uuid::Uuid::new_v4().to_string();
-    etcd.put(&format!("{P}/vfolders/{id}"), &vfolder_yaml(name, volume, permission)).await;
+    etcd.put(
+        &format!("{P}/vfolders/{id}"),
+        &vfolder_yaml(name, volume, permission),
+    )
+    .await;
     id
 }
 
@@ -88,8 +130,11 @@ async fn kernel_gets_rw_and_ro_binds_with_nosuid_nodev_and_ro_refuses_writes() {
         let node = Node::start(&etcd, "n1", NodeOpts::default());
         let rw = volume_and_vfolder(&etcd, "shard1", "data", "rw").await;
         let ro = volume_and_vfolder(&etcd, "shard1", "shared", "rw").await;
-        etcd.put(&format!("{P}/volumes/datasets"), &tmpfs_volume("startup")).await;
-        let kernel = format!("mounts: [{{vfolder: {rw}}}, {{vfolder: {ro}, as: readonly-copy, permission: ro}}]\n");
+        etcd.put(&format!("{P}/volumes/datasets"), &tmpfs_volume("startup"))
+            .await;
+        let kernel = format!(
+            "mounts: [{{vfolder: {rw}}}, {{vfolder: {ro}, as: readonly-copy, permission: ro}}]\n"
+        );
         etcd.put(&node.kernel_key("k1"), &kernel).await;
 
         let st = etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
@@ -97,7 +142,9 @@ async fn kernel_gets_rw_and_ro_binds_with_nosuid_nodev_and_ro_refuses_writes() {
         let home = node.home("k1");
         let rw_bind = node.mount_at(&home.join("data")).expect("rw bind");
         let ro_bind = node.mount_at(&home.join("readonly-copy")).expect("ro bind");
-        let ds_bind = node.mount_at(&home.join("datasets")).expect("startup volume bind");
+        let ds_bind = node
+            .mount_at(&home.join("datasets"))
+            .expect("startup volume bind");
         for m in [&rw_bind, &ro_bind, &ds_bind] {
             assert!(m.has_option("nosuid") && m.has_option("nodev"), "{m:?}");
         }
@@ -106,7 +153,12 @@ async fn kernel_gets_rw_and_ro_binds_with_nosuid_nodev_and_ro_refuses_writes() {
 
         // The rw bind writes through to the vfolder directory on the volume.
         std::fs::write(home.join("data/x"), b"1").unwrap();
-        assert!(node.volumes().join("shard1").join(shard(&rw)).join("x").exists());
+        assert!(node
+            .volumes()
+            .join("shard1")
+            .join(shard(&rw))
+            .join("x")
+            .exists());
         // The ro bind and the dataset refuse writes with EROFS.
         for p in [home.join("readonly-copy/y"), home.join("datasets/y")] {
             let err = std::fs::write(&p, b"1").unwrap_err();
@@ -124,36 +176,81 @@ async fn requested_volume_stays_while_any_kernel_uses_it() {
         // An agent-only node: a requested volume is mounted only for kernels. The volume is a
         // bind of a host directory standing in for a shared network share, where the storage
         // role (elsewhere) already made the vfolder directory.
-        let node = Node::start(&etcd, "n1", NodeOpts { roles: "[agent]", ..Default::default() });
+        let node = Node::start(
+            &etcd,
+            "n1",
+            NodeOpts {
+                roles: "[agent]",
+                ..Default::default()
+            },
+        );
         let share = node.dir.path().join("share");
         let id = uuid::Uuid::new_v4().to_string();
         std::fs::create_dir_all(share.join(shard(&id))).unwrap();
-        let spec = format!("mount: {{at: requested, fstype: bind, path: {}}}\n", share.display());
+        let spec = format!(
+            "mount: {{at: requested, fstype: bind, path: {}}}\n",
+            share.display()
+        );
         etcd.put(&format!("{P}/volumes/nfs1"), &spec).await;
-        etcd.put(&format!("{P}/vfolders/{id}"), &vfolder_yaml("data", "nfs1", "rw")).await;
+        etcd.put(
+            &format!("{P}/vfolders/{id}"),
+            &vfolder_yaml("data", "nfs1", "rw"),
+        )
+        .await;
         let target = node.volumes().join("nfs1");
-        etcd.wait_state(&node.volume_status("nfs1"), "Unmounted").await;
-        assert!(node.mount_at(&target).is_none(), "not mounted before a kernel needs it");
+        etcd.wait_state(&node.volume_status("nfs1"), "Unmounted")
+            .await;
+        assert!(
+            node.mount_at(&target).is_none(),
+            "not mounted before a kernel needs it"
+        );
 
         let k = format!("mounts: [{{vfolder: {id}}}]\n");
         etcd.put(&node.kernel_key("k1"), &k).await;
         etcd.put(&node.kernel_key("k2"), &k).await;
         etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
         etcd.wait_state(&node.kernel_status("k2"), "Ready").await;
-        let st = etcd.wait_for(&node.volume_status("nfs1"), "used by 2", |v| v["users"] == 2).await;
+        let st = etcd
+            .wait_for(&node.volume_status("nfs1"), "used by 2", |v| {
+                v["users"] == 2
+            })
+            .await;
         assert_eq!(st["state"], "Mounted");
 
         etcd.delete(&node.kernel_key("k1")).await;
-        etcd.wait_for(&node.volume_status("nfs1"), "used by 1", |v| v["users"] == 1).await;
-        assert!(node.mount_at(&target).is_some(), "volume stays while k2 uses it");
-        assert!(node.mount_at(&node.home("k1").join("data")).is_none(), "k1's bind is gone");
-        assert!(node.mount_at(&node.home("k2").join("data")).is_some(), "k2's bind stays");
+        etcd.wait_for(&node.volume_status("nfs1"), "used by 1", |v| {
+            v["users"] == 1
+        })
+        .await;
+        assert!(
+            node.mount_at(&target).is_some(),
+            "volume stays while k2 uses it"
+        );
+        assert!(
+            node.mount_at(&node.home("k1").join("data")).is_none(),
+            "k1's bind is gone"
+        );
+        assert!(
+            node.mount_at(&node.home("k2").join("data")).is_some(),
+            "k2's bind stays"
+        );
 
         etcd.delete(&node.kernel_key("k2")).await;
-        etcd.wait_state(&node.volume_status("nfs1"), "Unmounted").await;
-        assert!(node.mounts().is_empty(), "everything unmounted: {:?}", node.mounts());
-        assert!(!node.kernels().join("k2").exists(), "empty kernel directories removed");
-        assert!(share.join(shard(&id)).is_dir(), "the share's data is untouched");
+        etcd.wait_state(&node.volume_status("nfs1"), "Unmounted")
+            .await;
+        assert!(
+            node.mounts().is_empty(),
+            "everything unmounted: {:?}",
+            node.mounts()
+        );
+        assert!(
+            !node.kernels().join("k2").exists(),
+            "empty kernel directories removed"
+        );
+        assert!(
+            share.join(shard(&id)).is_dir(),
+            "the share's data is untouched"
+        );
     })
     .await;
 }
@@ -165,7 +262,11 @@ async fn deleting_a_kernel_keeps_user_data_in_its_home() {
         let etcd = Etcd::start().await;
         let node = Node::start(&etcd, "n1", NodeOpts::default());
         let id = volume_and_vfolder(&etcd, "shard1", "data", "rw").await;
-        etcd.put(&node.kernel_key("k1"), &format!("mounts: [{{vfolder: {id}}}]\n")).await;
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {id}}}]\n"),
+        )
+        .await;
         etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
         std::fs::write(node.home("k1").join("notebook.ipynb"), b"{}").unwrap();
         std::fs::write(node.home("k1").join("data/result.csv"), b"1,2").unwrap();
@@ -177,10 +278,26 @@ async fn deleting_a_kernel_keeps_user_data_in_its_home() {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        assert!(etcd.get_json(&node.kernel_status("k1")).await.is_none(), "kernel status removed");
-        assert!(node.home("k1").join("notebook.ipynb").exists(), "user file in the home kept");
-        assert!(!node.home("k1").join("data").exists(), "empty mount point removed");
-        assert!(node.volumes().join("shard1").join(shard(&id)).join("result.csv").exists(), "vfolder data kept");
+        assert!(
+            etcd.get_json(&node.kernel_status("k1")).await.is_none(),
+            "kernel status removed"
+        );
+        assert!(
+            node.home("k1").join("notebook.ipynb").exists(),
+            "user file in the home kept"
+        );
+        assert!(
+            !node.home("k1").join("data").exists(),
+            "empty mount point removed"
+        );
+        assert!(
+            node.volumes()
+                .join("shard1")
+                .join(shard(&id))
+                .join("result.csv")
+                .exists(),
+            "vfolder data kept"
+        );
     })
     .await;
 }
@@ -192,7 +309,11 @@ async fn external_unmount_of_a_bind_is_repaired_by_resync() {
         let etcd = Etcd::start().await;
         let node = Node::start(&etcd, "n1", NodeOpts::default());
         let id = volume_and_vfolder(&etcd, "shard1", "data", "rw").await;
-        etcd.put(&node.kernel_key("k1"), &format!("mounts: [{{vfolder: {id}, permission: ro}}]\n")).await;
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {id}, permission: ro}}]\n"),
+        )
+        .await;
         etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
         let target = node.home("k1").join("data");
         let before = node.mount_at(&target).unwrap();
@@ -209,7 +330,14 @@ async fn external_unmount_of_a_bind_is_repaired_by_resync() {
         };
         assert_ne!(before.id, after.id, "a new mount");
         assert!(after.is_readonly() && after.has_option("nosuid") && after.has_option("nodev"));
-        assert_eq!(node.mounts().iter().filter(|m| m.mount_point == target).count(), 1, "not stacked");
+        assert_eq!(
+            node.mounts()
+                .iter()
+                .filter(|m| m.mount_point == target)
+                .count(),
+            1,
+            "not stacked"
+        );
     })
     .await;
 }
@@ -220,32 +348,72 @@ async fn bad_values_are_rejected_and_everything_else_converges() {
     within(90, async {
         let etcd = Etcd::start().await;
         let node = Node::start(&etcd, "n1", NodeOpts::default());
-        etcd.put(&format!("{P}/volumes/broken"), "mount: [unclosed\n").await;
-        etcd.put(&format!("{P}/volumes/colourful"), "mount: {at: startup, fstype: tmpfs, path: x, colour: red}\n").await;
-        etcd.put(&format!("{P}/volumes/ext4"), "mount: {at: startup, fstype: ext4, path: /dev/sda1}\n").await;
-        etcd.put(&format!("{P}/volumes/bad name"), &tmpfs_volume("startup")).await;
-        etcd.put(&node.kernel_key("kbad"), "mounts: [{vfolder: 1, as: ../../etc}]\n").await;
+        etcd.put(&format!("{P}/volumes/broken"), "mount: [unclosed\n")
+            .await;
+        etcd.put(
+            &format!("{P}/volumes/colourful"),
+            "mount: {at: startup, fstype: tmpfs, path: x, colour: red}\n",
+        )
+        .await;
+        etcd.put(
+            &format!("{P}/volumes/ext4"),
+            "mount: {at: startup, fstype: ext4, path: /dev/sda1}\n",
+        )
+        .await;
+        etcd.put(&format!("{P}/volumes/bad name"), &tmpfs_volume("startup"))
+            .await;
+        etcd.put(
+            &node.kernel_key("kbad"),
+            "mounts: [{vfolder: 1, as: ../../etc}]\n",
+        )
+        .await;
         let id = volume_and_vfolder(&etcd, "shard1", "data", "rw").await;
-        etcd.put(&node.kernel_key("kgood"), &format!("mounts: [{{vfolder: {id}}}]\n")).await;
+        etcd.put(
+            &node.kernel_key("kgood"),
+            &format!("mounts: [{{vfolder: {id}}}]\n"),
+        )
+        .await;
 
         etcd.wait_state(&node.kernel_status("kgood"), "Ready").await;
-        etcd.wait_state(&node.volume_status("broken"), "Rejected").await;
-        let st = etcd.wait_state(&node.volume_status("colourful"), "Rejected").await;
-        assert!(st["error"].as_str().unwrap().contains("colour"), "names the field: {st}");
-        let st = etcd.wait_state(&node.volume_status("ext4"), "Rejected").await;
+        etcd.wait_state(&node.volume_status("broken"), "Rejected")
+            .await;
+        let st = etcd
+            .wait_state(&node.volume_status("colourful"), "Rejected")
+            .await;
+        assert!(
+            st["error"].as_str().unwrap().contains("colour"),
+            "names the field: {st}"
+        );
+        let st = etcd
+            .wait_state(&node.volume_status("ext4"), "Rejected")
+            .await;
         assert!(st["error"].as_str().unwrap().contains("ext4"), "{st}");
-        etcd.wait_state(&node.kernel_status("kbad"), "Rejected").await;
-        etcd.wait_state(&format!("{P}/status/nodes/n1/rejected/volumes%2Fbad%20name"), "Rejected").await;
+        etcd.wait_state(&node.kernel_status("kbad"), "Rejected")
+            .await;
+        etcd.wait_state(
+            &format!("{P}/status/nodes/n1/rejected/volumes%2Fbad%20name"),
+            "Rejected",
+        )
+        .await;
         assert!(node.mount_at(&node.volumes().join("ext4")).is_none());
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while node.metric("vfolderd_rejected_objects{kind=\"volume\"}") != Some(3.0) {
             assert!(std::time::Instant::now() < deadline, "{}", node.metrics());
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        assert_eq!(node.metric("vfolderd_rejected_objects{kind=\"kernel\"}"), Some(1.0));
-        assert_eq!(node.metric("vfolderd_rejected_objects{kind=\"key\"}"), Some(1.0));
+        assert_eq!(
+            node.metric("vfolderd_rejected_objects{kind=\"kernel\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            node.metric("vfolderd_rejected_objects{kind=\"key\"}"),
+            Some(1.0)
+        );
         let log = node.log();
-        assert!(log.contains("rejected desired object") && log.contains("colour"), "a log line names the reason");
+        assert!(
+            log.contains("rejected desired object") && log.contains("colour"),
+            "a log line names the reason"
+        );
     })
     .await;
 }
@@ -257,8 +425,13 @@ async fn restart_over_a_converged_node_adopts_without_mounting_or_unmounting() {
         let etcd = Etcd::start().await;
         let mut node = Node::start(&etcd, "n1", NodeOpts::default());
         let id = volume_and_vfolder(&etcd, "shard1", "data", "rw").await;
-        etcd.put(&format!("{P}/volumes/datasets"), &tmpfs_volume("startup")).await;
-        etcd.put(&node.kernel_key("k1"), &format!("mounts: [{{vfolder: {id}}}]\n")).await;
+        etcd.put(&format!("{P}/volumes/datasets"), &tmpfs_volume("startup"))
+            .await;
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {id}}}]\n"),
+        )
+        .await;
         etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
         let before: Vec<u32> = node.mounts().iter().map(|m| m.id).collect();
         assert_eq!(before.len(), 4, "2 volumes + 2 binds: {:?}", node.mounts());
@@ -270,15 +443,28 @@ async fn restart_over_a_converged_node_adopts_without_mounting_or_unmounting() {
 
         node.spawn();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while node.metric("vfolderd_reconcile_passes_total{result=\"converged\"}").unwrap_or(0.0) < 2.0 {
-            assert!(std::time::Instant::now() < deadline, "no converged passes after restart");
+        while node
+            .metric("vfolderd_reconcile_passes_total{result=\"converged\"}")
+            .unwrap_or(0.0)
+            < 2.0
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no converged passes after restart"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
         let metrics = node.metrics();
-        assert!(!metrics.contains("vfolderd_actions_total{"), "no action after restart:\n{metrics}");
+        assert!(
+            !metrics.contains("vfolderd_actions_total{"),
+            "no action after restart:\n{metrics}"
+        );
         let after: Vec<u32> = node.mounts().iter().map(|m| m.id).collect();
         assert_eq!(before, after, "no mount made or removed");
-        assert_eq!(etcd.get_json(&node.kernel_status("k1")).await.unwrap()["state"], "Ready");
+        assert_eq!(
+            etcd.get_json(&node.kernel_status("k1")).await.unwrap()["state"],
+            "Ready"
+        );
     })
     .await;
 }
@@ -310,7 +496,11 @@ async fn metrics_and_health_endpoints_report_and_move() {
         }
         let rev0 = node.metric("vfolderd_etcd_watch_revision").unwrap();
         let id = volume_and_vfolder(&etcd, "shard1", "data", "rw").await;
-        etcd.put(&node.kernel_key("k1"), &format!("mounts: [{{vfolder: {id}}}]\n")).await;
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {id}}}]\n"),
+        )
+        .await;
         etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while node.metric("vfolderd_kernels{state=\"Ready\"}") != Some(1.0) {
@@ -318,11 +508,27 @@ async fn metrics_and_health_endpoints_report_and_move() {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         assert!(node.metric("vfolderd_etcd_watch_revision").unwrap() > rev0);
-        assert_eq!(node.metric("vfolderd_actions_total{kind=\"bind\",result=\"ok\"}"), Some(1.0));
-        assert_eq!(node.metric("vfolderd_actions_total{kind=\"mount\",result=\"ok\"}"), Some(1.0));
-        assert_eq!(node.metric("vfolderd_owned_mounts{kind=\"bind\"}"), Some(1.0));
-        assert_eq!(node.metric("vfolderd_owned_mounts{kind=\"volume\"}"), Some(1.0));
-        let node_status = etcd.wait_for(&format!("{P}/status/nodes/n1"), "ready", |v| v["ready"] == true).await;
+        assert_eq!(
+            node.metric("vfolderd_actions_total{kind=\"bind\",result=\"ok\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            node.metric("vfolderd_actions_total{kind=\"mount\",result=\"ok\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            node.metric("vfolderd_owned_mounts{kind=\"bind\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            node.metric("vfolderd_owned_mounts{kind=\"volume\"}"),
+            Some(1.0)
+        );
+        let node_status = etcd
+            .wait_for(&format!("{P}/status/nodes/n1"), "ready", |v| {
+                v["ready"] == true
+            })
+            .await;
         assert_eq!(node_status["state"], "Running");
     })
     .await;
@@ -339,12 +545,23 @@ async fn a_symlink_planted_in_a_kernel_home_is_never_followed() {
         std::fs::create_dir_all(&victim).unwrap();
         std::fs::create_dir_all(node.home("k1")).unwrap();
         std::os::unix::fs::symlink(&victim, node.home("k1").join("data")).unwrap();
-        etcd.put(&node.kernel_key("k1"), &format!("mounts: [{{vfolder: {id}}}]\n")).await;
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {id}}}]\n"),
+        )
+        .await;
         let st = etcd.wait_state(&node.kernel_status("k1"), "Failed").await;
         assert!(st["error"].as_str().unwrap().contains("symlink"), "{st}");
-        assert!(node.mount_at(&victim).is_none(), "nothing mounted through the symlink");
+        assert!(
+            node.mount_at(&victim).is_none(),
+            "nothing mounted through the symlink"
+        );
         // Another kernel is not held back.
-        etcd.put(&node.kernel_key("k2"), &format!("mounts: [{{vfolder: {id}}}]\n")).await;
+        etcd.put(
+            &node.kernel_key("k2"),
+            &format!("mounts: [{{vfolder: {id}}}]\n"),
+        )
+        .await;
         etcd.wait_state(&node.kernel_status("k2"), "Ready").await;
     })
     .await;

@@ -193,6 +193,7 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
         .filter(|(_, s)| s.mount.at == MountAt::Startup)
         .map(|(n, s)| (n, s.access != Permission::Rw))
         .collect();
+    let mut homes: Vec<(String, PathBuf)> = Vec::new();
     for (id, e) in &d.kernels {
         let mut k = WantKernel {
             revision: e.revision,
@@ -218,6 +219,19 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
             w.kernels.insert(id.clone(), k);
             continue;
         };
+        if let Some((other, _)) = homes
+            .iter()
+            .find(|(_, h)| spec.home.starts_with(h) || h.starts_with(&spec.home))
+        {
+            k.resolution = Resolution::Rejected(format!(
+                "home {} overlaps the home of kernel {other}",
+                spec.home.display()
+            ));
+            w.held_kernels.insert(id.clone());
+            w.kernels.insert(id.clone(), k);
+            continue;
+        }
+        homes.push((id.clone(), spec.home.clone()));
         k.home = Some(spec.home.clone());
         k.uid = spec.uid;
         k.gid = spec.gid;
@@ -584,4 +598,515 @@ pub fn plan(node: &NodeView, want: &Want, actual: &Actual, keep: &BTreeSet<Strin
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::actual::MountEntry;
+    use crate::spec::{KernelSpec, MountSpec, VfolderSpec, VolumeSpec};
+    use crate::state::desired::Entry;
+    use proptest::prelude::*;
+
+    fn node(agent: bool, storage: bool) -> NodeView {
+        NodeView {
+            agent,
+            storage,
+            volumes_root: "/v".into(),
+            kernels_root: "/k".into(),
+        }
+    }
+
+    fn volume(at: MountAt) -> VolumeSpec {
+        VolumeSpec {
+            name: None,
+            mount: MountSpec {
+                at,
+                fstype: "tmpfs".into(),
+                path: "t".into(),
+                options: None,
+                credentials: None,
+            },
+            access: Permission::Ro,
+            create: false,
+        }
+    }
+
+    fn uuid(n: u8) -> Uuid {
+        Uuid::from_bytes([n; 16])
+    }
+
+    fn vfolder(name: &str, vol: &str) -> VfolderSpec {
+        VfolderSpec {
+            name: name.into(),
+            owner: "o".into(),
+            volume: vol.into(),
+            permission: Permission::Rw,
+            quota_bytes: None,
+        }
+    }
+
+    fn kernel(id: &str, mounts: Vec<KernelMount>) -> KernelSpec {
+        KernelSpec {
+            home: PathBuf::from("/k").join(id).join("work"),
+            uid: None,
+            gid: None,
+            mounts,
+        }
+    }
+
+    fn vf_mount(n: u8, ro: bool) -> KernelMount {
+        KernelMount::Vfolder {
+            id: uuid(n),
+            alias: None,
+            permission: ro.then_some(Permission::Ro),
+        }
+    }
+
+    fn ok<T>(spec: T) -> Entry<T> {
+        Entry {
+            revision: 1,
+            spec: Ok(spec),
+        }
+    }
+
+    /// Applies actions to an in-memory model of the node, as the executor would.
+    fn apply(node: &NodeView, a: &mut Actual, actions: &[Action]) {
+        let mut next_id = 1000 + a.mounts.iter().count() as u32;
+        for act in actions {
+            match act {
+                Action::Unmount { target, .. } => {
+                    a.mounts.remove_top(target);
+                    a.owned_mounts.remove(target);
+                }
+                Action::Forget { target } => {
+                    a.owned_mounts.remove(target);
+                }
+                Action::RemoveDir { path } => {
+                    a.dirs.remove(path);
+                    a.owned_dirs.remove(path);
+                }
+                Action::MakeDir {
+                    path, root, owner, ..
+                } => {
+                    for p in path
+                        .ancestors()
+                        .take_while(|p| p.starts_with(root) && *p != root.as_path())
+                    {
+                        if a.dirs.insert(p.to_path_buf()) {
+                            if let Some(o) = owner {
+                                a.owned_dirs.insert(
+                                    p.to_path_buf(),
+                                    OwnedDir {
+                                        path: p.to_path_buf(),
+                                        owner: o.clone(),
+                                    },
+                                );
+                            }
+                        }
+                    }
+                }
+                Action::MountVolume { volume } => {
+                    next_id += 1;
+                    a.mounts.insert(entry(next_id, &volume.target, false));
+                    a.owned_mounts.insert(
+                        volume.target.clone(),
+                        owned(
+                            &volume.target,
+                            MountKind::Volume,
+                            &volume.source,
+                            &volume.name,
+                            None,
+                        ),
+                    );
+                }
+                Action::Bind { bind } => {
+                    next_id += 1;
+                    a.mounts.insert(entry(next_id, &bind.target, bind.readonly));
+                    let src = bind.source.to_string_lossy();
+                    a.owned_mounts.insert(
+                        bind.target.clone(),
+                        owned(
+                            &bind.target,
+                            MountKind::Bind,
+                            &src,
+                            &bind.volume,
+                            Some(&bind.kernel),
+                        ),
+                    );
+                }
+                Action::Remount { bind } => {
+                    a.mounts.remove_top(&bind.target);
+                    a.mounts.insert(entry(next_id, &bind.target, bind.readonly));
+                }
+            }
+        }
+        let _ = node;
+    }
+
+    fn entry(id: u32, target: &Path, ro: bool) -> MountEntry {
+        MountEntry {
+            id,
+            parent: 1,
+            dev: "0:1".into(),
+            root: "/".into(),
+            mount_point: target.to_path_buf(),
+            mount_options: vec![
+                if ro { "ro" } else { "rw" }.into(),
+                "nosuid".into(),
+                "nodev".into(),
+            ],
+            fstype: "tmpfs".into(),
+            source: "t".into(),
+            super_options: vec![],
+        }
+    }
+
+    fn owned(
+        target: &Path,
+        kind: MountKind,
+        source: &str,
+        volume: &str,
+        kernel: Option<&str>,
+    ) -> OwnedMount {
+        OwnedMount {
+            target: target.to_path_buf(),
+            kind,
+            source: source.into(),
+            fstype: if kind == MountKind::Bind {
+                "bind".into()
+            } else {
+                "tmpfs".into()
+            },
+            volume: volume.into(),
+            kernel: kernel.map(String::from),
+            readonly: false,
+        }
+    }
+
+    fn one_kernel_desired() -> Desired {
+        let mut d = Desired::default();
+        d.volumes
+            .insert("vol".into(), ok(volume(MountAt::Requested)));
+        d.vfolders.insert(uuid(1), ok(vfolder("data", "vol")));
+        d.kernels
+            .insert("k1".into(), ok(kernel("k1", vec![vf_mount(1, false)])));
+        d
+    }
+
+    fn converge(n: &NodeView, d: &Desired, a: &mut Actual) {
+        let w = resolve(n, d);
+        let acts = plan(n, &w, a, &BTreeSet::new());
+        apply(n, a, &acts);
+    }
+
+    #[test]
+    fn plan_mounts_the_volume_before_its_binds() {
+        let n = node(true, true);
+        let w = resolve(&n, &one_kernel_desired());
+        let kinds: Vec<&str> = plan(&n, &w, &Actual::default(), &BTreeSet::new())
+            .iter()
+            .map(Action::kind)
+            .collect();
+        assert_eq!(kinds, ["mkdir", "mount", "mkdir", "mkdir", "mkdir", "bind"]);
+    }
+
+    #[test]
+    fn plan_unmounts_children_before_parents() {
+        let n = node(true, true);
+        let mut a = Actual::default();
+        converge(&n, &one_kernel_desired(), &mut a);
+        let acts = plan(&n, &resolve(&n, &Desired::default()), &a, &BTreeSet::new());
+        let unmounts: Vec<&Action> = acts
+            .iter()
+            .filter(|x| matches!(x, Action::Unmount { .. }))
+            .collect();
+        assert_eq!(
+            unmounts,
+            [
+                &Action::Unmount {
+                    target: "/k/k1/work/data".into(),
+                    kind: MountKind::Bind
+                },
+                &Action::Unmount {
+                    target: "/v/vol".into(),
+                    kind: MountKind::Volume
+                },
+            ]
+        );
+        let dirs: Vec<&Action> = acts
+            .iter()
+            .filter(|x| matches!(x, Action::RemoveDir { .. }))
+            .collect();
+        assert_eq!(
+            dirs,
+            [
+                &Action::RemoveDir {
+                    path: "/k/k1/work/data".into()
+                },
+                &Action::RemoveDir {
+                    path: "/k/k1/work".into()
+                },
+                &Action::RemoveDir {
+                    path: "/v/vol".into()
+                },
+                &Action::RemoveDir {
+                    path: "/k/k1".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn plan_is_empty_when_converged() {
+        let n = node(true, true);
+        let mut a = Actual::default();
+        converge(&n, &one_kernel_desired(), &mut a);
+        assert_eq!(
+            plan(
+                &n,
+                &resolve(&n, &one_kernel_desired()),
+                &a,
+                &BTreeSet::new()
+            ),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn plan_never_unmounts_what_it_does_not_own() {
+        let n = node(true, true);
+        let mut a = Actual::default();
+        a.mounts.insert(entry(5, Path::new("/v/vol"), false));
+        a.mounts
+            .insert(entry(6, Path::new("/k/k1/work/data"), false));
+        assert_eq!(
+            plan(&n, &resolve(&n, &Desired::default()), &a, &BTreeSet::new()),
+            vec![]
+        );
+        // And a wanted target occupied by someone else's mount is left alone too.
+        let acts = plan(
+            &n,
+            &resolve(&n, &one_kernel_desired()),
+            &a,
+            &BTreeSet::new(),
+        );
+        assert!(
+            acts.iter().all(|x| !matches!(
+                x,
+                Action::Unmount { .. } | Action::MountVolume { .. } | Action::Bind { .. }
+            )),
+            "{acts:?}"
+        );
+    }
+
+    #[test]
+    fn plan_keeps_binds_of_a_kernel_whose_value_turned_bad() {
+        let n = node(true, false);
+        let mut d = one_kernel_desired();
+        let mut a = Actual::default();
+        converge(&n, &d, &mut a);
+        d.kernels.insert(
+            "k1".into(),
+            Entry {
+                revision: 2,
+                spec: Err("malformed".into()),
+            },
+        );
+        assert_eq!(plan(&n, &resolve(&n, &d), &a, &BTreeSet::new()), vec![]);
+        // Same when the vfolder record it uses disappears.
+        let mut d = one_kernel_desired();
+        d.vfolders.clear();
+        assert_eq!(plan(&n, &resolve(&n, &d), &a, &BTreeSet::new()), vec![]);
+    }
+
+    #[test]
+    fn plan_keeps_a_lingering_volume_mounted() {
+        let n = node(true, false);
+        let mut a = Actual::default();
+        converge(&n, &one_kernel_desired(), &mut a);
+        let mut d = one_kernel_desired();
+        d.kernels.clear();
+        let keep = BTreeSet::from(["vol".to_string()]);
+        let acts = plan(&n, &resolve(&n, &d), &a, &keep);
+        assert!(acts.contains(&Action::Unmount {
+            target: "/k/k1/work/data".into(),
+            kind: MountKind::Bind
+        }));
+        assert!(!acts.contains(&Action::Unmount {
+            target: "/v/vol".into(),
+            kind: MountKind::Volume
+        }));
+    }
+
+    #[test]
+    fn plan_remounts_a_bind_whose_flags_drifted() {
+        let n = node(true, true);
+        let mut a = Actual::default();
+        converge(&n, &one_kernel_desired(), &mut a);
+        let mut d = one_kernel_desired();
+        d.kernels
+            .insert("k1".into(), ok(kernel("k1", vec![vf_mount(1, true)])));
+        let acts = plan(&n, &resolve(&n, &d), &a, &BTreeSet::new());
+        assert!(
+            matches!(acts.as_slice(), [Action::Remount { bind }] if bind.readonly),
+            "{acts:?}"
+        );
+    }
+
+    #[test]
+    fn resolve_rejects_overlapping_homes_and_rw_on_a_ro_vfolder() {
+        let n = node(true, true);
+        let mut d = one_kernel_desired();
+        let mut k2 = kernel("k2", vec![vf_mount(1, false)]);
+        k2.home = "/k/k1/work/inner".into();
+        d.kernels.insert("k2".into(), ok(k2));
+        let mut ro = vfolder("ro", "vol");
+        ro.permission = Permission::Ro;
+        d.vfolders.insert(uuid(2), ok(ro));
+        d.kernels.insert(
+            "k3".into(),
+            ok(kernel(
+                "k3",
+                vec![KernelMount::Vfolder {
+                    id: uuid(2),
+                    alias: None,
+                    permission: Some(Permission::Rw),
+                }],
+            )),
+        );
+        let w = resolve(&n, &d);
+        assert_eq!(w.kernels["k1"].resolution, Resolution::Resolved);
+        assert!(
+            matches!(&w.kernels["k2"].resolution, Resolution::Rejected(r) if r.contains("overlaps"))
+        );
+        assert!(
+            matches!(&w.kernels["k3"].resolution, Resolution::Rejected(r) if r.contains("read-only"))
+        );
+    }
+
+    #[test]
+    fn resolve_waits_for_a_missing_vfolder_record() {
+        let n = node(true, false);
+        let mut d = one_kernel_desired();
+        d.kernels
+            .insert("k2".into(), ok(kernel("k2", vec![vf_mount(9, false)])));
+        let w = resolve(&n, &d);
+        assert!(
+            matches!(&w.kernels["k2"].resolution, Resolution::Pending(r) if r.contains("no record"))
+        );
+        assert!(w.held_kernels.contains("k2"));
+    }
+
+    // ---- property tests over a small universe of objects ----
+
+    fn arb_desired() -> impl Strategy<Value = Desired> {
+        let vols = prop::collection::vec((any::<bool>(), any::<bool>(), 0u8..10), 3);
+        let vfs = prop::collection::vec((0usize..4, 0u8..10), 4);
+        let kernels = prop::collection::vec(
+            (
+                prop::collection::vec((0u8..5, any::<bool>()), 0..3),
+                0u8..10,
+                0u8..4,
+            ),
+            4,
+        );
+        (vols, vfs, kernels).prop_map(|(vols, vfs, kernels)| {
+            let mut d = Desired::default();
+            let names = ["va", "vb", "vc", "vmissing"];
+            for (i, (startup, rw, bad)) in vols.into_iter().enumerate() {
+                let spec = if bad == 0 {
+                    Err("bad".to_string())
+                } else {
+                    let mut v = volume(if startup {
+                        MountAt::Startup
+                    } else {
+                        MountAt::Requested
+                    });
+                    v.access = if rw { Permission::Rw } else { Permission::Ro };
+                    Ok(v)
+                };
+                d.volumes
+                    .insert(names[i].into(), Entry { revision: 1, spec });
+            }
+            for (i, (vol, bad)) in vfs.into_iter().enumerate() {
+                let spec = if bad == 0 {
+                    Err("bad".to_string())
+                } else {
+                    Ok(vfolder(&format!("f{i}"), names[vol]))
+                };
+                d.vfolders
+                    .insert(uuid(i as u8), Entry { revision: 1, spec });
+            }
+            for (i, (mounts, bad, home)) in kernels.into_iter().enumerate() {
+                let id = format!("k{i}");
+                let spec = if bad == 0 {
+                    Err("bad".to_string())
+                } else {
+                    let mut k = kernel(
+                        &id,
+                        mounts.into_iter().map(|(f, ro)| vf_mount(f, ro)).collect(),
+                    );
+                    if home == 0 {
+                        k.home = "/k/shared/home".into();
+                    }
+                    Ok(k)
+                };
+                d.kernels.insert(id, Entry { revision: 1, spec });
+            }
+            d
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// From any converged state for d1, switching to d2: one plan converges,
+        /// nothing unowned is unmounted, no volume a desired kernel uses is
+        /// unmounted, and binds go before their volume.
+        #[test]
+        fn plan_converges_in_one_step_and_keeps_the_invariants(
+            d1 in arb_desired(), d2 in arb_desired(), agent in any::<bool>(), storage in any::<bool>(),
+        ) {
+            let n = node(agent || !storage, storage);
+            let mut a = Actual::default();
+            // Someone else's mounts, which must never be touched.
+            a.mounts.insert(entry(1, Path::new("/v/foreign"), false));
+            a.mounts.insert(entry(2, Path::new("/k/k0/work/foreign"), false));
+            converge(&n, &d1, &mut a);
+            let w2 = resolve(&n, &d2);
+            let acts = plan(&n, &w2, &a, &BTreeSet::new());
+
+            let mut unmounted_volumes = BTreeSet::new();
+            for act in &acts {
+                if let Action::Unmount { target, kind } = act {
+                    prop_assert!(a.owned_mounts.contains_key(target), "unmounted unowned {target:?}");
+                    match kind {
+                        MountKind::Volume => {
+                            let vol = &a.owned_mounts[target].volume;
+                            prop_assert!(!w2.users.contains_key(vol), "unmounted {vol} in use");
+                            unmounted_volumes.insert(vol.clone());
+                        }
+                        MountKind::Bind => {
+                            let vol = &a.owned_mounts[target].volume;
+                            prop_assert!(!unmounted_volumes.contains(vol), "bind {target:?} after its volume");
+                        }
+                    }
+                }
+            }
+            let mut after = a.clone();
+            apply(&n, &mut after, &acts);
+            let again = plan(&n, &w2, &after, &BTreeSet::new());
+            prop_assert!(again.is_empty(), "not converged: {again:?}");
+            prop_assert!(after.mounts.top(Path::new("/v/foreign")).is_some());
+            prop_assert!(after.mounts.top(Path::new("/k/k0/work/foreign")).is_some());
+            for (t, m) in &after.owned_mounts {
+                prop_assert_eq!(after.mounts.count(t), 1, "stacked at {:?}", t);
+                if m.kind == MountKind::Bind {
+                    let vt = n.volumes_root.join(&m.volume);
+                    prop_assert!(after.mounts.top(&vt).is_some(), "bind {:?} outlived its volume", t);
+                }
+            }
+        }
+    }
 }

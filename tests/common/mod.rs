@@ -19,13 +19,24 @@ use vfolderd::reconcile::actual::{parse_mountinfo, MountEntry};
 pub fn require_private_mount_namespace() {
     let ours = std::fs::read_link("/proc/self/ns/mnt").expect("read own mount ns");
     let init = std::fs::read_link("/proc/1/ns/mnt").ok();
-    assert!(nix::unistd::geteuid().is_root(), "end-to-end tests need root: run scripts/test.sh");
-    assert_ne!(Some(ours), init, "end-to-end tests must run in a private mount namespace: run scripts/test.sh");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "end-to-end tests need root: run scripts/test.sh"
+    );
+    assert_ne!(
+        Some(ours),
+        init,
+        "end-to-end tests must run in a private mount namespace: run scripts/test.sh"
+    );
 }
 
 /// A free loopback TCP port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A throwaway etcd server.
@@ -47,14 +58,28 @@ impl Etcd {
         let child = Command::new("etcd")
             .args(["--name", "t", "--data-dir"])
             .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args([
+                "--listen-client-urls",
+                &endpoint,
+                "--advertise-client-urls",
+                &endpoint,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
             .args(["--initial-cluster", &format!("t={peer}")])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("etcd is installed (scripts/install-deps.sh)");
-        let etcd = Etcd { child, endpoint, _dir: dir };
+        let etcd = Etcd {
+            child,
+            endpoint,
+            _dir: dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(mut c) = Client::connect([&etcd.endpoint], None).await {
@@ -85,13 +110,28 @@ impl Etcd {
     /// Reads a status value as JSON.
     pub async fn get_json(&self, key: &str) -> Option<Value> {
         let resp = self.client().await.get(key, None).await.unwrap();
-        resp.kvs().first().map(|kv| serde_yaml::from_slice(kv.value()).unwrap())
+        resp.kvs()
+            .first()
+            .map(|kv| serde_yaml::from_slice(kv.value()).unwrap())
     }
 
     /// Every key and value under `prefix`.
     pub async fn dump(&self, prefix: &str) -> Vec<(String, String)> {
-        let resp = self.client().await.get(prefix, Some(GetOptions::new().with_prefix())).await.unwrap();
-        resp.kvs().iter().map(|kv| (kv.key_str().unwrap().to_string(), kv.value_str().unwrap().to_string())).collect()
+        let resp = self
+            .client()
+            .await
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .unwrap();
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    kv.key_str().unwrap().to_string(),
+                    kv.value_str().unwrap().to_string(),
+                )
+            })
+            .collect()
     }
 
     /// Waits until the value at `key` satisfies `pred`, and returns it.
@@ -106,7 +146,10 @@ impl Etcd {
                 }
             }
             last = v;
-            assert!(Instant::now() < deadline, "timed out waiting for {key} to be {what}; last value: {last:?}");
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {key} to be {what}; last value: {last:?}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -149,7 +192,11 @@ pub struct NodeOpts {
 
 impl Default for NodeOpts {
     fn default() -> Self {
-        Self { roles: "[agent, storage]", resync: "1s", linger: "0s" }
+        Self {
+            roles: "[agent, storage]",
+            resync: "1s",
+            linger: "0s",
+        }
     }
 }
 
@@ -159,7 +206,10 @@ pub const P: &str = "/vfolderd";
 impl Node {
     /// Writes a config and starts the daemon.
     pub fn start(etcd: &Etcd, name: &str, opts: NodeOpts) -> Self {
-        let dir = tempfile::Builder::new().prefix("vfolderd-e2e").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("vfolderd-e2e")
+            .tempdir()
+            .unwrap();
         let listen = format!("127.0.0.1:{}", free_port());
         let d = dir.path().display();
         let cfg = format!(
@@ -169,14 +219,24 @@ impl Node {
         );
         let config = dir.path().join("node.yaml");
         std::fs::write(&config, cfg).unwrap();
-        let mut n = Node { name: name.into(), dir, config, listen, child: None };
+        let mut n = Node {
+            name: name.into(),
+            dir,
+            config,
+            listen,
+            child: None,
+        };
         n.spawn();
         n
     }
 
     /// (Re)starts the daemon process.
     pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("vfolderd.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("vfolderd.log"))
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_vfolderd"))
             .args(["run", "--config"])
             .arg(&self.config)
@@ -190,7 +250,9 @@ impl Node {
 
     /// Sends SIGTERM and waits for exit; returns whether it exited cleanly.
     pub fn stop(&mut self) -> bool {
-        let Some(mut c) = self.child.take() else { return true };
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
         let pid = nix::unistd::Pid::from_raw(c.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -228,11 +290,22 @@ impl Node {
     /// Runs a CLI subcommand with this node's config; returns stdout.
     pub fn cli(&self, args: &[&str]) -> String {
         let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let pos = if full.first().map(String::as_str) == Some("vfolder") { 2 } else { 1 };
+        let pos = if full.first().map(String::as_str) == Some("vfolder") {
+            2
+        } else {
+            1
+        };
         full.insert(pos, "--config".into());
         full.insert(pos + 1, self.config.display().to_string());
-        let out = Command::new(env!("CARGO_BIN_EXE_vfolderd")).args(&full).output().unwrap();
-        assert!(out.status.success(), "vfolderd {full:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(env!("CARGO_BIN_EXE_vfolderd"))
+            .args(&full)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "vfolderd {full:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
@@ -256,7 +329,10 @@ impl Node {
 
     /// The visible mount at `target`.
     pub fn mount_at(&self, target: &Path) -> Option<MountEntry> {
-        self.mounts().into_iter().filter(|m| m.mount_point == target).last()
+        self.mounts()
+            .into_iter()
+            .filter(|m| m.mount_point == target)
+            .last()
     }
 
     /// Scrapes `/metrics`.
@@ -266,7 +342,9 @@ impl Node {
 
     /// The value of one series (exact label text, e.g. `vfolderd_kernels{state="Ready"}`).
     pub fn metric(&self, series: &str) -> Option<f64> {
-        self.metrics().lines().find_map(|l| l.strip_prefix(series).and_then(|r| r.trim().parse().ok()))
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|r| r.trim().parse().ok()))
     }
 }
 
@@ -288,7 +366,11 @@ impl Drop for Node {
 /// Mounts whose mount point lies under `dir`, in mountinfo order.
 pub fn mounts_under(dir: &Path) -> Vec<MountEntry> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    parse_mountinfo(&text).unwrap().into_iter().filter(|m| m.mount_point.starts_with(dir)).collect()
+    parse_mountinfo(&text)
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.mount_point.starts_with(dir))
+        .collect()
 }
 
 /// A minimal HTTP/1.0 GET: (status code, body).
@@ -306,8 +388,15 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
     let mut buf = String::new();
     s.read_to_string(&mut buf).unwrap();
-    let code = buf.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let code = buf
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (code, body)
 }
 
@@ -318,5 +407,7 @@ pub fn tmpfs_volume(at: &str) -> String {
 
 /// Runs an async test body with a deadline, so a deadlock fails instead of hanging CI.
 pub async fn within<F: std::future::Future<Output = ()>>(secs: u64, f: F) {
-    tokio::time::timeout(Duration::from_secs(secs), f).await.expect("test timed out: likely deadlocked");
+    tokio::time::timeout(Duration::from_secs(secs), f)
+        .await
+        .expect("test timed out: likely deadlocked");
 }
