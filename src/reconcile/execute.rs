@@ -483,3 +483,309 @@ pub fn observe_dirs(paths: &[PathBuf]) -> BTreeSet<PathBuf> {
 pub fn status_message(e: &ExecError) -> String {
     redact(&e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::sys::{Call, CallKind, RecordingMounter};
+    use crate::spec::MountAt;
+    use std::os::unix::fs::PermissionsExt;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        root: PathBuf,
+        mounter: Arc<RecordingMounter>,
+        ledger: Ledger,
+        exec: Executor,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let mounter = Arc::new(RecordingMounter::default());
+        let ledger = Ledger::open(&root.join("db")).unwrap();
+        let cfg = ExecConfig {
+            volumes_root: root.join("v"),
+            kernels_root: root.join("k"),
+            credentials_dir: root.join("creds"),
+            run_dir: root.join("run"),
+            mount_timeout: Duration::from_secs(5),
+        };
+        std::fs::create_dir_all(&cfg.volumes_root).unwrap();
+        std::fs::create_dir_all(&cfg.kernels_root).unwrap();
+        let exec = Executor::new(mounter.clone(), ledger.clone(), cfg);
+        Fixture {
+            _dir: dir,
+            root,
+            mounter,
+            ledger,
+            exec,
+        }
+    }
+
+    fn bind(f: &Fixture, readonly: bool) -> WantBind {
+        std::fs::create_dir_all(f.root.join("v/vol/ab/cd/abcd")).unwrap();
+        std::fs::create_dir_all(f.root.join("k/k1/work/data")).unwrap();
+        WantBind {
+            target: f.root.join("k/k1/work/data"),
+            kernel: "k1".into(),
+            volume: "vol".into(),
+            source: f.root.join("v/vol/ab/cd/abcd"),
+            readonly,
+            label: "vfolder:x".into(),
+        }
+    }
+
+    #[test]
+    fn bind_is_ms_bind_then_a_remount_with_nosuid_nodev_ro() {
+        let f = fixture();
+        let out = f.exec.execute(
+            vec![Action::Bind {
+                bind: bind(&f, true),
+            }],
+            &BTreeMap::new(),
+        );
+        assert!(out[0].result.is_ok(), "{:?}", out[0].result);
+        let calls = f.mounter.calls();
+        assert_eq!(calls.len(), 2);
+        let Call::Mount {
+            flags: f1,
+            source: Some(_),
+            ..
+        } = &calls[0]
+        else {
+            panic!("{calls:?}")
+        };
+        assert_eq!(*f1, MsFlags::MS_BIND);
+        let Call::Mount {
+            flags: f2,
+            source: None,
+            target,
+            ..
+        } = &calls[1]
+        else {
+            panic!("{calls:?}")
+        };
+        assert!(
+            target.starts_with("/proc/self/fd/"),
+            "acts on the opened directory, not a path"
+        );
+        assert_eq!(
+            *f2,
+            MsFlags::MS_REMOUNT
+                | MsFlags::MS_BIND
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_RDONLY
+        );
+        assert!(
+            f.ledger
+                .mounts()
+                .unwrap()
+                .contains_key(&f.root.join("k/k1/work/data")),
+            "owned"
+        );
+    }
+
+    #[test]
+    fn a_bind_whose_remount_fails_is_undone_and_not_owned() {
+        let f = fixture();
+        let b = bind(&f, false);
+        // The MS_BIND succeeds, the remount that adds nosuid,nodev fails.
+        f.mounter.fail_after(CallKind::Mount, 1, Errno::EPERM, 1);
+        let out = f
+            .exec
+            .execute(vec![Action::Bind { bind: b.clone() }], &BTreeMap::new());
+        assert!(
+            matches!(
+                out[0].result,
+                Err(ExecError::MountFailed {
+                    errno: Errno::EPERM,
+                    ..
+                })
+            ),
+            "{:?}",
+            out[0].result
+        );
+        let calls = f.mounter.calls();
+        assert!(
+            matches!(calls.last(), Some(Call::Umount2 { target, .. }) if *target == b.target),
+            "undone: {calls:?}"
+        );
+        assert!(
+            f.ledger.mounts().unwrap().is_empty(),
+            "no ownership of a mount that failed"
+        );
+    }
+
+    #[test]
+    fn a_missing_vfolder_directory_makes_the_kernel_wait() {
+        let f = fixture();
+        let mut b = bind(&f, false);
+        b.source = f.root.join("v/vol/00/00/missing");
+        let out = f
+            .exec
+            .execute(vec![Action::Bind { bind: b }], &BTreeMap::new());
+        let err = out[0].result.as_ref().unwrap_err();
+        assert!(err.is_pending(), "{err}");
+        assert!(f.mounter.calls().is_empty());
+    }
+
+    #[test]
+    fn cifs_password_goes_to_a_0600_file_never_to_argv() {
+        let f = fixture();
+        std::fs::create_dir_all(f.root.join("v/share")).unwrap();
+        let v = WantVolume {
+            name: "share".into(),
+            target: f.root.join("v/share"),
+            fstype: "cifs".into(),
+            source: "//acct.file.core.windows.net/vfolder".into(),
+            options: [
+                "vers=3.0",
+                "username=acct",
+                "password=s3cr3t",
+                "dir_mode=0777",
+            ]
+            .map(String::from)
+            .to_vec(),
+            credentials: None,
+            at: MountAt::Requested,
+        };
+        // Capture the credentials file while the "helper" runs.
+        struct Peek(
+            Arc<RecordingMounter>,
+            std::sync::Mutex<Option<(String, u32)>>,
+        );
+        impl Mounter for Peek {
+            fn mount(
+                &self,
+                s: Option<&Path>,
+                t: &Path,
+                f: Option<&str>,
+                fl: MsFlags,
+                d: Option<&str>,
+            ) -> Result<(), Errno> {
+                self.0.mount(s, t, f, fl, d)
+            }
+            fn umount2(&self, t: &Path, fl: MntFlags) -> Result<(), Errno> {
+                self.0.umount2(t, fl)
+            }
+            fn run_helper(&self, req: &HelperRequest) -> Result<(), HelperError> {
+                let path = req
+                    .options
+                    .split(',')
+                    .find_map(|o| o.strip_prefix("credentials="))
+                    .unwrap();
+                let text = std::fs::read_to_string(path).unwrap();
+                let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+                *self.1.lock().unwrap() = Some((text, mode));
+                self.0.run_helper(req)
+            }
+        }
+        let peek = Arc::new(Peek(f.mounter.clone(), std::sync::Mutex::new(None)));
+        let exec = Executor::new(peek.clone(), f.ledger.clone(), f.exec.cfg.clone());
+        let out = exec.execute(vec![Action::MountVolume { volume: v }], &BTreeMap::new());
+        assert!(out[0].result.is_ok(), "{:?}", out[0].result);
+        let calls = f.mounter.calls();
+        let [Call::Helper(req)] = calls.as_slice() else {
+            panic!("{calls:?}")
+        };
+        let creds = f.root.join("run/credentials-share");
+        assert_eq!(req.fstype, "cifs");
+        assert_eq!(req.source, "//acct.file.core.windows.net/vfolder");
+        assert_eq!(
+            req.options,
+            format!(
+                "vers=3.0,dir_mode=0777,credentials={},nosuid,nodev",
+                creds.display()
+            )
+        );
+        let (text, mode) = peek.1.lock().unwrap().clone().unwrap();
+        assert_eq!(text, "username=acct\npassword=s3cr3t\n");
+        assert_eq!(mode, 0o600);
+        assert!(!creds.exists(), "removed after the mount");
+    }
+
+    #[test]
+    fn a_failed_volume_mount_skips_its_binds_but_not_others() {
+        let f = fixture();
+        std::fs::create_dir_all(f.root.join("v/vol")).unwrap();
+        let v = WantVolume {
+            name: "vol".into(),
+            target: f.root.join("v/vol"),
+            fstype: "tmpfs".into(),
+            source: "t".into(),
+            options: vec![],
+            credentials: None,
+            at: MountAt::Requested,
+        };
+        f.mounter.fail_next(CallKind::Mount, Errno::ENOSPC, 1);
+        let b = bind(&f, false);
+        let mut other = bind(&f, false);
+        other.volume = "other".into();
+        other.kernel = "k2".into();
+        let out = f.exec.execute(
+            vec![
+                Action::MountVolume { volume: v },
+                Action::Bind { bind: b },
+                Action::Bind { bind: other },
+            ],
+            &BTreeMap::new(),
+        );
+        assert!(matches!(
+            out[0].result,
+            Err(ExecError::MountFailed {
+                errno: Errno::ENOSPC,
+                ..
+            })
+        ));
+        assert!(matches!(out[1].result, Err(ExecError::Skipped(_))));
+        assert!(out[2].result.is_ok());
+        assert!(
+            !f.ledger
+                .mounts()
+                .unwrap()
+                .contains_key(&f.root.join("v/vol")),
+            "failed intent removed"
+        );
+    }
+
+    #[test]
+    fn unmount_ebusy_keeps_ownership_and_einval_forgets() {
+        let f = fixture();
+        let b = bind(&f, false);
+        f.exec
+            .execute(vec![Action::Bind { bind: b.clone() }], &BTreeMap::new());
+        f.mounter.fail_next(CallKind::Umount2, Errno::EBUSY, 1);
+        let owned = f.ledger.mounts().unwrap();
+        let out = f.exec.execute(
+            vec![Action::Unmount {
+                target: b.target.clone(),
+                kind: MountKind::Bind,
+            }],
+            &owned,
+        );
+        assert!(matches!(
+            out[0].result,
+            Err(ExecError::UnmountFailed {
+                errno: Errno::EBUSY,
+                ..
+            })
+        ));
+        assert!(f.ledger.mounts().unwrap().contains_key(&b.target));
+        f.mounter.fail_next(CallKind::Umount2, Errno::EINVAL, 1);
+        let out = f.exec.execute(
+            vec![Action::Unmount {
+                target: b.target.clone(),
+                kind: MountKind::Bind,
+            }],
+            &owned,
+        );
+        assert!(out[0].result.is_ok());
+        assert!(f.ledger.mounts().unwrap().is_empty());
+        let Call::Umount2 { flags, .. } = f.mounter.calls().last().cloned().unwrap() else {
+            panic!()
+        };
+        assert_eq!(flags, MntFlags::UMOUNT_NOFOLLOW);
+    }
+}

@@ -163,7 +163,8 @@ pub enum CallKind {
 #[derive(Debug, Default)]
 pub struct RecordingMounter {
     calls: Mutex<Vec<Call>>,
-    fail_next: Mutex<VecDeque<(CallKind, Errno)>>,
+    /// Scripted results per call kind: `None` lets a call succeed, `Some` fails it.
+    script: Mutex<VecDeque<(CallKind, Option<Errno>)>>,
 }
 
 impl RecordingMounter {
@@ -173,13 +174,18 @@ impl RecordingMounter {
     }
     /// Fail the next `times` calls of `kind` with `errno`.
     pub fn fail_next(&self, kind: CallKind, errno: Errno, times: usize) {
-        let mut q = self.fail_next.lock().expect("lock");
-        q.extend(std::iter::repeat_n((kind, errno), times));
+        self.fail_after(kind, 0, errno, times);
+    }
+    /// Let the next `skip` calls of `kind` succeed, then fail `times` with `errno`.
+    pub fn fail_after(&self, kind: CallKind, skip: usize, errno: Errno, times: usize) {
+        let mut q = self.script.lock().expect("lock");
+        q.extend(std::iter::repeat_n((kind, None), skip));
+        q.extend(std::iter::repeat_n((kind, Some(errno)), times));
     }
     fn scripted(&self, kind: CallKind) -> Option<Errno> {
-        let mut q = self.fail_next.lock().expect("lock");
+        let mut q = self.script.lock().expect("lock");
         let pos = q.iter().position(|(k, _)| *k == kind)?;
-        q.remove(pos).map(|(_, e)| e)
+        q.remove(pos).and_then(|(_, e)| e)
     }
 }
 
