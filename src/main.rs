@@ -78,7 +78,7 @@ fn parse_permission(s: &str) -> Result<Permission, String> {
     }
 }
 
-fn load(path: &PathBuf) -> anyhow::Result<NodeConfig> {
+fn load(path: &std::path::Path) -> anyhow::Result<NodeConfig> {
     Ok(NodeConfig::load(path)?)
 }
 

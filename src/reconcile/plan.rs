@@ -193,7 +193,7 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
         .filter(|(_, s)| s.mount.at == MountAt::Startup)
         .map(|(n, s)| (n, s.access != Permission::Rw))
         .collect();
-    let mut homes: Vec<(String, PathBuf)> = Vec::new();
+    let mut homes: BTreeMap<PathBuf, String> = BTreeMap::new();
     for (id, e) in &d.kernels {
         let mut k = WantKernel {
             revision: e.revision,
@@ -219,10 +219,7 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
             w.kernels.insert(id.clone(), k);
             continue;
         };
-        if let Some((other, _)) = homes
-            .iter()
-            .find(|(_, h)| spec.home.starts_with(h) || h.starts_with(&spec.home))
-        {
+        if let Some(other) = overlapping_home(&homes, &spec.home) {
             k.resolution = Resolution::Rejected(format!(
                 "home {} overlaps the home of kernel {other}",
                 spec.home.display()
@@ -231,7 +228,7 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
             w.kernels.insert(id.clone(), k);
             continue;
         }
-        homes.push((id.clone(), spec.home.clone()));
+        homes.insert(spec.home.clone(), id.clone());
         k.home = Some(spec.home.clone());
         k.uid = spec.uid;
         k.gid = spec.gid;
@@ -342,6 +339,20 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
     w
 }
 
+/// The kernel whose home equals, contains or lies inside `home`, if any.
+/// O(depth · log n): `Path` orders component-wise, so the homes inside
+/// `home` sort right after it.
+fn overlapping_home<'a>(homes: &'a BTreeMap<PathBuf, String>, home: &Path) -> Option<&'a String> {
+    if let Some(k) = home.ancestors().find_map(|a| homes.get(a)) {
+        return Some(k);
+    }
+    homes
+        .range(home.to_path_buf()..)
+        .next()
+        .filter(|(h, _)| h.starts_with(home))
+        .map(|(_, k)| k)
+}
+
 /// One step the executor takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -414,7 +425,7 @@ fn depth(p: &Path) -> usize {
 
 /// Sorts deepest first (children before parents), ties by path for determinism.
 fn deep_first(paths: &mut [PathBuf]) {
-    paths.sort_by(|a, b| depth(b).cmp(&depth(a)).then_with(|| b.cmp(a)));
+    paths.sort_by_cached_key(|p| (std::cmp::Reverse(depth(p)), std::cmp::Reverse(p.clone())));
 }
 
 /// Plans the actions that take `actual` to `want`. `keep` names volumes that
@@ -492,7 +503,7 @@ pub fn plan(node: &NodeView, want: &Want, actual: &Actual, keep: &BTreeSet<Strin
     }
 
     // 3. Owned directories nothing needs, deepest first.
-    let mut needed: BTreeSet<&Path> = BTreeSet::new();
+    let mut needed: std::collections::HashSet<&Path> = std::collections::HashSet::new();
     let kept_targets = actual
         .owned_mounts
         .keys()

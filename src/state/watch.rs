@@ -169,8 +169,8 @@ async fn watch_once(
         Ok(s) => s,
         Err(e) => return WatchEnd::Failed(WatchError::WatchStartFailed(e)),
     };
-    for i in 1..3 {
-        if let Err(e) = stream.watch(prefixes[i].as_str(), opts(i)).await {
+    for (i, prefix) in prefixes.iter().enumerate().skip(1) {
+        if let Err(e) = stream.watch(prefix.as_str(), opts(i)).await {
             return WatchEnd::Failed(WatchError::WatchStartFailed(e));
         }
     }

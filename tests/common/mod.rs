@@ -329,10 +329,7 @@ impl Node {
 
     /// The visible mount at `target`.
     pub fn mount_at(&self, target: &Path) -> Option<MountEntry> {
-        self.mounts()
-            .into_iter()
-            .filter(|m| m.mount_point == target)
-            .last()
+        self.mounts().into_iter().rfind(|m| m.mount_point == target)
     }
 
     /// Scrapes `/metrics`.
