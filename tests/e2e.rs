@@ -60,6 +60,20 @@ async fn seed_volumes_apply_and_tmpfs_startup_volume_is_mounted() {
         }
         assert!(!node.log().contains("PASSWORD"), "secret in log");
         assert!(!st["error"].as_str().unwrap().is_empty());
+
+        // A broken shared dataset does not hold kernels back: the kernel is Ready with the
+        // working startup volume bound, and its mount list shows the broken one unmounted.
+        etcd.put(&node.kernel_key("k1"), "mounts: []\n").await;
+        let k = etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let mounts = k["mounts"].as_array().unwrap();
+        let by_source =
+            |s: &str| mounts.iter().find(|m| m["source"] == s).unwrap()["mounted"].clone();
+        assert_eq!(by_source("volume:datasets"), true, "{k}");
+        assert_eq!(by_source("volume:azure-deeplearning-samples"), false, "{k}");
+        assert!(node
+            .mount_at(&node.home("k1").join("datasets"))
+            .unwrap()
+            .is_readonly());
     })
     .await;
 }

@@ -118,8 +118,9 @@ pub struct Executor {
 pub fn owner_of(a: &Action, owned: &BTreeMap<PathBuf, OwnedMount>) -> Option<Owner> {
     match a {
         Action::MountVolume { volume } => Some(Owner::Volume(volume.name.clone())),
+        // Best-effort binds (startup volumes) never fail or block their kernel.
         Action::Bind { bind } | Action::Remount { bind } => {
-            Some(Owner::Kernel(bind.kernel.clone()))
+            bind.required.then(|| Owner::Kernel(bind.kernel.clone()))
         }
         Action::MakeDir { owner, .. } => owner.clone(),
         Action::Unmount { target, .. } | Action::Forget { target } => {
@@ -533,6 +534,7 @@ mod tests {
             source: f.root.join("v/vol/ab/cd/abcd"),
             readonly,
             label: "vfolder:x".into(),
+            required: true,
         }
     }
 

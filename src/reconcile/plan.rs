@@ -78,6 +78,11 @@ pub struct WantBind {
     pub readonly: bool,
     /// What it is, for status: `vfolder:<uuid>` or `volume:<name>`.
     pub label: String,
+    /// A vfolder the kernel asked for (its failure fails the kernel), or a
+    /// startup volume bound into every home (best effort: a broken shared
+    /// dataset must not stop every kernel on the node; its volume status and
+    /// the kernel's mount list show it).
+    pub required: bool,
 }
 
 /// How a kernel's desired attachments resolved.
@@ -292,6 +297,7 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
                         source: volume_target(&vf.volume).join(vfolder_relpath(vid)),
                         readonly: perm == Permission::Ro,
                         label: format!("vfolder:{vid}"),
+                        required: true,
                     });
                 }
             }
@@ -304,6 +310,7 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
                 source: volume_target(vol),
                 readonly: *readonly,
                 label: format!("volume:{vol}"),
+                required: false,
             });
         }
         let mut seen = BTreeSet::new();

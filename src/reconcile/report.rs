@@ -119,7 +119,7 @@ pub fn report(inp: &ReportInputs<'_>, d: &Desired, want: &Want, actual: &Actual)
                     t.display()
                 ));
             }
-            all_ok &= ok;
+            all_ok &= ok || !b.required;
             mounts.push(json!({
                 "target": t,
                 "source": b.label,
