@@ -115,7 +115,7 @@ impl Mounter for LinuxMounter {
         }
         Err(HelperError::Failed {
             code: status.code().unwrap_or(-1),
-            stderr: redact(stderr.trim()),
+            stderr: redact(&stderr.split_whitespace().collect::<Vec<_>>().join(" ")),
         })
     }
 }
