@@ -580,3 +580,167 @@ async fn a_symlink_planted_in_a_kernel_home_is_never_followed() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unused_requested_volume_lingers_then_goes() {
+    require_private_mount_namespace();
+    within(90, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(
+            &etcd,
+            "n1",
+            NodeOpts {
+                roles: "[agent]",
+                linger: "3s",
+                ..Default::default()
+            },
+        );
+        let share = node.dir.path().join("share");
+        let id = uuid::Uuid::new_v4().to_string();
+        std::fs::create_dir_all(share.join(shard(&id))).unwrap();
+        etcd.put(
+            &format!("{P}/volumes/nfs1"),
+            &format!(
+                "mount: {{at: requested, fstype: bind, path: {}}}\n",
+                share.display()
+            ),
+        )
+        .await;
+        etcd.put(
+            &format!("{P}/vfolders/{id}"),
+            &vfolder_yaml("data", "nfs1", "rw"),
+        )
+        .await;
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {id}}}]\n"),
+        )
+        .await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+
+        etcd.delete(&node.kernel_key("k1")).await;
+        let gone = std::time::Instant::now();
+        etcd.wait_for(&node.volume_status("nfs1"), "unused", |v| v["users"] == 0)
+            .await;
+        while node.mount_at(&node.home("k1").join("data")).is_some() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(
+            gone.elapsed() < std::time::Duration::from_secs(2),
+            "bind removal took {:?}",
+            gone.elapsed()
+        );
+        assert!(
+            node.mount_at(&node.volumes().join("nfs1")).is_some(),
+            "the volume lingers after its last user"
+        );
+        etcd.wait_state(&node.volume_status("nfs1"), "Unmounted")
+            .await;
+        assert!(
+            gone.elapsed() >= std::time::Duration::from_secs(3),
+            "not before linger: {:?}",
+            gone.elapsed()
+        );
+        assert!(node.mount_at(&node.volumes().join("nfs1")).is_none());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_keys_are_written_only_when_they_change() {
+    require_private_mount_namespace();
+    within(90, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(&etcd, "n1", NodeOpts::default());
+        let id = volume_and_vfolder(&etcd, "shard1", "data", "rw").await;
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {id}}}]\n"),
+        )
+        .await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        etcd.wait_state(&format!("{P}/status/vfolders/{id}"), "Ready")
+            .await;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let read = || async {
+            let mut c = etcd.client().await;
+            let r = c
+                .get(
+                    format!("{P}/status/"),
+                    Some(etcd_client::GetOptions::new().with_prefix()),
+                )
+                .await
+                .unwrap();
+            r.kvs()
+                .iter()
+                .map(|kv| (kv.key_str().unwrap().to_string(), kv.mod_revision()))
+                .collect::<Vec<_>>()
+        };
+        let before = read().await;
+        let passes0 = node
+            .metric("vfolderd_reconcile_passes_total{result=\"converged\"}")
+            .unwrap();
+        // Several resyncs (every 1 s) later, nothing was rewritten.
+        tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+        let passes1 = node
+            .metric("vfolderd_reconcile_passes_total{result=\"converged\"}")
+            .unwrap();
+        assert!(
+            passes1 >= passes0 + 2.0,
+            "resyncs ran: {passes0} -> {passes1}"
+        );
+        let after = read().await;
+        let stable: Vec<_> = before
+            .iter()
+            .filter(|(k, _)| !k.ends_with("/status/nodes/n1"))
+            .collect();
+        for (k, rev) in stable {
+            let now = after.iter().find(|(k2, _)| k2 == k).map(|(_, r)| *r);
+            assert_eq!(now, Some(*rev), "{k} was rewritten");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_and_no_action_until_etcd_answers() {
+    require_private_mount_namespace();
+    within(90, async {
+        let port = free_port();
+        let node = Node::start_with_endpoint(
+            &format!("http://127.0.0.1:{port}"),
+            "n1",
+            NodeOpts::default(),
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while http_get(&node.listen, "/healthz").0 != 200 {
+            assert!(std::time::Instant::now() < deadline, "never alive");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        assert_eq!(
+            http_get(&node.listen, "/readyz").0,
+            503,
+            "not ready before the first list"
+        );
+        assert_eq!(node.metric("vfolderd_etcd_connected"), Some(0.0));
+        assert_eq!(node.metric("vfolderd_ready"), Some(0.0));
+        assert!(
+            !node.metrics().contains("vfolderd_reconcile_passes_total{"),
+            "no pass before the first list"
+        );
+
+        let etcd = Etcd::start_on(port).await;
+        etcd.put(&format!("{P}/volumes/datasets"), &tmpfs_volume("startup"))
+            .await;
+        etcd.wait_state(&node.volume_status("datasets"), "Mounted")
+            .await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while http_get(&node.listen, "/readyz").0 != 200 {
+            assert!(std::time::Instant::now() < deadline, "never ready");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(node.metric("vfolderd_etcd_connected"), Some(1.0));
+    })
+    .await;
+}

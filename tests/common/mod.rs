@@ -48,10 +48,15 @@ pub struct Etcd {
 }
 
 impl Etcd {
-    /// Starts etcd and waits until it answers.
+    /// Starts etcd on a free port and waits until it answers.
     pub async fn start() -> Self {
+        Self::start_on(free_port()).await
+    }
+
+    /// Starts etcd with its client URL on `cport` and waits until it answers.
+    pub async fn start_on(cport: u16) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (cport, pport) = (free_port(), free_port());
+        let pport = free_port();
         let endpoint = format!("http://127.0.0.1:{cport}");
         let peer = format!("http://127.0.0.1:{pport}");
         let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
@@ -206,6 +211,11 @@ pub const P: &str = "/vfolderd";
 impl Node {
     /// Writes a config and starts the daemon.
     pub fn start(etcd: &Etcd, name: &str, opts: NodeOpts) -> Self {
+        Self::start_with_endpoint(&etcd.endpoint, name, opts)
+    }
+
+    /// Like [`Node::start`], for an etcd endpoint that may not answer yet.
+    pub fn start_with_endpoint(endpoint: &str, name: &str, opts: NodeOpts) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("vfolderd-e2e")
             .tempdir()
@@ -215,7 +225,7 @@ impl Node {
         let cfg = format!(
             "node: {name}\nroles: {}\netcd: {{endpoints: [\"{}\"], prefix: {P}}}\nroots: {{volumes: {d}/volumes, kernels: {d}/kernels}}\n\
              state: {d}/state\ncredentials: {d}/credentials\npolicies: {d}/policies\nlisten: {listen}\nresync: {}\nlinger: {}\nmount_timeout: 10s\n",
-            opts.roles, etcd.endpoint, opts.resync, opts.linger
+            opts.roles, endpoint, opts.resync, opts.linger
         );
         let config = dir.path().join("node.yaml");
         std::fs::write(&config, cfg).unwrap();
