@@ -83,6 +83,10 @@ pub struct NodeConfig {
     /// How long a mount helper (`mount -t cifs ...`) may run before it is killed.
     #[serde(default = "default_mount_timeout", with = "humantime_serde")]
     pub mount_timeout: Duration,
+    /// The mount(8)-compatible program run for fstypes the kernel cannot be
+    /// asked directly (cifs, nfs, FUSE): `HELPER -t FSTYPE -o OPTIONS SOURCE TARGET`.
+    #[serde(default = "default_mount_helper")]
+    pub mount_helper: PathBuf,
 }
 
 /// etcd connection settings.
@@ -165,6 +169,9 @@ fn default_resync() -> Duration {
 }
 fn default_linger() -> Duration {
     Duration::from_secs(30)
+}
+fn default_mount_helper() -> PathBuf {
+    "mount".into()
 }
 fn default_mount_timeout() -> Duration {
     Duration::from_secs(30)

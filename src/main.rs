@@ -97,7 +97,8 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-            vfolderd::run(cfg, vfolderd::Deps::linux(), listener, shutdown_signal()).await?;
+            let deps = vfolderd::Deps::linux(&cfg.mount_helper);
+            vfolderd::run(cfg, deps, listener, shutdown_signal()).await?;
         }
         Cmd::Apply { config, file } => {
             for name in vfolderd::cli::apply(&load(&config)?, &file).await? {

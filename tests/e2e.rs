@@ -744,3 +744,147 @@ async fn not_ready_and_no_action_until_etcd_answers() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_cifs_volumes_mount_through_the_helper_with_the_password_only_in_a_0600_file() {
+    require_private_mount_namespace();
+    within(90, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(&etcd, "n1", NodeOpts { helper_double: true, ..Default::default() });
+        let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/seed-volumes.yaml");
+        node.cli(&["apply", "-f", seed.to_str().unwrap()]);
+        etcd.wait_state(&node.volume_status("azure-deeplearning-samples"), "Mounted").await;
+        etcd.wait_state(&node.volume_status("azure-shard-1"), "Mounted").await;
+
+        let argv = std::fs::read_to_string(node.dir.path().join("helper.log")).unwrap();
+        let state = node.dir.path().join("state/run");
+        let line = |vol: &str, share: &str| {
+            format!(
+                "-t cifs -o vers=3.0,dir_mode=0777,file_mode=0777,sec=ntlmssp,credentials={}/credentials-{vol},nosuid,nodev \
+                 //USERNAME.file.core.windows.net/{share} {}",
+                state.display(),
+                node.volumes().join(vol).display()
+            )
+        };
+        let want = format!("{}\n{}\n", line("azure-deeplearning-samples", "dlsamples"), line("azure-shard-1", "vfolder"));
+        assert_eq!(argv, want, "the exact command lines");
+        let creds = std::fs::read_to_string(node.dir.path().join("helper-creds.log")).unwrap();
+        assert_eq!(creds, "600\nusername=USERNAME\npassword=PASSWORD\n".repeat(2), "0600 file with the credentials");
+        assert!(std::fs::read_dir(&state).unwrap().next().is_none(), "credentials files removed after mounting");
+
+        // A vfolder on the share and a kernel using it.
+        let id = node.cli(&["vfolder", "create", "--volume", "azure-shard-1", "--name", "mine", "--owner", "bob"]);
+        let id = id.trim().to_string();
+        etcd.put(&node.kernel_key("k1"), &format!("mounts: [{{vfolder: {id}}}]\n")).await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let share = share_dir(node.dir.path(), "//USERNAME.file.core.windows.net/vfolder");
+        assert!(share.join(shard(&id)).is_dir(), "vfolder directory made on the share");
+
+        for (k, v) in etcd.dump(&format!("{P}/")).await {
+            if k.contains("/status/") {
+                assert!(!v.contains("PASSWORD"), "secret in status {k}: {v}");
+            }
+        }
+        assert!(!node.log().contains("PASSWORD"), "secret in the log");
+        assert!(!node.metrics().contains("PASSWORD"), "secret in metrics");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_is_pending_while_its_volume_mounts_then_ready() {
+    require_private_mount_namespace();
+    within(90, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(
+            &etcd,
+            "n1",
+            NodeOpts {
+                roles: "[agent]",
+                helper_double: true,
+                ..Default::default()
+            },
+        );
+        std::fs::write(node.dir.path().join("helper-sleep"), "2").unwrap();
+        let id = uuid::Uuid::new_v4().to_string();
+        std::fs::create_dir_all(share_dir(node.dir.path(), "nfs.example:/export").join(shard(&id)))
+            .unwrap();
+        etcd.put(
+            &format!("{P}/volumes/nfs1"),
+            "mount: {at: requested, fstype: nfs, path: 'nfs.example:/export'}\n",
+        )
+        .await;
+        etcd.put(
+            &format!("{P}/vfolders/{id}"),
+            &vfolder_yaml("data", "nfs1", "rw"),
+        )
+        .await;
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {id}}}]\n"),
+        )
+        .await;
+        let pending = etcd.wait_state(&node.kernel_status("k1"), "Pending").await;
+        assert!(
+            node.mount_at(&node.volumes().join("nfs1")).is_none(),
+            "Pending is said before the slow mount ends"
+        );
+        assert!(pending["revision"].as_i64().unwrap() > 0);
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let argv = std::fs::read_to_string(node.dir.path().join("helper.log")).unwrap();
+        assert_eq!(
+            argv,
+            format!(
+                "-t nfs -o nosuid,nodev nfs.example:/export {}\n",
+                node.volumes().join("nfs1").display()
+            )
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_mount_helper_times_out_fails_and_recovers_without_stacking() {
+    require_private_mount_namespace();
+    within(120, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(
+            &etcd,
+            "n1",
+            NodeOpts {
+                helper_double: true,
+                mount_timeout: "1s",
+                ..Default::default()
+            },
+        );
+        let sleep_file = node.dir.path().join("helper-sleep");
+        std::fs::write(&sleep_file, "30").unwrap();
+        etcd.put(
+            &format!("{P}/volumes/nfs1"),
+            "mount: {at: startup, fstype: nfs, path: 'nfs.example:/export'}\n",
+        )
+        .await;
+        let st = etcd.wait_state(&node.volume_status("nfs1"), "Failed").await;
+        assert!(st["error"].as_str().unwrap().contains("timeout"), "{st}");
+        assert!(node.mount_at(&node.volumes().join("nfs1")).is_none());
+        // Other objects are not held back by the hung one.
+        etcd.put(&format!("{P}/volumes/scratch"), &tmpfs_volume("startup"))
+            .await;
+        etcd.wait_state(&node.volume_status("scratch"), "Mounted")
+            .await;
+
+        std::fs::remove_file(&sleep_file).unwrap();
+        etcd.wait_state(&node.volume_status("nfs1"), "Mounted")
+            .await;
+        let target = node.volumes().join("nfs1");
+        assert_eq!(
+            node.mounts()
+                .iter()
+                .filter(|m| m.mount_point == target)
+                .count(),
+            1,
+            "exactly one mount"
+        );
+    })
+    .await;
+}

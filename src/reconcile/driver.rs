@@ -27,7 +27,9 @@ use crate::reconcile::report::{report, Failure, Report, ReportInputs, Usage};
 use crate::reconcile::sys::{LinuxMounter, Mounter};
 use crate::state::desired::{Desired, DesiredParser};
 use crate::state::ledger::{Ledger, LedgerError, MountKind, Owner};
-use crate::state::status::{chrono_now, run_liveness, StatusWriter};
+use crate::state::status::{
+    chrono_now, run_liveness, run_status_writer, StatusEntries, StatusWriter,
+};
 use crate::state::watch::{run_watcher, DesiredCache};
 
 /// Errors that stop vfolderd from starting. Once running, nothing stops it but shutdown.
@@ -65,10 +67,12 @@ pub struct Deps {
 }
 
 impl Deps {
-    /// The real kernel.
-    pub fn linux() -> Self {
+    /// The real kernel, with `helper` as the mount(8) program for cifs, nfs and FUSE.
+    pub fn linux(helper: &std::path::Path) -> Self {
         Self {
-            mounter: Arc::new(LinuxMounter),
+            mounter: Arc::new(LinuxMounter {
+                helper: helper.to_path_buf(),
+            }),
             mountinfo: Arc::new(ProcMountInfo::default()),
         }
     }
@@ -97,6 +101,8 @@ struct Reconciler {
     failures: BTreeMap<Owner, Failure>,
     dir_failures: BTreeMap<PathBuf, String>,
     usage: BTreeMap<Uuid, Usage>,
+    /// Where reports go (the background status writer).
+    status_tx: tokio::sync::watch::Sender<StatusEntries>,
 }
 
 /// What one pass did.
@@ -110,6 +116,16 @@ struct PassOutcome {
 }
 
 impl Reconciler {
+    fn report_inputs(&self) -> ReportInputs<'_> {
+        ReportInputs {
+            keys: &self.keys,
+            storage: self.storage,
+            failures: &self.failures,
+            dir_failures: &self.dir_failures,
+            usage: &self.usage,
+        }
+    }
+
     fn observe(
         &self,
         desired: &Desired,
@@ -157,6 +173,11 @@ impl Reconciler {
             .min();
 
         let actions = plan(&self.node, &want, &actual, &keep);
+        if !actions.is_empty() {
+            // Say `Pending` for what is about to change before a possibly slow mount.
+            let pre = report(&self.report_inputs(), desired, &want, &actual);
+            self.status_tx.send_replace(Arc::new(pre.entries));
+        }
         let mut summary = Vec::with_capacity(actions.len());
         let (want, actual) = if actions.is_empty() {
             (want, actual)
@@ -222,14 +243,9 @@ impl Reconciler {
             }
         }
 
-        let inputs = ReportInputs {
-            keys: &self.keys,
-            storage: self.storage,
-            failures: &self.failures,
-            dir_failures: &self.dir_failures,
-            usage: &self.usage,
-        };
-        let report = report(&inputs, desired, &want, &actual);
+        let report = report(&self.report_inputs(), desired, &want, &actual);
+        self.status_tx
+            .send_replace(Arc::new(report.entries.clone()));
         let mut owned: BTreeMap<&'static str, i64> = BTreeMap::from([("volume", 0), ("bind", 0)]);
         for m in actual.owned_mounts.values() {
             *owned.entry(m.kind.as_str()).or_default() += 1;
@@ -314,7 +330,14 @@ pub async fn run(
         )))
     };
 
-    let mut writer = StatusWriter::new(client.clone(), keys.clone());
+    let (status_tx, status_rx) = tokio::sync::watch::channel(StatusEntries::default());
+    let status_task = {
+        let m = metrics.clone();
+        let writer = StatusWriter::new(client.clone(), keys.clone());
+        tokio::spawn(run_status_writer(writer, status_rx, move |n| {
+            m.status_writes.inc_by(n as u64)
+        }))
+    };
     let exec_cfg = ExecConfig {
         volumes_root: cfg.roots.volumes.clone(),
         kernels_root: cfg.roots.kernels.clone(),
@@ -344,6 +367,7 @@ pub async fn run(
         failures: BTreeMap::new(),
         dir_failures: BTreeMap::new(),
         usage: BTreeMap::new(),
+        status_tx,
     });
 
     health.alive.store(true, Ordering::Relaxed);
@@ -430,12 +454,6 @@ pub async fn run(
             for (kind, n) in desired.rejected_counts() {
                 metrics.rejected.with_label_values(&[kind]).set(n as i64);
             }
-            match writer.sync(&o.report.entries).await {
-                Ok(n) => metrics.status_writes.inc_by(n as u64),
-                Err(e) => {
-                    tracing::warn!(error = %crate::error_chain(&e), "status write failed; will retry")
-                }
-            }
             converged_once = true;
             if let Some(d) = o.linger_deadline {
                 wake = wake.min(d);
@@ -467,6 +485,9 @@ pub async fn run(
     }
     drop(watcher);
     drop(liveness);
+    // Let the last report reach etcd (briefly: etcd may be gone).
+    drop(rec);
+    let _ = tokio::time::timeout(Duration::from_secs(2), status_task).await;
     finish(stop_tx, server, &health).await
 }
 

@@ -66,8 +66,19 @@ pub trait Mounter: Send + Sync {
 }
 
 /// The real thing: passes each call to the kernel.
-#[derive(Debug, Clone, Default)]
-pub struct LinuxMounter;
+#[derive(Debug, Clone)]
+pub struct LinuxMounter {
+    /// The mount(8)-compatible helper program.
+    pub helper: PathBuf,
+}
+
+impl Default for LinuxMounter {
+    fn default() -> Self {
+        Self {
+            helper: "mount".into(),
+        }
+    }
+}
 
 impl Mounter for LinuxMounter {
     fn mount(
@@ -86,7 +97,7 @@ impl Mounter for LinuxMounter {
     }
 
     fn run_helper(&self, req: &HelperRequest) -> Result<(), HelperError> {
-        let mut cmd = Command::new("mount");
+        let mut cmd = Command::new(&self.helper);
         cmd.arg("-t").arg(&req.fstype);
         if !req.options.is_empty() {
             cmd.arg("-o").arg(&req.options);

@@ -3,6 +3,7 @@
 //! longer exists; and the node's liveness key under a kept-alive lease.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, GetOptions, PutOptions, Txn, TxnOp};
@@ -134,6 +135,42 @@ impl StatusWriter {
         }
         self.written = Some(written);
         result
+    }
+}
+
+/// The status values a pass wants etcd to hold.
+pub type StatusEntries = Arc<BTreeMap<String, Value>>;
+
+/// Writes the latest report in the background, so a slow or unreachable etcd
+/// never stalls the reconcile loop. Reports that arrive while a write is in
+/// flight are coalesced (only the newest is written); a failed write is
+/// retried with backoff. Returns once the sender is dropped and the last
+/// report is written (or could not be).
+pub async fn run_status_writer(
+    mut writer: StatusWriter,
+    mut rx: tokio::sync::watch::Receiver<StatusEntries>,
+    written: impl Fn(usize) + Send,
+) {
+    let mut delay = Duration::from_millis(200);
+    while rx.changed().await.is_ok() {
+        loop {
+            let entries = rx.borrow_and_update().clone();
+            match writer.sync(&entries).await {
+                Ok(n) => {
+                    written(n);
+                    delay = Duration::from_millis(200);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %crate::error_chain(&e), retry_in = ?delay, "status write failed; will retry");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        r = rx.changed() => if r.is_err() { return },
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
     }
 }
 

@@ -193,6 +193,10 @@ pub struct NodeOpts {
     pub resync: &'static str,
     /// Linger.
     pub linger: &'static str,
+    /// Use the mount-helper test double (for cifs/nfs, which this kernel lacks).
+    pub helper_double: bool,
+    /// Mount helper timeout.
+    pub mount_timeout: &'static str,
 }
 
 impl Default for NodeOpts {
@@ -201,8 +205,50 @@ impl Default for NodeOpts {
             roles: "[agent, storage]",
             resync: "1s",
             linger: "0s",
+            helper_double: false,
+            mount_timeout: "10s",
         }
     }
+}
+
+/// A mount(8) stand-in for fstypes this kernel has no client for. It logs its
+/// argv (one call per line) and the mode and content of any `credentials=`
+/// file, sleeps for the seconds in `helper-sleep` (if present), then
+/// bind-mounts a local directory standing in for the share at the target.
+const HELPER_DOUBLE: &str = r#"#!/bin/sh
+dir=__DIR__
+printf '%s\n' "$*" >> "$dir/helper.log"
+while [ $# -gt 2 ]; do
+  case "$1" in
+    -t) t=$2; shift 2 ;;
+    -o) o=$2; shift 2 ;;
+    *) break ;;
+  esac
+done
+src=$1; tgt=$2
+creds=$(printf '%s' "$o" | tr ',' '\n' | sed -n 's/^credentials=//p')
+if [ -n "$creds" ]; then
+  { stat -c '%a' "$creds"; cat "$creds"; } >> "$dir/helper-creds.log"
+fi
+[ -f "$dir/helper-sleep" ] && sleep "$(cat "$dir/helper-sleep")"
+share="$dir/shares/$(printf '%s' "$src" | tr -c 'A-Za-z0-9.\n' '_')"
+mkdir -p "$share"
+exec mount --bind "$share" "$tgt"
+"#;
+
+/// The directory the helper double uses as the share for `source`.
+pub fn share_dir(node_dir: &Path, source: &str) -> PathBuf {
+    let name: String = source
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    node_dir.join("shares").join(name)
 }
 
 /// The key prefix every test uses.
@@ -222,10 +268,22 @@ impl Node {
             .unwrap();
         let listen = format!("127.0.0.1:{}", free_port());
         let d = dir.path().display();
+        let helper = dir.path().join("mount-helper");
+        if opts.helper_double {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::write(&helper, HELPER_DOUBLE.replace("__DIR__", &d.to_string())).unwrap();
+            std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let helper_line = if opts.helper_double {
+            format!("mount_helper: {}\n", helper.display())
+        } else {
+            String::new()
+        };
         let cfg = format!(
             "node: {name}\nroles: {}\netcd: {{endpoints: [\"{}\"], prefix: {P}}}\nroots: {{volumes: {d}/volumes, kernels: {d}/kernels}}\n\
-             state: {d}/state\ncredentials: {d}/credentials\npolicies: {d}/policies\nlisten: {listen}\nresync: {}\nlinger: {}\nmount_timeout: 10s\n",
-            opts.roles, endpoint, opts.resync, opts.linger
+             state: {d}/state\ncredentials: {d}/credentials\npolicies: {d}/policies\nlisten: {listen}\nresync: {}\nlinger: {}\n\
+             mount_timeout: {}\n{helper_line}",
+            opts.roles, endpoint, opts.resync, opts.linger, opts.mount_timeout
         );
         let config = dir.path().join("node.yaml");
         std::fs::write(&config, cfg).unwrap();
