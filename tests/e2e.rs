@@ -330,7 +330,7 @@ async fn external_unmount_of_a_bind_is_repaired_by_resync() {
         .await;
         etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
         let target = node.home("k1").join("data");
-        let before = node.mount_at(&target).unwrap();
+        assert!(node.mount_at(&target).is_some());
         nix::mount::umount2(&target, nix::mount::MntFlags::empty()).unwrap();
         assert!(node.mount_at(&target).is_none());
 
@@ -342,7 +342,6 @@ async fn external_unmount_of_a_bind_is_repaired_by_resync() {
             assert!(std::time::Instant::now() < deadline, "bind not restored");
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         };
-        assert_ne!(before.id, after.id, "a new mount");
         assert!(after.is_readonly() && after.has_option("nosuid") && after.has_option("nodev"));
         assert_eq!(
             node.mounts()
