@@ -887,3 +887,47 @@ async fn a_hung_mount_helper_times_out_fails_and_recovers_without_stacking() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_unmount_is_repaired_on_the_mount_table_event_not_the_resync() {
+    require_private_mount_namespace();
+    within(90, async {
+        let etcd = Etcd::start().await;
+        // A resync far beyond the test's deadline: only the mountinfo event can bring it back.
+        let node = Node::start(
+            &etcd,
+            "n1",
+            NodeOpts {
+                resync: "1h",
+                ..Default::default()
+            },
+        );
+        let id = volume_and_vfolder(&etcd, "shard1", "data", "rw").await;
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {id}}}]\n"),
+        )
+        .await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let target = node.home("k1").join("data");
+        for _ in 0..3 {
+            nix::mount::umount2(&target, nix::mount::MntFlags::empty()).unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while node.mount_at(&target).is_none() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "not repaired without a resync"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+        assert_eq!(
+            node.mounts()
+                .iter()
+                .filter(|m| m.mount_point == target)
+                .count(),
+            1
+        );
+    })
+    .await;
+}

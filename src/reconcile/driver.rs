@@ -64,6 +64,8 @@ pub struct Deps {
     pub mounter: Arc<dyn Mounter>,
     /// The mount table.
     pub mountinfo: Arc<dyn MountInfoSource>,
+    /// The file polled for mount-table change events.
+    pub mountinfo_path: PathBuf,
 }
 
 impl Deps {
@@ -74,6 +76,7 @@ impl Deps {
                 helper: helper.to_path_buf(),
             }),
             mountinfo: Arc::new(ProcMountInfo::default()),
+            mountinfo_path: ProcMountInfo::default().path,
         }
     }
 }
@@ -278,7 +281,9 @@ pub async fn run(
         // Without HTTP/2 keep-alive a watch hangs forever on a frozen etcd;
         // below 5 s the server answers "too_many_pings" (DESIGN.md).
         .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
-        .with_keep_alive_while_idle(true);
+        .with_keep_alive_while_idle(true)
+        // A member cut off from the quorum must not feed a stale watch silently.
+        .with_require_leader(true);
     let client = Client::connect(&cfg.etcd.endpoints, Some(options))
         .await
         .map_err(DriverError::Etcd)?;
@@ -309,6 +314,15 @@ pub async fn run(
         parser,
         cache.clone(),
     )));
+    let mount_events = {
+        let (cache, path) = (cache.clone(), deps.mountinfo_path.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            let wake = || cache.changed.notify_one();
+            if let Err(e) = crate::reconcile::mountwatch::watch_mountinfo(&path, wake).await {
+                tracing::warn!(error = %e, "mount table events unavailable; relying on resync");
+            }
+        }))
+    };
     let liveness = {
         let (cache, health, keys2) = (cache.clone(), health.clone(), keys.clone());
         let roles = cfg.roles.clone();
@@ -484,6 +498,7 @@ pub async fn run(
         }
     }
     drop(watcher);
+    drop(mount_events);
     drop(liveness);
     // Let the last report reach etcd (briefly: etcd may be gone).
     drop(rec);

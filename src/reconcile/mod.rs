@@ -4,6 +4,7 @@ pub mod actual;
 pub mod driver;
 pub mod execute;
 pub mod fsops;
+pub mod mountwatch;
 pub mod plan;
 pub mod report;
 pub mod sys;
