@@ -22,7 +22,7 @@ use crate::metrics::{Health, Metrics};
 use crate::policy::Policy;
 use crate::reconcile::actual::{MountInfoError, MountInfoSource, ProcMountInfo};
 use crate::reconcile::execute::{observe_dirs, status_message, ExecConfig, Executor};
-use crate::reconcile::plan::{plan, resolve, Action, Actual, NodeView};
+use crate::reconcile::plan::{plan, resolve, without_teardown, Action, Actual, NodeView};
 use crate::reconcile::report::{report, Failure, Report, ReportInputs, Usage};
 use crate::reconcile::sys::{LinuxMounter, Mounter};
 use crate::state::desired::{Desired, DesiredParser};
@@ -30,7 +30,7 @@ use crate::state::ledger::{Ledger, LedgerError, MountKind, Owner};
 use crate::state::status::{
     chrono_now, run_liveness, run_status_writer, StatusEntries, StatusWriter,
 };
-use crate::state::watch::{run_watcher, DesiredCache};
+use crate::state::watch::{parse_listing, run_watcher, DesiredCache};
 
 /// Errors that stop vfolderd from starting. Once running, nothing stops it but shutdown.
 #[derive(Debug, thiserror::Error)]
@@ -143,7 +143,14 @@ impl Reconciler {
         Ok((want, actual))
     }
 
-    fn pass(&mut self, desired: &Desired, rescan: bool) -> Result<PassOutcome, PassError> {
+    /// One pass. Without `live` (desired state from the store, etcd not yet
+    /// listed) nothing is taken away: only repairs and additions run.
+    fn pass(
+        &mut self,
+        desired: &Desired,
+        rescan: bool,
+        live: bool,
+    ) -> Result<PassOutcome, PassError> {
         let (want, actual) = self.observe(desired)?;
         let now = Instant::now();
 
@@ -175,7 +182,10 @@ impl Reconciler {
             .filter(|d| *d > now)
             .min();
 
-        let actions = plan(&self.node, &want, &actual, &keep);
+        let mut actions = plan(&self.node, &want, &actual, &keep);
+        if !live {
+            actions = without_teardown(actions);
+        }
         if !actions.is_empty() {
             // Say `Pending` for what is about to change before a possibly slow mount.
             let pre = report(&self.report_inputs(), desired, &want, &actual);
@@ -309,10 +319,27 @@ pub async fn run(
         policy: Policy::default(),
         kernels_root: cfg.roots.kernels.clone(),
     };
+    // Fail static across restarts: until etcd answers, serve the last good
+    // desired state from the store, and never unmount on its behalf.
+    match ledger.load_desired() {
+        Ok(Some((kvs, rev))) => {
+            tracing::info!(
+                revision = rev,
+                keys = kvs.len(),
+                "loaded the last good desired state from the store"
+            );
+            cache.seed_from_store(parse_listing(&parser, &kvs, rev));
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot load the stored desired state")
+        }
+    }
     let watcher = AbortOnDrop(tokio::spawn(run_watcher(
         client.clone(),
         parser,
         cache.clone(),
+        ledger.clone(),
     )));
     let mount_events = {
         let (cache, path) = (cache.clone(), deps.mountinfo_path.clone());
@@ -387,7 +414,9 @@ pub async fn run(
     health.alive.store(true, Ordering::Relaxed);
     tokio::pin!(shutdown);
     tracing::info!(node = %cfg.node, roles = ?cfg.roles, "waiting for the first complete list of etcd");
-    // Readiness gate (invariant 2): nothing is planned before the first list.
+    // Readiness gate (invariant 2): nothing is planned before the first list
+    // (or, after a restart, before the stored last good state is loaded; then
+    // nothing is unmounted until a live list arrives).
     while !cache.synced.load(Ordering::Acquire) {
         metrics
             .etcd_connected
@@ -403,6 +432,7 @@ pub async fn run(
     let mut backoff = BACKOFF_MIN;
     let mut converged_once = false;
     loop {
+        let live = cache.live.load(Ordering::Acquire);
         let desired = cache.snapshot();
         let rescan = Instant::now() >= next_resync;
         if rescan {
@@ -417,7 +447,7 @@ pub async fn run(
             let span = span.clone();
             let (r, result) = tokio::task::spawn_blocking(move || {
                 let _e = span.enter();
-                let res = r.pass(&d, rescan && round == 0);
+                let res = r.pass(&d, rescan && round == 0, live);
                 (r, res)
             })
             .await
@@ -487,7 +517,7 @@ pub async fn run(
         metrics
             .watch_revision
             .set(cache.revision.load(Ordering::Relaxed));
-        let ready = converged_once && connected;
+        let ready = converged_once && connected && live;
         health.ready.store(ready, Ordering::Relaxed);
         metrics.ready.set(i64::from(ready));
 

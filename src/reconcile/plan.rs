@@ -618,6 +618,29 @@ pub fn plan(node: &NodeView, want: &Want, actual: &Actual, keep: &BTreeSet<Strin
     out
 }
 
+/// Drops every action that removes something (unmount, forget, rmdir) and
+/// any setup action on a target whose unmount was dropped (it would stack a
+/// second mount). Used while desired state is not known to be current (a
+/// restart while etcd is unreachable): repair and add, never take away.
+pub fn without_teardown(actions: Vec<Action>) -> Vec<Action> {
+    let blocked: BTreeSet<PathBuf> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Unmount { target, .. } => Some(target.clone()),
+            _ => None,
+        })
+        .collect();
+    actions
+        .into_iter()
+        .filter(|a| match a {
+            Action::Unmount { .. } | Action::Forget { .. } | Action::RemoveDir { .. } => false,
+            Action::Bind { bind } | Action::Remount { bind } => !blocked.contains(&bind.target),
+            Action::MountVolume { volume } => !blocked.contains(&volume.target),
+            Action::MakeDir { path, .. } => !blocked.contains(path),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -970,6 +993,36 @@ mod tests {
             matches!(acts.as_slice(), [Action::Remount { bind }] if bind.readonly),
             "{acts:?}"
         );
+    }
+
+    #[test]
+    fn without_teardown_keeps_repairs_and_drops_removals_and_stacking() {
+        let n = node(true, true);
+        let mut a = Actual::default();
+        converge(&n, &one_kernel_desired(), &mut a);
+        // The bind is gone behind our back, and the desired state is empty.
+        a.mounts.remove_top(Path::new("/k/k1/work/data"));
+        let acts = plan(&n, &resolve(&n, &Desired::default()), &a, &BTreeSet::new());
+        assert!(acts.iter().any(|x| matches!(x, Action::Unmount { .. })));
+        assert_eq!(without_teardown(acts), vec![]);
+        // With the kernel still desired, the repair survives the filter.
+        let acts = plan(
+            &n,
+            &resolve(&n, &one_kernel_desired()),
+            &a,
+            &BTreeSet::new(),
+        );
+        assert_eq!(without_teardown(acts.clone()), acts);
+        assert!(matches!(acts.as_slice(), [Action::Bind { .. }]));
+        // A source change is unmount + bind on one target: both are dropped.
+        let mut d = one_kernel_desired();
+        d.vfolders.insert(uuid(1), ok(vfolder("data", "vol2")));
+        d.volumes
+            .insert("vol2".into(), ok(volume(MountAt::Requested)));
+        let mut a2 = Actual::default();
+        converge(&n, &one_kernel_desired(), &mut a2);
+        let acts = without_teardown(plan(&n, &resolve(&n, &d), &a2, &BTreeSet::new()));
+        assert!(acts.iter().all(|x| !matches!(x, Action::Bind { bind } if bind.target == Path::new("/k/k1/work/data"))), "{acts:?}");
     }
 
     #[test]

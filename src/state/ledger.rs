@@ -99,7 +99,14 @@ pub struct Ledger {
     db: sled::Db,
     mounts: sled::Tree,
     dirs: sled::Tree,
+    /// The last good desired state: raw etcd key → value (fail static across restarts).
+    desired: sled::Tree,
+    /// Small facts: the revision of `desired`.
+    meta: sled::Tree,
 }
+
+/// Key in `meta` of the revision the stored desired state reflects.
+const DESIRED_REVISION: &[u8] = b"desired_revision";
 
 fn sled_err(op: &'static str) -> impl FnOnce(sled::Error) -> LedgerError {
     move |source| LedgerError::Sled { op, source }
@@ -118,7 +125,15 @@ impl Ledger {
             .map_err(sled_err("open"))?;
         let mounts = db.open_tree("mounts").map_err(sled_err("open tree"))?;
         let dirs = db.open_tree("dirs").map_err(sled_err("open tree"))?;
-        Ok(Self { db, mounts, dirs })
+        let desired = db.open_tree("desired").map_err(sled_err("open tree"))?;
+        let meta = db.open_tree("meta").map_err(sled_err("open tree"))?;
+        Ok(Self {
+            db,
+            mounts,
+            dirs,
+            desired,
+            meta,
+        })
     }
 
     /// Every owned mount, by target.
@@ -161,6 +176,60 @@ impl Ledger {
     pub fn remove_dir(&self, path: &Path) -> Result<(), LedgerError> {
         self.dirs.remove(key_of(path)).map_err(sled_err("remove"))?;
         self.flush()
+    }
+
+    /// Replaces the stored desired state with a complete listing at `revision`.
+    pub fn store_desired(
+        &self,
+        kvs: &[(String, Vec<u8>)],
+        revision: i64,
+    ) -> Result<(), LedgerError> {
+        self.desired.clear().map_err(sled_err("clear"))?;
+        let mut batch = sled::Batch::default();
+        for (k, v) in kvs {
+            batch.insert(k.as_bytes(), v.as_slice());
+        }
+        self.desired
+            .apply_batch(batch)
+            .map_err(sled_err("insert"))?;
+        self.meta
+            .insert(DESIRED_REVISION, &revision.to_be_bytes())
+            .map_err(sled_err("insert"))?;
+        self.flush()
+    }
+
+    /// Applies one watch event to the stored desired state. Not flushed: sled
+    /// writes it within 500 ms, and losing the newest events in a crash only
+    /// means starting from a slightly older good state.
+    pub fn apply_desired(
+        &self,
+        key: &str,
+        value: Option<&[u8]>,
+        revision: i64,
+    ) -> Result<(), LedgerError> {
+        match value {
+            Some(v) => self.desired.insert(key.as_bytes(), v).map(drop),
+            None => self.desired.remove(key.as_bytes()).map(drop),
+        }
+        .map_err(sled_err("insert"))?;
+        self.meta
+            .insert(DESIRED_REVISION, &revision.to_be_bytes())
+            .map_err(sled_err("insert"))?;
+        Ok(())
+    }
+
+    /// The stored desired state and its revision, if one was ever stored.
+    pub fn load_desired(&self) -> Result<Option<(Vec<(String, Vec<u8>)>, i64)>, LedgerError> {
+        let Some(rev) = self.meta.get(DESIRED_REVISION).map_err(sled_err("read"))? else {
+            return Ok(None);
+        };
+        let rev = i64::from_be_bytes(rev.as_ref().try_into().unwrap_or([0; 8]));
+        let mut kvs = Vec::new();
+        for item in self.desired.iter() {
+            let (k, v) = item.map_err(sled_err("read"))?;
+            kvs.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
+        }
+        Ok(Some((kvs, rev)))
     }
 
     /// sled fsyncs only every 500 ms on its own; ownership must survive a crash.
@@ -215,5 +284,35 @@ mod tests {
         l.remove_mount(Path::new("/v/a b")).unwrap();
         assert!(l.mounts().unwrap().is_empty());
         assert_eq!(l.dirs().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn stored_desired_state_survives_reopen_with_events_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let l = Ledger::open(dir.path()).unwrap();
+            assert!(l.load_desired().unwrap().is_none());
+            l.store_desired(
+                &[
+                    ("/p/a".into(), b"1".to_vec()),
+                    ("/p/b".into(), b"2".to_vec()),
+                ],
+                7,
+            )
+            .unwrap();
+            l.apply_desired("/p/a", None, 8).unwrap();
+            l.apply_desired("/p/c", Some(b"3"), 9).unwrap();
+            l.flush().unwrap();
+        }
+        let l = Ledger::open(dir.path()).unwrap();
+        let (kvs, rev) = l.load_desired().unwrap().unwrap();
+        assert_eq!(rev, 9);
+        assert_eq!(
+            kvs,
+            vec![
+                ("/p/b".to_string(), b"2".to_vec()),
+                ("/p/c".to_string(), b"3".to_vec())
+            ]
+        );
     }
 }

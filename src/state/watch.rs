@@ -12,6 +12,7 @@ use etcd_client::{Client, EventType, GetOptions, Txn, TxnOp, TxnOpResponse, Watc
 use tokio::sync::Notify;
 
 use crate::state::desired::{Desired, DesiredParser};
+use crate::state::ledger::Ledger;
 
 /// Errors of the watcher (all transient: it backs off and retries).
 #[derive(Debug, thiserror::Error)]
@@ -34,8 +35,12 @@ pub enum WatchError {
 #[derive(Debug, Default)]
 pub struct DesiredCache {
     desired: Mutex<Desired>,
-    /// Set after the first complete list: the readiness gate of invariant 2.
+    /// Set once there is a desired state to serve: a live list, or the last
+    /// good state from the store (fail static after a restart).
     pub synced: AtomicBool,
+    /// Set after the first complete *live* list at one revision: only then
+    /// may anything be unmounted (invariant 2).
+    pub live: AtomicBool,
     /// Whether the last etcd call succeeded.
     pub connected: AtomicBool,
     /// Latest revision applied.
@@ -50,10 +55,26 @@ impl DesiredCache {
         self.desired.lock().expect("desired lock").clone()
     }
 
-    fn replace(&self, d: Desired) {
+    /// Serves a state loaded from the store until the first live list.
+    pub fn seed_from_store(&self, d: Desired) {
+        let mut cur = self.desired.lock().expect("desired lock");
+        if self.live.load(Ordering::Acquire) {
+            return;
+        }
         self.revision.store(d.revision, Ordering::Relaxed);
-        *self.desired.lock().expect("desired lock") = d;
+        *cur = d;
         self.synced.store(true, Ordering::Release);
+        drop(cur);
+        self.changed.notify_one();
+    }
+
+    fn replace(&self, d: Desired) {
+        let mut cur = self.desired.lock().expect("desired lock");
+        self.revision.store(d.revision, Ordering::Relaxed);
+        *cur = d;
+        self.live.store(true, Ordering::Release);
+        self.synced.store(true, Ordering::Release);
+        drop(cur);
         self.changed.notify_one();
     }
 
@@ -66,8 +87,12 @@ impl DesiredCache {
     }
 }
 
-/// Lists the desired ranges in one transaction, so all three are at one revision.
-pub async fn list(client: &mut Client, parser: &DesiredParser) -> Result<Desired, WatchError> {
+/// Lists the desired ranges in one transaction, so all three are at one
+/// revision. Returns the raw pairs and the revision.
+pub async fn list(
+    client: &mut Client,
+    parser: &DesiredParser,
+) -> Result<(Vec<(String, Vec<u8>)>, i64), WatchError> {
     let ops: Vec<TxnOp> = parser
         .keys
         .desired_prefixes()
@@ -79,21 +104,27 @@ pub async fn list(client: &mut Client, parser: &DesiredParser) -> Result<Desired
         .await
         .map_err(WatchError::InitialListFailed)?;
     let revision = resp.header().map_or(0, |h| h.revision());
-    let mut d = Desired::default();
+    let mut kvs = Vec::new();
     for op in resp.op_responses() {
         if let TxnOpResponse::Get(g) = op {
             for kv in g.kvs() {
-                parser.apply_put(
-                    &mut d,
-                    &String::from_utf8_lossy(kv.key()),
-                    kv.value(),
-                    kv.mod_revision(),
-                );
+                kvs.push((
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    kv.value().to_vec(),
+                ));
             }
         }
     }
-    d.revision = revision;
-    Ok(d)
+    Ok((kvs, revision))
+}
+
+/// Parses a listing into a desired state at `revision`.
+pub fn parse_listing(parser: &DesiredParser, kvs: &[(String, Vec<u8>)], revision: i64) -> Desired {
+    parser.from_list(
+        kvs.iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice(), revision)),
+        revision,
+    )
 }
 
 enum WatchEnd {
@@ -102,12 +133,19 @@ enum WatchEnd {
 }
 
 /// Runs forever: list, watch, resume, relist. Cancel by dropping the task.
-pub async fn run_watcher(mut client: Client, parser: DesiredParser, cache: Arc<DesiredCache>) {
+/// Every listing and event is also written to `store` (the last good desired
+/// state, served after a restart while etcd is unreachable).
+pub async fn run_watcher(
+    mut client: Client,
+    parser: DesiredParser,
+    cache: Arc<DesiredCache>,
+    store: Ledger,
+) {
     let mut delay = Duration::from_millis(200);
     let max_delay = Duration::from_secs(10);
     loop {
-        let d = match list(&mut client, &parser).await {
-            Ok(d) => d,
+        let (kvs, revision) = match list(&mut client, &parser).await {
+            Ok(x) => x,
             Err(e) => {
                 cache.connected.store(false, Ordering::Relaxed);
                 cache.changed.notify_one();
@@ -117,6 +155,10 @@ pub async fn run_watcher(mut client: Client, parser: DesiredParser, cache: Arc<D
                 continue;
             }
         };
+        let d = parse_listing(&parser, &kvs, revision);
+        if let Err(e) = store.store_desired(&kvs, revision) {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot store the desired state; a restart during an etcd outage would start empty");
+        }
         let rev = d.revision;
         tracing::info!(
             revision = rev,
@@ -130,7 +172,7 @@ pub async fn run_watcher(mut client: Client, parser: DesiredParser, cache: Arc<D
         delay = Duration::from_millis(200);
         let mut next = [rev + 1; 3];
         loop {
-            match watch_once(&mut client, &parser, &cache, &mut next).await {
+            match watch_once(&mut client, &parser, &cache, &store, &mut next).await {
                 WatchEnd::Compacted(c) => {
                     tracing::warn!(
                         compact_revision = c,
@@ -154,6 +196,7 @@ async fn watch_once(
     client: &mut Client,
     parser: &DesiredParser,
     cache: &DesiredCache,
+    store: &Ledger,
     next: &mut [i64; 3],
 ) -> WatchEnd {
     let prefixes = parser.keys.desired_prefixes();
@@ -205,9 +248,18 @@ async fn watch_once(
                 if let Some(i) = prefixes.iter().position(|p| key.starts_with(p.as_str())) {
                     next[i] = next[i].max(rev + 1);
                 }
-                match ev.event_type() {
-                    EventType::Put => parser.apply_put(d, &key, kv.value(), rev),
-                    EventType::Delete => parser.apply_delete(d, &key, rev),
+                let value = match ev.event_type() {
+                    EventType::Put => {
+                        parser.apply_put(d, &key, kv.value(), rev);
+                        Some(kv.value())
+                    }
+                    EventType::Delete => {
+                        parser.apply_delete(d, &key, rev);
+                        None
+                    }
+                };
+                if let Err(e) = store.apply_desired(&key, value, rev) {
+                    tracing::warn!(error = %crate::error_chain(&e), "cannot store a desired-state change");
                 }
             }
         });

@@ -41,10 +41,11 @@ pub fn free_port() -> u16 {
 
 /// A throwaway etcd server.
 pub struct Etcd {
-    child: Child,
+    child: Option<Child>,
     /// Client URL.
     pub endpoint: String,
-    _dir: tempfile::TempDir,
+    peer: String,
+    dir: tempfile::TempDir,
 }
 
 impl Etcd {
@@ -56,40 +57,60 @@ impl Etcd {
     /// Starts etcd with its client URL on `cport` and waits until it answers.
     pub async fn start_on(cport: u16) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let pport = free_port();
         let endpoint = format!("http://127.0.0.1:{cport}");
-        let peer = format!("http://127.0.0.1:{pport}");
-        let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
+        let peer = format!("http://127.0.0.1:{}", free_port());
+        let mut etcd = Etcd {
+            child: None,
+            endpoint,
+            peer,
+            dir,
+        };
+        etcd.restart().await;
+        etcd
+    }
+
+    /// Stops the server (SIGKILL: an outage, not a goodbye). Its data stays.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same ports and data, and waits until it answers.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("etcd.log"))
+            .unwrap();
         let child = Command::new("etcd")
             .args(["--name", "t", "--data-dir"])
-            .arg(dir.path().join("data"))
+            .arg(self.dir.path().join("data"))
             .args([
                 "--listen-client-urls",
-                &endpoint,
+                &self.endpoint,
                 "--advertise-client-urls",
-                &endpoint,
+                &self.endpoint,
             ])
             .args([
                 "--listen-peer-urls",
-                &peer,
+                &self.peer,
                 "--initial-advertise-peer-urls",
-                &peer,
+                &self.peer,
             ])
-            .args(["--initial-cluster", &format!("t={peer}")])
+            .args(["--initial-cluster", &format!("t={}", self.peer)])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("etcd is installed (scripts/install-deps.sh)");
-        let etcd = Etcd {
-            child,
-            endpoint,
-            _dir: dir,
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(mut c) = Client::connect([&etcd.endpoint], None).await {
+            if let Ok(mut c) = Client::connect([&self.endpoint], None).await {
                 if c.get("probe", None).await.is_ok() {
-                    return etcd;
+                    return;
                 }
             }
             assert!(Instant::now() < deadline, "etcd did not start");
@@ -167,8 +188,72 @@ impl Etcd {
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
+    }
+}
+
+/// A TCP proxy in front of etcd that a test can cut, to make etcd
+/// unreachable for one daemon while the test keeps writing to etcd directly.
+pub struct Proxy {
+    /// `http://127.0.0.1:PORT` to give the daemon.
+    pub endpoint: String,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Listens on a free loopback port and forwards to `upstream` (`http://host:port`).
+    pub async fn start(upstream: &str) -> Self {
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (cut2, conns2) = (cut.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if cut2.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: connection refused in effect
+                }
+                let up = upstream.clone();
+                let h = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&up).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                conns2.lock().unwrap().push(h.abort_handle());
+            }
+        });
+        Proxy {
+            endpoint,
+            cut,
+            conns,
+            accept,
+        }
+    }
+
+    /// Drops every connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for h in self.conns.lock().unwrap().drain(..) {
+            h.abort();
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
     }
 }
 

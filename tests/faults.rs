@@ -1,0 +1,193 @@
+//! Fault injection, for real: etcd stopped under a converged node, a restart
+//! during the outage, a watcher whose revision was compacted while it was cut off.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn shard(id: &str) -> String {
+    let hex = id.replace('-', "");
+    format!("{}/{}/{hex}", &hex[0..2], &hex[2..4])
+}
+
+async fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A volume, a vfolder and two kernels using it, all Ready.
+async fn two_kernels(etcd: &Etcd, node: &Node) -> String {
+    etcd.put(&format!("{P}/volumes/shard1"), &tmpfs_volume("requested"))
+        .await;
+    etcd.put(&format!("{P}/volumes/datasets"), &tmpfs_volume("startup"))
+        .await;
+    let id = uuid::Uuid::new_v4().to_string();
+    etcd.put(
+        &format!("{P}/vfolders/{id}"),
+        &format!("{{name: data, owner: alice, volume: shard1}}\n"),
+    )
+    .await;
+    for k in ["k1", "k2"] {
+        etcd.put(
+            &node.kernel_key(k),
+            &format!("mounts: [{{vfolder: {id}}}]\n"),
+        )
+        .await;
+    }
+    for k in ["k1", "k2"] {
+        etcd.wait_state(&node.kernel_status(k), "Ready").await;
+    }
+    id
+}
+
+fn targets(node: &Node) -> Vec<std::path::PathBuf> {
+    let mut t: Vec<_> = node.mounts().into_iter().map(|m| m.mount_point).collect();
+    t.sort();
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_outage_unmounts_nothing_even_across_a_restart() {
+    require_private_mount_namespace();
+    within(120, async {
+        let mut etcd = Etcd::start().await;
+        let mut node = Node::start(&etcd, "n1", NodeOpts::default());
+        let id = two_kernels(&etcd, &node).await;
+        let converged = targets(&node);
+        assert_eq!(
+            converged.len(),
+            6,
+            "2 volumes + 2 × (vfolder + dataset) binds: {converged:?}"
+        );
+
+        etcd.stop();
+        until("etcd is seen as gone", 30, || {
+            node.metric("vfolderd_etcd_connected") == Some(0.0)
+        })
+        .await;
+        assert_eq!(
+            http_get(&node.listen, "/readyz").0,
+            503,
+            "not ready while etcd is unreachable"
+        );
+        assert_eq!(targets(&node), converged, "nothing unmounted");
+
+        // Drift is still repaired against the last good desired state.
+        let bind = node.home("k1").join("data");
+        nix::mount::umount2(&bind, nix::mount::MntFlags::empty()).unwrap();
+        until("the bind is repaired during the outage", 20, || {
+            node.mount_at(&bind).is_some()
+        })
+        .await;
+
+        // A restart during the outage serves the stored desired state: nothing unmounted,
+        // drift still repaired, not ready.
+        assert!(node.stop());
+        node.spawn();
+        until("alive again", 20, || {
+            http_get(&node.listen, "/healthz").0 == 200
+        })
+        .await;
+        until("a pass ran from the stored state", 20, || {
+            node.metric("vfolderd_reconcile_passes_total{result=\"converged\"}")
+                .unwrap_or(0.0)
+                >= 1.0
+        })
+        .await;
+        assert!(node.log().contains("loaded the last good desired state"));
+        nix::mount::umount2(&bind, nix::mount::MntFlags::empty()).unwrap();
+        until(
+            "the bind is repaired after a restart during the outage",
+            20,
+            || node.mount_at(&bind).is_some(),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            targets(&node),
+            converged,
+            "nothing unmounted across the restart"
+        );
+        assert_eq!(http_get(&node.listen, "/readyz").0, 503);
+        let m = node.metrics();
+        assert!(!m.contains("kind=\"unmount\""), "no unmount:\n{m}");
+
+        // etcd returns: changes made now are applied.
+        etcd.restart().await;
+        etcd.delete(&node.kernel_key("k1")).await;
+        until("k1's binds are removed", 30, || {
+            node.mount_at(&bind).is_none()
+        })
+        .await;
+        assert!(
+            node.mount_at(&node.home("k2").join("data")).is_some(),
+            "k2 untouched"
+        );
+        until("ready again", 30, || {
+            http_get(&node.listen, "/readyz").0 == 200
+        })
+        .await;
+        assert!(node.volumes().join("shard1").join(shard(&id)).is_dir());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_cut_off_past_compaction_relists_and_sweeps_deleted_keys() {
+    require_private_mount_namespace();
+    within(120, async {
+        let etcd = Etcd::start().await;
+        let proxy = Proxy::start(&etcd.endpoint).await;
+        let node = Node::start_with_endpoint(&proxy.endpoint, "n1", NodeOpts::default());
+        two_kernels(&etcd, &node).await;
+
+        proxy.cut();
+        until("the node sees etcd gone", 30, || {
+            node.metric("vfolderd_etcd_connected") == Some(0.0)
+        })
+        .await;
+        etcd.delete(&node.kernel_key("k1")).await;
+        let mut c = etcd.client().await;
+        for i in 0..5 {
+            c.put(format!("/unrelated/{i}"), "x", None).await.unwrap();
+        }
+        let rev = c
+            .get("/unrelated/0", None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision();
+        c.compact(rev, None).await.unwrap();
+        assert!(
+            node.mount_at(&node.home("k1").join("data")).is_some(),
+            "nothing happens while cut off"
+        );
+
+        proxy.restore();
+        until("k1's binds are swept after the relist", 30, || {
+            node.mount_at(&node.home("k1").join("data")).is_none()
+        })
+        .await;
+        assert!(
+            node.mount_at(&node.home("k2").join("data")).is_some(),
+            "k2 untouched"
+        );
+        assert!(
+            node.mount_at(&node.home("k2").join("datasets")).is_some(),
+            "k2 untouched"
+        );
+        assert!(node.log().contains("compacted"), "the relist is logged");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while etcd.get_json(&node.kernel_status("k1")).await.is_some() {
+            assert!(Instant::now() < deadline, "k1's status not removed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
