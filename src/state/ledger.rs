@@ -105,6 +105,9 @@ pub struct Ledger {
     meta: sled::Tree,
 }
 
+/// Raw desired key/value pairs, as listed from etcd.
+pub type RawListing = Vec<(String, Vec<u8>)>;
+
 /// Key in `meta` of the revision the stored desired state reflects.
 const DESIRED_REVISION: &[u8] = b"desired_revision";
 
@@ -219,7 +222,7 @@ impl Ledger {
     }
 
     /// The stored desired state and its revision, if one was ever stored.
-    pub fn load_desired(&self) -> Result<Option<(Vec<(String, Vec<u8>)>, i64)>, LedgerError> {
+    pub fn load_desired(&self) -> Result<Option<(RawListing, i64)>, LedgerError> {
         let Some(rev) = self.meta.get(DESIRED_REVISION).map_err(sled_err("read"))? else {
             return Ok(None);
         };
