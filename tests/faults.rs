@@ -29,7 +29,7 @@ async fn two_kernels(etcd: &Etcd, node: &Node) -> String {
     let id = uuid::Uuid::new_v4().to_string();
     etcd.put(
         &format!("{P}/vfolders/{id}"),
-        &format!("{{name: data, owner: alice, volume: shard1}}\n"),
+        "{name: data, owner: alice, volume: shard1}\n",
     )
     .await;
     for k in ["k1", "k2"] {
