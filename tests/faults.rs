@@ -191,3 +191,54 @@ async fn a_watcher_cut_off_past_compaction_relists_and_sweeps_deleted_keys() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_mount_backs_off_per_object_and_recovers_once_fixed() {
+    require_private_mount_namespace();
+    within(120, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(
+            &etcd,
+            "n1",
+            NodeOpts {
+                helper_double: true,
+                ..Default::default()
+            },
+        );
+        let fail = node.dir.path().join("helper-fail");
+        std::fs::write(&fail, "").unwrap();
+        etcd.put(
+            &format!("{P}/volumes/nfs1"),
+            "mount: {at: startup, fstype: nfs, path: 'nfs.example:/export'}\n",
+        )
+        .await;
+        let st = etcd.wait_state(&node.volume_status("nfs1"), "Failed").await;
+        assert!(
+            st["error"].as_str().unwrap().contains("Host is down"),
+            "{st}"
+        );
+        let started = Instant::now();
+        // Other objects converge meanwhile, at once.
+        etcd.put(&format!("{P}/volumes/scratch"), &tmpfs_volume("startup"))
+            .await;
+        etcd.wait_state(&node.volume_status("scratch"), "Mounted")
+            .await;
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "not slowed by the failing volume"
+        );
+
+        tokio::time::sleep(Duration::from_millis(6500) - started.elapsed()).await;
+        let attempts = std::fs::read_to_string(node.dir.path().join("helper.log"))
+            .unwrap()
+            .lines()
+            .count();
+        // Backoff 0.5, 1, 2, 4 s: about 4 attempts in 6.5 s, although a 1 s resync ran 6 times.
+        assert!((3..=5).contains(&attempts), "{attempts} attempts in 6.5 s");
+
+        std::fs::remove_file(&fail).unwrap();
+        etcd.wait_state(&node.volume_status("nfs1"), "Mounted")
+            .await;
+    })
+    .await;
+}

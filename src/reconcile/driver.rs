@@ -21,7 +21,7 @@ use crate::keys::Keys;
 use crate::metrics::{Health, Metrics};
 use crate::policy::Policy;
 use crate::reconcile::actual::{MountInfoError, MountInfoSource, ProcMountInfo};
-use crate::reconcile::execute::{observe_dirs, status_message, ExecConfig, Executor};
+use crate::reconcile::execute::{observe_dirs, status_message, ExecConfig, ExecError, Executor};
 use crate::reconcile::plan::{plan, resolve, without_teardown, Action, Actual, NodeView};
 use crate::reconcile::report::{report, Failure, Report, ReportInputs, Usage};
 use crate::reconcile::sys::{LinuxMounter, Mounter};
@@ -72,9 +72,7 @@ impl Deps {
     /// The real kernel, with `helper` as the mount(8) program for cifs, nfs and FUSE.
     pub fn linux(helper: &std::path::Path) -> Self {
         Self {
-            mounter: Arc::new(LinuxMounter {
-                helper: helper.to_path_buf(),
-            }),
+            mounter: Arc::new(LinuxMounter::new(helper)),
             mountinfo: Arc::new(ProcMountInfo::default()),
             mountinfo_path: ProcMountInfo::default().path,
         }
@@ -85,9 +83,12 @@ impl Deps {
 const MAX_CHAINED_PASSES: usize = 4;
 /// Coalesces a burst of watch events into one pass.
 const DEBOUNCE: Duration = Duration::from_millis(5);
-/// Retry delays for a node that does not converge (a failing mount).
+/// Per-object retry delays after a failed action.
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(120);
+/// Retry delays after a whole pass failed (the mount table or ledger unreadable).
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(120);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// TTL of the node liveness lease.
 const NODE_LEASE_TTL: i64 = 15;
 
@@ -106,6 +107,23 @@ struct Reconciler {
     usage: BTreeMap<Uuid, Usage>,
     /// Where reports go (the background status writer).
     status_tx: tokio::sync::watch::Sender<StatusEntries>,
+    /// Per-object retry backoff after failed actions.
+    retry: BTreeMap<Owner, Retry>,
+}
+
+/// Backoff state of one object whose last action failed.
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    attempts: u32,
+    not_before: Instant,
+}
+
+/// Per-object retry delay: 0.5 s doubling to 2 min, so one bad object never
+/// slows the others and a flapping mount is not hammered.
+fn retry_delay(attempts: u32) -> Duration {
+    RETRY_MIN
+        .saturating_mul(1 << attempts.saturating_sub(1).min(16))
+        .min(RETRY_MAX)
 }
 
 /// What one pass did.
@@ -116,6 +134,8 @@ struct PassOutcome {
     owned: BTreeMap<&'static str, i64>,
     /// When a lingering volume's time runs out.
     linger_deadline: Option<Instant>,
+    /// When the earliest object backoff ends.
+    retry_deadline: Option<Instant>,
 }
 
 impl Reconciler {
@@ -195,9 +215,19 @@ impl Reconciler {
         let (want, actual) = if actions.is_empty() {
             (want, actual)
         } else {
-            let outcomes = self.exec.execute(actions, &actual.owned_mounts);
-            let mut touched: BTreeMap<Owner, Option<Failure>> = BTreeMap::new();
+            let deferred: BTreeMap<Owner, String> = self
+                .retry
+                .iter()
+                .filter(|(_, r)| now < r.not_before)
+                .filter_map(|(o, _)| self.failures.get(o).map(|f| (o.clone(), f.message.clone())))
+                .collect();
+            let outcomes = self.exec.execute(actions, &actual.owned_mounts, &deferred);
+            // Per object: the first error of this pass, if any, and whether it was attempted.
+            let mut touched: BTreeMap<Owner, Option<(Failure, bool)>> = BTreeMap::new();
             for o in &outcomes {
+                if matches!(&o.result, Err(ExecError::Deferred(_))) {
+                    continue; // not attempted: no metric, no log, no change
+                }
                 summary.push((o.action.kind(), o.result.is_ok()));
                 if let Err(e) = &o.result {
                     tracing::warn!(action = o.action.kind(), owner = ?o.owner, error = %status_message(e), "action failed");
@@ -217,25 +247,47 @@ impl Reconciler {
                 let Some(owner) = &o.owner else { continue };
                 let slot = touched.entry(owner.clone()).or_insert(None);
                 if let (None, Err(e)) = (&slot, &o.result) {
-                    *slot = Some(Failure {
+                    let f = Failure {
                         message: status_message(e),
                         pending: e.is_pending(),
-                    });
+                    };
+                    *slot = Some((f, e.was_attempted()));
                 }
             }
             for (owner, f) in touched {
                 match f {
-                    Some(f) => self.failures.insert(owner, f),
-                    None => self.failures.remove(&owner),
-                };
+                    Some((f, attempted)) => {
+                        if attempted {
+                            let r = self.retry.entry(owner.clone()).or_insert(Retry {
+                                attempts: 0,
+                                not_before: now,
+                            });
+                            r.attempts += 1;
+                            r.not_before = now + retry_delay(r.attempts);
+                        }
+                        self.failures.insert(owner, f);
+                    }
+                    None => {
+                        self.retry.remove(&owner);
+                        self.failures.remove(&owner);
+                    }
+                }
             }
             self.observe(desired)?
         };
-        // Forget failures of objects that no longer exist.
-        self.failures.retain(|o, _| match o {
+        // Forget failures and backoffs of objects that no longer exist.
+        let exists = |o: &Owner| match o {
             Owner::Volume(v) => desired.volumes.contains_key(v),
             Owner::Kernel(k) => desired.kernels.contains_key(k),
-        });
+        };
+        self.failures.retain(|o, _| exists(o));
+        self.retry.retain(|o, _| exists(o));
+        let retry_deadline = self
+            .retry
+            .values()
+            .map(|r| r.not_before)
+            .filter(|t| *t > now)
+            .min();
 
         if self.storage {
             self.usage
@@ -268,6 +320,7 @@ impl Reconciler {
             actions: summary,
             owned,
             linger_deadline,
+            retry_deadline,
         })
     }
 }
@@ -409,6 +462,7 @@ pub async fn run(
         dir_failures: BTreeMap::new(),
         usage: BTreeMap::new(),
         status_tx,
+        retry: BTreeMap::new(),
     });
 
     health.alive.store(true, Ordering::Relaxed);
@@ -499,14 +553,9 @@ pub async fn run(
                 metrics.rejected.with_label_values(&[kind]).set(n as i64);
             }
             converged_once = true;
-            if let Some(d) = o.linger_deadline {
+            backoff = BACKOFF_MIN;
+            for d in [o.linger_deadline, o.retry_deadline].into_iter().flatten() {
                 wake = wake.min(d);
-            }
-            if o.report.converged {
-                backoff = BACKOFF_MIN;
-            } else {
-                wake = wake.min(Instant::now() + backoff);
-                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         } else {
             wake = wake.min(Instant::now() + backoff);
@@ -546,6 +595,23 @@ async fn finish(
     let _ = stop_tx.send(true);
     let _ = server.await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_doubles_from_half_a_second_to_two_minutes() {
+        let d: Vec<u64> = (1..=10)
+            .map(|a| retry_delay(a).as_millis() as u64)
+            .collect();
+        assert_eq!(
+            d,
+            [500, 1000, 2000, 4000, 8000, 16000, 32000, 64000, 120000, 120000]
+        );
+        assert_eq!(retry_delay(u32::MAX), RETRY_MAX);
+    }
 }
 
 /// Aborts a background task when dropped (mini-redis `DbDropGuard`).

@@ -72,12 +72,20 @@ pub enum ExecError {
     /// Skipped because an action it depends on failed.
     #[error("skipped: {0}")]
     Skipped(String),
+    /// Not attempted: its object waits out a retry backoff after `0`.
+    #[error("{0}")]
+    Deferred(String),
 }
 
 impl ExecError {
     /// Whether the object should be reported `Pending` rather than `Failed`.
     pub fn is_pending(&self) -> bool {
         matches!(self, ExecError::SourceMissing(_))
+    }
+
+    /// Whether the action was actually attempted (and so counts toward backoff).
+    pub fn was_attempted(&self) -> bool {
+        !matches!(self, ExecError::Skipped(_) | ExecError::Deferred(_))
     }
 }
 
@@ -143,11 +151,14 @@ impl Executor {
         }
     }
 
-    /// Runs `actions` in order; returns one outcome per action.
+    /// Runs `actions` in order; returns one outcome per action. Actions of an
+    /// object in `deferred` (waiting out a retry backoff, with its last error)
+    /// are not attempted, nor are the actions that depend on them.
     pub fn execute(
         &self,
         actions: Vec<Action>,
         owned: &BTreeMap<PathBuf, OwnedMount>,
+        deferred: &BTreeMap<Owner, String>,
     ) -> Vec<Outcome> {
         let mut failed_owners: BTreeMap<Owner, String> = BTreeMap::new();
         let mut failed_volume_targets: BTreeSet<PathBuf> = BTreeSet::new();
@@ -167,9 +178,10 @@ impl Executor {
                         .then(|| format!("volume at {} failed", root.display())),
                     _ => None,
                 });
-            let result = match blocked {
-                Some(why) => Err(ExecError::Skipped(why)),
-                None => self.run(&action),
+            let result = match (owner.as_ref().and_then(|o| deferred.get(o)), blocked) {
+                (Some(last), _) => Err(ExecError::Deferred(last.clone())),
+                (None, Some(why)) => Err(ExecError::Skipped(why)),
+                (None, None) => self.run(&action),
             };
             if let Err(e) = &result {
                 if let Some(o) = &owner {
@@ -272,8 +284,15 @@ impl Executor {
         // Intent first: if we crash after mounting, the mount is still ours.
         self.ledger.put_mount(&record)?;
         let result = self.mount_volume_inner(v);
-        if result.is_err() {
-            self.ledger.remove_mount(&v.target)?;
+        match &result {
+            // A timed-out helper may still finish: keep the record, so a late
+            // mount is adopted as ours instead of becoming an unowned one.
+            Err(ExecError::Helper {
+                source: HelperError::Timeout(_) | HelperError::StillRunning,
+                ..
+            }) => {}
+            Err(_) => self.ledger.remove_mount(&v.target)?,
+            Ok(()) => {}
         }
         result
     }
@@ -546,6 +565,7 @@ mod tests {
                 bind: bind(&f, true),
             }],
             &BTreeMap::new(),
+            &BTreeMap::new(),
         );
         assert!(out[0].result.is_ok(), "{:?}", out[0].result);
         let calls = f.mounter.calls();
@@ -595,9 +615,11 @@ mod tests {
         let b = bind(&f, false);
         // The MS_BIND succeeds, the remount that adds nosuid,nodev fails.
         f.mounter.fail_after(CallKind::Mount, 1, Errno::EPERM, 1);
-        let out = f
-            .exec
-            .execute(vec![Action::Bind { bind: b.clone() }], &BTreeMap::new());
+        let out = f.exec.execute(
+            vec![Action::Bind { bind: b.clone() }],
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+        );
         assert!(
             matches!(
                 out[0].result,
@@ -625,9 +647,11 @@ mod tests {
         let f = fixture();
         let mut b = bind(&f, false);
         b.source = f.root.join("v/vol/00/00/missing");
-        let out = f
-            .exec
-            .execute(vec![Action::Bind { bind: b }], &BTreeMap::new());
+        let out = f.exec.execute(
+            vec![Action::Bind { bind: b }],
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+        );
         let err = out[0].result.as_ref().unwrap_err();
         assert!(err.is_pending(), "{err}");
         assert!(f.mounter.calls().is_empty());
@@ -686,7 +710,11 @@ mod tests {
         }
         let peek = Arc::new(Peek(f.mounter.clone(), std::sync::Mutex::new(None)));
         let exec = Executor::new(peek.clone(), f.ledger.clone(), f.exec.cfg.clone());
-        let out = exec.execute(vec![Action::MountVolume { volume: v }], &BTreeMap::new());
+        let out = exec.execute(
+            vec![Action::MountVolume { volume: v }],
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+        );
         assert!(out[0].result.is_ok(), "{:?}", out[0].result);
         let calls = f.mounter.calls();
         let [Call::Helper(req)] = calls.as_slice() else {
@@ -733,6 +761,7 @@ mod tests {
                 Action::Bind { bind: other },
             ],
             &BTreeMap::new(),
+            &BTreeMap::new(),
         );
         assert!(matches!(
             out[0].result,
@@ -756,8 +785,11 @@ mod tests {
     fn unmount_ebusy_keeps_ownership_and_einval_forgets() {
         let f = fixture();
         let b = bind(&f, false);
-        f.exec
-            .execute(vec![Action::Bind { bind: b.clone() }], &BTreeMap::new());
+        f.exec.execute(
+            vec![Action::Bind { bind: b.clone() }],
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+        );
         f.mounter.fail_next(CallKind::Umount2, Errno::EBUSY, 1);
         let owned = f.ledger.mounts().unwrap();
         let out = f.exec.execute(
@@ -766,6 +798,7 @@ mod tests {
                 kind: MountKind::Bind,
             }],
             &owned,
+            &BTreeMap::new(),
         );
         assert!(matches!(
             out[0].result,
@@ -782,6 +815,7 @@ mod tests {
                 kind: MountKind::Bind,
             }],
             &owned,
+            &BTreeMap::new(),
         );
         assert!(out[0].result.is_ok());
         assert!(f.ledger.mounts().unwrap().is_empty());

@@ -1,15 +1,18 @@
 //! The narrow kernel interface the executor uses: one method per syscall (or
 //! per external helper), so tests can swap in [`RecordingMounter`].
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
 use wait_timeout::ChildExt;
 
 use crate::names::redact;
@@ -38,6 +41,9 @@ pub enum HelperError {
     /// It ran longer than its timeout and was killed.
     #[error("mount helper timeout after {0:?}")]
     Timeout(Duration),
+    /// An earlier, timed-out helper for this target has not exited yet.
+    #[error("an earlier mount helper for this target is still running")]
+    StillRunning,
     /// It exited non-zero; `stderr` is redacted.
     #[error("mount helper exited with {code}: {stderr}")]
     Failed {
@@ -70,13 +76,25 @@ pub trait Mounter: Send + Sync {
 pub struct LinuxMounter {
     /// The mount(8)-compatible helper program.
     pub helper: PathBuf,
+    /// Targets whose timed-out helper has not exited yet (a helper stuck in
+    /// the kernel cannot die at once): no second mount is started on them,
+    /// so a late-finishing mount is never stacked under a new one.
+    pending: Arc<Mutex<BTreeSet<PathBuf>>>,
+}
+
+impl LinuxMounter {
+    /// A mounter running `helper` for cifs, nfs and FUSE.
+    pub fn new(helper: impl Into<PathBuf>) -> Self {
+        Self {
+            helper: helper.into(),
+            pending: Arc::default(),
+        }
+    }
 }
 
 impl Default for LinuxMounter {
     fn default() -> Self {
-        Self {
-            helper: "mount".into(),
-        }
+        Self::new("mount")
     }
 }
 
@@ -107,12 +125,25 @@ impl Mounter for LinuxMounter {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        if self.pending.lock().expect("lock").contains(&req.target) {
+            return Err(HelperError::StillRunning);
+        }
+        // Its own process group, so a timeout kills the helper and its children.
+        cmd.process_group(0);
         let mut child = cmd.spawn().map_err(|e| HelperError::Spawn(e.to_string()))?;
         let status = match child.wait_timeout(req.timeout) {
             Ok(Some(status)) => status,
             Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
+                let pgid = Pid::from_raw(child.id() as i32);
+                let _ = killpg(pgid, Signal::SIGKILL);
+                // Reap off-thread: a helper in uninterruptible sleep would block us.
+                let pending = self.pending.clone();
+                let target = req.target.clone();
+                pending.lock().expect("lock").insert(target.clone());
+                std::thread::spawn(move || {
+                    let _ = child.wait();
+                    pending.lock().expect("lock").remove(&target);
+                });
                 return Err(HelperError::Timeout(req.timeout));
             }
             Err(e) => return Err(HelperError::Spawn(e.to_string())),
@@ -276,6 +307,43 @@ mod tests {
         let (f, data) = split_flags(&["size=1m".into(), "ro".into(), "mode=0755".into()]);
         assert!(f.contains(MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_RDONLY));
         assert_eq!(data, "size=1m,mode=0755");
+    }
+
+    #[test]
+    fn a_timed_out_helper_and_its_children_are_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let helper = dir.path().join("helper");
+        let marker = dir.path().join("child-survived");
+        std::fs::write(
+            &helper,
+            format!(
+                "#!/bin/sh\n(sleep 1; touch {})&\nsleep 30\n",
+                marker.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let m = LinuxMounter::new(&helper);
+        let req = HelperRequest {
+            fstype: "nfs".into(),
+            source: "h:/x".into(),
+            target: dir.path().join("t"),
+            options: String::new(),
+            timeout: Duration::from_millis(200),
+        };
+        let started = std::time::Instant::now();
+        assert_eq!(
+            m.run_helper(&req),
+            Err(HelperError::Timeout(Duration::from_millis(200)))
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            !marker.exists(),
+            "the helper's children were killed with it"
+        );
+        assert!(!m.pending.lock().unwrap().contains(&req.target), "reaped");
     }
 
     #[test]

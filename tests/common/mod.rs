@@ -298,7 +298,8 @@ impl Default for NodeOpts {
 
 /// A mount(8) stand-in for fstypes this kernel has no client for. It logs its
 /// argv (one call per line) and the mode and content of any `credentials=`
-/// file, sleeps for the seconds in `helper-sleep` (if present), then
+/// file, sleeps for the seconds in `helper-sleep` (if present), fails while
+/// `helper-fail` exists, then
 /// bind-mounts a local directory standing in for the share at the target.
 const HELPER_DOUBLE: &str = r#"#!/bin/sh
 dir=__DIR__
@@ -316,6 +317,7 @@ if [ -n "$creds" ]; then
   { stat -c '%a' "$creds"; cat "$creds"; } >> "$dir/helper-creds.log"
 fi
 [ -f "$dir/helper-sleep" ] && sleep "$(cat "$dir/helper-sleep")"
+if [ -f "$dir/helper-fail" ]; then echo "mount error(112): Host is down" >&2; exit 32; fi
 share="$dir/shares/$(printf '%s' "$src" | tr -c 'A-Za-z0-9.\n' '_')"
 mkdir -p "$share"
 exec mount --bind "$share" "$tgt"
