@@ -597,6 +597,15 @@ async fn finish(
     Ok(())
 }
 
+/// Aborts a background task when dropped (mini-redis `DbDropGuard`).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -611,14 +620,5 @@ mod tests {
             [500, 1000, 2000, 4000, 8000, 16000, 32000, 64000, 120000, 120000]
         );
         assert_eq!(retry_delay(u32::MAX), RETRY_MAX);
-    }
-}
-
-/// Aborts a background task when dropped (mini-redis `DbDropGuard`).
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
