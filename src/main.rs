@@ -93,12 +93,13 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().cmd {
         Cmd::Run { config } => {
+            let shutdown = shutdown_signal();
             let cfg = load(&config)?;
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", cfg.listen))?;
             let deps = vfolderd::Deps::linux(&cfg.mount_helper);
-            vfolderd::run(cfg, deps, listener, shutdown_signal()).await?;
+            vfolderd::run(cfg, deps, listener, shutdown).await?;
         }
         Cmd::Apply { config, file } => {
             for name in vfolderd::cli::apply(&load(&config)?, &file).await? {
@@ -125,12 +126,17 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is
+/// called, not when first polled: a SIGTERM that arrives while the daemon is
+/// still starting must not kill it with the default action.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }

@@ -16,7 +16,9 @@ use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
 
 use crate::names::redact;
-use crate::reconcile::fsops::{self, fd_path, open_dir, remove_dir_if_empty, Create, FsError};
+use crate::reconcile::fsops::{
+    self, fd_path, make_dir, open_dir, remove_dir_if_empty, Create, FsError,
+};
 use crate::reconcile::plan::{Action, WantBind, WantVolume};
 use crate::reconcile::sys::{split_flags, HelperError, HelperRequest, Mounter};
 use crate::state::ledger::{Ledger, LedgerError, MountKind, OwnedDir, OwnedMount, Owner};
@@ -230,23 +232,23 @@ impl Executor {
                 gid,
                 owner,
             } => {
-                let (_, made) = open_dir(
-                    root,
-                    path,
-                    Some(Create {
-                        mode: 0o755,
-                        uid: *uid,
-                        gid: *gid,
-                    }),
-                )?;
-                if let Some(owner) = owner {
-                    for p in made {
-                        self.ledger.put_dir(&OwnedDir {
-                            path: p,
+                let create = Create {
+                    mode: 0o755,
+                    uid: *uid,
+                    gid: *gid,
+                };
+                // Ownership first: a crash right after mkdir leaves a directory we own.
+                let mut record = |p: &Path| match owner {
+                    Some(owner) => self
+                        .ledger
+                        .put_dir(&OwnedDir {
+                            path: p.to_path_buf(),
                             owner: owner.clone(),
-                        })?;
-                    }
-                }
+                        })
+                        .map_err(|e| crate::error_chain(&e)),
+                    None => Ok(()),
+                };
+                make_dir(root, path, create, &mut record)?;
                 Ok(())
             }
             Action::MountVolume { volume } => self.mount_volume(volume),

@@ -33,6 +33,14 @@ pub enum FsError {
         /// The missing component's full path.
         path: PathBuf,
     },
+    /// Recording a directory before creating it failed; it was not created.
+    #[error("cannot record {path} before creating it: {message}")]
+    Record {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
     /// Another syscall failed.
     #[error("{op} {path}: {errno}")]
     Sys {
@@ -105,6 +113,34 @@ pub fn open_dir(
     path: &Path,
     create: Option<Create>,
 ) -> Result<(OwnedFd, Vec<PathBuf>), FsError> {
+    let mut nothing = |_: &Path| Ok(());
+    walk(
+        root,
+        path,
+        create.map(|c| (c, &mut nothing as &mut BeforeMkdir)),
+    )
+}
+
+/// Called with each directory's path just before it is created; an error
+/// stops the walk. The executor records ownership here *before* mkdir, so a
+/// crash between the two never leaks a directory nobody owns.
+pub type BeforeMkdir<'a> = dyn FnMut(&Path) -> Result<(), String> + 'a;
+
+/// Like [`open_dir`] with `create`, calling `before` ahead of each mkdir.
+pub fn make_dir(
+    root: &Path,
+    path: &Path,
+    create: Create,
+    before: &mut BeforeMkdir<'_>,
+) -> Result<Vec<PathBuf>, FsError> {
+    walk(root, path, Some((create, before))).map(|(_, made)| made)
+}
+
+fn walk(
+    root: &Path,
+    path: &Path,
+    mut create: Option<(Create, &mut BeforeMkdir<'_>)>,
+) -> Result<(OwnedFd, Vec<PathBuf>), FsError> {
     let comps = rel_components(root, path)?;
     let mut fd = open_root(root, create.is_some())?;
     let mut cur = root.to_path_buf();
@@ -114,7 +150,11 @@ pub fn open_dir(
         let next = match openat(fd.as_fd(), c, WALK, Mode::empty()) {
             Ok(f) => f,
             Err(Errno::ENOENT) if create.is_some() => {
-                let cr = create.expect("checked");
+                let (cr, before) = create.as_mut().expect("checked");
+                before(&cur).map_err(|message| FsError::Record {
+                    path: cur.clone(),
+                    message,
+                })?;
                 match mkdirat(fd.as_fd(), c, Mode::from_bits_truncate(cr.mode)) {
                     Ok(()) => {
                         made.push(cur.clone());

@@ -403,6 +403,14 @@ impl Node {
         self.child = Some(child);
     }
 
+    /// Kills the daemon with SIGKILL (a crash) and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Sends SIGTERM and waits for exit; returns whether it exited cleanly.
     pub fn stop(&mut self) -> bool {
         let Some(mut c) = self.child.take() else {
@@ -490,6 +498,16 @@ impl Node {
     /// Scrapes `/metrics`.
     pub fn metrics(&self) -> String {
         http_get(&self.listen, "/metrics").1
+    }
+
+    /// Like [`Node::metric`], but `None` instead of waiting while the endpoint is not up.
+    pub fn metric_now(&self, series: &str) -> Option<f64> {
+        let mut s = TcpStream::connect(&self.listen).ok()?;
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).ok()?;
+        buf.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|r| r.trim().parse().ok()))
     }
 
     /// The value of one series (exact label text, e.g. `vfolderd_kernels{state="Ready"}`).
