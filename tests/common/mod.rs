@@ -192,6 +192,113 @@ impl Drop for Etcd {
     }
 }
 
+/// A 3-member etcd cluster on loopback ports.
+pub struct Cluster {
+    members: Vec<(String, Option<Child>)>,
+    /// Client URLs, one per member.
+    pub endpoints: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts `n` members and waits until the cluster answers.
+    pub async fn start(n: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let clients: Vec<String> = (0..n)
+            .map(|_| format!("http://127.0.0.1:{}", free_port()))
+            .collect();
+        let peers: Vec<String> = (0..n)
+            .map(|_| format!("http://127.0.0.1:{}", free_port()))
+            .collect();
+        let initial: Vec<String> = peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("m{i}={p}"))
+            .collect();
+        let mut members = Vec::new();
+        for i in 0..n {
+            let log = std::fs::File::create(dir.path().join(format!("m{i}.log"))).unwrap();
+            let child = Command::new("etcd")
+                .args(["--name", &format!("m{i}"), "--data-dir"])
+                .arg(dir.path().join(format!("m{i}")))
+                .args([
+                    "--listen-client-urls",
+                    &clients[i],
+                    "--advertise-client-urls",
+                    &clients[i],
+                ])
+                .args([
+                    "--listen-peer-urls",
+                    &peers[i],
+                    "--initial-advertise-peer-urls",
+                    &peers[i],
+                ])
+                .args([
+                    "--initial-cluster",
+                    &initial.join(","),
+                    "--initial-cluster-state",
+                    "new",
+                ])
+                .args(["--initial-cluster-token", "vfolderd-test"])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            members.push((clients[i].clone(), Some(child)));
+        }
+        let c = Cluster {
+            members,
+            endpoints: clients,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut cl) = Client::connect(&c.endpoints, None).await {
+                if cl.put("probe", "1", None).await.is_ok() {
+                    return c;
+                }
+            }
+            assert!(Instant::now() < deadline, "cluster did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A client over every member.
+    pub async fn client(&self) -> Client {
+        let opts = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(3));
+        Client::connect(&self.endpoints, Some(opts)).await.unwrap()
+    }
+
+    /// Kills the current leader (SIGKILL); returns its client URL.
+    pub async fn kill_leader(&mut self) -> String {
+        for (url, child) in &mut self.members {
+            let Some(_) = child else { continue };
+            let Ok(mut c) = Client::connect([url.as_str()], None).await else {
+                continue;
+            };
+            let Ok(st) = c.status().await else { continue };
+            if st.header().map(|h| h.member_id()) == Some(st.leader()) {
+                let mut ch = child.take().unwrap();
+                let _ = ch.kill();
+                let _ = ch.wait();
+                return url.clone();
+            }
+        }
+        panic!("no leader found");
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.members {
+            if let Some(mut c) = c.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
 /// A TCP proxy in front of etcd that a test can cut, to make etcd
 /// unreachable for one daemon while the test keeps writing to etcd directly.
 pub struct Proxy {
