@@ -83,6 +83,12 @@ pub struct NodeConfig {
     /// How long a mount helper (`mount -t cifs ...`) may run before it is killed.
     #[serde(default = "default_mount_timeout", with = "humantime_serde")]
     pub mount_timeout: Duration,
+    /// How often each owned volume mount is probed for staleness.
+    #[serde(default = "default_probe_interval", with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// How long a probe may take before the mount counts as stale (hung).
+    #[serde(default = "default_probe_timeout", with = "humantime_serde")]
+    pub probe_timeout: Duration,
     /// The mount(8)-compatible program run for fstypes the kernel cannot be
     /// asked directly (cifs, nfs, FUSE): `HELPER -t FSTYPE -o OPTIONS SOURCE TARGET`.
     #[serde(default = "default_mount_helper")]
@@ -169,6 +175,12 @@ fn default_resync() -> Duration {
 }
 fn default_linger() -> Duration {
     Duration::from_secs(30)
+}
+fn default_probe_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_probe_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 fn default_mount_helper() -> PathBuf {
     "mount".into()

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub ready: IntGauge,
     /// `vfolderd_status_writes_total`: status keys written or deleted.
     pub status_writes: IntCounter,
+    /// `vfolderd_stale_volumes`: volume mounts the prober found stale.
+    pub stale_volumes: IntGauge,
 }
 
 impl Metrics {
@@ -100,6 +102,11 @@ impl Metrics {
             "Status keys written or deleted",
         )
         .expect("metric");
+        let stale_volumes = IntGauge::new(
+            "vfolderd_stale_volumes",
+            "Volume mounts found stale (ENOTCONN, ESTALE, EIO, EHOSTDOWN, or no answer)",
+        )
+        .expect("metric");
         for c in [
             Box::new(passes.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(pass_duration.clone()),
@@ -111,6 +118,7 @@ impl Metrics {
             Box::new(etcd_connected.clone()),
             Box::new(ready.clone()),
             Box::new(status_writes.clone()),
+            Box::new(stale_volumes.clone()),
         ] {
             registry.register(c).expect("register");
         }
@@ -126,6 +134,7 @@ impl Metrics {
             etcd_connected,
             ready,
             status_writes,
+            stale_volumes,
         }
     }
 

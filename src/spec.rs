@@ -67,6 +67,21 @@ pub struct VolumeSpec {
     /// Storage role creates the blob container if missing (issue 5).
     #[serde(default)]
     pub create: bool,
+    /// When a stale mount of this volume is healed (lazy unmount, remount).
+    #[serde(default)]
+    pub heal: HealPolicy,
+}
+
+/// When vfolderd heals a stale volume mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HealPolicy {
+    /// Only while no kernel uses it: a remount under running kernels would
+    /// cut their open files, so they keep the stale mount until they go.
+    #[default]
+    Unused,
+    /// Also under running kernels: their binds are re-made on the new mount.
+    Always,
 }
 
 impl VolumeSpec {

@@ -242,3 +242,116 @@ async fn a_failing_mount_backs_off_per_object_and_recovers_once_fixed() {
     })
     .await;
 }
+
+/// The pid of the FUSE daemon serving `target`.
+fn fuse_daemon_for(target: &std::path::Path) -> i32 {
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("rclone") && cmd.contains(target.to_str().unwrap()) {
+            return pid;
+        }
+    }
+    panic!("no rclone serving {}", target.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fuse_volume_whose_daemon_dies_is_stale_and_healed_once_unused() {
+    require_private_mount_namespace();
+    within(120, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(
+            &etcd,
+            "n1",
+            NodeOpts {
+                helper_double: true,
+                extra_config: "probe_interval: 300ms\nprobe_timeout: 2s\n",
+                ..Default::default()
+            },
+        );
+        std::fs::write(node.dir.path().join("helper-fuse"), "").unwrap();
+        etcd.put(
+            &format!("{P}/volumes/nfs1"),
+            "mount: {at: requested, fstype: nfs, path: 'fuse.example:/data'}\n",
+        )
+        .await;
+        let id = uuid::Uuid::new_v4().to_string();
+        etcd.put(
+            &format!("{P}/vfolders/{id}"),
+            "{name: data, owner: alice, volume: nfs1}\n",
+        )
+        .await;
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {id}}}]\n"),
+        )
+        .await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let target = node.volumes().join("nfs1");
+        assert_eq!(node.mount_at(&target).unwrap().fstype, "fuse.rclone");
+        std::fs::write(node.home("k1").join("data/notes.txt"), b"kept").unwrap();
+
+        let pid = fuse_daemon_for(&target);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let st = etcd.wait_state(&node.volume_status("nfs1"), "Stale").await;
+        assert!(
+            st["error"].as_str().unwrap().contains("not connected"),
+            "{st}"
+        );
+        until("the stale metric", 10, || {
+            node.metric("vfolderd_stale_volumes") == Some(1.0)
+        })
+        .await;
+
+        // k1 still uses it: no heal under a running kernel.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            etcd.get_json(&node.volume_status("nfs1")).await.unwrap()["state"],
+            "Stale"
+        );
+        let helper_calls = || {
+            std::fs::read_to_string(node.dir.path().join("helper.log"))
+                .unwrap()
+                .lines()
+                .count()
+        };
+        assert_eq!(helper_calls(), 1, "not remounted while in use");
+
+        etcd.delete(&node.kernel_key("k1")).await;
+        etcd.wait_state(&node.volume_status("nfs1"), "Mounted")
+            .await;
+        assert_eq!(helper_calls(), 2, "remounted once");
+        assert_eq!(
+            node.mounts()
+                .iter()
+                .filter(|m| m.mount_point == target)
+                .count(),
+            1,
+            "the dead mount is gone"
+        );
+        nix::sys::statfs::statfs(&target).expect("the new mount answers");
+        let hex = id.replace('-', "");
+        let file = target
+            .join(&hex[0..2])
+            .join(&hex[2..4])
+            .join(&hex)
+            .join("notes.txt");
+        assert_eq!(
+            std::fs::read_to_string(file).unwrap(),
+            "kept",
+            "data served again"
+        );
+        until("the stale metric clears", 10, || {
+            node.metric("vfolderd_stale_volumes") == Some(0.0)
+        })
+        .await;
+    })
+    .await;
+}

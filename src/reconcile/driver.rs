@@ -23,6 +23,7 @@ use crate::policy::Policy;
 use crate::reconcile::actual::{MountInfoError, MountInfoSource, ProcMountInfo};
 use crate::reconcile::execute::{observe_dirs, status_message, ExecConfig, ExecError, Executor};
 use crate::reconcile::plan::{plan, resolve, without_teardown, Action, Actual, NodeView};
+use crate::reconcile::probe::{run_prober, StaleMap};
 use crate::reconcile::report::{report, Failure, Report, ReportInputs, Usage};
 use crate::reconcile::sys::{LinuxMounter, Mounter};
 use crate::state::desired::{Desired, DesiredParser};
@@ -109,6 +110,8 @@ struct Reconciler {
     status_tx: tokio::sync::watch::Sender<StatusEntries>,
     /// Per-object retry backoff after failed actions.
     retry: BTreeMap<Owner, Retry>,
+    /// Stale volume mounts, as the prober last saw them.
+    stale: StaleMap,
 }
 
 /// Backoff state of one object whose last action failed.
@@ -159,6 +162,7 @@ impl Reconciler {
             owned_mounts: self.ledger.mounts()?,
             owned_dirs: self.ledger.dirs()?,
             dirs: observe_dirs(&want.paths_to_observe()),
+            stale: self.stale.lock().expect("stale lock").clone(),
         };
         Ok((want, actual))
     }
@@ -225,6 +229,13 @@ impl Reconciler {
             // Per object: the first error of this pass, if any, and whether it was attempted.
             let mut touched: BTreeMap<Owner, Option<(Failure, bool)>> = BTreeMap::new();
             for o in &outcomes {
+                if let (Action::MountVolume { volume }, Ok(())) = (&o.action, &o.result) {
+                    // Freshly mounted: no longer stale (until a probe says otherwise).
+                    self.stale
+                        .lock()
+                        .expect("stale lock")
+                        .remove(&volume.target);
+                }
                 if matches!(&o.result, Err(ExecError::Deferred(_))) {
                     continue; // not attempted: no metric, no log, no change
                 }
@@ -403,6 +414,17 @@ pub async fn run(
             }
         }))
     };
+    let stale: StaleMap = Arc::default();
+    let prober = {
+        let (cache, ledger, stale) = (cache.clone(), ledger.clone(), stale.clone());
+        let (interval, timeout) = (cfg.probe_interval, cfg.probe_timeout);
+        AbortOnDrop(tokio::spawn(async move {
+            run_prober(ledger, interval, timeout, stale, || {
+                cache.changed.notify_one()
+            })
+            .await;
+        }))
+    };
     let liveness = {
         let (cache, health, keys2) = (cache.clone(), health.clone(), keys.clone());
         let roles = cfg.roles.clone();
@@ -453,7 +475,8 @@ pub async fn run(
         },
         storage: cfg.has_role(Role::Storage),
         keys: keys.clone(),
-        exec: Executor::new(deps.mounter.clone(), ledger.clone(), exec_cfg),
+        exec: Executor::new(deps.mounter.clone(), ledger.clone(), exec_cfg)
+            .with_mount_wait(deps.mountinfo.clone()),
         ledger,
         mountinfo: deps.mountinfo.clone(),
         linger: cfg.linger,
@@ -463,6 +486,7 @@ pub async fn run(
         usage: BTreeMap::new(),
         status_tx,
         retry: BTreeMap::new(),
+        stale: stale.clone(),
     });
 
     health.alive.store(true, Ordering::Relaxed);
@@ -546,6 +570,7 @@ pub async fn run(
                     .with_label_values(&[state])
                     .set(*o.report.kernels_by_state.get(state).unwrap_or(&0) as i64);
             }
+            metrics.stale_volumes.set(o.report.stale_volumes as i64);
             for (kind, n) in &o.owned {
                 metrics.owned_mounts.with_label_values(&[kind]).set(*n);
             }
@@ -578,6 +603,7 @@ pub async fn run(
     }
     drop(watcher);
     drop(mount_events);
+    drop(prober);
     drop(liveness);
     // Let the last report reach etcd (briefly: etcd may be gone).
     drop(rec);

@@ -16,6 +16,7 @@ use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
 
 use crate::names::redact;
+use crate::reconcile::actual::MountInfoSource;
 use crate::reconcile::fsops::{
     self, fd_path, make_dir, open_dir, remove_dir_if_empty, Create, FsError,
 };
@@ -122,6 +123,9 @@ pub struct Executor {
     mounter: Arc<dyn Mounter>,
     ledger: Ledger,
     cfg: ExecConfig,
+    /// Where to watch for a helper's mount to appear (FUSE daemons may return
+    /// before their mount is visible); `None` with a recording double.
+    mountinfo: Option<Arc<dyn MountInfoSource>>,
 }
 
 /// The object an action serves, for status and dependency skipping.
@@ -133,7 +137,7 @@ pub fn owner_of(a: &Action, owned: &BTreeMap<PathBuf, OwnedMount>) -> Option<Own
             bind.required.then(|| Owner::Kernel(bind.kernel.clone()))
         }
         Action::MakeDir { owner, .. } => owner.clone(),
-        Action::Unmount { target, .. } | Action::Forget { target } => {
+        Action::Unmount { target, .. } | Action::Forget { target } | Action::Detach { target } => {
             owned.get(target).map(|m| match &m.kernel {
                 Some(k) => Owner::Kernel(k.clone()),
                 None => Owner::Volume(m.volume.clone()),
@@ -150,7 +154,15 @@ impl Executor {
             mounter,
             ledger,
             cfg,
+            mountinfo: None,
         }
+    }
+
+    /// After a helper succeeds, wait (up to the mount timeout) until its mount
+    /// shows in `mountinfo`, so the next pass never mounts the target twice.
+    pub fn with_mount_wait(mut self, mountinfo: Arc<dyn MountInfoSource>) -> Self {
+        self.mountinfo = Some(mountinfo);
+        self
     }
 
     /// Runs `actions` in order; returns one outcome per action. Actions of an
@@ -215,6 +227,17 @@ impl Executor {
     fn run(&self, action: &Action) -> Result<(), ExecError> {
         match action {
             Action::Unmount { target, .. } => self.unmount(target),
+            // MNT_DETACH: a dead mount cannot answer a plain unmount; ownership stays.
+            Action::Detach { target } => match self
+                .mounter
+                .umount2(target, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW)
+            {
+                Ok(()) | Err(Errno::EINVAL | Errno::ENOENT) => Ok(()),
+                Err(errno) => Err(ExecError::UnmountFailed {
+                    target: target.clone(),
+                    errno,
+                }),
+            },
             Action::Forget { target } => Ok(self.ledger.remove_mount(target)?),
             Action::RemoveDir { path } => {
                 let root = if path.starts_with(&self.cfg.kernels_root) {
@@ -399,7 +422,27 @@ impl Executor {
         result.map_err(|source| ExecError::Helper {
             target: v.target.clone(),
             source,
-        })
+        })?;
+        self.wait_until_mounted(&v.target)
+    }
+
+    fn wait_until_mounted(&self, target: &Path) -> Result<(), ExecError> {
+        let Some(mi) = &self.mountinfo else {
+            return Ok(());
+        };
+        let deadline = std::time::Instant::now() + self.cfg.mount_timeout;
+        loop {
+            if mi.read().is_ok_and(|t| t.top(target).is_some()) {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(ExecError::Helper {
+                    target: target.to_path_buf(),
+                    source: HelperError::Timeout(self.cfg.mount_timeout),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn write_temp_credentials(&self, volume: &str, lines: &[String]) -> Result<PathBuf, ExecError> {
@@ -678,6 +721,7 @@ mod tests {
             .to_vec(),
             credentials: None,
             at: MountAt::Requested,
+            heal: Default::default(),
         };
         // Capture the credentials file while the "helper" runs.
         struct Peek(
@@ -750,6 +794,7 @@ mod tests {
             options: vec![],
             credentials: None,
             at: MountAt::Requested,
+            heal: Default::default(),
         };
         f.mounter.fail_next(CallKind::Mount, Errno::ENOSPC, 1);
         let b = bind(&f, false);

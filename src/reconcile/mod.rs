@@ -6,5 +6,6 @@ pub mod execute;
 pub mod fsops;
 pub mod mountwatch;
 pub mod plan;
+pub mod probe;
 pub mod report;
 pub mod sys;

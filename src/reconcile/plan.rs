@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 use crate::reconcile::actual::MountTable;
-use crate::spec::{vfolder_relpath, KernelMount, MountAt, Permission};
+use crate::spec::{vfolder_relpath, HealPolicy, KernelMount, MountAt, Permission};
 use crate::state::desired::Desired;
 use crate::state::ledger::{MountKind, OwnedDir, OwnedMount, Owner};
 
@@ -42,6 +42,8 @@ pub struct Actual {
     pub owned_dirs: BTreeMap<PathBuf, OwnedDir>,
     /// Which of [`Want::paths_to_observe`] exist as directories.
     pub dirs: BTreeSet<PathBuf>,
+    /// Volume mount points the prober found stale, with the reason.
+    pub stale: BTreeMap<PathBuf, String>,
 }
 
 /// A volume this node should have mounted.
@@ -61,6 +63,8 @@ pub struct WantVolume {
     pub credentials: Option<String>,
     /// startup | requested.
     pub at: MountAt,
+    /// Whether a stale mount is healed under running kernels too.
+    pub heal: HealPolicy,
 }
 
 /// A bind into a kernel home.
@@ -165,6 +169,7 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
                     options: spec.option_list(),
                     credentials: spec.mount.credentials.clone(),
                     at: spec.mount.at,
+                    heal: spec.heal,
                 },
             );
         }
@@ -370,6 +375,12 @@ pub enum Action {
         /// Volume or bind.
         kind: MountKind,
     },
+    /// Lazily detach an owned mount that is stale (`MNT_DETACH`), keeping
+    /// ownership: it is mounted again right after.
+    Detach {
+        /// Mount point.
+        target: PathBuf,
+    },
     /// Forget an owned record whose mount is already gone.
     Forget {
         /// Mount point.
@@ -417,6 +428,7 @@ impl Action {
         match self {
             Action::Unmount { .. } => "unmount",
             Action::Forget { .. } => "forget",
+            Action::Detach { .. } => "detach",
             Action::RemoveDir { .. } => "rmdir",
             Action::MakeDir { .. } => "mkdir",
             Action::MountVolume { .. } => "mount",
@@ -442,6 +454,30 @@ pub fn plan(node: &NodeView, want: &Want, actual: &Actual, keep: &BTreeSet<Strin
     let mounted = |t: &Path| actual.mounts.top(t).is_some();
     let mut removed: BTreeSet<PathBuf> = BTreeSet::new();
 
+    // 0. Stale volume mounts to heal: those no kernel uses, or all with `heal: always`.
+    // Users: wanted binds, and binds kept for held kernels (binds being torn
+    // down in this plan do not count).
+    let users_of = |v: &str| {
+        want.binds.values().any(|b| b.volume == v)
+            || actual.owned_mounts.values().any(|m| {
+                m.kind == MountKind::Bind
+                    && m.volume == v
+                    && m.kernel
+                        .as_ref()
+                        .is_some_and(|k| want.held_kernels.contains(k))
+            })
+    };
+    let heal: BTreeMap<&Path, &WantVolume> = want
+        .volumes
+        .values()
+        .filter(|v| {
+            actual.stale.contains_key(&v.target) && actual.owned_mounts.contains_key(&v.target)
+        })
+        .filter(|v| mounted(&v.target) && (v.heal == HealPolicy::Always || !users_of(&v.name)))
+        .map(|v| (v.target.as_path(), v))
+        .collect();
+    let healed_volume = |name: &str| heal.values().any(|v| v.name == name);
+
     // 1. Owned binds that are no longer wanted (or whose source changed), deepest first.
     let mut binds: Vec<PathBuf> = actual
         .owned_mounts
@@ -459,6 +495,12 @@ pub fn plan(node: &NodeView, want: &Want, actual: &Actual, keep: &BTreeSet<Strin
                 .as_ref()
                 .is_some_and(|k| want.held_kernels.contains(k)),
         };
+        if keep_it && healed_volume(&m.volume) && mounted(&t) {
+            // Its volume is re-mounted under it: detach now, bind again below.
+            out.push(Action::Detach { target: t.clone() });
+            removed.insert(t);
+            continue;
+        }
         if keep_it {
             continue;
         }
@@ -555,8 +597,15 @@ pub fn plan(node: &NodeView, want: &Want, actual: &Actual, keep: &BTreeSet<Strin
             }
         };
 
-    // 4. Volume mounts.
+    // 4. Volume mounts (and stale ones re-mounted).
     for v in want.volumes.values() {
+        if heal.contains_key(v.target.as_path()) {
+            out.push(Action::Detach {
+                target: v.target.clone(),
+            });
+            out.push(Action::MountVolume { volume: v.clone() });
+            continue;
+        }
         if occupied(&v.target) || mounted(&v.target) {
             continue;
         }
@@ -634,6 +683,7 @@ pub fn without_teardown(actions: Vec<Action>) -> Vec<Action> {
         .into_iter()
         .filter(|a| match a {
             Action::Unmount { .. } | Action::Forget { .. } | Action::RemoveDir { .. } => false,
+            Action::Detach { .. } => true,
             Action::Bind { bind } | Action::Remount { bind } => !blocked.contains(&bind.target),
             Action::MountVolume { volume } => !blocked.contains(&volume.target),
             Action::MakeDir { path, .. } => !blocked.contains(path),
@@ -670,6 +720,7 @@ mod tests {
             },
             access: Permission::Ro,
             create: false,
+            heal: HealPolicy::Unused,
         }
     }
 
@@ -722,6 +773,10 @@ mod tests {
                 }
                 Action::Forget { target } => {
                     a.owned_mounts.remove(target);
+                }
+                Action::Detach { target } => {
+                    a.mounts.remove_top(target);
+                    a.stale.remove(target);
                 }
                 Action::RemoveDir { path } => {
                     a.dirs.remove(path);
@@ -1026,6 +1081,46 @@ mod tests {
     }
 
     #[test]
+    fn a_stale_volume_is_healed_only_when_unused_unless_asked() {
+        let n = node(true, true);
+        let mut a = Actual::default();
+        converge(&n, &one_kernel_desired(), &mut a);
+        a.stale
+            .insert("/v/vol".into(), "stale mount: ENOTCONN".into());
+        // In use by k1: left alone (status says Stale).
+        assert_eq!(
+            plan(
+                &n,
+                &resolve(&n, &one_kernel_desired()),
+                &a,
+                &BTreeSet::new()
+            ),
+            vec![]
+        );
+        // Unused: lazy detach, mount again.
+        let mut d = one_kernel_desired();
+        d.kernels.clear();
+        let acts = plan(&n, &resolve(&n, &d), &a, &BTreeSet::new());
+        let kinds: Vec<&str> = acts.iter().map(Action::kind).collect();
+        assert_eq!(
+            kinds,
+            ["unmount", "rmdir", "rmdir", "rmdir", "detach", "mount"],
+            "{acts:?}"
+        );
+        // `heal: always`: the bind is detached and made again on the new mount.
+        let mut d = one_kernel_desired();
+        if let Ok(v) = &mut d.volumes.get_mut("vol").unwrap().spec {
+            v.heal = HealPolicy::Always;
+        }
+        let acts = plan(&n, &resolve(&n, &d), &a, &BTreeSet::new());
+        let kinds: Vec<&str> = acts.iter().map(Action::kind).collect();
+        assert_eq!(kinds, ["detach", "detach", "mount", "bind"], "{acts:?}");
+        let mut after = a.clone();
+        apply(&n, &mut after, &acts);
+        assert_eq!(plan(&n, &resolve(&n, &d), &after, &BTreeSet::new()), vec![]);
+    }
+
+    #[test]
     fn resolve_rejects_overlapping_homes_and_rw_on_a_ro_vfolder() {
         let n = node(true, true);
         let mut d = one_kernel_desired();
@@ -1138,6 +1233,7 @@ mod tests {
         #[test]
         fn plan_converges_in_one_step_and_keeps_the_invariants(
             d1 in arb_desired(), d2 in arb_desired(), agent in any::<bool>(), storage in any::<bool>(),
+            stale in prop::collection::vec(any::<bool>(), 3),
         ) {
             let n = node(agent || !storage, storage);
             let mut a = Actual::default();
@@ -1145,8 +1241,21 @@ mod tests {
             a.mounts.insert(entry(1, Path::new("/v/foreign"), false));
             a.mounts.insert(entry(2, Path::new("/k/k0/work/foreign"), false));
             converge(&n, &d1, &mut a);
+            for (name, is_stale) in ["va", "vb", "vc"].iter().zip(stale) {
+                let t = n.volumes_root.join(name);
+                if is_stale && a.owned_mounts.contains_key(&t) {
+                    a.stale.insert(t, "stale".into());
+                }
+            }
             let w2 = resolve(&n, &d2);
             let acts = plan(&n, &w2, &a, &BTreeSet::new());
+            for act in &acts {
+                if let Action::Detach { target } = act {
+                    if let Some(m) = a.owned_mounts.get(target).filter(|m| m.kind == MountKind::Volume) {
+                        prop_assert!(!w2.users.contains_key(&m.volume), "healed {} under its users", m.volume);
+                    }
+                }
+            }
 
             let mut unmounted_volumes = BTreeSet::new();
             for act in &acts {

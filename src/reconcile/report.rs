@@ -43,6 +43,8 @@ pub struct Report {
     pub kernels_by_state: BTreeMap<&'static str, usize>,
     /// Whether every kernel is Ready and every wanted volume Mounted.
     pub converged: bool,
+    /// Wanted volumes whose mount is stale.
+    pub stale_volumes: usize,
 }
 
 /// Inputs of [`report`] besides the state.
@@ -80,6 +82,10 @@ pub fn report(inp: &ReportInputs<'_>, d: &Desired, want: &Want, actual: &Actual)
             .find(|m| m.kind == crate::state::ledger::MountKind::Volume && &m.volume == name);
         let v = match (&e.spec, target) {
             (Err(reason), _) => json!({"state": "Rejected", "users": users, "error": reason}),
+            (Ok(_), Some(t)) if owned_mounted(&t) && actual.stale.contains_key(&t) => {
+                r.stale_volumes += 1;
+                json!({"state": "Stale", "users": users, "error": actual.stale[&t]})
+            }
             (Ok(_), Some(t)) if owned_mounted(&t) => json!({"state": "Mounted", "users": users}),
             (Ok(_), Some(t)) if occupied(&t) => {
                 r.converged = false;

@@ -389,6 +389,8 @@ pub struct NodeOpts {
     pub helper_double: bool,
     /// Mount helper timeout.
     pub mount_timeout: &'static str,
+    /// Extra config lines.
+    pub extra_config: &'static str,
 }
 
 impl Default for NodeOpts {
@@ -399,6 +401,7 @@ impl Default for NodeOpts {
             linger: "0s",
             helper_double: false,
             mount_timeout: "10s",
+            extra_config: "",
         }
     }
 }
@@ -406,7 +409,8 @@ impl Default for NodeOpts {
 /// A mount(8) stand-in for fstypes this kernel has no client for. It logs its
 /// argv (one call per line) and the mode and content of any `credentials=`
 /// file, sleeps for the seconds in `helper-sleep` (if present), fails while
-/// `helper-fail` exists, then
+/// `helper-fail` exists, serves `shares/fuse` through a real `rclone mount`
+/// FUSE daemon while `helper-fuse` exists, and otherwise
 /// bind-mounts a local directory standing in for the share at the target.
 const HELPER_DOUBLE: &str = r#"#!/bin/sh
 dir=__DIR__
@@ -425,6 +429,10 @@ if [ -n "$creds" ]; then
 fi
 [ -f "$dir/helper-sleep" ] && sleep "$(cat "$dir/helper-sleep")"
 if [ -f "$dir/helper-fail" ]; then echo "mount error(112): Host is down" >&2; exit 32; fi
+if [ -f "$dir/helper-fuse" ]; then
+  mkdir -p "$dir/shares/fuse"
+  exec rclone mount "$dir/shares/fuse" "$tgt" --daemon --log-file "$dir/rclone.log"
+fi
 share="$dir/shares/$(printf '%s' "$src" | tr -c 'A-Za-z0-9.\n' '_')"
 mkdir -p "$share"
 exec mount --bind "$share" "$tgt"
@@ -476,8 +484,8 @@ impl Node {
         let cfg = format!(
             "node: {name}\nroles: {}\netcd: {{endpoints: [\"{}\"], prefix: {P}}}\nroots: {{volumes: {d}/volumes, kernels: {d}/kernels}}\n\
              state: {d}/state\ncredentials: {d}/credentials\npolicies: {d}/policies\nlisten: {listen}\nresync: {}\nlinger: {}\n\
-             mount_timeout: {}\n{helper_line}",
-            opts.roles, endpoint, opts.resync, opts.linger, opts.mount_timeout
+             mount_timeout: {}\n{helper_line}{}",
+            opts.roles, endpoint, opts.resync, opts.linger, opts.mount_timeout, opts.extra_config
         );
         let config = dir.path().join("node.yaml");
         std::fs::write(&config, cfg).unwrap();
@@ -630,6 +638,23 @@ impl Drop for Node {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        // FUSE daemons the helper double started for this node go with it.
+        let me = self.dir.path().to_string_lossy().into_owned();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(
+                &std::fs::read(e.path().join("cmdline")).unwrap_or_default(),
+            )
+            .replace('\0', " ");
+            if cmd.contains("rclone") && cmd.contains(&me) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
         }
         // Clean our namespace's mounts so the temp dir can be removed.
         let mut ms = mounts_under(self.dir.path());
