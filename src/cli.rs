@@ -135,3 +135,112 @@ pub async fn status(cfg: &NodeConfig) -> Result<String, CliError> {
         })
         .collect())
 }
+
+/// What `vfolderd drain` did.
+#[derive(Debug, Default)]
+pub struct DrainReport {
+    /// Mount points unmounted (binds first).
+    pub unmounted: Vec<std::path::PathBuf>,
+    /// Actions that failed, with the error.
+    pub failed: Vec<String>,
+}
+
+/// `vfolderd drain`: unmounts everything vfolderd owns on this node, binds
+/// first, then removes the empty directories it made. The daemon must be
+/// stopped (it holds the store). Refuses while kernels are desired on this
+/// node (or etcd cannot say) unless `force`.
+pub async fn drain(cfg: &NodeConfig, force: bool) -> Result<DrainReport, CliError> {
+    use crate::reconcile::actual::{MountInfoSource, ProcMountInfo};
+    use crate::reconcile::execute::{ExecConfig, Executor};
+    use crate::reconcile::plan::{plan, Actual, NodeView, Want};
+    use crate::reconcile::sys::LinuxMounter;
+    use crate::state::ledger::Ledger;
+
+    let ledger = Ledger::open(&cfg.state.join("db")).map_err(|e| {
+        CliError::Invalid(format!(
+            "cannot open the state store ({}): is vfolderd still running? stop it first",
+            crate::error_chain(&e)
+        ))
+    })?;
+    if !force {
+        let keys = Keys::new(&cfg.etcd.prefix, &cfg.node);
+        let prefix = keys.kernels_prefix();
+        let kernels = match connect(cfg).await {
+            Ok(mut c) => c
+                .get(
+                    prefix.as_str(),
+                    Some(GetOptions::new().with_prefix().with_keys_only()),
+                )
+                .await
+                .map_err(|e| {
+                    CliError::Invalid(format!(
+                        "cannot ask etcd which kernels are desired ({e}); use --force"
+                    ))
+                })?,
+            Err(e) => {
+                return Err(CliError::Invalid(format!(
+                    "cannot reach etcd ({e}); use --force"
+                )))
+            }
+        };
+        if !kernels.kvs().is_empty() {
+            let ids: Vec<String> = kernels
+                .kvs()
+                .iter()
+                .map(|kv| {
+                    String::from_utf8_lossy(kv.key())
+                        .trim_start_matches(&prefix)
+                        .to_string()
+                })
+                .collect();
+            return Err(CliError::Invalid(format!(
+                "{} kernel(s) are still desired on node {}: {}; delete them or use --force",
+                ids.len(),
+                cfg.node,
+                ids.join(", ")
+            )));
+        }
+    }
+    let mounts = ProcMountInfo::default()
+        .read()
+        .map_err(|e| CliError::Invalid(crate::error_chain(&e)))?;
+    let store = |e: crate::state::ledger::LedgerError| CliError::Invalid(crate::error_chain(&e));
+    let actual = Actual {
+        mounts,
+        owned_mounts: ledger.mounts().map_err(store)?,
+        owned_dirs: ledger.dirs().map_err(store)?,
+        ..Actual::default()
+    };
+    let node = NodeView {
+        agent: true,
+        storage: true,
+        volumes_root: cfg.roots.volumes.clone(),
+        kernels_root: cfg.roots.kernels.clone(),
+    };
+    // Planning against an empty desired state yields exactly the teardown, in order.
+    let actions = plan(&node, &Want::default(), &actual, &Default::default());
+    let exec = Executor::new(
+        std::sync::Arc::new(LinuxMounter::new(&cfg.mount_helper)),
+        ledger,
+        ExecConfig {
+            volumes_root: cfg.roots.volumes.clone(),
+            kernels_root: cfg.roots.kernels.clone(),
+            credentials_dir: cfg.credentials.clone(),
+            run_dir: cfg.state.join("run"),
+            mount_timeout: cfg.mount_timeout,
+        },
+    );
+    let mut report = DrainReport::default();
+    for o in exec.execute(actions, &actual.owned_mounts, &Default::default()) {
+        match (&o.action, o.result) {
+            (crate::reconcile::plan::Action::Unmount { target, .. }, Ok(())) => {
+                report.unmounted.push(target.clone())
+            }
+            (_, Ok(())) => {}
+            (a, Err(e)) => report
+                .failed
+                .push(format!("{}: {}", a.kind(), crate::error_chain(&e))),
+        }
+    }
+    Ok(report)
+}

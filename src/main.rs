@@ -40,6 +40,15 @@ enum Cmd {
         #[command(subcommand)]
         cmd: VfolderCmd,
     },
+    /// Unmount everything vfolderd owns on this node (binds first); the daemon must be stopped.
+    Drain {
+        /// Node config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Drain although kernels are still desired here (or etcd is unreachable).
+        #[arg(long)]
+        force: bool,
+    },
     /// Print every status key as a table.
     Status {
         /// Node config file.
@@ -120,6 +129,23 @@ async fn main() -> anyhow::Result<()> {
                 vfolderd::cli::vfolder_create(&load(&config)?, &volume, &name, &owner, permission)
                     .await?;
             println!("{id}");
+        }
+        Cmd::Drain { config, force } => {
+            let report = vfolderd::cli::drain(&load(&config)?, force).await?;
+            for t in &report.unmounted {
+                println!("unmounted {}", t.display());
+            }
+            for f in &report.failed {
+                eprintln!("failed: {f}");
+            }
+            println!(
+                "drained: {} unmounted, {} failed",
+                report.unmounted.len(),
+                report.failed.len()
+            );
+            if !report.failed.is_empty() {
+                anyhow::bail!("drain incomplete");
+            }
         }
         Cmd::Status { config } => print!("{}", vfolderd::cli::status(&load(&config)?).await?),
     }

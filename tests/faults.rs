@@ -355,3 +355,65 @@ async fn a_fuse_volume_whose_daemon_dies_is_stale_and_healed_once_unused() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_refuses_while_kernels_are_desired_then_unmounts_binds_first() {
+    require_private_mount_namespace();
+    within(120, async {
+        let etcd = Etcd::start().await;
+        let mut node = Node::start(&etcd, "n1", NodeOpts::default());
+        two_kernels(&etcd, &node).await;
+        let converged = targets(&node);
+
+        let out = node.cli_output(&["drain", "--force"]);
+        assert!(!out.status.success(), "refused while the daemon runs");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("still running"));
+
+        assert!(node.stop());
+        let out = node.cli_output(&["drain"]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("k1") && err.contains("k2") && err.contains("--force"),
+            "{err}"
+        );
+        assert_eq!(
+            targets(&node),
+            converged,
+            "nothing unmounted by a refused drain"
+        );
+
+        let out = node.cli_output(&["drain", "--force"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<&str> = stdout
+            .lines()
+            .filter(|l| l.starts_with("unmounted "))
+            .collect();
+        assert_eq!(lines.len(), converged.len(), "{stdout}");
+        let first_volume = lines.iter().position(|l| l.contains("/volumes/")).unwrap();
+        assert!(
+            lines[first_volume..]
+                .iter()
+                .all(|l| l.contains("/volumes/")),
+            "binds first:\n{stdout}"
+        );
+        assert!(node.mounts().is_empty(), "{:?}", node.mounts());
+        let left: Vec<_> = std::fs::read_dir(node.kernels())
+            .unwrap()
+            .flatten()
+            .collect();
+        assert!(
+            left.is_empty(),
+            "empty kernel directories removed: {left:?}"
+        );
+        let ledger =
+            vfolderd::state::ledger::Ledger::open(&node.dir.path().join("state/db")).unwrap();
+        assert!(ledger.mounts().unwrap().is_empty() && ledger.dirs().unwrap().is_empty());
+    })
+    .await;
+}

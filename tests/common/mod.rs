@@ -565,6 +565,22 @@ impl Node {
         self.kernels().join(id).join("work")
     }
 
+    /// Runs a CLI subcommand with this node's config; returns its whole output.
+    pub fn cli_output(&self, args: &[&str]) -> std::process::Output {
+        let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let pos = if full.first().map(String::as_str) == Some("vfolder") {
+            2
+        } else {
+            1
+        };
+        full.insert(pos, "--config".into());
+        full.insert(pos + 1, self.config.display().to_string());
+        Command::new(env!("CARGO_BIN_EXE_vfolderd"))
+            .args(&full)
+            .output()
+            .unwrap()
+    }
+
     /// Runs a CLI subcommand with this node's config; returns stdout.
     pub fn cli(&self, args: &[&str]) -> String {
         let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
