@@ -161,6 +161,8 @@ pub struct Health {
     pub alive: AtomicBool,
     /// Listed, converged once, and etcd reachable.
     pub ready: AtomicBool,
+    /// Serving a desired state (live or stored): `/readyz` then says degraded, not waiting.
+    pub serving: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -204,10 +206,15 @@ async fn healthz(State(s): State<AppState>) -> (StatusCode, &'static str) {
 async fn readyz(State(s): State<AppState>) -> (StatusCode, &'static str) {
     if s.health.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready\n")
+    } else if s.health.serving.load(Ordering::Relaxed) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "degraded: etcd unreachable; serving the last good desired state, unmounting nothing\n",
+        )
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: waiting for the first etcd list and converge, or etcd unreachable\n",
+            "not ready: waiting for the first complete list of etcd\n",
         )
     }
 }

@@ -70,11 +70,9 @@ async fn an_etcd_outage_unmounts_nothing_even_across_a_restart() {
             node.metric("vfolderd_etcd_connected") == Some(0.0)
         })
         .await;
-        assert_eq!(
-            http_get(&node.listen, "/readyz").0,
-            503,
-            "not ready while etcd is unreachable"
-        );
+        let (code, body) = http_get(&node.listen, "/readyz");
+        assert_eq!(code, 503, "not ready while etcd is unreachable");
+        assert!(body.contains("degraded"), "{body}");
         assert_eq!(targets(&node), converged, "nothing unmounted");
 
         // Drift is still repaired against the last good desired state.
@@ -113,7 +111,12 @@ async fn an_etcd_outage_unmounts_nothing_even_across_a_restart() {
             converged,
             "nothing unmounted across the restart"
         );
-        assert_eq!(http_get(&node.listen, "/readyz").0, 503);
+        let (code, body) = http_get(&node.listen, "/readyz");
+        assert_eq!(code, 503);
+        assert!(
+            body.contains("degraded"),
+            "serving the stored state: {body}"
+        );
         let m = node.metrics();
         assert!(!m.contains("kind=\"unmount\""), "no unmount:\n{m}");
 

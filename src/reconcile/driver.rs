@@ -593,6 +593,7 @@ pub async fn run(
             .set(cache.revision.load(Ordering::Relaxed));
         let ready = converged_once && connected && live;
         health.ready.store(ready, Ordering::Relaxed);
+        health.serving.store(converged_once, Ordering::Relaxed);
         metrics.ready.set(i64::from(ready));
 
         tokio::select! {
