@@ -30,13 +30,22 @@ pub fn require_private_mount_namespace() {
     );
 }
 
-/// A free loopback TCP port.
+/// A free loopback TCP port, never the same one twice in this process (tests
+/// run in parallel: a port handed out but not yet bound must not be reused).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A throwaway etcd server.
@@ -51,22 +60,35 @@ pub struct Etcd {
 impl Etcd {
     /// Starts etcd on a free port and waits until it answers.
     pub async fn start() -> Self {
-        Self::start_on(free_port()).await
+        // A port can still be taken by another process between probe and bind: retry on new ports.
+        let mut last = String::new();
+        for _ in 0..3 {
+            let mut etcd = Self::unstarted(free_port());
+            match etcd.try_restart().await {
+                Ok(()) => return etcd,
+                Err(e) => last = e,
+            }
+        }
+        panic!("etcd did not start: {last}");
     }
 
     /// Starts etcd with its client URL on `cport` and waits until it answers.
     pub async fn start_on(cport: u16) -> Self {
+        let mut etcd = Self::unstarted(cport);
+        etcd.restart().await;
+        etcd
+    }
+
+    fn unstarted(cport: u16) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let endpoint = format!("http://127.0.0.1:{cport}");
         let peer = format!("http://127.0.0.1:{}", free_port());
-        let mut etcd = Etcd {
+        Etcd {
             child: None,
             endpoint,
             peer,
             dir,
-        };
-        etcd.restart().await;
-        etcd
+        }
     }
 
     /// Stops the server (SIGKILL: an outage, not a goodbye). Its data stays.
@@ -79,6 +101,12 @@ impl Etcd {
 
     /// Starts the server again on the same ports and data, and waits until it answers.
     pub async fn restart(&mut self) {
+        if let Err(e) = self.try_restart().await {
+            panic!("etcd did not start: {e}");
+        }
+    }
+
+    async fn try_restart(&mut self) -> Result<(), String> {
         self.stop();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -106,14 +134,31 @@ impl Etcd {
             .spawn()
             .expect("etcd is installed (scripts/install-deps.sh)");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(40);
+        let log_tail = |dir: &Path| {
+            let log = std::fs::read_to_string(dir.join("etcd.log")).unwrap_or_default();
+            log.lines().rev().take(5).collect::<Vec<_>>().join("\n")
+        };
         loop {
             if let Ok(mut c) = Client::connect([&self.endpoint], None).await {
                 if c.get("probe", None).await.is_ok() {
-                    return;
+                    return Ok(());
                 }
             }
-            assert!(Instant::now() < deadline, "etcd did not start");
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                self.child = None;
+                return Err(format!(
+                    "etcd exited with {status}: {}",
+                    log_tail(self.dir.path())
+                ));
+            }
+            if Instant::now() > deadline {
+                self.stop();
+                return Err(format!(
+                    "no answer within 40 s: {}",
+                    log_tail(self.dir.path())
+                ));
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
