@@ -21,6 +21,9 @@ pub enum CliError {
     /// The input was invalid; nothing was written.
     #[error("{0}")]
     Invalid(String),
+    /// A blob storage operation failed.
+    #[error(transparent)]
+    Azure(#[from] crate::azure::AzureError),
     /// A file could not be read.
     #[error("cannot read {path}")]
     Read {
@@ -243,4 +246,39 @@ pub async fn drain(cfg: &NodeConfig, force: bool) -> Result<DrainReport, CliErro
         }
     }
     Ok(report)
+}
+
+/// A blob volume's container, looked up from its spec in etcd.
+pub async fn blob_container(
+    cfg: &NodeConfig,
+    volume: &str,
+) -> Result<
+    (
+        crate::azure::BlobLocation,
+        azure_storage_blobs::prelude::ContainerClient,
+    ),
+    CliError,
+> {
+    let keys = Keys::new(&cfg.etcd.prefix, &cfg.node);
+    let resp = connect(cfg)
+        .await?
+        .get(format!("{}{volume}", keys.volumes_prefix()), None)
+        .await?;
+    let kv = resp
+        .kvs()
+        .first()
+        .ok_or_else(|| CliError::Invalid(format!("volume {volume} does not exist")))?;
+    let spec = crate::spec::parse_volume(volume, kv.value(), &crate::policy::Policy::default())
+        .map_err(|e| CliError::Invalid(format!("volume {volume}: {e}")))?;
+    if spec.mount.fstype != "azureblob" {
+        return Err(CliError::Invalid(format!(
+            "volume {volume} is {}, not azureblob",
+            spec.mount.fstype
+        )));
+    }
+    let loc = crate::azure::BlobLocation::parse(&spec.mount.path)?;
+    let name = spec.mount.credentials.as_deref().unwrap_or_default();
+    let key = crate::azure::read_account_key(&cfg.credentials, name)?;
+    let client = crate::azure::container_client(&loc, &key);
+    Ok((loc, client))
 }

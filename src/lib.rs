@@ -11,8 +11,10 @@
 //! - [`reconcile::execute`] over [`reconcile::sys`]: carries actions out.
 //! - [`reconcile::report`] → [`state::status`]: status write-back.
 //! - [`reconcile::driver`]: the loop; [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`azure`]: blob containers, SAS tokens, datasets; [`secret`]: a string that never prints.
 //! - [`cli`]: the operator commands.
 
+pub mod azure;
 pub mod cli;
 pub mod config;
 pub mod keys;
@@ -20,6 +22,7 @@ pub mod metrics;
 pub mod names;
 pub mod policy;
 pub mod reconcile;
+pub mod secret;
 pub mod spec;
 pub mod state;
 pub mod usage;

@@ -49,11 +49,66 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Blob datasets: create a container, upload, list, mint a SAS URL.
+    Dataset {
+        #[command(subcommand)]
+        cmd: DatasetCmd,
+    },
     /// Print every status key as a table.
     Status {
         /// Node config file.
         #[arg(long)]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DatasetCmd {
+    /// Create the volume's container if it is missing.
+    CreateContainer {
+        /// Node config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// An azureblob volume.
+        volume: String,
+    },
+    /// Upload a file or a directory tree (content type from the extension).
+    Push {
+        /// Node config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// An azureblob volume.
+        volume: String,
+        /// File or directory.
+        path: PathBuf,
+        /// Uploads in flight at once.
+        #[arg(long, default_value_t = 8)]
+        parallel: usize,
+    },
+    /// List the container's blobs.
+    Ls {
+        /// Node config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// An azureblob volume.
+        volume: String,
+    },
+    /// Print a container SAS URL (read+list, or read/write with --write).
+    Sas {
+        /// Node config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// An azureblob volume.
+        volume: String,
+        /// Read and list (the default).
+        #[arg(long, conflicts_with = "write")]
+        read: bool,
+        /// Read, add, create, write, delete, list.
+        #[arg(long)]
+        write: bool,
+        /// Lifetime in hours.
+        #[arg(long, default_value_t = 1.0)]
+        hours: f64,
     },
 }
 
@@ -147,7 +202,76 @@ async fn main() -> anyhow::Result<()> {
                 anyhow::bail!("drain incomplete");
             }
         }
+        Cmd::Dataset { cmd } => dataset(cmd).await?,
         Cmd::Status { config } => print!("{}", vfolderd::cli::status(&load(&config)?).await?),
+    }
+    Ok(())
+}
+
+async fn dataset(cmd: DatasetCmd) -> anyhow::Result<()> {
+    use vfolderd::azure;
+    match cmd {
+        DatasetCmd::CreateContainer { config, volume } => {
+            let (loc, c) = vfolderd::cli::blob_container(&load(&config)?, &volume).await?;
+            let created = azure::ensure_container(&c).await?;
+            println!(
+                "container {} {}",
+                loc.container,
+                if created { "created" } else { "exists" }
+            );
+        }
+        DatasetCmd::Push {
+            config,
+            volume,
+            path,
+            parallel,
+        } => {
+            let (loc, c) = vfolderd::cli::blob_container(&load(&config)?, &volume).await?;
+            let files = azure::files_to_push(&path)?;
+            let total: u64 = files
+                .iter()
+                .map(|(p, _)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+                .sum();
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .expect("template"),
+            );
+            let n = files.len();
+            let bytes = azure::push(&c, files, parallel, |b| bar.inc(b)).await?;
+            bar.finish_and_clear();
+            println!("pushed {n} files, {bytes} bytes to {}", loc.container);
+        }
+        DatasetCmd::Ls { config, volume } => {
+            let (_, c) = vfolderd::cli::blob_container(&load(&config)?, &volume).await?;
+            for b in azure::list(&c).await? {
+                println!("{}\t{}\t{}", b.size, b.content_type, b.name);
+            }
+        }
+        DatasetCmd::Sas {
+            config,
+            volume,
+            write,
+            hours,
+            ..
+        } => {
+            let (_, c) = vfolderd::cli::blob_container(&load(&config)?, &volume).await?;
+            let access = if write {
+                azure::Access::Write
+            } else {
+                azure::Access::Read
+            };
+            let lifetime = std::time::Duration::from_secs_f64(hours.max(0.0) * 3600.0);
+            println!(
+                "{}",
+                azure::container_sas(&c, access, lifetime)
+                    .await?
+                    .url
+                    .expose()
+            );
+        }
     }
     Ok(())
 }

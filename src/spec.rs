@@ -200,7 +200,12 @@ fn yaml_error(e: &serde_yaml::Error) -> String {
 }
 
 /// Parses and validates a volume value stored under key name `key_name`.
+/// Every message is redacted: a rejected value may carry a password or SAS.
 pub fn parse_volume(key_name: &str, value: &[u8], policy: &Policy) -> Result<VolumeSpec, String> {
+    check_volume(key_name, value, policy).map_err(|e| redact(&e))
+}
+
+fn check_volume(key_name: &str, value: &[u8], policy: &Policy) -> Result<VolumeSpec, String> {
     let spec: VolumeSpec = serde_yaml::from_slice(value).map_err(|e| yaml_error(&e))?;
     if let Some(n) = &spec.name {
         if n != key_name {
@@ -225,6 +230,14 @@ pub fn parse_volume(key_name: &str, value: &[u8], policy: &Policy) -> Result<Vol
         }
         "cifs" if !spec.mount.path.starts_with("//") => {
             return Err("a cifs volume's mount.path must look like //host/share".into())
+        }
+        "azureblob" => {
+            crate::azure::BlobLocation::parse(&spec.mount.path).map_err(|e| e.to_string())?;
+            if spec.mount.credentials.is_none() {
+                return Err(
+                    "an azureblob volume needs credentials: <name of the account key file>".into(),
+                );
+            }
         }
         _ => {}
     }

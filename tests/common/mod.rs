@@ -344,6 +344,74 @@ impl Drop for Cluster {
     }
 }
 
+/// The Azurite emulator's published development account and key (not a secret).
+pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+/// See [`AZURITE_ACCOUNT`].
+pub const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// A throwaway Azurite blob service on a free loopback port.
+pub struct Azurite {
+    child: Child,
+    /// `http://127.0.0.1:PORT/devstoreaccount1`.
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Azurite {
+    /// Starts azurite-blob and waits until it accepts connections.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("azurite.log")).unwrap();
+        let child = Command::new("azurite-blob")
+            .args([
+                "--blobHost",
+                "127.0.0.1",
+                "--blobPort",
+                &port.to_string(),
+                "--location",
+            ])
+            .arg(dir.path())
+            .args(["--silent", "--skipApiVersionCheck", "--loose"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("azurite is installed (scripts/install-deps.sh)");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "azurite did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Azurite {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"),
+            _dir: dir,
+        }
+    }
+
+    /// The URL of `container`, as a blob volume's `path`.
+    pub fn container_url(&self, container: &str) -> String {
+        format!("{}/{container}", self.endpoint)
+    }
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes the Azurite key as node-local credential `name` (0600).
+pub fn write_azurite_key(node: &Node, name: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = node.dir.path().join("credentials");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(name), format!("{AZURITE_KEY}\n")).unwrap();
+    std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 /// A TCP proxy in front of etcd that a test can cut, to make etcd
 /// unreachable for one daemon while the test keeps writing to etcd directly.
 pub struct Proxy {
@@ -613,7 +681,9 @@ impl Node {
     /// Runs a CLI subcommand with this node's config; returns its whole output.
     pub fn cli_output(&self, args: &[&str]) -> std::process::Output {
         let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let pos = if full.first().map(String::as_str) == Some("vfolder") {
+        let pos = if full.first().map(String::as_str) == Some("vfolder")
+            || full.first().map(String::as_str) == Some("dataset")
+        {
             2
         } else {
             1
@@ -628,21 +698,10 @@ impl Node {
 
     /// Runs a CLI subcommand with this node's config; returns stdout.
     pub fn cli(&self, args: &[&str]) -> String {
-        let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let pos = if full.first().map(String::as_str) == Some("vfolder") {
-            2
-        } else {
-            1
-        };
-        full.insert(pos, "--config".into());
-        full.insert(pos + 1, self.config.display().to_string());
-        let out = Command::new(env!("CARGO_BIN_EXE_vfolderd"))
-            .args(&full)
-            .output()
-            .unwrap();
+        let out = self.cli_output(args);
         assert!(
             out.status.success(),
-            "vfolderd {full:?} failed: {}",
+            "vfolderd {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).unwrap()
