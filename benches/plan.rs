@@ -103,6 +103,7 @@ fn converged(d: &Desired) -> Actual {
                 volume,
                 kernel,
                 readonly: false,
+                expires_at: None,
             },
         );
     }

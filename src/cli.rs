@@ -231,6 +231,8 @@ pub async fn drain(cfg: &NodeConfig, force: bool) -> Result<DrainReport, CliErro
             credentials_dir: cfg.credentials.clone(),
             run_dir: cfg.state.join("run"),
             mount_timeout: cfg.mount_timeout,
+            sas_lifetime: cfg.sas_lifetime,
+            rclone: cfg.rclone.clone(),
         },
     );
     let mut report = DrainReport::default();

@@ -83,6 +83,13 @@ pub struct NodeConfig {
     /// How long a mount helper (`mount -t cifs ...`) may run before it is killed.
     #[serde(default = "default_mount_timeout", with = "humantime_serde")]
     pub mount_timeout: Duration,
+    /// Lifetime of the container SAS a blob volume is mounted with; it is
+    /// renewed (remounted while unused) in its last third.
+    #[serde(default = "default_sas_lifetime", with = "humantime_serde")]
+    pub sas_lifetime: Duration,
+    /// The rclone binary that FUSE-mounts blob containers.
+    #[serde(default = "default_rclone")]
+    pub rclone: PathBuf,
     /// How often each owned volume mount is probed for staleness.
     #[serde(default = "default_probe_interval", with = "humantime_serde")]
     pub probe_interval: Duration,
@@ -175,6 +182,12 @@ fn default_resync() -> Duration {
 }
 fn default_linger() -> Duration {
     Duration::from_secs(30)
+}
+fn default_sas_lifetime() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_rclone() -> PathBuf {
+    "rclone".into()
 }
 fn default_probe_interval() -> Duration {
     Duration::from_secs(10)

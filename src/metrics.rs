@@ -39,6 +39,8 @@ pub struct Metrics {
     pub status_writes: IntCounter,
     /// `vfolderd_stale_volumes`: volume mounts the prober found stale.
     pub stale_volumes: IntGauge,
+    /// `vfolderd_sas_expiry_timestamp_seconds{volume}`: when each blob mount's SAS expires.
+    pub sas_expiry: IntGaugeVec,
 }
 
 impl Metrics {
@@ -102,6 +104,14 @@ impl Metrics {
             "Status keys written or deleted",
         )
         .expect("metric");
+        let sas_expiry = IntGaugeVec::new(
+            Opts::new(
+                "vfolderd_sas_expiry_timestamp_seconds",
+                "When the SAS of each blob volume mount expires (unix time)",
+            ),
+            &["volume"],
+        )
+        .expect("metric");
         let stale_volumes = IntGauge::new(
             "vfolderd_stale_volumes",
             "Volume mounts found stale (ENOTCONN, ESTALE, EIO, EHOSTDOWN, or no answer)",
@@ -119,6 +129,7 @@ impl Metrics {
             Box::new(ready.clone()),
             Box::new(status_writes.clone()),
             Box::new(stale_volumes.clone()),
+            Box::new(sas_expiry.clone()),
         ] {
             registry.register(c).expect("register");
         }
@@ -135,6 +146,7 @@ impl Metrics {
             ready,
             status_writes,
             stale_volumes,
+            sas_expiry,
         }
     }
 

@@ -7,6 +7,15 @@ use azure_storage::prelude::*;
 use azure_storage::CloudLocation;
 use azure_storage_blobs::prelude::*;
 use common::*;
+use std::time::{Duration, Instant};
+
+async fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
 
 fn sas_token(url: &str) -> String {
     url.split_once('?').unwrap().1.to_string()
@@ -117,6 +126,89 @@ async fn an_azureblob_volume_without_credentials_or_with_a_bad_url_is_rejected()
         assert!(st["error"].as_str().unwrap().contains("credentials"), "{st}");
         let st = etcd.wait_state(&node.volume_status("sasurl"), "Rejected").await;
         assert!(!st.to_string().contains("SECRETSIG"), "the SAS is not echoed: {st}");
+    })
+    .await;
+}
+
+/// The pid of the rclone daemon serving `target`.
+fn rclone_for(target: &std::path::Path) -> Option<(i32, String)> {
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd =
+            String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).unwrap_or_default())
+                .replace('\0', " ");
+        if cmd.contains("rclone") && cmd.contains(target.to_str().unwrap()) {
+            return Some((pid, cmd));
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_dataset_is_fuse_mounted_read_only_into_kernels_and_survives_restart_and_daemon_death(
+) {
+    require_private_mount_namespace();
+    within(180, async {
+        let etcd = Etcd::start().await;
+        let azurite = Azurite::start().await;
+        let mut node = Node::start(
+            &etcd,
+            "n1",
+            NodeOpts { extra_config: "probe_interval: 300ms\nprobe_timeout: 2s\nsas_lifetime: 2h\n", ..Default::default() },
+        );
+        write_azurite_key(&node, "dl-key");
+        let spec = format!(
+            "mount: {{at: startup, fstype: azureblob, path: {}, credentials: dl-key}}\ncreate: true\n",
+            azurite.container_url("dlsamples")
+        );
+        etcd.put(&format!("{P}/volumes/dlsamples"), &spec).await;
+        etcd.wait_state(&node.volume_status("dlsamples"), "Mounted").await;
+        let target = node.volumes().join("dlsamples");
+        let m = node.mount_at(&target).unwrap();
+        assert_eq!(m.fstype, "fuse.rclone");
+        assert!(m.is_readonly() && m.has_option("nosuid") && m.has_option("nodev"), "{m:?}");
+
+        // The SAS is in rclone's environment, never in its argv.
+        let (pid, argv) = rclone_for(&target).expect("rclone serves the volume");
+        assert!(!argv.contains("sig=") && !argv.contains(AZURITE_KEY), "{argv}");
+        assert!(!node.log().contains("sig="), "no SAS in the log");
+        let expiry = node.metric("vfolderd_sas_expiry_timestamp_seconds{volume=\"dlsamples\"}").expect("expiry metric");
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+        assert!((expiry - now - 7200.0).abs() < 120.0, "SAS lifetime as configured: {}", expiry - now);
+
+        // A pushed file appears in a kernel's home, read-only.
+        let src = node.dir.path().join("push");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("azure_center.png"), b"\x89PNG image bytes").unwrap();
+        node.cli(&["dataset", "push", "dlsamples", src.to_str().unwrap()]);
+        etcd.put(&node.kernel_key("k1"), "mounts: []\n").await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let file = node.home("k1").join("dlsamples/azure_center.png");
+        until("the pushed blob shows in the kernel's home", 30, || std::fs::read(&file).ok() == Some(b"\x89PNG image bytes".to_vec()))
+            .await;
+        let err = std::fs::write(node.home("k1").join("dlsamples/new.txt"), b"x").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+
+        // A vfolderd restart adopts the rclone mount: same daemon, no action.
+        assert!(node.stop());
+        node.spawn();
+        until("converged after restart", 30, || {
+            node.metric_now("vfolderd_reconcile_passes_total{result=\"converged\"}").unwrap_or(0.0) >= 1.0
+        })
+        .await;
+        assert_eq!(rclone_for(&target).map(|(p, _)| p), Some(pid), "the same rclone daemon");
+        assert!(!node.metrics().contains("kind=\"mount\""), "nothing remounted");
+
+        // The rclone daemon dies: Stale while k1 uses it, healed once k1 is gone.
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+        etcd.wait_state(&node.volume_status("dlsamples"), "Stale").await;
+        etcd.delete(&node.kernel_key("k1")).await;
+        etcd.wait_state(&node.volume_status("dlsamples"), "Mounted").await;
+        let (pid2, _) = rclone_for(&target).expect("a new rclone");
+        assert_ne!(pid, pid2);
+        assert_eq!(std::fs::read(target.join("azure_center.png")).unwrap(), b"\x89PNG image bytes");
     })
     .await;
 }

@@ -112,6 +112,14 @@ struct Reconciler {
     retry: BTreeMap<Owner, Retry>,
     /// Stale volume mounts, as the prober last saw them.
     stale: StaleMap,
+    /// Lifetime of blob mount SASes (renewed in their last third).
+    sas_lifetime: Duration,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Backoff state of one object whose last action failed.
@@ -139,6 +147,10 @@ struct PassOutcome {
     linger_deadline: Option<Instant>,
     /// When the earliest object backoff ends.
     retry_deadline: Option<Instant>,
+    /// Blob volumes' SAS expiry (unix seconds), for the metric.
+    sas_expiry: Vec<(String, u64)>,
+    /// When the next SAS enters its renewal window.
+    renew_deadline: Option<Instant>,
 }
 
 impl Reconciler {
@@ -163,7 +175,20 @@ impl Reconciler {
             owned_dirs: self.ledger.dirs()?,
             dirs: observe_dirs(&want.paths_to_observe()),
             stale: self.stale.lock().expect("stale lock").clone(),
+            renew: BTreeSet::new(),
         };
+        let mut actual = actual;
+        let now = unix_now();
+        let margin = self.sas_lifetime.as_secs() / 3;
+        actual.renew = actual
+            .owned_mounts
+            .values()
+            .filter(|m| {
+                m.expires_at
+                    .is_some_and(|e| e.saturating_sub(now) <= margin)
+            })
+            .map(|m| m.target.clone())
+            .collect();
         Ok((want, actual))
     }
 
@@ -319,6 +344,19 @@ impl Reconciler {
             }
         }
 
+        let sas_expiry: Vec<(String, u64)> = actual
+            .owned_mounts
+            .values()
+            .filter_map(|m| m.expires_at.map(|e| (m.volume.clone(), e)))
+            .collect();
+        let margin = self.sas_lifetime.as_secs() / 3;
+        let unix = unix_now();
+        let renew_deadline = sas_expiry
+            .iter()
+            .map(|(_, e)| e.saturating_sub(margin))
+            .filter(|d| *d > unix)
+            .min()
+            .map(|d| now + Duration::from_secs(d - unix));
         let report = report(&self.report_inputs(), desired, &want, &actual);
         self.status_tx
             .send_replace(Arc::new(report.entries.clone()));
@@ -332,6 +370,8 @@ impl Reconciler {
             owned,
             linger_deadline,
             retry_deadline,
+            sas_expiry,
+            renew_deadline,
         })
     }
 }
@@ -460,6 +500,8 @@ pub async fn run(
         credentials_dir: cfg.credentials.clone(),
         run_dir: cfg.state.join("run"),
         mount_timeout: cfg.mount_timeout,
+        sas_lifetime: cfg.sas_lifetime,
+        rclone: cfg.rclone.clone(),
     };
     for root in [&cfg.roots.volumes, &cfg.roots.kernels] {
         if let Err(e) = std::fs::create_dir_all(root) {
@@ -487,6 +529,7 @@ pub async fn run(
         status_tx,
         retry: BTreeMap::new(),
         stale: stale.clone(),
+        sas_lifetime: cfg.sas_lifetime,
     });
 
     health.alive.store(true, Ordering::Relaxed);
@@ -579,7 +622,17 @@ pub async fn run(
             }
             converged_once = true;
             backoff = BACKOFF_MIN;
-            for d in [o.linger_deadline, o.retry_deadline].into_iter().flatten() {
+            metrics.sas_expiry.reset();
+            for (volume, at) in &o.sas_expiry {
+                metrics
+                    .sas_expiry
+                    .with_label_values(&[volume])
+                    .set(*at as i64);
+            }
+            for d in [o.linger_deadline, o.retry_deadline, o.renew_deadline]
+                .into_iter()
+                .flatten()
+            {
                 wake = wake.min(d);
             }
         } else {

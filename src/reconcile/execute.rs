@@ -21,7 +21,7 @@ use crate::reconcile::fsops::{
     self, fd_path, make_dir, open_dir, remove_dir_if_empty, Create, FsError,
 };
 use crate::reconcile::plan::{Action, WantBind, WantVolume};
-use crate::reconcile::sys::{split_flags, HelperError, HelperRequest, Mounter};
+use crate::reconcile::sys::{split_flags, DaemonRequest, HelperError, HelperRequest, Mounter};
 use crate::state::ledger::{Ledger, LedgerError, MountKind, OwnedDir, OwnedMount, Owner};
 
 /// Why an action failed.
@@ -72,6 +72,9 @@ pub enum ExecError {
     /// A vfolder's directory is not on its volume (yet): the kernel waits.
     #[error("source directory {0} does not exist on its volume yet")]
     SourceMissing(PathBuf),
+    /// A blob container could not be prepared (key, container, SAS).
+    #[error(transparent)]
+    Azure(#[from] crate::azure::AzureError),
     /// Skipped because an action it depends on failed.
     #[error("skipped: {0}")]
     Skipped(String),
@@ -116,6 +119,10 @@ pub struct ExecConfig {
     pub run_dir: PathBuf,
     /// Mount helper timeout.
     pub mount_timeout: Duration,
+    /// Lifetime of a blob volume's mount SAS.
+    pub sas_lifetime: Duration,
+    /// The rclone binary.
+    pub rclone: PathBuf,
 }
 
 /// Carries out actions.
@@ -304,11 +311,21 @@ impl Executor {
             fstype: v.fstype.clone(),
             volume: v.name.clone(),
             kernel: None,
-            readonly: false,
+            readonly: v.readonly,
+            expires_at: None,
         };
         // Intent first: if we crash after mounting, the mount is still ours.
         self.ledger.put_mount(&record)?;
-        let result = self.mount_volume_inner(v);
+        let result = if v.fstype == "azureblob" {
+            self.mount_blob(v).and_then(|expires_at| {
+                Ok(self.ledger.put_mount(&OwnedMount {
+                    expires_at,
+                    ..record
+                })?)
+            })
+        } else {
+            self.mount_volume_inner(v)
+        };
         match &result {
             // A timed-out helper may still finish: keep the record, so a late
             // mount is adopted as ours instead of becoming an unowned one.
@@ -363,7 +380,6 @@ impl Executor {
                     )
                     .map_err(mount_err)
             }
-            "azureblob" => Err(ExecError::Unsupported(v.fstype.clone())),
             _ => self.mount_with_helper(v),
         }
     }
@@ -445,6 +461,95 @@ impl Executor {
         }
     }
 
+    /// Mounts a blob container with `rclone mount`: a fresh container SAS
+    /// (read+list for a read-only volume) goes to rclone in its environment,
+    /// never on its command line. Returns when the SAS expires (unix seconds).
+    fn mount_blob(&self, v: &WantVolume) -> Result<Option<u64>, ExecError> {
+        use crate::azure::{
+            container_client, container_sas, ensure_container, read_account_key, Access,
+            BlobLocation,
+        };
+        let loc = BlobLocation::parse(&v.source)?;
+        let key = read_account_key(
+            &self.cfg.credentials_dir,
+            v.credentials.as_deref().unwrap_or_default(),
+        )?;
+        let client = container_client(&loc, &key);
+        let rt = tokio::runtime::Handle::try_current()
+            .map_err(|_| ExecError::Unsupported("azureblob outside the daemon's runtime".into()))?;
+        if v.create {
+            rt.block_on(ensure_container(&client))?;
+        }
+        let access = if v.readonly {
+            Access::Read
+        } else {
+            Access::Write
+        };
+        let sas = rt.block_on(container_sas(&client, access, self.cfg.sas_lifetime))?;
+        let (fd, _) = open_dir(&self.cfg.volumes_root, &v.target, None)?;
+        drop(fd); // the target exists and is a plain directory inside the root
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.cfg.run_dir)
+            .map_err(|e| ExecError::Credentials {
+                name: v.name.clone(),
+                message: e.to_string(),
+            })?;
+        let mut args: Vec<String> = vec![
+            "mount".into(),
+            // A container SAS is scoped to the account's root: name the container.
+            format!("vfd:{}", loc.container),
+            v.target.display().to_string(),
+            "--daemon".into(),
+            "--allow-other".into(),
+            "--dir-cache-time".into(),
+            "10s".into(),
+            "--log-file".into(),
+            self.cfg
+                .run_dir
+                .join(format!("rclone-{}.log", v.name))
+                .display()
+                .to_string(),
+            "--cache-dir".into(),
+            self.cfg
+                .run_dir
+                .join(format!("rclone-cache-{}", v.name))
+                .display()
+                .to_string(),
+        ];
+        if v.readonly {
+            args.push("--read-only".into());
+        } else {
+            args.extend(["--vfs-cache-mode".into(), "writes".into()]);
+        }
+        let req = DaemonRequest {
+            program: self.cfg.rclone.clone(),
+            args,
+            env: vec![
+                (
+                    "RCLONE_CONFIG_VFD_TYPE".into(),
+                    crate::secret::Secret::new("azureblob"),
+                ),
+                ("RCLONE_CONFIG_VFD_SAS_URL".into(), sas.url),
+            ],
+            target: v.target.clone(),
+            timeout: self.cfg.mount_timeout,
+        };
+        self.mounter
+            .spawn_daemon(&req)
+            .map_err(|source| ExecError::Helper {
+                target: v.target.clone(),
+                source,
+            })?;
+        self.wait_until_mounted(&v.target)?;
+        Ok(sas
+            .expires
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs()))
+    }
+
     fn write_temp_credentials(&self, volume: &str, lines: &[String]) -> Result<PathBuf, ExecError> {
         let err = |e: std::io::Error| ExecError::Credentials {
             name: volume.to_string(),
@@ -477,6 +582,7 @@ impl Executor {
             volume: b.volume.clone(),
             kernel: Some(b.kernel.clone()),
             readonly: b.readonly,
+            expires_at: None,
         }
     }
 
@@ -575,6 +681,8 @@ mod tests {
             credentials_dir: root.join("creds"),
             run_dir: root.join("run"),
             mount_timeout: Duration::from_secs(5),
+            sas_lifetime: Duration::from_secs(3600),
+            rclone: "rclone".into(),
         };
         std::fs::create_dir_all(&cfg.volumes_root).unwrap();
         std::fs::create_dir_all(&cfg.kernels_root).unwrap();
@@ -722,6 +830,8 @@ mod tests {
             credentials: None,
             at: MountAt::Requested,
             heal: Default::default(),
+            readonly: false,
+            create: false,
         };
         // Capture the credentials file while the "helper" runs.
         struct Peek(
@@ -741,6 +851,9 @@ mod tests {
             }
             fn umount2(&self, t: &Path, fl: MntFlags) -> Result<(), Errno> {
                 self.0.umount2(t, fl)
+            }
+            fn spawn_daemon(&self, req: &DaemonRequest) -> Result<(), HelperError> {
+                self.0.spawn_daemon(req)
             }
             fn run_helper(&self, req: &HelperRequest) -> Result<(), HelperError> {
                 let path = req
@@ -795,6 +908,8 @@ mod tests {
             credentials: None,
             at: MountAt::Requested,
             heal: Default::default(),
+            readonly: false,
+            create: false,
         };
         f.mounter.fail_next(CallKind::Mount, Errno::ENOSPC, 1);
         let b = bind(&f, false);

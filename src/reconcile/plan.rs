@@ -44,6 +44,9 @@ pub struct Actual {
     pub dirs: BTreeSet<PathBuf>,
     /// Volume mount points the prober found stale, with the reason.
     pub stale: BTreeMap<PathBuf, String>,
+    /// Blob volume mount points whose SAS is in its last third: remounted
+    /// with a fresh one as soon as no kernel uses them.
+    pub renew: BTreeSet<PathBuf>,
 }
 
 /// A volume this node should have mounted.
@@ -65,6 +68,10 @@ pub struct WantVolume {
     pub at: MountAt,
     /// Whether a stale mount is healed under running kernels too.
     pub heal: HealPolicy,
+    /// Mount it read-only (a startup dataset with `access: ro`).
+    pub readonly: bool,
+    /// Create its blob container if missing (storage role, `create: true`).
+    pub create: bool,
 }
 
 /// A bind into a kernel home.
@@ -170,6 +177,8 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
                     credentials: spec.mount.credentials.clone(),
                     at: spec.mount.at,
                     heal: spec.heal,
+                    readonly: spec.access == Permission::Ro && spec.mount.at == MountAt::Startup,
+                    create: spec.create && node.storage,
                 },
             );
         }
@@ -470,10 +479,13 @@ pub fn plan(node: &NodeView, want: &Want, actual: &Actual, keep: &BTreeSet<Strin
     let heal: BTreeMap<&Path, &WantVolume> = want
         .volumes
         .values()
+        .filter(|v| actual.owned_mounts.contains_key(&v.target) && mounted(&v.target))
         .filter(|v| {
-            actual.stale.contains_key(&v.target) && actual.owned_mounts.contains_key(&v.target)
+            let stale = actual.stale.contains_key(&v.target)
+                && (v.heal == HealPolicy::Always || !users_of(&v.name));
+            let renew = actual.renew.contains(&v.target) && !users_of(&v.name);
+            stale || renew
         })
-        .filter(|v| mounted(&v.target) && (v.heal == HealPolicy::Always || !users_of(&v.name)))
         .map(|v| (v.target.as_path(), v))
         .collect();
     let healed_volume = |name: &str| heal.values().any(|v| v.name == name);
@@ -877,6 +889,7 @@ mod tests {
             volume: volume.into(),
             kernel: kernel.map(String::from),
             readonly: false,
+            expires_at: None,
         }
     }
 

@@ -16,6 +16,7 @@ use nix::unistd::Pid;
 use wait_timeout::ChildExt;
 
 use crate::names::redact;
+use crate::secret::Secret;
 
 /// A request to run the system's `mount -t FSTYPE` helper (cifs, nfs, FUSE).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +30,22 @@ pub struct HelperRequest {
     /// `-o` options. Never carries a secret: secrets travel in files.
     pub options: String,
     /// Kill the helper after this long.
+    pub timeout: Duration,
+}
+
+/// A request to start a FUSE daemon that mounts `target` and detaches
+/// (`rclone mount --daemon`). Secrets travel only in `env`, never in `args`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonRequest {
+    /// The program.
+    pub program: PathBuf,
+    /// Its arguments (no secrets: argv is world-readable in /proc).
+    pub args: Vec<String>,
+    /// Environment variables; values may be secrets.
+    pub env: Vec<(String, Secret)>,
+    /// The mount point it serves.
+    pub target: PathBuf,
+    /// Kill it if it has not daemonized after this long.
     pub timeout: Duration,
 }
 
@@ -69,6 +86,9 @@ pub trait Mounter: Send + Sync {
     fn umount2(&self, target: &Path, flags: MntFlags) -> Result<(), Errno>;
     /// Runs `mount -t FSTYPE -o OPTIONS SOURCE TARGET`.
     fn run_helper(&self, req: &HelperRequest) -> Result<(), HelperError>;
+    /// Starts a FUSE daemon that outlives vfolderd (its own session and
+    /// process group), waiting until its foreground part exits.
+    fn spawn_daemon(&self, req: &DaemonRequest) -> Result<(), HelperError>;
 }
 
 /// The real thing: passes each call to the kernel.
@@ -160,6 +180,41 @@ impl Mounter for LinuxMounter {
             stderr: redact(&stderr.split_whitespace().collect::<Vec<_>>().join(" ")),
         })
     }
+
+    fn spawn_daemon(&self, req: &DaemonRequest) -> Result<(), HelperError> {
+        let mut cmd = Command::new(&req.program);
+        cmd.args(&req.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in &req.env {
+            cmd.env(k, v.expose());
+        }
+        // Its own process group: vfolderd's signals and exit do not reach it,
+        // so the mount survives a vfolderd restart and is adopted.
+        cmd.process_group(0);
+        let mut child = cmd.spawn().map_err(|e| HelperError::Spawn(e.to_string()))?;
+        let status = match child.wait_timeout(req.timeout) {
+            Ok(Some(status)) => status,
+            Ok(None) => {
+                let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+                let _ = child.wait();
+                return Err(HelperError::Timeout(req.timeout));
+            }
+            Err(e) => return Err(HelperError::Spawn(e.to_string())),
+        };
+        if status.success() {
+            return Ok(());
+        }
+        let mut stderr = String::new();
+        if let Some(mut s) = child.stderr.take() {
+            let _ = s.read_to_string(&mut stderr);
+        }
+        Err(HelperError::Failed {
+            code: status.code().unwrap_or(-1),
+            stderr: redact(&stderr.split_whitespace().collect::<Vec<_>>().join(" ")),
+        })
+    }
 }
 
 /// One recorded call of [`RecordingMounter`].
@@ -187,6 +242,15 @@ pub enum Call {
     },
     /// A helper run.
     Helper(HelperRequest),
+    /// A daemon start (env recorded by name only).
+    Daemon {
+        /// Program.
+        program: PathBuf,
+        /// Arguments.
+        args: Vec<String>,
+        /// Names of the environment variables passed.
+        env_keys: Vec<String>,
+    },
 }
 
 /// Which call a scripted failure applies to.
@@ -267,6 +331,21 @@ impl Mounter for RecordingMounter {
             None => Ok(()),
             Some(e) => Err(HelperError::Failed {
                 code: 32,
+                stderr: e.desc().to_string(),
+            }),
+        }
+    }
+
+    fn spawn_daemon(&self, req: &DaemonRequest) -> Result<(), HelperError> {
+        self.calls.lock().expect("lock").push(Call::Daemon {
+            program: req.program.clone(),
+            args: req.args.clone(),
+            env_keys: req.env.iter().map(|(k, _)| k.clone()).collect(),
+        });
+        match self.scripted(CallKind::Helper) {
+            None => Ok(()),
+            Some(e) => Err(HelperError::Failed {
+                code: 1,
                 stderr: e.desc().to_string(),
             }),
         }

@@ -82,6 +82,9 @@ pub struct OwnedMount {
     /// For binds: read-only.
     #[serde(default)]
     pub readonly: bool,
+    /// For blob volumes: when the SAS the mount uses expires (unix seconds).
+    #[serde(default)]
+    pub expires_at: Option<u64>,
 }
 
 /// A directory vfolderd created, removed again (only if empty) when its owner goes.
@@ -272,6 +275,7 @@ mod tests {
             volume: "a".into(),
             kernel: None,
             readonly: false,
+            expires_at: None,
         };
         {
             let l = Ledger::open(dir.path()).unwrap();
