@@ -174,7 +174,9 @@ async fn a_blob_dataset_is_fuse_mounted_read_only_into_kernels_and_survives_rest
         let (pid, argv) = rclone_for(&target).expect("rclone serves the volume");
         assert!(!argv.contains("sig=") && !argv.contains(AZURITE_KEY), "{argv}");
         assert!(!node.log().contains("sig="), "no SAS in the log");
-        let expiry = node.metric("vfolderd_sas_expiry_timestamp_seconds{volume=\"dlsamples\"}").expect("expiry metric");
+        let series = "vfolderd_sas_expiry_timestamp_seconds{volume=\"dlsamples\"}";
+        until("the expiry metric", 10, || node.metric(series).is_some()).await;
+        let expiry = node.metric(series).unwrap();
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
         assert!((expiry - now - 7200.0).abs() < 120.0, "SAS lifetime as configured: {}", expiry - now);
 
@@ -209,6 +211,71 @@ async fn a_blob_dataset_is_fuse_mounted_read_only_into_kernels_and_survives_rest
         let (pid2, _) = rclone_for(&target).expect("a new rclone");
         assert_ne!(pid, pid2);
         assert_eq!(std::fs::read(target.join("azure_center.png")).unwrap(), b"\x89PNG image bytes");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_mount_sas_is_renewed_in_its_last_third_once_unused() {
+    require_private_mount_namespace();
+    within(180, async {
+        let etcd = Etcd::start().await;
+        let azurite = Azurite::start().await;
+        let node = Node::start(
+            &etcd,
+            "n1",
+            NodeOpts {
+                extra_config: "sas_lifetime: 9s\n",
+                ..Default::default()
+            },
+        );
+        write_azurite_key(&node, "k");
+        let spec = format!(
+            "mount: {{at: startup, fstype: azureblob, path: {}, credentials: k}}\ncreate: true\n",
+            azurite.container_url("data")
+        );
+        etcd.put(&format!("{P}/volumes/data"), &spec).await;
+        etcd.put(&node.kernel_key("k1"), "mounts: []\n").await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let series = "vfolderd_sas_expiry_timestamp_seconds{volume=\"data\"}";
+        until("the expiry metric", 10, || node.metric(series).is_some()).await;
+        let first = node.metric(series).unwrap();
+        let target = node.volumes().join("data");
+        let (pid, _) = rclone_for(&target).unwrap();
+
+        // In use by k1: the renewal waits, and the status says so.
+        let st = etcd
+            .wait_for(&node.volume_status("data"), "renewal pending", |v| {
+                v.get("sas_renewal").is_some()
+            })
+            .await;
+        assert_eq!(st["state"], "Mounted");
+        assert_eq!(
+            node.metric(series),
+            Some(first),
+            "not renewed under a running kernel"
+        );
+        assert_eq!(rclone_for(&target).map(|(p, _)| p), Some(pid));
+
+        etcd.delete(&node.kernel_key("k1")).await;
+        until("a fresh SAS", 30, || {
+            node.metric(series).is_some_and(|e| e > first)
+        })
+        .await;
+        let (pid2, _) = rclone_for(&target).expect("remounted");
+        assert_ne!(pid, pid2, "a new rclone with the new SAS");
+        assert_eq!(
+            node.mounts()
+                .iter()
+                .filter(|m| m.mount_point == target)
+                .count(),
+            1,
+            "the old mount is gone"
+        );
+        etcd.wait_for(&node.volume_status("data"), "no renewal pending", |v| {
+            v.get("sas_renewal").is_none() && v["state"] == "Mounted"
+        })
+        .await;
     })
     .await;
 }

@@ -86,6 +86,9 @@ pub fn report(inp: &ReportInputs<'_>, d: &Desired, want: &Want, actual: &Actual)
                 r.stale_volumes += 1;
                 json!({"state": "Stale", "users": users, "error": actual.stale[&t]})
             }
+            (Ok(_), Some(t)) if owned_mounted(&t) && actual.renew.contains(&t) && users > 0 => {
+                json!({"state": "Mounted", "users": users, "sas_renewal": "pending: remounted with a fresh SAS once unused"})
+            }
             (Ok(_), Some(t)) if owned_mounted(&t) => json!({"state": "Mounted", "users": users}),
             (Ok(_), Some(t)) if occupied(&t) => {
                 r.converged = false;
