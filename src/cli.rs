@@ -232,6 +232,7 @@ pub async fn drain(cfg: &NodeConfig, force: bool) -> Result<DrainReport, CliErro
             run_dir: cfg.state.join("run"),
             mount_timeout: cfg.mount_timeout,
             sas_lifetime: cfg.sas_lifetime,
+            token_lifetime: cfg.token_lifetime,
             rclone: cfg.rclone.clone(),
         },
     );

@@ -87,6 +87,9 @@ pub struct NodeConfig {
     /// renewed (remounted while unused) in its last third.
     #[serde(default = "default_sas_lifetime", with = "humantime_serde")]
     pub sas_lifetime: Duration,
+    /// Lifetime of a per-user SAS token file; renewed at two thirds of it.
+    #[serde(default = "default_token_lifetime", with = "humantime_serde")]
+    pub token_lifetime: Duration,
     /// The rclone binary that FUSE-mounts blob containers.
     #[serde(default = "default_rclone")]
     pub rclone: PathBuf,
@@ -185,6 +188,9 @@ fn default_linger() -> Duration {
 }
 fn default_sas_lifetime() -> Duration {
     Duration::from_secs(24 * 3600)
+}
+fn default_token_lifetime() -> Duration {
+    Duration::from_secs(3600)
 }
 fn default_rclone() -> PathBuf {
     "rclone".into()

@@ -279,3 +279,115 @@ async fn a_blob_mount_sas_is_renewed_in_its_last_third_once_unused() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_token_file_reads_cannot_write_is_renewed_expires_and_goes_on_detach() {
+    use std::os::unix::fs::MetadataExt;
+    require_private_mount_namespace();
+    within(180, async {
+        let etcd = Etcd::start().await;
+        let azurite = Azurite::start().await;
+        let node = Node::start(
+            &etcd,
+            "n1",
+            NodeOpts {
+                roles: "[agent]",
+                extra_config: "token_lifetime: 6s\n",
+                ..Default::default()
+            },
+        );
+        write_azurite_key(&node, "k");
+        let spec = format!(
+            "mount: {{at: requested, fstype: azureblob, path: {}, credentials: k}}\n",
+            azurite.container_url("dlsamples")
+        );
+        etcd.put(&format!("{P}/volumes/dlsamples"), &spec).await;
+        node.cli(&["dataset", "create-container", "dlsamples"]);
+        let f = node.dir.path().join("result.png");
+        std::fs::write(&f, b"png bytes").unwrap();
+        node.cli(&["dataset", "push", "dlsamples", f.to_str().unwrap()]);
+
+        etcd.put(
+            &node.kernel_key("k1"),
+            "{uid: 1000, gid: 1000, mounts: [{volume: dlsamples, token: read}]}\n",
+        )
+        .await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let path = node.home("k1").join(".vfolderd/sas/dlsamples");
+        let md = std::fs::metadata(&path).unwrap();
+        assert_eq!((md.mode() & 0o777, md.uid(), md.gid()), (0o600, 1000, 1000));
+        let dir = std::fs::metadata(path.parent().unwrap()).unwrap();
+        assert_eq!((dir.mode() & 0o777, dir.uid()), (0o700, 1000));
+        assert!(
+            node.mount_at(&node.volumes().join("dlsamples")).is_none(),
+            "a token needs no mount"
+        );
+
+        // The seed's AccessTest, with the kernel's token.
+        let url = std::fs::read_to_string(&path).unwrap().trim().to_string();
+        let location = CloudLocation::Custom {
+            account: AZURITE_ACCOUNT.into(),
+            uri: azurite.endpoint.clone(),
+        };
+        let client = |url: &str| {
+            let creds = StorageCredentials::sas_token(sas_token(url)).unwrap();
+            ClientBuilder::with_location(location.clone(), creds).container_client("dlsamples")
+        };
+        assert_eq!(
+            client(&url)
+                .blob_client("result.png")
+                .get_content()
+                .await
+                .unwrap(),
+            b"png bytes"
+        );
+        let err = client(&url)
+            .blob_client("x.txt")
+            .put_block_blob(b"x".to_vec())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.as_http_error().map(|h| h.status()),
+            Some(azure_core::StatusCode::Forbidden)
+        );
+
+        // Renewed at two thirds of its lifetime; the old one is refused once expired.
+        let written = Instant::now();
+        until("the token is renewed", 20, || {
+            std::fs::read_to_string(&path).is_ok_and(|u| u.trim() != url)
+        })
+        .await;
+        assert!(
+            written.elapsed() < Duration::from_secs(6),
+            "renewed before expiry: {:?}",
+            written.elapsed()
+        );
+        let fresh = std::fs::read_to_string(&path).unwrap().trim().to_string();
+        tokio::time::sleep(Duration::from_secs(7).saturating_sub(written.elapsed())).await;
+        let err = client(&url)
+            .blob_client("result.png")
+            .get_content()
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.as_http_error().map(|h| h.status()),
+            Some(azure_core::StatusCode::Forbidden),
+            "expired: {err}"
+        );
+        let _ = fresh;
+
+        for (k, v) in etcd.dump(&format!("{P}/status/")).await {
+            assert!(!v.contains("sig="), "SAS in status {k}");
+        }
+        assert!(!node.log().contains("sig="), "SAS in the log");
+        assert!(!node.metrics().contains("sig="), "SAS in metrics");
+
+        etcd.delete(&node.kernel_key("k1")).await;
+        until("the token file is gone", 20, || !path.exists()).await;
+        until("the kernel's directories are gone", 20, || {
+            !node.kernels().join("k1").exists()
+        })
+        .await;
+    })
+    .await;
+}

@@ -114,6 +114,8 @@ struct Reconciler {
     stale: StaleMap,
     /// Lifetime of blob mount SASes (renewed in their last third).
     sas_lifetime: Duration,
+    /// Lifetime of per-user token files (renewed in their last third).
+    token_lifetime: Duration,
 }
 
 fn unix_now() -> u64 {
@@ -176,10 +178,19 @@ impl Reconciler {
             dirs: observe_dirs(&want.paths_to_observe()),
             stale: self.stale.lock().expect("stale lock").clone(),
             renew: BTreeSet::new(),
+            owned_tokens: self.ledger.tokens()?,
+            token_renew: BTreeSet::new(),
         };
         let mut actual = actual;
         let now = unix_now();
         let margin = self.sas_lifetime.as_secs() / 3;
+        let token_margin = self.token_lifetime.as_secs() / 3;
+        actual.token_renew = actual
+            .owned_tokens
+            .values()
+            .filter(|t| t.expires_at.saturating_sub(now) <= token_margin || !t.path.is_file())
+            .map(|t| t.path.clone())
+            .collect();
         actual.renew = actual
             .owned_mounts
             .values()
@@ -351,9 +362,16 @@ impl Reconciler {
             .collect();
         let margin = self.sas_lifetime.as_secs() / 3;
         let unix = unix_now();
+        let token_margin = self.token_lifetime.as_secs() / 3;
         let renew_deadline = sas_expiry
             .iter()
             .map(|(_, e)| e.saturating_sub(margin))
+            .chain(
+                actual
+                    .owned_tokens
+                    .values()
+                    .map(|t| t.expires_at.saturating_sub(token_margin)),
+            )
             .filter(|d| *d > unix)
             .min()
             .map(|d| now + Duration::from_secs(d - unix));
@@ -501,6 +519,7 @@ pub async fn run(
         run_dir: cfg.state.join("run"),
         mount_timeout: cfg.mount_timeout,
         sas_lifetime: cfg.sas_lifetime,
+        token_lifetime: cfg.token_lifetime,
         rclone: cfg.rclone.clone(),
     };
     for root in [&cfg.roots.volumes, &cfg.roots.kernels] {
@@ -530,6 +549,7 @@ pub async fn run(
         retry: BTreeMap::new(),
         stale: stale.clone(),
         sas_lifetime: cfg.sas_lifetime,
+        token_lifetime: cfg.token_lifetime,
     });
 
     health.alive.store(true, Ordering::Relaxed);

@@ -20,9 +20,11 @@ use crate::reconcile::actual::MountInfoSource;
 use crate::reconcile::fsops::{
     self, fd_path, make_dir, open_dir, remove_dir_if_empty, Create, FsError,
 };
-use crate::reconcile::plan::{Action, WantBind, WantVolume};
+use crate::reconcile::plan::{Action, WantBind, WantToken, WantVolume};
 use crate::reconcile::sys::{split_flags, DaemonRequest, HelperError, HelperRequest, Mounter};
-use crate::state::ledger::{Ledger, LedgerError, MountKind, OwnedDir, OwnedMount, Owner};
+use crate::state::ledger::{
+    Ledger, LedgerError, MountKind, OwnedDir, OwnedMount, OwnedToken, Owner,
+};
 
 /// Why an action failed.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +123,8 @@ pub struct ExecConfig {
     pub mount_timeout: Duration,
     /// Lifetime of a blob volume's mount SAS.
     pub sas_lifetime: Duration,
+    /// Lifetime of a per-user token file's SAS.
+    pub token_lifetime: Duration,
     /// The rclone binary.
     pub rclone: PathBuf,
 }
@@ -150,7 +154,8 @@ pub fn owner_of(a: &Action, owned: &BTreeMap<PathBuf, OwnedMount>) -> Option<Own
                 None => Owner::Volume(m.volume.clone()),
             })
         }
-        Action::RemoveDir { .. } => None,
+        Action::WriteToken { token } => Some(Owner::Kernel(token.kernel.clone())),
+        Action::RemoveDir { .. } | Action::RemoveToken { .. } => None,
     }
 }
 
@@ -282,6 +287,8 @@ impl Executor {
                 Ok(())
             }
             Action::MountVolume { volume } => self.mount_volume(volume),
+            Action::WriteToken { token } => self.write_token(token),
+            Action::RemoveToken { path } => self.remove_token(path),
             Action::Bind { bind } => self.bind(bind),
             Action::Remount { bind } => {
                 self.remount_bind(bind)?;
@@ -550,6 +557,123 @@ impl Executor {
             .map(|d| d.as_secs()))
     }
 
+    /// Writes a per-user SAS URL to `<home>/.vfolderd/sas/<volume>`: 0600,
+    /// owned by the kernel's uid/gid, created under a temporary name and
+    /// renamed into place, every path component opened without following
+    /// symlinks (the home belongs to the user).
+    fn write_token(&self, t: &WantToken) -> Result<(), ExecError> {
+        use crate::azure::{
+            container_client, container_sas, read_account_key, Access, BlobLocation,
+        };
+        use nix::fcntl::{openat, renameat, OFlag};
+        use nix::sys::stat::Mode;
+        use nix::unistd::{fchown, unlinkat, Gid, Uid, UnlinkatFlags};
+        use std::os::fd::AsFd;
+
+        let loc = BlobLocation::parse(&t.source)?;
+        let key = read_account_key(
+            &self.cfg.credentials_dir,
+            t.credentials.as_deref().unwrap_or_default(),
+        )?;
+        let client = container_client(&loc, &key);
+        let rt = tokio::runtime::Handle::try_current()
+            .map_err(|_| ExecError::Unsupported("tokens outside the daemon's runtime".into()))?;
+        let access = if t.write { Access::Write } else { Access::Read };
+        let sas = rt.block_on(container_sas(&client, access, self.cfg.token_lifetime))?;
+        let expires_at = sas
+            .expires
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let (Some(dir), Some(name)) = (t.path.parent(), t.path.file_name()) else {
+            return Err(ExecError::Fs(FsError::OutsideRoot {
+                path: t.path.clone(),
+                root: self.cfg.kernels_root.clone(),
+            }));
+        };
+        // Ownership first: a crash after writing leaves a file we know to remove.
+        self.ledger.put_token(&OwnedToken {
+            path: t.path.clone(),
+            kernel: t.kernel.clone(),
+            volume: t.volume.clone(),
+            expires_at,
+        })?;
+        let owner = Owner::Kernel(t.kernel.clone());
+        let mut record = |p: &Path| {
+            self.ledger
+                .put_dir(&OwnedDir {
+                    path: p.to_path_buf(),
+                    owner: owner.clone(),
+                })
+                .map_err(|e| crate::error_chain(&e))
+        };
+        make_dir(
+            &self.cfg.kernels_root,
+            dir,
+            Create {
+                mode: 0o700,
+                uid: t.uid,
+                gid: t.gid,
+            },
+            &mut record,
+        )?;
+        let (dfd, _) = open_dir(&self.cfg.kernels_root, dir, None)?;
+        let sys = |op: &'static str| {
+            let path = t.path.clone();
+            move |errno| ExecError::Fs(FsError::Sys { op, path, errno })
+        };
+        let tmp = format!(".{}.tmp", name.to_string_lossy());
+        match unlinkat(dfd.as_fd(), tmp.as_str(), UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            Err(e) => return Err(sys("unlink")(e)),
+        }
+        let flags =
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let fd = openat(
+            dfd.as_fd(),
+            tmp.as_str(),
+            flags,
+            Mode::from_bits_truncate(0o600),
+        )
+        .map_err(sys("create"))?;
+        if t.uid.is_some() || t.gid.is_some() {
+            fchown(
+                fd.as_fd(),
+                t.uid.map(Uid::from_raw),
+                t.gid.map(Gid::from_raw),
+            )
+            .map_err(sys("chown"))?;
+        }
+        let mut file = std::fs::File::from(fd);
+        file.write_all(format!("{}\n", sas.url.expose()).as_bytes())
+            .map_err(|e| sys("write")(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
+        file.sync_all()
+            .map_err(|e| sys("fsync")(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
+        renameat(dfd.as_fd(), tmp.as_str(), dfd.as_fd(), name).map_err(sys("rename"))?;
+        Ok(())
+    }
+
+    fn remove_token(&self, path: &Path) -> Result<(), ExecError> {
+        use nix::unistd::{unlinkat, UnlinkatFlags};
+        use std::os::fd::AsFd;
+        if let (Some(dir), Some(name)) = (path.parent(), path.file_name()) {
+            match open_dir(&self.cfg.kernels_root, dir, None) {
+                Ok((dfd, _)) => match unlinkat(dfd.as_fd(), name, UnlinkatFlags::NoRemoveDir) {
+                    Ok(()) | Err(Errno::ENOENT) => {}
+                    Err(errno) => {
+                        return Err(ExecError::Fs(FsError::Sys {
+                            op: "unlink",
+                            path: path.to_path_buf(),
+                            errno,
+                        }))
+                    }
+                },
+                Err(FsError::Missing { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(self.ledger.remove_token(path)?)
+    }
+
     fn write_temp_credentials(&self, volume: &str, lines: &[String]) -> Result<PathBuf, ExecError> {
         let err = |e: std::io::Error| ExecError::Credentials {
             name: volume.to_string(),
@@ -682,6 +806,7 @@ mod tests {
             run_dir: root.join("run"),
             mount_timeout: Duration::from_secs(5),
             sas_lifetime: Duration::from_secs(3600),
+            token_lifetime: Duration::from_secs(3600),
             rclone: "rclone".into(),
         };
         std::fs::create_dir_all(&cfg.volumes_root).unwrap();

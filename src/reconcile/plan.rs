@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::reconcile::actual::MountTable;
 use crate::spec::{vfolder_relpath, HealPolicy, KernelMount, MountAt, Permission};
 use crate::state::desired::Desired;
-use crate::state::ledger::{MountKind, OwnedDir, OwnedMount, Owner};
+use crate::state::ledger::{MountKind, OwnedDir, OwnedMount, OwnedToken, Owner};
 
 /// The node facts the planner needs.
 #[derive(Debug, Clone)]
@@ -47,6 +47,10 @@ pub struct Actual {
     /// Blob volume mount points whose SAS is in its last third: remounted
     /// with a fresh one as soon as no kernel uses them.
     pub renew: BTreeSet<PathBuf>,
+    /// The ledger's token files.
+    pub owned_tokens: BTreeMap<PathBuf, OwnedToken>,
+    /// Token files to write again (in their last third, or gone from disk).
+    pub token_renew: BTreeSet<PathBuf>,
 }
 
 /// A volume this node should have mounted.
@@ -144,6 +148,29 @@ pub struct Want {
     pub held_kernels: BTreeSet<String>,
     /// Volumes whose spec is rejected: an owned mount of theirs stays.
     pub held_volumes: BTreeSet<String>,
+    /// Per-user SAS token files, by path.
+    pub tokens: BTreeMap<PathBuf, WantToken>,
+}
+
+/// A per-user SAS token file in a kernel home (`<home>/.vfolderd/sas/<volume>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WantToken {
+    /// The file.
+    pub path: PathBuf,
+    /// The kernel.
+    pub kernel: String,
+    /// The blob volume.
+    pub volume: String,
+    /// Its container URL.
+    pub source: String,
+    /// Its account-key credential name.
+    pub credentials: Option<String>,
+    /// Write access (else read + list).
+    pub write: bool,
+    /// Owner of the file.
+    pub uid: Option<u32>,
+    /// Group of the file.
+    pub gid: Option<u32>,
 }
 
 impl Want {
@@ -252,13 +279,41 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
         k.uid = spec.uid;
         k.gid = spec.gid;
         let mut binds: Vec<WantBind> = Vec::new();
+        let mut tokens: Vec<WantToken> = Vec::new();
         let mut problem: Option<Resolution> = None;
-        let mut failed: Vec<String> = Vec::new();
         for m in &spec.mounts {
             match m {
-                KernelMount::Token { volume, .. } => {
-                    failed.push(format!("token for volume {volume}: per-user SAS tokens are not supported by this build yet"));
-                }
+                KernelMount::Token { volume, kind } => match d.volumes.get(volume).map(|e| &e.spec)
+                {
+                    None => {
+                        problem.get_or_insert(Resolution::Pending(format!(
+                            "token volume {volume} does not exist"
+                        )));
+                    }
+                    Some(Err(_)) => {
+                        problem.get_or_insert(Resolution::Pending(format!(
+                            "token volume {volume} is rejected"
+                        )));
+                    }
+                    Some(Ok(v)) if v.mount.fstype != "azureblob" => {
+                        problem = Some(Resolution::Rejected(format!(
+                            "token: volume {volume} is not an azureblob volume"
+                        )));
+                    }
+                    Some(Ok(v)) => {
+                        let path = spec.home.join(".vfolderd").join("sas").join(volume);
+                        tokens.push(WantToken {
+                            path,
+                            kernel: id.clone(),
+                            volume: volume.clone(),
+                            source: v.mount.path.clone(),
+                            credentials: v.mount.credentials.clone(),
+                            write: *kind == crate::spec::TokenKind::Write,
+                            uid: spec.uid,
+                            gid: spec.gid,
+                        });
+                    }
+                },
                 KernelMount::Vfolder {
                     id: vid,
                     alias,
@@ -343,9 +398,6 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
             w.kernels.insert(id.clone(), k);
             continue;
         }
-        if !failed.is_empty() {
-            k.resolution = Resolution::Failed(failed.join("; "));
-        }
         for b in binds {
             want_volume(&mut w, &b.volume);
             w.users
@@ -354,6 +406,9 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
                 .insert(id.clone());
             k.binds.push(b.target.clone());
             w.binds.insert(b.target.clone(), b);
+        }
+        for t in tokens {
+            w.tokens.insert(t.path.clone(), t);
         }
         w.kernels.insert(id.clone(), k);
     }
@@ -429,6 +484,16 @@ pub enum Action {
         /// The bind as it should be.
         bind: WantBind,
     },
+    /// Mint a SAS and (re)write a kernel's token file, 0600, its uid/gid.
+    WriteToken {
+        /// The token file.
+        token: WantToken,
+    },
+    /// Remove a token file vfolderd wrote.
+    RemoveToken {
+        /// The file.
+        path: PathBuf,
+    },
 }
 
 impl Action {
@@ -443,6 +508,8 @@ impl Action {
             Action::MountVolume { .. } => "mount",
             Action::Bind { .. } => "bind",
             Action::Remount { .. } => "remount",
+            Action::WriteToken { .. } => "token",
+            Action::RemoveToken { .. } => "untoken",
         }
     }
 }
@@ -489,6 +556,13 @@ pub fn plan(node: &NodeView, want: &Want, actual: &Actual, keep: &BTreeSet<Strin
         .map(|v| (v.target.as_path(), v))
         .collect();
     let healed_volume = |name: &str| heal.values().any(|v| v.name == name);
+
+    // 0b. Token files nobody wants (their kernel is gone or no longer asks).
+    for (path, t) in &actual.owned_tokens {
+        if !want.tokens.contains_key(path) && !want.held_kernels.contains(&t.kernel) {
+            out.push(Action::RemoveToken { path: path.clone() });
+        }
+    }
 
     // 1. Owned binds that are no longer wanted (or whose source changed), deepest first.
     let mut binds: Vec<PathBuf> = actual
@@ -576,7 +650,8 @@ pub fn plan(node: &NodeView, want: &Want, actual: &Actual, keep: &BTreeSet<Strin
         .map(|v| v.target.as_path())
         .chain(want.binds.keys().map(PathBuf::as_path));
     let homes = want.kernels.values().filter_map(|k| k.home.as_deref());
-    for p in kept_targets.chain(wanted_paths).chain(homes) {
+    let tokens = want.tokens.keys().map(PathBuf::as_path);
+    for p in kept_targets.chain(wanted_paths).chain(homes).chain(tokens) {
         needed.extend(p.ancestors());
     }
     let held = |o: &Owner| match o {
@@ -676,6 +751,13 @@ pub fn plan(node: &NodeView, want: &Want, actual: &Actual, keep: &BTreeSet<Strin
             out.push(Action::Bind { bind: b.clone() });
         }
     }
+
+    // 7. Token files, once their kernel's home exists (made above).
+    for (path, t) in &want.tokens {
+        if !actual.owned_tokens.contains_key(path) || actual.token_renew.contains(path) {
+            out.push(Action::WriteToken { token: t.clone() });
+        }
+    }
     out
 }
 
@@ -695,7 +777,8 @@ pub fn without_teardown(actions: Vec<Action>) -> Vec<Action> {
         .into_iter()
         .filter(|a| match a {
             Action::Unmount { .. } | Action::Forget { .. } | Action::RemoveDir { .. } => false,
-            Action::Detach { .. } => true,
+            Action::Detach { .. } | Action::WriteToken { .. } => true,
+            Action::RemoveToken { .. } => false,
             Action::Bind { bind } | Action::Remount { bind } => !blocked.contains(&bind.target),
             Action::MountVolume { volume } => !blocked.contains(&volume.target),
             Action::MakeDir { path, .. } => !blocked.contains(path),
@@ -789,6 +872,21 @@ mod tests {
                 Action::Detach { target } => {
                     a.mounts.remove_top(target);
                     a.stale.remove(target);
+                }
+                Action::WriteToken { token } => {
+                    a.owned_tokens.insert(
+                        token.path.clone(),
+                        OwnedToken {
+                            path: token.path.clone(),
+                            kernel: token.kernel.clone(),
+                            volume: token.volume.clone(),
+                            expires_at: 0,
+                        },
+                    );
+                    a.token_renew.remove(&token.path);
+                }
+                Action::RemoveToken { path } => {
+                    a.owned_tokens.remove(path);
                 }
                 Action::RemoveDir { path } => {
                     a.dirs.remove(path);

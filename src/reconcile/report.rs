@@ -136,6 +136,18 @@ pub fn report(inp: &ReportInputs<'_>, d: &Desired, want: &Want, actual: &Actual)
                 "mounted": ok,
             }));
         }
+        for t in want.tokens.values().filter(|t| &t.kernel == id) {
+            // Recorded, and not missing or due (the record is written before the file).
+            let ok =
+                actual.owned_tokens.contains_key(&t.path) && !actual.token_renew.contains(&t.path);
+            all_ok &= ok;
+            mounts.push(json!({
+                "target": t.path,
+                "source": format!("token:{}", t.volume),
+                "permission": if t.write { "rw" } else { "ro" },
+                "mounted": ok,
+            }));
+        }
         let failure = inp.failures.get(&Owner::Kernel(id.clone()));
         let (state, error) = match &k.resolution {
             Resolution::Rejected(r) => ("Rejected", Some(r.clone())),

@@ -106,6 +106,21 @@ pub struct Ledger {
     desired: sled::Tree,
     /// Small facts: the revision of `desired`.
     meta: sled::Tree,
+    /// Per-user SAS token files written into kernel homes.
+    tokens: sled::Tree,
+}
+
+/// A SAS token file vfolderd wrote into a kernel home.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnedToken {
+    /// The file.
+    pub path: PathBuf,
+    /// The kernel it serves.
+    pub kernel: String,
+    /// The blob volume it grants access to.
+    pub volume: String,
+    /// When the SAS in it expires (unix seconds).
+    pub expires_at: u64,
 }
 
 /// Raw desired key/value pairs, as listed from etcd.
@@ -133,12 +148,14 @@ impl Ledger {
         let dirs = db.open_tree("dirs").map_err(sled_err("open tree"))?;
         let desired = db.open_tree("desired").map_err(sled_err("open tree"))?;
         let meta = db.open_tree("meta").map_err(sled_err("open tree"))?;
+        let tokens = db.open_tree("tokens").map_err(sled_err("open tree"))?;
         Ok(Self {
             db,
             mounts,
             dirs,
             desired,
             meta,
+            tokens,
         })
     }
 
@@ -165,6 +182,28 @@ impl Ledger {
     pub fn remove_mount(&self, target: &Path) -> Result<(), LedgerError> {
         self.mounts
             .remove(key_of(target))
+            .map_err(sled_err("remove"))?;
+        self.flush()
+    }
+
+    /// Every token file written, by path.
+    pub fn tokens(&self) -> Result<BTreeMap<PathBuf, OwnedToken>, LedgerError> {
+        load(&self.tokens, |t: &OwnedToken| t.path.clone())
+    }
+
+    /// Records a token file (before writing it) and flushes.
+    pub fn put_token(&self, t: &OwnedToken) -> Result<(), LedgerError> {
+        let v = serde_json::to_vec(t).expect("owned token serialises");
+        self.tokens
+            .insert(key_of(&t.path), v)
+            .map_err(sled_err("insert"))?;
+        self.flush()
+    }
+
+    /// Forgets a token file and flushes.
+    pub fn remove_token(&self, path: &Path) -> Result<(), LedgerError> {
+        self.tokens
+            .remove(key_of(path))
             .map_err(sled_err("remove"))?;
         self.flush()
     }
