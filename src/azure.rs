@@ -3,7 +3,6 @@
 //! (create, upload, list, SAS), with `azure_storage_blobs`. Works against
 //! Azure (host-style URLs) and the Azurite emulator (path-style URLs).
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -131,18 +130,7 @@ pub fn read_account_key(credentials_dir: &Path, name: &str) -> Result<Secret, Az
         name: name.to_string(),
         reason,
     };
-    let path = credentials_dir.join(name);
-    let md = std::fs::metadata(&path).map_err(|e| err(format!("{}: {e}", path.display())))?;
-    if md.mode() & 0o077 != 0 {
-        return Err(err(format!(
-            "{} is readable by others (mode {:o}); chmod 600 it",
-            path.display(),
-            md.mode() & 0o777
-        )));
-    }
-    if md.uid() != 0 && nix::unistd::geteuid().is_root() {
-        return Err(err(format!("{} must be owned by root", path.display())));
-    }
+    let path = crate::secret::secret_file(credentials_dir, name).map_err(err)?;
     let text =
         std::fs::read_to_string(&path).map_err(|e| err(format!("{}: {e}", path.display())))?;
     let key = text.trim();

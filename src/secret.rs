@@ -32,6 +32,29 @@ impl fmt::Display for Secret {
     }
 }
 
+/// Checks a node-local secret file `<dir>/<name>`: it exists, is a regular
+/// file, is not readable by group or others, and (when we are root) is
+/// owned by root. Returns its path. The message never includes its content.
+pub fn secret_file(dir: &std::path::Path, name: &str) -> Result<std::path::PathBuf, String> {
+    use std::os::unix::fs::MetadataExt;
+    let path = dir.join(name);
+    let md = std::fs::symlink_metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !md.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    if md.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{} is readable by others (mode {:o}); chmod 600 it",
+            path.display(),
+            md.mode() & 0o777
+        ));
+    }
+    if md.uid() != 0 && nix::unistd::geteuid().is_root() {
+        return Err(format!("{} must be owned by root", path.display()));
+    }
+    Ok(path)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

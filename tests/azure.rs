@@ -391,3 +391,92 @@ async fn a_kernel_token_file_reads_cannot_write_is_renewed_expires_and_goes_on_d
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_files_cifs_with_a_credentials_file_gets_csi_defaults_and_no_secret_anywhere() {
+    use std::os::unix::fs::PermissionsExt;
+    require_private_mount_namespace();
+    within(120, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(&etcd, "n1", NodeOpts { helper_double: true, ..Default::default() });
+        let creds = node.dir.path().join("credentials");
+        std::fs::create_dir_all(&creds).unwrap();
+        std::fs::write(creds.join("shard-2"), "username=acct2\npassword=TOPSECRET-2\n").unwrap();
+        std::fs::set_permissions(creds.join("shard-2"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        etcd.put(&format!("{P}/volumes/shard2"), "mount: {at: startup, fstype: cifs, path: '//acct2.file.core.windows.net/vfolder', credentials: shard-2}\n").await;
+        // A world-readable credentials file is refused, saying why.
+        let st = etcd.wait_state(&node.volume_status("shard2"), "Failed").await;
+        assert!(st["error"].as_str().unwrap().contains("chmod 600"), "{st}");
+        std::fs::set_permissions(creds.join("shard-2"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        etcd.wait_state(&node.volume_status("shard2"), "Mounted").await;
+
+        let argv = std::fs::read_to_string(node.dir.path().join("helper.log")).unwrap();
+        let want = format!(
+            "-t cifs -o vers=3.0,actimeo=30,mfsymlinks,credentials={},nosuid,nodev //acct2.file.core.windows.net/vfolder {}\n",
+            creds.join("shard-2").display(),
+            node.volumes().join("shard2").display()
+        );
+        assert_eq!(argv, want, "the exact command line, read from /proc/<pid>/cmdline");
+        let seen = std::fs::read_to_string(node.dir.path().join("helper-creds.log")).unwrap();
+        assert_eq!(seen, "600\nusername=acct2\npassword=TOPSECRET-2\n");
+        for (k, v) in etcd.dump(&format!("{P}/status/")).await {
+            assert!(!v.contains("TOPSECRET"), "secret in status {k}");
+        }
+        assert!(!node.log().contains("TOPSECRET") && !node.metrics().contains("TOPSECRET"));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vfolders_live_on_a_read_write_blob_volume_like_on_any_other() {
+    require_private_mount_namespace();
+    within(120, async {
+        let etcd = Etcd::start().await;
+        let azurite = Azurite::start().await;
+        let node = Node::start(&etcd, "n1", NodeOpts::default());
+        write_azurite_key(&node, "k");
+        let spec = format!(
+            "mount: {{at: requested, fstype: azureblob, path: {}, credentials: k}}\ncreate: true\n",
+            azurite.container_url("userdata")
+        );
+        etcd.put(&format!("{P}/volumes/userdata"), &spec).await;
+        let id = node.cli(&[
+            "vfolder", "create", "--volume", "userdata", "--name", "mine", "--owner", "alice",
+        ]);
+        let id = id.trim().to_string();
+        etcd.wait_state(&format!("{P}/status/vfolders/{id}"), "Ready")
+            .await;
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {id}}}]\n"),
+        )
+        .await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let m = node.mount_at(&node.home("k1").join("mine")).unwrap();
+        assert!(!m.is_readonly() && m.has_option("nosuid") && m.has_option("nodev"));
+
+        std::fs::write(
+            node.home("k1").join("mine/results.csv"),
+            b"epoch,loss\n1,0.5\n",
+        )
+        .unwrap();
+        let hex = id.replace('-', "");
+        let blob = format!("{}/{}/{hex}/results.csv", &hex[0..2], &hex[2..4]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ls = node.cli(&["dataset", "ls", "userdata"]);
+            if ls
+                .lines()
+                .any(|l| l.ends_with(&blob) && l.starts_with("17\t"))
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the file never reached the container:\n{ls}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+    .await;
+}

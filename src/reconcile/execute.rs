@@ -415,14 +415,27 @@ impl Executor {
             }
         }
         let mut temp_file = None;
-        if let Some(name) = &v.credentials {
-            let path = self.cfg.credentials_dir.join(name);
-            if !path.is_file() {
-                return Err(ExecError::Credentials {
-                    name: name.clone(),
-                    message: format!("{} is not a file", path.display()),
-                });
+        if v.fstype == "cifs" {
+            // What the Azure Files CSI driver sets when the options do not:
+            // SMB 3.0, 30 s attribute cache, symlinks emulated (Azure Files has none).
+            for (key, default) in [
+                ("vers", "vers=3.0"),
+                ("actimeo", "actimeo=30"),
+                ("mfsymlinks", "mfsymlinks"),
+            ] {
+                if !options.iter().any(|o| o.split('=').next() == Some(key)) {
+                    options.push(default.to_string());
+                }
             }
+        }
+        if let Some(name) = &v.credentials {
+            let path =
+                crate::secret::secret_file(&self.cfg.credentials_dir, name).map_err(|message| {
+                    ExecError::Credentials {
+                        name: name.clone(),
+                        message,
+                    }
+                })?;
             options.push(format!("credentials={}", path.display()));
         } else if !secrets.is_empty() {
             let path = self.write_temp_credentials(&v.name, &secrets)?;
@@ -1010,7 +1023,7 @@ mod tests {
         assert_eq!(
             req.options,
             format!(
-                "vers=3.0,dir_mode=0777,credentials={},nosuid,nodev",
+                "vers=3.0,dir_mode=0777,actimeo=30,mfsymlinks,credentials={},nosuid,nodev",
                 creds.display()
             )
         );

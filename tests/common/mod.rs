@@ -527,7 +527,8 @@ impl Default for NodeOpts {
 /// bind-mounts a local directory standing in for the share at the target.
 const HELPER_DOUBLE: &str = r#"#!/bin/sh
 dir=__DIR__
-printf '%s\n' "$*" >> "$dir/helper.log"
+# Its argv as the kernel shows it to every user, not as the shell parsed it.
+tr '\0' ' ' < /proc/$$/cmdline | sed 's/ $//' | cut -d' ' -f3- >> "$dir/helper.log"
 while [ $# -gt 2 ]; do
   case "$1" in
     -t) t=$2; shift 2 ;;
