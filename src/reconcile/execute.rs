@@ -68,8 +68,8 @@ pub enum ExecError {
         /// What went wrong (never the secret).
         message: String,
     },
-    /// This build cannot mount the fstype yet.
-    #[error("fstype {0} is not supported by this build yet")]
+    /// A feature that needs something this process lacks (the daemon's runtime).
+    #[error("{0} is not available here")]
     Unsupported(String),
     /// A vfolder's directory is not on its volume (yet): the kernel waits.
     #[error("source directory {0} does not exist on its volume yet")]
