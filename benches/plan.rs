@@ -23,16 +23,13 @@ fn node() -> NodeView {
         storage: false,
         volumes_root: "/v".into(),
         kernels_root: "/k".into(),
+        policy: Default::default(),
     }
 }
 
 /// 10 volumes, 10,000 vfolders, 2,500 kernels with 4 vfolders each = 10,000 binds.
 fn desired() -> Desired {
-    let parser = DesiredParser {
-        keys: Keys::new("/p", "n1"),
-        policy: Policy::default(),
-        kernels_root: "/k".into(),
-    };
+    let parser = DesiredParser::with_policy(Keys::new("/p", "n1"), Policy::default(), "/k".into());
     let mut kvs: Vec<(String, String)> = Vec::new();
     for v in 0..10 {
         kvs.push((

@@ -219,6 +219,7 @@ pub async fn drain(cfg: &NodeConfig, force: bool) -> Result<DrainReport, CliErro
         storage: true,
         volumes_root: cfg.roots.volumes.clone(),
         kernels_root: cfg.roots.kernels.clone(),
+        policy: std::sync::Arc::new(crate::policy::Policy::default()),
     };
     // Planning against an empty desired state yields exactly the teardown, in order.
     let actions = plan(&node, &Want::default(), &actual, &Default::default());

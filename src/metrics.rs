@@ -41,6 +41,10 @@ pub struct Metrics {
     pub stale_volumes: IntGauge,
     /// `vfolderd_sas_expiry_timestamp_seconds{volume}`: when each blob mount's SAS expires.
     pub sas_expiry: IntGaugeVec,
+    /// `vfolderd_policy_reloads_total{result="ok"|"refused"}`: policy file changes.
+    pub policy_reloads: IntCounterVec,
+    /// `vfolderd_policy_conflicts`: refused objects still mounted because kernels use them.
+    pub policy_conflicts: IntGauge,
 }
 
 impl Metrics {
@@ -112,6 +116,19 @@ impl Metrics {
             &["volume"],
         )
         .expect("metric");
+        let policy_reloads = IntCounterVec::new(
+            Opts::new(
+                "vfolderd_policy_reloads_total",
+                "Policy reloads, by result (ok, or refused and the last good kept)",
+            ),
+            &["result"],
+        )
+        .expect("metric");
+        let policy_conflicts = IntGauge::new(
+            "vfolderd_policy_conflicts",
+            "Volumes the policy now refuses that stay mounted because kernels use them",
+        )
+        .expect("metric");
         let stale_volumes = IntGauge::new(
             "vfolderd_stale_volumes",
             "Volume mounts found stale (ENOTCONN, ESTALE, EIO, EHOSTDOWN, or no answer)",
@@ -130,6 +147,8 @@ impl Metrics {
             Box::new(status_writes.clone()),
             Box::new(stale_volumes.clone()),
             Box::new(sas_expiry.clone()),
+            Box::new(policy_reloads.clone()),
+            Box::new(policy_conflicts.clone()),
         ] {
             registry.register(c).expect("register");
         }
@@ -147,6 +166,8 @@ impl Metrics {
             status_writes,
             stale_volumes,
             sas_expiry,
+            policy_reloads,
+            policy_conflicts,
         }
     }
 

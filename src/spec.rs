@@ -215,7 +215,7 @@ fn check_volume(key_name: &str, value: &[u8], policy: &Policy) -> Result<VolumeS
         }
     }
     let opts = spec.option_list();
-    policy.check_volume(&spec.mount.fstype, &opts)?;
+    policy.check_volume(&spec.mount.fstype, &spec.mount.path, &opts)?;
     if spec.mount.path.is_empty() || spec.mount.path.contains(['\0', '\n']) {
         return Err("mount.path must be non-empty and contain no NUL or newline".into());
     }

@@ -26,8 +26,10 @@ use crate::reconcile::plan::{plan, resolve, without_teardown, Action, Actual, No
 use crate::reconcile::probe::{run_prober, StaleMap};
 use crate::reconcile::report::{report, Failure, Report, ReportInputs, Usage};
 use crate::reconcile::sys::{LinuxMounter, Mounter};
+use crate::state::desired::PolicyHandle;
 use crate::state::desired::{Desired, DesiredParser};
 use crate::state::ledger::{Ledger, LedgerError, MountKind, Owner};
+use crate::state::policywatch::run_policy_watcher;
 use crate::state::status::{
     chrono_now, run_liveness, run_status_writer, StatusEntries, StatusWriter,
 };
@@ -36,6 +38,9 @@ use crate::state::watch::{parse_listing, run_watcher, DesiredCache};
 /// Errors that stop vfolderd from starting. Once running, nothing stops it but shutdown.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
+    /// A policy file is invalid at start.
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
     /// The sled store could not be opened.
     #[error("cannot open the state store")]
     Ledger(#[from] LedgerError),
@@ -436,10 +441,31 @@ pub async fn run(
     };
 
     let cache = Arc::new(DesiredCache::default());
+    // An invalid policy at start is fatal: never run with an open policy by accident.
+    let policy = Policy::load_dir(&cfg.policies)?.unwrap_or_default();
+    tracing::info!(origin = %policy.origin, "policy in force");
+    let policy: PolicyHandle = Arc::new(std::sync::RwLock::new(Arc::new(policy)));
     let parser = DesiredParser {
         keys: keys.clone(),
-        policy: Policy::default(),
+        policy: policy.clone(),
         kernels_root: cfg.roots.kernels.clone(),
+    };
+    let policy_watch = {
+        let (dir, handle, parser, cache, m) = (
+            cfg.policies.clone(),
+            policy.clone(),
+            parser.clone(),
+            cache.clone(),
+            metrics.clone(),
+        );
+        AbortOnDrop(tokio::spawn(async move {
+            run_policy_watcher(dir, handle, parser, cache, move |ok| {
+                m.policy_reloads
+                    .with_label_values(&[if ok { "ok" } else { "refused" }])
+                    .inc();
+            })
+            .await;
+        }))
     };
     // Fail static across restarts: until etcd answers, serve the last good
     // desired state from the store, and never unmount on its behalf.
@@ -533,6 +559,7 @@ pub async fn run(
             storage: cfg.has_role(Role::Storage),
             volumes_root: cfg.roots.volumes.clone(),
             kernels_root: cfg.roots.kernels.clone(),
+            policy: policy.read().expect("policy lock").clone(),
         },
         storage: cfg.has_role(Role::Storage),
         keys: keys.clone(),
@@ -574,7 +601,9 @@ pub async fn run(
     let mut converged_once = false;
     loop {
         let live = cache.live.load(Ordering::Acquire);
-        let desired = cache.snapshot();
+        let mut desired = cache.snapshot();
+        let current_policy = policy.read().expect("policy lock").clone();
+        desired.enforce_limits(&current_policy);
         let rescan = Instant::now() >= next_resync;
         if rescan {
             next_resync = Instant::now() + cfg.resync;
@@ -584,6 +613,7 @@ pub async fn run(
         let mut last: Option<PassOutcome> = None;
         for round in 0..MAX_CHAINED_PASSES {
             let mut r = rec.take().expect("reconciler present");
+            r.node.policy = current_policy.clone();
             let d = desired.clone();
             let span = span.clone();
             let (r, result) = tokio::task::spawn_blocking(move || {
@@ -634,6 +664,9 @@ pub async fn run(
                     .set(*o.report.kernels_by_state.get(state).unwrap_or(&0) as i64);
             }
             metrics.stale_volumes.set(o.report.stale_volumes as i64);
+            metrics
+                .policy_conflicts
+                .set(o.report.policy_conflicts as i64);
             for (kind, n) in &o.owned {
                 metrics.owned_mounts.with_label_values(&[kind]).set(*n);
             }
@@ -677,6 +710,7 @@ pub async fn run(
     }
     drop(watcher);
     drop(mount_events);
+    drop(policy_watch);
     drop(prober);
     drop(liveness);
     // Let the last report reach etcd (briefly: etcd may be gone).

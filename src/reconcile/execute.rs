@@ -396,7 +396,12 @@ impl Executor {
     fn mount_with_helper(&self, v: &WantVolume) -> Result<(), ExecError> {
         let mut options: Vec<String> = Vec::new();
         let mut secrets: Vec<String> = Vec::new();
-        for o in &v.options {
+        // nosuid,nodev go last, once, whatever the policy put in the options.
+        for o in v
+            .options
+            .iter()
+            .filter(|o| !matches!(o.as_str(), "nosuid" | "nodev"))
+        {
             let key = o.split('=').next().unwrap_or_default().to_ascii_lowercase();
             if v.fstype == "cifs"
                 && matches!(

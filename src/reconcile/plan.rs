@@ -29,6 +29,8 @@ pub struct NodeView {
     pub volumes_root: PathBuf,
     /// Kernel homes lie inside this.
     pub kernels_root: PathBuf,
+    /// The policy in force (forced options, limits, rw owners).
+    pub policy: std::sync::Arc<crate::policy::Policy>,
 }
 
 /// Observed state.
@@ -200,7 +202,11 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
                     target: volume_target(name),
                     fstype: spec.mount.fstype.clone(),
                     source: spec.mount.path.clone(),
-                    options: spec.option_list(),
+                    // Validated at parse time; the forced options come from the policy.
+                    options: node
+                        .policy
+                        .check_volume(&spec.mount.fstype, &spec.mount.path, &spec.option_list())
+                        .unwrap_or_else(|_| spec.option_list()),
                     credentials: spec.mount.credentials.clone(),
                     at: spec.mount.at,
                     heal: spec.heal,
@@ -212,9 +218,12 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
     };
     for (name, e) in &d.volumes {
         match &e.spec {
-            Err(_) => {
+            // A malformed value never unmounts anything; a policy refusal
+            // only keeps the mount while kernels use it (see `plan`).
+            Err(reason) if !reason.starts_with("policy ") => {
                 w.held_volumes.insert(name.clone());
             }
+            Err(_) => {}
             Ok(spec) => {
                 if node.storage || (node.agent && spec.mount.at == MountAt::Startup) {
                     want_volume(&mut w, name);
@@ -355,6 +364,13 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
                     if perm == Permission::Rw && vf.permission == Permission::Ro {
                         problem = Some(Resolution::Rejected(format!(
                             "vfolder {vid} is read-only; rw cannot be granted"
+                        )));
+                        break;
+                    }
+                    if perm == Permission::Rw && !node.policy.may_mount_rw(&vf.volume, &vf.owner) {
+                        problem = Some(Resolution::Rejected(format!(
+                            "policy rw_owners.{}: owner {} may not mount vfolder {vid} read-write",
+                            vf.volume, vf.owner
                         )));
                         break;
                     }
@@ -800,6 +816,7 @@ mod tests {
             storage,
             volumes_root: "/v".into(),
             kernels_root: "/k".into(),
+            policy: Default::default(),
         }
     }
 

@@ -45,6 +45,8 @@ pub struct Report {
     pub converged: bool,
     /// Wanted volumes whose mount is stale.
     pub stale_volumes: usize,
+    /// Policy-refused volumes still mounted for kernels.
+    pub policy_conflicts: usize,
 }
 
 /// Inputs of [`report`] besides the state.
@@ -81,7 +83,19 @@ pub fn report(inp: &ReportInputs<'_>, d: &Desired, want: &Want, actual: &Actual)
             .values()
             .find(|m| m.kind == crate::state::ledger::MountKind::Volume && &m.volume == name);
         let v = match (&e.spec, target) {
-            (Err(reason), _) => json!({"state": "Rejected", "users": users, "error": reason}),
+            (Err(reason), _) => {
+                let still = actual.owned_mounts.values().any(|m| {
+                    m.kind == crate::state::ledger::MountKind::Volume
+                        && &m.volume == name
+                        && actual.mounts.top(&m.target).is_some()
+                });
+                if still && reason.starts_with("policy ") {
+                    r.policy_conflicts += 1;
+                    json!({"state": "Rejected", "users": users, "error": reason, "kept": "still mounted while kernels use it"})
+                } else {
+                    json!({"state": "Rejected", "users": users, "error": reason})
+                }
+            }
             (Ok(_), Some(t)) if owned_mounted(&t) && actual.stale.contains_key(&t) => {
                 r.stale_volumes += 1;
                 json!({"state": "Stale", "users": users, "error": actual.stale[&t]})

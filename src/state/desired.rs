@@ -31,7 +31,12 @@ pub struct Desired {
     pub invalid_keys: BTreeMap<String, String>,
     /// The etcd revision this state reflects.
     pub revision: i64,
+    /// The raw values, so a policy change can re-evaluate every object.
+    pub raw: BTreeMap<String, (Vec<u8>, i64)>,
 }
+
+/// The policy in force, swapped whole on a reload.
+pub type PolicyHandle = std::sync::Arc<std::sync::RwLock<std::sync::Arc<Policy>>>;
 
 /// Turns raw key/value pairs into typed entries. It holds what parsing needs
 /// (key layout, policy, kernels root) so applying an event is O(1) work.
@@ -39,8 +44,8 @@ pub struct Desired {
 pub struct DesiredParser {
     /// Key layout.
     pub keys: Keys,
-    /// Allowed fstypes and options.
-    pub policy: Policy,
+    /// The policy in force (hot-reloaded).
+    pub policy: PolicyHandle,
     /// Where kernel homes must lie.
     pub kernels_root: PathBuf,
 }
@@ -48,9 +53,14 @@ pub struct DesiredParser {
 impl DesiredParser {
     /// Applies a put of `key` = `value` at `revision`.
     pub fn apply_put(&self, d: &mut Desired, key: &str, value: &[u8], revision: i64) {
-        match self.keys.classify(key) {
+        let classified = self.keys.classify(key);
+        if !matches!(classified, Classified::Ignored) {
+            d.raw.insert(key.to_string(), (value.to_vec(), revision));
+        }
+        match classified {
             Classified::Object(ObjectKey::Volume(name)) => {
-                let spec = log_rejected(key, parse_volume(&name, value, &self.policy));
+                let policy = self.policy.read().expect("policy lock").clone();
+                let spec = log_rejected(key, parse_volume(&name, value, &policy));
                 d.volumes.insert(name, Entry { revision, spec });
             }
             Classified::Object(ObjectKey::Vfolder(id)) => {
@@ -77,6 +87,7 @@ impl DesiredParser {
 
     /// Applies a delete of `key` at `revision`.
     pub fn apply_delete(&self, d: &mut Desired, key: &str, revision: i64) {
+        d.raw.remove(key);
         match self.keys.classify(key) {
             Classified::Object(ObjectKey::Volume(name)) => {
                 d.volumes.remove(&name);
@@ -118,7 +129,84 @@ fn log_rejected<T>(key: &str, r: Result<T, String>) -> Result<T, String> {
     r
 }
 
+impl DesiredParser {
+    /// Re-evaluates every object against the current policy (after a reload).
+    pub fn reparse(&self, d: &Desired) -> Desired {
+        let mut out = Desired::default();
+        for (k, (v, rev)) in &d.raw {
+            self.apply_put(&mut out, k, v, *rev);
+        }
+        out.revision = d.revision;
+        out
+    }
+
+    /// A parser with a fixed policy (tools, tests).
+    pub fn with_policy(keys: Keys, policy: Policy, kernels_root: PathBuf) -> Self {
+        Self {
+            keys,
+            policy: std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(policy))),
+            kernels_root,
+        }
+    }
+}
+
 impl Desired {
+    /// Applies the policy's cross-object limits: kernels beyond
+    /// `kernels_per_node`, kernels with more than `mounts_per_kernel` entries,
+    /// and vfolders beyond `vfolders_per_owner` become `Rejected` (the newest
+    /// ones, by etcd revision, so what already runs keeps running).
+    pub fn enforce_limits(&mut self, policy: &Policy) {
+        if let Some(max) = policy.limits.mounts_per_kernel {
+            for e in self.kernels.values_mut() {
+                if let Ok(k) = &e.spec {
+                    if k.mounts.len() > max {
+                        e.spec = Err(format!(
+                            "policy limits.mounts_per_kernel: {} mounts, at most {max}",
+                            k.mounts.len()
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(max) = policy.limits.kernels_per_node {
+            let mut ok: Vec<(i64, String)> = self
+                .kernels
+                .iter()
+                .filter(|(_, e)| e.spec.is_ok())
+                .map(|(id, e)| (e.revision, id.clone()))
+                .collect();
+            ok.sort();
+            for (_, id) in ok.into_iter().skip(max) {
+                if let Some(e) = self.kernels.get_mut(&id) {
+                    e.spec = Err(format!(
+                        "policy limits.kernels_per_node: this node already has {max} kernels"
+                    ));
+                }
+            }
+        }
+        if let Some(max) = policy.limits.vfolders_per_owner {
+            let mut by_owner: BTreeMap<String, Vec<(i64, Uuid)>> = BTreeMap::new();
+            for (id, e) in &self.vfolders {
+                if let Ok(v) = &e.spec {
+                    by_owner
+                        .entry(v.owner.clone())
+                        .or_default()
+                        .push((e.revision, *id));
+                }
+            }
+            for (owner, mut ids) in by_owner {
+                ids.sort();
+                for (_, id) in ids.into_iter().skip(max) {
+                    if let Some(e) = self.vfolders.get_mut(&id) {
+                        e.spec = Err(format!(
+                            "policy limits.vfolders_per_owner: {owner} already has {max} vfolders"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
     /// Number of objects with a `Rejected` spec or key, by kind (for the metric).
     pub fn rejected_counts(&self) -> [(&'static str, usize); 4] {
         [
@@ -144,11 +232,7 @@ mod tests {
     use super::*;
 
     fn parser() -> DesiredParser {
-        DesiredParser {
-            keys: Keys::new("/v", "n1"),
-            policy: Policy::default(),
-            kernels_root: "/k".into(),
-        }
+        DesiredParser::with_policy(Keys::new("/v", "n1"), Policy::default(), "/k".into())
     }
 
     #[test]

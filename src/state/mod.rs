@@ -2,5 +2,6 @@
 
 pub mod desired;
 pub mod ledger;
+pub mod policywatch;
 pub mod status;
 pub mod watch;

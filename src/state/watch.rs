@@ -78,6 +78,14 @@ impl DesiredCache {
         self.changed.notify_one();
     }
 
+    /// Re-evaluates every object (the policy changed) and wakes the loop.
+    pub fn reparse(&self, parser: &DesiredParser) {
+        let mut cur = self.desired.lock().expect("desired lock");
+        *cur = parser.reparse(&cur);
+        drop(cur);
+        self.changed.notify_one();
+    }
+
     fn update(&self, f: impl FnOnce(&mut Desired)) {
         let mut d = self.desired.lock().expect("desired lock");
         f(&mut d);

@@ -1,0 +1,62 @@
+//! Hot reload of `policies/*.yaml`: a change is loaded and, if valid, swapped
+//! in and every desired object re-evaluated; an invalid file is refused with
+//! a clear error and the last good policy stays in force (never an open
+//! policy by accident, nor the built-in default because files vanished).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+
+use crate::policy::Policy;
+use crate::state::desired::{DesiredParser, PolicyHandle};
+use crate::state::watch::DesiredCache;
+
+/// Watches `dir` until dropped; `on_result(ok)` counts reloads.
+pub async fn run_policy_watcher(
+    dir: PathBuf,
+    handle: PolicyHandle,
+    parser: DesiredParser,
+    cache: Arc<DesiredCache>,
+    on_result: impl Fn(bool) + Send,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
+    let mut watcher =
+        match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if res.is_ok() {
+                let _ = tx.try_send(());
+            }
+        }) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "policy hot reload unavailable");
+                return;
+            }
+        };
+    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+        tracing::info!(dir = %dir.display(), error = %e, "policy directory not watched (absent?); policy is fixed until restart");
+        return;
+    }
+    while rx.recv().await.is_some() {
+        // Editors write in several steps: let them finish.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        while rx.try_recv().is_ok() {}
+        match Policy::load_dir(&dir) {
+            Ok(Some(p)) => {
+                tracing::info!(origin = %p.origin, "policy reloaded; re-evaluating every object");
+                *handle.write().expect("policy lock") = Arc::new(p);
+                cache.reparse(&parser);
+                on_result(true);
+            }
+            Ok(None) => {
+                tracing::warn!(dir = %dir.display(), "no policy file left; keeping the last good policy");
+                on_result(false);
+            }
+            Err(e) => {
+                tracing::error!(error = %crate::error_chain(&e), "policy refused; keeping the last good policy");
+                on_result(false);
+            }
+        }
+    }
+}
