@@ -205,7 +205,20 @@ pub fn parse_volume(key_name: &str, value: &[u8], policy: &Policy) -> Result<Vol
     check_volume(key_name, value, policy).map_err(|e| redact(&e))
 }
 
+/// Largest desired value accepted: specs are small; a huge one is an attack or a mistake.
+pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+/// Longest mount source or option string (the kernel's page-sized limit on mount data).
+pub const MAX_MOUNT_STRING: usize = 4096;
+
+fn check_size(value: &[u8]) -> Result<(), String> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(format!("value is {} bytes; at most {MAX_VALUE_BYTES}", value.len()));
+    }
+    Ok(())
+}
+
 fn check_volume(key_name: &str, value: &[u8], policy: &Policy) -> Result<VolumeSpec, String> {
+    check_size(value)?;
     let spec: VolumeSpec = serde_yaml::from_slice(value).map_err(|e| yaml_error(&e))?;
     if let Some(n) = &spec.name {
         if n != key_name {
@@ -216,6 +229,9 @@ fn check_volume(key_name: &str, value: &[u8], policy: &Policy) -> Result<VolumeS
     }
     let opts = spec.option_list();
     policy.check_volume(&spec.mount.fstype, &spec.mount.path, &opts)?;
+    if spec.mount.path.len() > MAX_MOUNT_STRING || spec.mount.options.as_ref().is_some_and(|o| o.len() > MAX_MOUNT_STRING) {
+        return Err(format!("mount.path and mount.options are at most {MAX_MOUNT_STRING} bytes"));
+    }
     if spec.mount.path.is_empty() || spec.mount.path.contains(['\0', '\n']) {
         return Err("mount.path must be non-empty and contain no NUL or newline".into());
     }
@@ -257,6 +273,7 @@ fn check_volume(key_name: &str, value: &[u8], policy: &Policy) -> Result<VolumeS
 
 /// Parses and validates a vfolder record.
 pub fn parse_vfolder(value: &[u8]) -> Result<VfolderSpec, String> {
+    check_size(value)?;
     let spec: VfolderSpec = serde_yaml::from_slice(value).map_err(|e| yaml_error(&e))?;
     check_component_name(&spec.name).map_err(|e| format!("vfolder {e}"))?;
     if !is_valid_object_name(&spec.volume) {
@@ -273,6 +290,7 @@ pub fn parse_vfolder(value: &[u8]) -> Result<VfolderSpec, String> {
 
 /// Parses and validates a kernel value; `kernels_root` is where homes must lie.
 pub fn parse_kernel(id: &str, value: &[u8], kernels_root: &Path) -> Result<KernelSpec, String> {
+    check_size(value)?;
     let raw: RawKernelSpec = serde_yaml::from_slice(value).map_err(|e| yaml_error(&e))?;
     let home = match raw.home {
         None => kernels_root.join(id).join("work"),

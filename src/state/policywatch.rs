@@ -34,11 +34,23 @@ pub async fn run_policy_watcher(
                 return;
             }
         };
-    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
-        tracing::info!(dir = %dir.display(), error = %e, "policy directory not watched (absent?); policy is fixed until restart");
-        return;
+        // An absent directory is watched for through its parent, so a policy
+    // directory created later is picked up too.
+    let mut watching_dir = watcher.watch(&dir, RecursiveMode::NonRecursive).is_ok();
+    if !watching_dir {
+        let parent = dir.parent().unwrap_or(&dir).to_path_buf();
+        if let Err(e) = watcher.watch(&parent, RecursiveMode::NonRecursive) {
+            tracing::info!(dir = %dir.display(), error = %e, "policy directory not watched; policy is fixed until restart");
+            return;
+        }
     }
     while rx.recv().await.is_some() {
+        if !watching_dir {
+            watching_dir = watcher.watch(&dir, RecursiveMode::NonRecursive).is_ok();
+            if !watching_dir {
+                continue;
+            }
+        }
         // Editors write in several steps: let them finish.
         tokio::time::sleep(Duration::from_millis(200)).await;
         while rx.try_recv().is_ok() {}
