@@ -212,7 +212,10 @@ pub const MAX_MOUNT_STRING: usize = 4096;
 
 fn check_size(value: &[u8]) -> Result<(), String> {
     if value.len() > MAX_VALUE_BYTES {
-        return Err(format!("value is {} bytes; at most {MAX_VALUE_BYTES}", value.len()));
+        return Err(format!(
+            "value is {} bytes; at most {MAX_VALUE_BYTES}",
+            value.len()
+        ));
     }
     Ok(())
 }
@@ -229,8 +232,16 @@ fn check_volume(key_name: &str, value: &[u8], policy: &Policy) -> Result<VolumeS
     }
     let opts = spec.option_list();
     policy.check_volume(&spec.mount.fstype, &spec.mount.path, &opts)?;
-    if spec.mount.path.len() > MAX_MOUNT_STRING || spec.mount.options.as_ref().is_some_and(|o| o.len() > MAX_MOUNT_STRING) {
-        return Err(format!("mount.path and mount.options are at most {MAX_MOUNT_STRING} bytes"));
+    if spec.mount.path.len() > MAX_MOUNT_STRING
+        || spec
+            .mount
+            .options
+            .as_ref()
+            .is_some_and(|o| o.len() > MAX_MOUNT_STRING)
+    {
+        return Err(format!(
+            "mount.path and mount.options are at most {MAX_MOUNT_STRING} bytes"
+        ));
     }
     if spec.mount.path.is_empty() || spec.mount.path.contains(['\0', '\n']) {
         return Err("mount.path must be non-empty and contain no NUL or newline".into());
@@ -524,6 +535,103 @@ volumes:
     fn vfolder_defaults_to_rw() {
         let v = parse_vfolder(b"{name: data, owner: alice, volume: vol1}").unwrap();
         assert_eq!(v.permission, Permission::Rw);
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        const KEYS: &[&str] = &[
+            "mount",
+            "at",
+            "fstype",
+            "path",
+            "options",
+            "credentials",
+            "name",
+            "access",
+            "create",
+            "heal",
+            "mounts",
+            "vfolder",
+            "as",
+            "permission",
+            "home",
+            "uid",
+            "gid",
+            "volume",
+            "token",
+            "owner",
+            "quota_bytes",
+            "x",
+        ];
+        const VALUES: &[&str] = &[
+            "''",
+            "..",
+            "/",
+            "\"\\0\"",
+            "-1",
+            "18446744073709551616",
+            "startup",
+            "requested",
+            "tmpfs",
+            "bind",
+            "cifs",
+            "azureblob",
+            "ro",
+            "rw",
+            "read",
+            "[]",
+            "{}",
+            "~",
+            "true",
+            "'//a/b'",
+            "'/etc'",
+            "'a/b'",
+            "'size=1m,suid'",
+            "'https://a.blob.core.windows.net/c'",
+            "00000000-0000-4000-8000-000000000000",
+            "&a",
+            "*a",
+            "!!binary AA==",
+        ];
+
+        fn yamlish() -> impl Strategy<Value = String> {
+            let leaf = prop::sample::select(VALUES).prop_map(String::from);
+            leaf.prop_recursive(3, 24, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec((prop::sample::select(KEYS), inner.clone()), 0..5)
+                        .prop_map(|kv| {
+                            let body: Vec<String> =
+                                kv.into_iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                            format!("{{{}}}", body.join(", "))
+                        }),
+                    prop::collection::vec(inner, 0..4).prop_map(|v| format!("[{}]", v.join(", "))),
+                ]
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            /// The value → spec → validation path never panics on arbitrary bytes.
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300), key in "\\PC{0,40}") {
+                let _ = parse_volume(&key, &bytes, &Policy::default());
+                let _ = parse_vfolder(&bytes);
+                let _ = parse_kernel("k", &bytes, Path::new("/k"));
+                let _ = parse_volume_document(&String::from_utf8_lossy(&bytes));
+                let _ = crate::keys::Keys::new("/p", "n").classify(&key);
+            }
+
+            /// Nor on YAML made of the schema's own field names and awkward values.
+            #[test]
+            fn schema_shaped_yaml_never_panics(doc in yamlish()) {
+                let _ = parse_volume("v", doc.as_bytes(), &Policy::default());
+                let _ = parse_vfolder(doc.as_bytes());
+                let _ = parse_kernel("k", doc.as_bytes(), Path::new("/k"));
+            }
+        }
     }
 
     #[test]

@@ -45,8 +45,13 @@ async fn fifty_hostile_objects_are_rejected_naming_why_and_the_good_ones_converg
         let before_outside = tree(&outside);
 
         let good = uuid::Uuid::new_v4();
-        etcd.put(&format!("{P}/volumes/good"), &tmpfs_volume("requested")).await;
-        etcd.put(&format!("{P}/vfolders/{good}"), "{name: data, owner: alice, volume: good}\n").await;
+        etcd.put(&format!("{P}/volumes/good"), &tmpfs_volume("requested"))
+            .await;
+        etcd.put(
+            &format!("{P}/vfolders/{good}"),
+            "{name: data, owner: alice, volume: good}\n",
+        )
+        .await;
         let big = "x".repeat(1 << 20);
         let huge_name = "n".repeat(300);
         // (key suffix after P, value, what the reason must mention)
@@ -62,55 +67,217 @@ async fn fifty_hostile_objects_are_rejected_naming_why_and_the_good_ones_converg
             (vol(".hidden"), tmpfs_volume("startup"), "volume name"),
             (vol("a/b"), tmpfs_volume("startup"), "volume name"),
             (vol(&"v".repeat(64)), tmpfs_volume("startup"), "volume name"),
-            (vf("not-a-uuid"), "{name: d, owner: o, volume: good}".into(), "uuid"),
-            (vf("../../x"), "{name: d, owner: o, volume: good}".into(), "uuid"),
+            (
+                vf("not-a-uuid"),
+                "{name: d, owner: o, volume: good}".into(),
+                "uuid",
+            ),
+            (
+                vf("../../x"),
+                "{name: d, owner: o, volume: good}".into(),
+                "uuid",
+            ),
             (k("../k"), "mounts: []".into(), "kernel id"),
             (k("k one"), "mounts: []".into(), "kernel id"),
             (k("k\u{7}bell"), "mounts: []".into(), "kernel id"),
             // volume values
-            (vol("v-ext4"), "mount: {at: startup, fstype: ext4, path: /dev/vda}".into(), "policy fstypes"),
-            (vol("v-proc"), "mount: {at: startup, fstype: proc, path: proc}".into(), "policy fstypes"),
-            (vol("v-suid"), "mount: {at: startup, fstype: tmpfs, path: t, options: suid}".into(), "suid"),
-            (vol("v-dev"), "mount: {at: startup, fstype: tmpfs, path: t, options: 'size=1m,dev'}".into(), "dev"),
-            (vol("v-unknown"), "mount: {at: startup, fstype: tmpfs, path: t, owner: root}".into(), "owner"),
-            (vol("v-toplevel"), "mount: {at: startup, fstype: tmpfs, path: t}\nexec: true".into(), "exec"),
-            (vol("v-at"), "mount: {at: always, fstype: tmpfs, path: t}".into(), "always"),
-            (vol("v-type"), "mount: {at: startup, fstype: [tmpfs], path: t}".into(), "invalid type"),
-            (vol("v-malformed"), "mount: {at: startup, fstype: tmpfs".into(), "did not find expected"),
+            (
+                vol("v-ext4"),
+                "mount: {at: startup, fstype: ext4, path: /dev/vda}".into(),
+                "policy fstypes",
+            ),
+            (
+                vol("v-proc"),
+                "mount: {at: startup, fstype: proc, path: proc}".into(),
+                "policy fstypes",
+            ),
+            (
+                vol("v-suid"),
+                "mount: {at: startup, fstype: tmpfs, path: t, options: suid}".into(),
+                "suid",
+            ),
+            (
+                vol("v-dev"),
+                "mount: {at: startup, fstype: tmpfs, path: t, options: 'size=1m,dev'}".into(),
+                "dev",
+            ),
+            (
+                vol("v-unknown"),
+                "mount: {at: startup, fstype: tmpfs, path: t, owner: root}".into(),
+                "owner",
+            ),
+            (
+                vol("v-toplevel"),
+                "mount: {at: startup, fstype: tmpfs, path: t}\nexec: true".into(),
+                "exec",
+            ),
+            (
+                vol("v-at"),
+                "mount: {at: always, fstype: tmpfs, path: t}".into(),
+                "always",
+            ),
+            (
+                vol("v-type"),
+                "mount: {at: startup, fstype: [tmpfs], path: t}".into(),
+                "invalid type",
+            ),
+            (
+                vol("v-malformed"),
+                "mount: {at: startup, fstype: tmpfs".into(),
+                "did not find expected",
+            ),
             (vol("v-empty"), "".into(), "mount"),
             (vol("v-list"), "[1, 2, 3]".into(), "invalid type"),
-            (vol("v-name"), "name: other\nmount: {at: startup, fstype: tmpfs, path: t}".into(), "does not match"),
-            (vol("v-bindrel"), "mount: {at: startup, fstype: bind, path: etc}".into(), "absolute"),
-            (vol("v-cifs"), "mount: {at: startup, fstype: cifs, path: 'http://x'}".into(), "//host/share"),
-            (vol("v-nulpath"), "mount: {at: startup, fstype: tmpfs, path: \"a\\0b\"}".into(), "NUL"),
-            (vol("v-nlopt"), "mount: {at: startup, fstype: tmpfs, path: t, options: \"size=1m\\nsuid\"}".into(), "newline"),
-            (vol("v-nfspw"), "mount: {at: startup, fstype: nfs, path: 'h:/x', options: 'password=p'}".into(), "password"),
-            (vol("v-creds"), "mount: {at: startup, fstype: cifs, path: '//a/b', credentials: ../../etc/shadow}".into(), "credentials"),
-            (vol("v-blob"), "mount: {at: startup, fstype: azureblob, path: 'file:///etc', credentials: k}".into(), "URL"),
-            (vol("v-huge"), format!("mount: {{at: startup, fstype: tmpfs, path: t, options: '{big}'}}"), "at most"),
+            (
+                vol("v-name"),
+                "name: other\nmount: {at: startup, fstype: tmpfs, path: t}".into(),
+                "does not match",
+            ),
+            (
+                vol("v-bindrel"),
+                "mount: {at: startup, fstype: bind, path: etc}".into(),
+                "absolute",
+            ),
+            (
+                vol("v-cifs"),
+                "mount: {at: startup, fstype: cifs, path: 'http://x'}".into(),
+                "//host/share",
+            ),
+            (
+                vol("v-nulpath"),
+                "mount: {at: startup, fstype: tmpfs, path: \"a\\0b\"}".into(),
+                "NUL",
+            ),
+            (
+                vol("v-nlopt"),
+                "mount: {at: startup, fstype: tmpfs, path: t, options: \"size=1m\\nsuid\"}".into(),
+                "newline",
+            ),
+            (
+                vol("v-nfspw"),
+                "mount: {at: startup, fstype: nfs, path: 'h:/x', options: 'password=p'}".into(),
+                "password",
+            ),
+            (
+                vol("v-creds"),
+                "mount: {at: startup, fstype: cifs, path: '//a/b', credentials: ../../etc/shadow}"
+                    .into(),
+                "credentials",
+            ),
+            (
+                vol("v-blob"),
+                "mount: {at: startup, fstype: azureblob, path: 'file:///etc', credentials: k}"
+                    .into(),
+                "URL",
+            ),
+            (
+                vol("v-huge"),
+                format!("mount: {{at: startup, fstype: tmpfs, path: t, options: '{big}'}}"),
+                "at most",
+            ),
             // vfolder values
-            (vf(&uuid::Uuid::new_v4().to_string()), "{name: '..', owner: o, volume: good}".into(), "not allowed"),
-            (vf(&uuid::Uuid::new_v4().to_string()), "{name: 'a/b', owner: o, volume: good}".into(), "forbidden character"),
-            (vf(&uuid::Uuid::new_v4().to_string()), "{name: \"a\\0b\", owner: o, volume: good}".into(), "forbidden character"),
-            (vf(&uuid::Uuid::new_v4().to_string()), format!("{{name: {huge_name}, owner: o, volume: good}}"), "1-255"),
-            (vf(&uuid::Uuid::new_v4().to_string()), "{name: d, owner: o, volume: '../x'}".into(), "volume"),
-            (vf(&uuid::Uuid::new_v4().to_string()), "{name: d, owner: o, volume: good, perm: rw}".into(), "perm"),
-            (vf(&uuid::Uuid::new_v4().to_string()), "{name: d, owner: '', volume: good}".into(), "owner"),
-            (vf(&uuid::Uuid::new_v4().to_string()), "{name: d, owner: o, volume: good, permission: rwx}".into(), "rwx"),
+            (
+                vf(&uuid::Uuid::new_v4().to_string()),
+                "{name: '..', owner: o, volume: good}".into(),
+                "not allowed",
+            ),
+            (
+                vf(&uuid::Uuid::new_v4().to_string()),
+                "{name: 'a/b', owner: o, volume: good}".into(),
+                "forbidden character",
+            ),
+            (
+                vf(&uuid::Uuid::new_v4().to_string()),
+                "{name: \"a\\0b\", owner: o, volume: good}".into(),
+                "forbidden character",
+            ),
+            (
+                vf(&uuid::Uuid::new_v4().to_string()),
+                format!("{{name: {huge_name}, owner: o, volume: good}}"),
+                "1-255",
+            ),
+            (
+                vf(&uuid::Uuid::new_v4().to_string()),
+                "{name: d, owner: o, volume: '../x'}".into(),
+                "volume",
+            ),
+            (
+                vf(&uuid::Uuid::new_v4().to_string()),
+                "{name: d, owner: o, volume: good, perm: rw}".into(),
+                "perm",
+            ),
+            (
+                vf(&uuid::Uuid::new_v4().to_string()),
+                "{name: d, owner: '', volume: good}".into(),
+                "owner",
+            ),
+            (
+                vf(&uuid::Uuid::new_v4().to_string()),
+                "{name: d, owner: o, volume: good, permission: rwx}".into(),
+                "rwx",
+            ),
             // kernel values
-            (k("k-abs"), "home: /etc\nmounts: []".into(), "must lie inside"),
-            (k("k-dotdot"), format!("home: {}/../outside\nmounts: []", node.kernels().display()), "without . or .."),
-            (k("k-rel"), "home: relative/home\nmounts: []".into(), "absolute"),
-            (k("k-as-dotdot"), format!("mounts: [{{vfolder: {good}, as: '..'}}]"), "not allowed"),
-            (k("k-as-slash"), format!("mounts: [{{vfolder: {good}, as: '../../outside/x'}}]"), "forbidden character"),
-            (k("k-as-nul"), format!("mounts: [{{vfolder: {good}, as: \"a\\0b\"}}]"), "forbidden character"),
-            (k("k-notuuid"), "mounts: [{vfolder: '../../etc'}]".into(), "not a uuid"),
-            (k("k-both"), format!("mounts: [{{vfolder: {good}, volume: good, token: read}}]"), "exactly one"),
-            (k("k-unknown"), format!("mounts: [{{vfolder: {good}, mode: 0777}}]"), "mode"),
+            (
+                k("k-abs"),
+                "home: /etc\nmounts: []".into(),
+                "must lie inside",
+            ),
+            (
+                k("k-dotdot"),
+                format!("home: {}/../outside\nmounts: []", node.kernels().display()),
+                "without . or ..",
+            ),
+            (
+                k("k-rel"),
+                "home: relative/home\nmounts: []".into(),
+                "absolute",
+            ),
+            (
+                k("k-as-dotdot"),
+                format!("mounts: [{{vfolder: {good}, as: '..'}}]"),
+                "not allowed",
+            ),
+            (
+                k("k-as-slash"),
+                format!("mounts: [{{vfolder: {good}, as: '../../outside/x'}}]"),
+                "forbidden character",
+            ),
+            (
+                k("k-as-nul"),
+                format!("mounts: [{{vfolder: {good}, as: \"a\\0b\"}}]"),
+                "forbidden character",
+            ),
+            (
+                k("k-notuuid"),
+                "mounts: [{vfolder: '../../etc'}]".into(),
+                "not a uuid",
+            ),
+            (
+                k("k-both"),
+                format!("mounts: [{{vfolder: {good}, volume: good, token: read}}]"),
+                "exactly one",
+            ),
+            (
+                k("k-unknown"),
+                format!("mounts: [{{vfolder: {good}, mode: 0777}}]"),
+                "mode",
+            ),
             (k("k-uid"), "uid: -1\nmounts: []".into(), "invalid"),
-            (k("k-dup"), format!("mounts: [{{vfolder: {good}}}, {{vfolder: {good}}}]"), "two mounts"),
-            (k("k-token-tmpfs"), "mounts: [{volume: good, token: write}]".into(), "not an azureblob"),
-            (k("k-perm"), format!("mounts: [{{vfolder: {id}, permission: sudo}}]"), "sudo"),
+            (
+                k("k-dup"),
+                format!("mounts: [{{vfolder: {good}}}, {{vfolder: {good}}}]"),
+                "two mounts",
+            ),
+            (
+                k("k-token-tmpfs"),
+                "mounts: [{volume: good, token: write}]".into(),
+                "not an azureblob",
+            ),
+            (
+                k("k-perm"),
+                format!("mounts: [{{vfolder: {id}, permission: sudo}}]"),
+                "sudo",
+            ),
         ];
         assert!(cases.len() >= 50, "{} cases", cases.len());
         let mut c = etcd.client().await;
@@ -123,34 +290,65 @@ async fn fifty_hostile_objects_are_rejected_naming_why_and_the_good_ones_converg
         c.put(vol("v-nonutf8"), raw, None).await.unwrap();
         cases.push((vol("v-nonutf8"), String::new(), ""));
         // A good kernel converges although every one of those is there.
-        etcd.put(&k("k-good"), &format!("mounts: [{{vfolder: {good}}}]\n")).await;
-        etcd.wait_state(&node.kernel_status("k-good"), "Ready").await;
+        etcd.put(&k("k-good"), &format!("mounts: [{{vfolder: {good}}}]\n"))
+            .await;
+        etcd.wait_state(&node.kernel_status("k-good"), "Ready")
+            .await;
 
         let statuses = etcd.dump(&format!("{P}/status/")).await;
         for (key, _, why) in &cases {
             let after = key.strip_prefix(P).unwrap().trim_start_matches('/');
-            let status_key = if let Some(v) = after.strip_prefix("volumes/").filter(|v| vfolderd::names::is_valid_object_name(v)) {
+            let status_key = if let Some(v) = after
+                .strip_prefix("volumes/")
+                .filter(|v| vfolderd::names::is_valid_object_name(v))
+            {
                 node.volume_status(v)
-            } else if let Some(v) = after.strip_prefix("vfolders/").filter(|v| uuid::Uuid::parse_str(v).is_ok()) {
+            } else if let Some(v) = after
+                .strip_prefix("vfolders/")
+                .filter(|v| uuid::Uuid::parse_str(v).is_ok())
+            {
                 format!("{P}/status/vfolders/{v}")
-            } else if let Some(v) = after.strip_prefix("nodes/n1/kernels/").filter(|v| vfolderd::names::is_valid_object_name(v)) {
+            } else if let Some(v) = after
+                .strip_prefix("nodes/n1/kernels/")
+                .filter(|v| vfolderd::names::is_valid_object_name(v))
+            {
                 node.kernel_status(v)
             } else {
-                format!("{P}/status/nodes/n1/rejected/{}", vfolderd::names::escape_key(after))
+                format!(
+                    "{P}/status/nodes/n1/rejected/{}",
+                    vfolderd::names::escape_key(after)
+                )
             };
-            let v = statuses.iter().find(|(k, _)| *k == status_key).map(|(_, v)| v.clone());
+            let v = statuses
+                .iter()
+                .find(|(k, _)| *k == status_key)
+                .map(|(_, v)| v.clone());
             let v = v.unwrap_or_else(|| panic!("no status for {key} at {status_key}"));
             let json: serde_json::Value = serde_json::from_str(&v).unwrap();
             assert_eq!(json["state"], "Rejected", "{key}: {v}");
-            assert!(json["error"].as_str().unwrap_or("").contains(why), "{key}: the reason should mention {why:?}: {v}");
+            assert!(
+                json["error"].as_str().unwrap_or("").contains(why),
+                "{key}: the reason should mention {why:?}: {v}"
+            );
         }
         let m = node.metrics();
-        assert!(m.contains("vfolderd_rejected_objects{kind=\"volume\"}"), "{m}");
-        assert_eq!(tree(&outside), before_outside, "nothing created outside the roots");
+        assert!(
+            m.contains("vfolderd_rejected_objects{kind=\"volume\"}"),
+            "{m}"
+        );
+        assert_eq!(
+            tree(&outside),
+            before_outside,
+            "nothing created outside the roots"
+        );
         for p in ["/etc/shadow-vfolderd", "/x"] {
             assert!(!Path::new(p).exists());
         }
-        let mounts: Vec<_> = node.mounts().into_iter().map(|m| m.mount_point.display().to_string()).collect();
+        let mounts: Vec<_> = node
+            .mounts()
+            .into_iter()
+            .map(|m| m.mount_point.display().to_string())
+            .collect();
         assert_eq!(mounts.len(), 2, "only the good volume and bind: {mounts:?}");
     })
     .await;
@@ -169,42 +367,141 @@ async fn policy_hot_reload_tightens_loosens_and_survives_an_invalid_file() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let allow = "fstypes: {tmpfs: {}, bind: {}}\n";
         std::fs::write(pdir.join("10-base.yaml"), allow).unwrap();
-        until("the first reload", 20, || node.metric("vfolderd_policy_reloads_total{result=\"ok\"}").is_some()).await;
+        until("the first reload", 20, || {
+            node.metric("vfolderd_policy_reloads_total{result=\"ok\"}")
+                .is_some()
+        })
+        .await;
 
         let id = uuid::Uuid::new_v4();
-        etcd.put(&format!("{P}/volumes/scratch"), &tmpfs_volume("requested")).await;
-        etcd.put(&format!("{P}/vfolders/{id}"), "{name: data, owner: alice, volume: scratch}\n").await;
-        etcd.put(&node.kernel_key("k1"), &format!("mounts: [{{vfolder: {id}}}]\n")).await;
+        etcd.put(&format!("{P}/volumes/scratch"), &tmpfs_volume("requested"))
+            .await;
+        etcd.put(
+            &format!("{P}/vfolders/{id}"),
+            "{name: data, owner: alice, volume: scratch}\n",
+        )
+        .await;
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {id}}}]\n"),
+        )
+        .await;
         etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
 
         // Tighten: tmpfs is no longer allowed. The volume is refused, naming the rule, but stays
         // mounted under k1, and the conflict is reported.
         std::fs::write(pdir.join("10-base.yaml"), "fstypes: {bind: {}}\n").unwrap();
-        let st = etcd.wait_state(&node.volume_status("scratch"), "Rejected").await;
-        assert!(st["error"].as_str().unwrap().starts_with("policy fstypes:"), "{st}");
-        let st = etcd.wait_for(&node.volume_status("scratch"), "kept", |v| v.get("kept").is_some()).await;
+        let st = etcd
+            .wait_state(&node.volume_status("scratch"), "Rejected")
+            .await;
+        assert!(
+            st["error"].as_str().unwrap().starts_with("policy fstypes:"),
+            "{st}"
+        );
+        let st = etcd
+            .wait_for(&node.volume_status("scratch"), "kept", |v| {
+                v.get("kept").is_some()
+            })
+            .await;
         assert_eq!(st["state"], "Rejected");
-        assert!(node.mount_at(&node.home("k1").join("data")).is_some(), "not torn out from under k1");
-        until("the conflict metric", 10, || node.metric("vfolderd_policy_conflicts") == Some(1.0)).await;
+        assert!(
+            node.mount_at(&node.home("k1").join("data")).is_some(),
+            "not torn out from under k1"
+        );
+        until("the conflict metric", 10, || {
+            node.metric("vfolderd_policy_conflicts") == Some(1.0)
+        })
+        .await;
 
         // An invalid file is refused; the last good (tight) policy stays.
-                let refused = || node.metric("vfolderd_policy_reloads_total{result=\"refused\"}").unwrap_or(0.0);
+        let refused = || {
+            node.metric("vfolderd_policy_reloads_total{result=\"refused\"}")
+                .unwrap_or(0.0)
+        };
         let before = refused();
-        std::fs::write(pdir.join("20-broken.yaml"), "fstypes: {tmpfs: {colour: red}}\n").unwrap();
+        std::fs::write(
+            pdir.join("20-broken.yaml"),
+            "fstypes: {tmpfs: {colour: red}}\n",
+        )
+        .unwrap();
         until("the refusal is counted", 20, || refused() > before).await;
         assert!(node.log().contains("colour"), "the error names the field");
-        assert_eq!(etcd.get_json(&node.volume_status("scratch")).await.unwrap()["state"], "Rejected");
+        assert_eq!(
+            etcd.get_json(&node.volume_status("scratch")).await.unwrap()["state"],
+            "Rejected"
+        );
         std::fs::remove_file(pdir.join("20-broken.yaml")).unwrap();
 
         // Once k1 is gone, the refused volume is unmounted.
         etcd.delete(&node.kernel_key("k1")).await;
-        until("the refused volume is unmounted", 20, || node.mount_at(&node.volumes().join("scratch")).is_none()).await;
+        until("the refused volume is unmounted", 20, || {
+            node.mount_at(&node.volumes().join("scratch")).is_none()
+        })
+        .await;
 
         // Loosen again: the volume is accepted and converges.
         std::fs::write(pdir.join("10-base.yaml"), allow).unwrap();
-        etcd.put(&node.kernel_key("k2"), &format!("mounts: [{{vfolder: {id}}}]\n")).await;
+        etcd.put(
+            &node.kernel_key("k2"),
+            &format!("mounts: [{{vfolder: {id}}}]\n"),
+        )
+        .await;
         etcd.wait_state(&node.kernel_status("k2"), "Ready").await;
-        etcd.wait_state(&node.volume_status("scratch"), "Mounted").await;
+        etcd.wait_state(&node.volume_status("scratch"), "Mounted")
+            .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_in_every_input_is_found_nowhere() {
+    use std::os::unix::fs::PermissionsExt;
+    require_private_mount_namespace();
+    within(120, async {
+        const S: &str = "S3CR3T-MARKER";
+        let etcd = Etcd::start().await;
+        let node = Node::start(&etcd, "n1", NodeOpts { helper_double: true, ..Default::default() });
+        let creds = node.dir.path().join("credentials");
+        std::fs::create_dir_all(&creds).unwrap();
+        std::fs::write(creds.join("files"), format!("username=u\npassword={S}-file\n")).unwrap();
+        std::fs::set_permissions(creds.join("files"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        let inputs = [
+            ("inline", format!("mount: {{at: startup, fstype: cifs, path: '//a.file.core.windows.net/s', options: 'username=u,password={S}-inline'}}")),
+            ("credfile", "mount: {at: startup, fstype: cifs, path: '//b.file.core.windows.net/s', credentials: files}".to_string()),
+            ("unknownfield", format!("mount: {{at: startup, fstype: cifs, path: '//c/s'}}\npassword: {S}-field")),
+            ("badenum", format!("mount: {{at: 'password={S}-enum', fstype: cifs, path: '//c/s'}}")),
+            ("malformed", format!("mount: {{at: startup, options: 'password={S}-yaml'")),
+            ("sasurl", format!("mount: {{at: startup, fstype: azureblob, path: 'https://a.blob.core.windows.net/c?sv=1&sig={S}-sas', credentials: k}}")),
+            ("nfspass", format!("mount: {{at: startup, fstype: nfs, path: 'h:/x', options: 'password={S}-nfs'}}")),
+        ];
+        for (name, value) in &inputs {
+            etcd.put(&format!("{P}/volumes/{name}"), value).await;
+        }
+        etcd.wait_state(&node.volume_status("inline"), "Mounted").await;
+        etcd.wait_state(&node.volume_status("credfile"), "Mounted").await;
+        for name in ["unknownfield", "badenum", "malformed", "sasurl", "nfspass"] {
+            etcd.wait_state(&node.volume_status(name), "Rejected").await;
+        }
+        let mut found = Vec::new();
+        for (k, v) in etcd.dump(&format!("{P}/status/")).await {
+            if v.contains(S) {
+                found.push(format!("status {k}: {v}"));
+            }
+        }
+        if node.log().contains(S) {
+            found.push("the log".into());
+        }
+        if node.metrics().contains(S) {
+            found.push("metrics".into());
+        }
+        let argv = std::fs::read_to_string(node.dir.path().join("helper.log")).unwrap();
+        if argv.contains(S) {
+            found.push(format!("a child's argv: {argv}"));
+        }
+        assert!(found.is_empty(), "the secret leaked into: {found:#?}");
+        // And it did reach where it belongs: the helper's 0600 credentials files.
+        let seen = std::fs::read_to_string(node.dir.path().join("helper-creds.log")).unwrap();
+        assert!(seen.contains(&format!("{S}-inline")) && seen.contains(&format!("{S}-file")));
     })
     .await;
 }

@@ -34,7 +34,7 @@ pub async fn run_policy_watcher(
                 return;
             }
         };
-        // An absent directory is watched for through its parent, so a policy
+    // An absent directory is watched for through its parent, so a policy
     // directory created later is picked up too.
     let mut watching_dir = watcher.watch(&dir, RecursiveMode::NonRecursive).is_ok();
     if !watching_dir {
