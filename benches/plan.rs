@@ -101,6 +101,7 @@ fn converged(d: &Desired) -> Actual {
                 kernel,
                 readonly: false,
                 expires_at: None,
+                credentials_stamp: None,
             },
         );
     }

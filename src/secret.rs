@@ -55,6 +55,20 @@ pub fn secret_file(dir: &std::path::Path, name: &str) -> Result<std::path::PathB
     Ok(path)
 }
 
+/// The identity of a secret file (inode, size, mtime), to notice rotation
+/// without keeping anything derived from its content.
+pub fn file_stamp(path: &std::path::Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(path).ok()?;
+    Some(format!(
+        "{}:{}:{}.{}",
+        md.ino(),
+        md.size(),
+        md.mtime(),
+        md.mtime_nsec()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

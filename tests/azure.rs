@@ -246,7 +246,7 @@ async fn a_blob_mount_sas_is_renewed_in_its_last_third_once_unused() {
         // In use by k1: the renewal waits, and the status says so.
         let st = etcd
             .wait_for(&node.volume_status("data"), "renewal pending", |v| {
-                v.get("sas_renewal").is_some()
+                v.get("renewal").is_some()
             })
             .await;
         assert_eq!(st["state"], "Mounted");
@@ -273,7 +273,7 @@ async fn a_blob_mount_sas_is_renewed_in_its_last_third_once_unused() {
             "the old mount is gone"
         );
         etcd.wait_for(&node.volume_status("data"), "no renewal pending", |v| {
-            v.get("sas_renewal").is_none() && v["state"] == "Mounted"
+            v.get("renewal").is_none() && v["state"] == "Mounted"
         })
         .await;
     })

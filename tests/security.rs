@@ -505,3 +505,40 @@ async fn a_secret_in_every_input_is_found_nowhere() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_credentials_file_is_used_for_the_next_mount_and_remounts_once_unused() {
+    use std::os::unix::fs::PermissionsExt;
+    require_private_mount_namespace();
+    within(120, async {
+        let etcd = Etcd::start().await;
+        // A long resync: only the credentials directory's events can notice the rotation.
+        let node = Node::start(&etcd, "n1", NodeOpts { helper_double: true, resync: "1h", ..Default::default() });
+        let creds = node.dir.path().join("credentials");
+        std::fs::create_dir_all(&creds).unwrap();
+        let write = |pw: &str| {
+            let tmp = creds.join(".files.new");
+            std::fs::write(&tmp, format!("username=u\npassword={pw}\n")).unwrap();
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
+            std::fs::rename(&tmp, creds.join("files")).unwrap();
+        };
+        write("old-one");
+        etcd.put(&format!("{P}/volumes/files"), "mount: {at: startup, fstype: cifs, path: '//a.file.core.windows.net/s', credentials: files}\n").await;
+        etcd.put(&node.kernel_key("k1"), "mounts: []\n").await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+
+        write("new-one");
+        let st = etcd.wait_for(&node.volume_status("files"), "remount pending", |v| v.get("renewal").is_some()).await;
+        assert_eq!(st["state"], "Mounted", "not remounted under k1");
+        let calls = || std::fs::read_to_string(node.dir.path().join("helper.log")).unwrap().lines().count();
+        assert_eq!(calls(), 1);
+
+        etcd.delete(&node.kernel_key("k1")).await;
+        until("remounted with the new credentials", 20, || calls() == 2).await;
+        let seen = std::fs::read_to_string(node.dir.path().join("helper-creds.log")).unwrap();
+        assert!(seen.ends_with("password=new-one\n"), "{seen}");
+        etcd.wait_for(&node.volume_status("files"), "no renewal pending", |v| v.get("renewal").is_none() && v["state"] == "Mounted").await;
+        assert_eq!(node.mounts().iter().filter(|m| m.mount_point == node.volumes().join("files")).count(), 1);
+    })
+    .await;
+}

@@ -29,7 +29,7 @@ use crate::reconcile::sys::{LinuxMounter, Mounter};
 use crate::state::desired::PolicyHandle;
 use crate::state::desired::{Desired, DesiredParser};
 use crate::state::ledger::{Ledger, LedgerError, MountKind, Owner};
-use crate::state::policywatch::run_policy_watcher;
+use crate::state::policywatch::{run_dir_watcher, run_policy_watcher};
 use crate::state::status::{
     chrono_now, run_liveness, run_status_writer, StatusEntries, StatusWriter,
 };
@@ -121,6 +121,8 @@ struct Reconciler {
     sas_lifetime: Duration,
     /// Lifetime of per-user token files (renewed in their last third).
     token_lifetime: Duration,
+    /// Node-local secrets (watched for rotation).
+    credentials_dir: PathBuf,
 }
 
 fn unix_now() -> u64 {
@@ -196,12 +198,25 @@ impl Reconciler {
             .filter(|t| t.expires_at.saturating_sub(now) <= token_margin || !t.path.is_file())
             .map(|t| t.path.clone())
             .collect();
+        let rotated = |m: &crate::state::ledger::OwnedMount| {
+            let Some(stamp) = &m.credentials_stamp else {
+                return false;
+            };
+            let name = want
+                .volumes
+                .get(&m.volume)
+                .and_then(|v| v.credentials.as_ref());
+            name.is_some_and(|n| {
+                crate::secret::file_stamp(&self.credentials_dir.join(n)).as_ref() != Some(stamp)
+            })
+        };
         actual.renew = actual
             .owned_mounts
             .values()
             .filter(|m| {
                 m.expires_at
                     .is_some_and(|e| e.saturating_sub(now) <= margin)
+                    || rotated(m)
             })
             .map(|m| m.target.clone())
             .collect();
@@ -450,6 +465,12 @@ pub async fn run(
         policy: policy.clone(),
         kernels_root: cfg.roots.kernels.clone(),
     };
+    let credentials_watch = {
+        let (dir, cache) = (cfg.credentials.clone(), cache.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            run_dir_watcher(dir, move || cache.changed.notify_one()).await
+        }))
+    };
     let policy_watch = {
         let (dir, handle, parser, cache, m) = (
             cfg.policies.clone(),
@@ -577,6 +598,7 @@ pub async fn run(
         stale: stale.clone(),
         sas_lifetime: cfg.sas_lifetime,
         token_lifetime: cfg.token_lifetime,
+        credentials_dir: cfg.credentials.clone(),
     });
 
     health.alive.store(true, Ordering::Relaxed);
@@ -711,6 +733,7 @@ pub async fn run(
     drop(watcher);
     drop(mount_events);
     drop(policy_watch);
+    drop(credentials_watch);
     drop(prober);
     drop(liveness);
     // Let the last report reach etcd (briefly: etcd may be gone).

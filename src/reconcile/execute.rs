@@ -320,6 +320,10 @@ impl Executor {
             kernel: None,
             readonly: v.readonly,
             expires_at: None,
+            credentials_stamp: v
+                .credentials
+                .as_ref()
+                .and_then(|n| crate::secret::file_stamp(&self.cfg.credentials_dir.join(n))),
         };
         // Intent first: if we crash after mounting, the mount is still ours.
         self.ledger.put_mount(&record)?;
@@ -725,6 +729,7 @@ impl Executor {
             kernel: Some(b.kernel.clone()),
             readonly: b.readonly,
             expires_at: None,
+            credentials_stamp: None,
         }
     }
 

@@ -1005,6 +1005,7 @@ mod tests {
             kernel: kernel.map(String::from),
             readonly: false,
             expires_at: None,
+            credentials_stamp: None,
         }
     }
 

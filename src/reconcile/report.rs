@@ -101,7 +101,7 @@ pub fn report(inp: &ReportInputs<'_>, d: &Desired, want: &Want, actual: &Actual)
                 json!({"state": "Stale", "users": users, "error": actual.stale[&t]})
             }
             (Ok(_), Some(t)) if owned_mounted(&t) && actual.renew.contains(&t) && users > 0 => {
-                json!({"state": "Mounted", "users": users, "sas_renewal": "pending: remounted with a fresh SAS once unused"})
+                json!({"state": "Mounted", "users": users, "renewal": "pending: remounted with a fresh SAS or rotated credentials once unused"})
             }
             (Ok(_), Some(t)) if owned_mounted(&t) => json!({"state": "Mounted", "users": users}),
             (Ok(_), Some(t)) if occupied(&t) => {

@@ -85,6 +85,10 @@ pub struct OwnedMount {
     /// For blob volumes: when the SAS the mount uses expires (unix seconds).
     #[serde(default)]
     pub expires_at: Option<u64>,
+    /// Identity of the credentials file the mount was made with (inode,
+    /// size, mtime; never its content): a rotated file changes it.
+    #[serde(default)]
+    pub credentials_stamp: Option<String>,
 }
 
 /// A directory vfolderd created, removed again (only if empty) when its owner goes.
@@ -315,6 +319,7 @@ mod tests {
             kernel: None,
             readonly: false,
             expires_at: None,
+            credentials_stamp: None,
         };
         {
             let l = Ledger::open(dir.path()).unwrap();

@@ -72,3 +72,33 @@ pub async fn run_policy_watcher(
         }
     }
 }
+
+/// Calls `on_change` (debounced) whenever something in `dir` changes, e.g.
+/// a rotated credentials file: the next pass remounts what used the old one
+/// once it is unused.
+pub async fn run_dir_watcher(dir: PathBuf, on_change: impl Fn() + Send) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
+    let Ok(mut watcher) = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.is_ok() {
+            let _ = tx.try_send(());
+        }
+    }) else {
+        return;
+    };
+    let mut watching_dir = watcher.watch(&dir, RecursiveMode::NonRecursive).is_ok();
+    if !watching_dir
+        && watcher
+            .watch(dir.parent().unwrap_or(&dir), RecursiveMode::NonRecursive)
+            .is_err()
+    {
+        return;
+    }
+    while rx.recv().await.is_some() {
+        if !watching_dir {
+            watching_dir = watcher.watch(&dir, RecursiveMode::NonRecursive).is_ok();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        while rx.try_recv().is_ok() {}
+        on_change();
+    }
+}
