@@ -40,6 +40,8 @@ pub async fn connect(cfg: &NodeConfig) -> Result<Client, CliError> {
     let opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(3))
         .with_timeout(Duration::from_secs(10));
+    let opts = crate::etcd::connect_options(&cfg.etcd, opts)
+        .map_err(|e| CliError::Invalid(e.to_string()))?;
     Ok(Client::connect(&cfg.etcd.endpoints, Some(opts)).await?)
 }
 

@@ -115,6 +115,30 @@ pub struct EtcdConfig {
     /// Key prefix `P` of the schema.
     #[serde(default = "default_prefix")]
     pub prefix: String,
+    /// TLS to etcd (use `https://` endpoints).
+    #[serde(default)]
+    pub tls: Option<EtcdTls>,
+    /// etcd user (auth enabled).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// File holding that user's password (root-owned, 0600).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+/// TLS material for etcd.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTls {
+    /// CA certificate (PEM) that signed the server's certificate.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM), for `--client-cert-auth`.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Client key (PEM; root-owned, 0600).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
 }
 
 /// The two roots every target must resolve inside.
@@ -134,6 +158,9 @@ impl Default for EtcdConfig {
         Self {
             endpoints: default_endpoints(),
             prefix: default_prefix(),
+            tls: None,
+            user: None,
+            password_file: None,
         }
     }
 }

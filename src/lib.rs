@@ -17,6 +17,7 @@
 pub mod azure;
 pub mod cli;
 pub mod config;
+pub mod etcd;
 pub mod keys;
 pub mod metrics;
 pub mod names;

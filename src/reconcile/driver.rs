@@ -38,6 +38,9 @@ use crate::state::watch::{parse_listing, run_watcher, DesiredCache};
 /// Errors that stop vfolderd from starting. Once running, nothing stops it but shutdown.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
+    /// etcd TLS or auth material is missing or too open.
+    #[error(transparent)]
+    EtcdSetup(#[from] crate::etcd::EtcdSetupError),
     /// A policy file is invalid at start.
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),
@@ -421,6 +424,7 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DriverError> {
+    tokio::pin!(shutdown);
     let keys = Keys::new(&cfg.etcd.prefix, &cfg.node);
     let ledger = {
         let dir = cfg.state.join("db");
@@ -436,9 +440,23 @@ pub async fn run(
         .with_keep_alive_while_idle(true)
         // A member cut off from the quorum must not feed a stale watch silently.
         .with_require_leader(true);
-    let client = Client::connect(&cfg.etcd.endpoints, Some(options))
-        .await
-        .map_err(DriverError::Etcd)?;
+    let options = crate::etcd::connect_options(&cfg.etcd, options)?;
+    // Without auth the client connects lazily; with a user it authenticates
+    // at once, which fails while etcd is down: retry rather than exit.
+    let client = loop {
+        match Client::connect(&cfg.etcd.endpoints, Some(options.clone())).await {
+            Ok(c) => break c,
+            Err(e @ etcd_client::Error::InvalidArgs(_))
+            | Err(e @ etcd_client::Error::InvalidUri(_)) => return Err(DriverError::Etcd(e)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot connect to etcd yet; retrying in 2 s");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = &mut shutdown => return Ok(()),
+                }
+            }
+        }
+    };
 
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
@@ -602,7 +620,6 @@ pub async fn run(
     });
 
     health.alive.store(true, Ordering::Relaxed);
-    tokio::pin!(shutdown);
     tracing::info!(node = %cfg.node, roles = ?cfg.roles, "waiting for the first complete list of etcd");
     // Readiness gate (invariant 2): nothing is planned before the first list
     // (or, after a restart, before the stored last good state is loaded; then
