@@ -322,6 +322,23 @@ mod tests {
     }
 
     #[test]
+    fn a_rename_and_symlink_after_the_check_cannot_redirect_the_target() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let home = t.path().join("home");
+        std::fs::create_dir_all(home.join("data")).unwrap();
+        let (fd, _) = open_dir(t.path(), &home.join("data"), None).unwrap();
+        // The user swaps the checked directory for a symlink to somewhere else.
+        std::fs::rename(home.join("data"), home.join("moved")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), home.join("data")).unwrap();
+        // What a mount on the descriptor's path would act on: still the checked directory.
+        assert_eq!(
+            std::fs::read_link(fd_path(&fd)).unwrap(),
+            home.join("moved")
+        );
+    }
+
+    #[test]
     fn remove_dir_keeps_non_empty_directories() {
         let t = tempfile::tempdir().unwrap();
         let d = t.path().join("d");

@@ -1281,6 +1281,30 @@ mod tests {
     }
 
     #[test]
+    fn resolve_refuses_rw_to_owners_the_policy_does_not_list() {
+        let mut n = node(true, true);
+        n.policy = std::sync::Arc::new(
+            crate::policy::Policy::from_files(&[(
+                "p.yaml".into(),
+                "fstypes: {tmpfs: {}}\nrw_owners: {vol: [admin]}".into(),
+            )])
+            .unwrap(),
+        );
+        let w = resolve(&n, &one_kernel_desired());
+        assert!(
+            matches!(&w.kernels["k1"].resolution, Resolution::Rejected(r) if r.starts_with("policy rw_owners.vol"))
+        );
+        let mut d = one_kernel_desired();
+        d.kernels
+            .insert("k1".into(), ok(kernel("k1", vec![vf_mount(1, true)])));
+        assert_eq!(
+            resolve(&n, &d).kernels["k1"].resolution,
+            Resolution::Resolved,
+            "read-only is fine"
+        );
+    }
+
+    #[test]
     fn resolve_waits_for_a_missing_vfolder_record() {
         let n = node(true, false);
         let mut d = one_kernel_desired();

@@ -257,6 +257,51 @@ mod tests {
     }
 
     #[test]
+    fn limits_refuse_the_newest_objects_naming_the_rule() {
+        let p = parser();
+        let id = |n: u8| uuid::Uuid::from_bytes([n; 16]);
+        let mut kvs: Vec<(String, Vec<u8>, i64)> = Vec::new();
+        for i in 0..3u8 {
+            kvs.push((
+                format!("/v/nodes/n1/kernels/k{i}"),
+                b"mounts: []".to_vec(),
+                10 + i as i64,
+            ));
+            kvs.push((
+                format!("/v/vfolders/{}", id(i)),
+                b"{name: d, owner: alice, volume: v}".to_vec(),
+                10 + i as i64,
+            ));
+        }
+        kvs.push((
+            "/v/nodes/n1/kernels/big".into(),
+            format!("mounts: [{{vfolder: {0}}}, {{vfolder: {0}, as: b}}]", id(0)).into_bytes(),
+            1,
+        ));
+        let mut d = p.from_list(
+            kvs.iter().map(|(k, v, r)| (k.as_str(), v.as_slice(), *r)),
+            20,
+        );
+        let policy = Policy::from_files(&[(
+            "l.yaml".into(),
+            "fstypes: {tmpfs: {}}\nlimits: {kernels_per_node: 2, mounts_per_kernel: 1, vfolders_per_owner: 2}".into(),
+        )])
+        .unwrap();
+        d.enforce_limits(&policy);
+        fn err<T>(r: &Result<T, String>) -> String {
+            r.as_ref().err().cloned().unwrap_or_default()
+        }
+        assert!(err(&d.kernels["big"].spec).starts_with("policy limits.mounts_per_kernel"));
+        assert!(
+            d.kernels["k0"].spec.is_ok() && d.kernels["k1"].spec.is_ok(),
+            "the oldest keep running"
+        );
+        assert!(err(&d.kernels["k2"].spec).starts_with("policy limits.kernels_per_node"));
+        assert!(d.vfolders[&id(0)].spec.is_ok() && d.vfolders[&id(1)].spec.is_ok());
+        assert!(err(&d.vfolders[&id(2)].spec).starts_with("policy limits.vfolders_per_owner"));
+    }
+
+    #[test]
     fn delete_removes_entry() {
         let p = parser();
         let mut d = p.from_list([("/v/nodes/n1/kernels/k1", &b"mounts: []"[..], 2)], 2);
