@@ -5,7 +5,7 @@
 //! thread. A failed action never stops the others: only the actions that
 //! depend on it (same kernel, same volume) are skipped.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -140,7 +140,7 @@ pub struct Executor {
 }
 
 /// The object an action serves, for status and dependency skipping.
-pub fn owner_of(a: &Action, owned: &BTreeMap<PathBuf, OwnedMount>) -> Option<Owner> {
+pub fn owner_of(a: &Action, owned: &HashMap<PathBuf, OwnedMount>) -> Option<Owner> {
     match a {
         Action::MountVolume { volume } => Some(Owner::Volume(volume.name.clone())),
         // Best-effort binds (startup volumes) never fail or block their kernel.
@@ -183,7 +183,7 @@ impl Executor {
     pub fn execute(
         &self,
         actions: Vec<Action>,
-        owned: &BTreeMap<PathBuf, OwnedMount>,
+        owned: &HashMap<PathBuf, OwnedMount>,
         deferred: &BTreeMap<Owner, String>,
     ) -> Vec<Outcome> {
         let mut failed_owners: BTreeMap<Owner, String> = BTreeMap::new();
@@ -789,7 +789,7 @@ impl Executor {
 }
 
 /// Checks whether `path` is a directory without following symlinks (for observing dirs).
-pub fn observe_dirs(paths: &[PathBuf]) -> BTreeSet<PathBuf> {
+pub fn observe_dirs(paths: &[PathBuf]) -> std::collections::HashSet<PathBuf> {
     paths
         .iter()
         .filter(|p| fsops::is_dir_nofollow(p))
@@ -807,6 +807,7 @@ mod tests {
     use super::*;
     use crate::reconcile::sys::{Call, CallKind, RecordingMounter};
     use crate::spec::MountAt;
+    use std::collections::HashMap;
     use std::os::unix::fs::PermissionsExt;
 
     struct Fixture {
@@ -865,7 +866,7 @@ mod tests {
             vec![Action::Bind {
                 bind: bind(&f, true),
             }],
-            &BTreeMap::new(),
+            &HashMap::new(),
             &BTreeMap::new(),
         );
         assert!(out[0].result.is_ok(), "{:?}", out[0].result);
@@ -918,7 +919,7 @@ mod tests {
         f.mounter.fail_after(CallKind::Mount, 1, Errno::EPERM, 1);
         let out = f.exec.execute(
             vec![Action::Bind { bind: b.clone() }],
-            &BTreeMap::new(),
+            &HashMap::new(),
             &BTreeMap::new(),
         );
         assert!(
@@ -950,7 +951,7 @@ mod tests {
         b.source = f.root.join("v/vol/00/00/missing");
         let out = f.exec.execute(
             vec![Action::Bind { bind: b }],
-            &BTreeMap::new(),
+            &HashMap::new(),
             &BTreeMap::new(),
         );
         let err = out[0].result.as_ref().unwrap_err();
@@ -1019,7 +1020,7 @@ mod tests {
         let exec = Executor::new(peek.clone(), f.ledger.clone(), f.exec.cfg.clone());
         let out = exec.execute(
             vec![Action::MountVolume { volume: v }],
-            &BTreeMap::new(),
+            &HashMap::new(),
             &BTreeMap::new(),
         );
         assert!(out[0].result.is_ok(), "{:?}", out[0].result);
@@ -1070,7 +1071,7 @@ mod tests {
                 Action::Bind { bind: b },
                 Action::Bind { bind: other },
             ],
-            &BTreeMap::new(),
+            &HashMap::new(),
             &BTreeMap::new(),
         );
         assert!(matches!(
@@ -1097,7 +1098,7 @@ mod tests {
         let b = bind(&f, false);
         f.exec.execute(
             vec![Action::Bind { bind: b.clone() }],
-            &BTreeMap::new(),
+            &HashMap::new(),
             &BTreeMap::new(),
         );
         f.mounter.fail_next(CallKind::Umount2, Errno::EBUSY, 1);

@@ -8,7 +8,7 @@
 //! then directories deep→shallow), then setup (volume mount points and
 //! mounts, vfolder directories, kernel homes, bind targets and binds).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
@@ -39,11 +39,11 @@ pub struct Actual {
     /// The kernel's mount table.
     pub mounts: MountTable,
     /// The ledger's mounts.
-    pub owned_mounts: BTreeMap<PathBuf, OwnedMount>,
+    pub owned_mounts: HashMap<PathBuf, OwnedMount>,
     /// The ledger's directories.
-    pub owned_dirs: BTreeMap<PathBuf, OwnedDir>,
+    pub owned_dirs: HashMap<PathBuf, OwnedDir>,
     /// Which of [`Want::paths_to_observe`] exist as directories.
-    pub dirs: BTreeSet<PathBuf>,
+    pub dirs: HashSet<PathBuf>,
     /// Volume mount points the prober found stale, with the reason.
     pub stale: BTreeMap<PathBuf, String>,
     /// Blob volume mount points whose SAS is in its last third: remounted
@@ -140,7 +140,7 @@ pub struct Want {
     /// vfolder directories to create (storage role): uuid → (volume, path).
     pub vfolder_dirs: BTreeMap<Uuid, (String, PathBuf)>,
     /// Binds by target.
-    pub binds: BTreeMap<PathBuf, WantBind>,
+    pub binds: HashMap<PathBuf, WantBind>,
     /// Kernels.
     pub kernels: BTreeMap<String, WantKernel>,
     /// volume → kernels whose binds use it.

@@ -5,7 +5,7 @@
 //! describes, so a crash between the two leaves an owned record whose mount
 //! is missing (the next pass mounts it) rather than an unowned mount.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -164,12 +164,12 @@ impl Ledger {
     }
 
     /// Every owned mount, by target.
-    pub fn mounts(&self) -> Result<BTreeMap<PathBuf, OwnedMount>, LedgerError> {
+    pub fn mounts(&self) -> Result<HashMap<PathBuf, OwnedMount>, LedgerError> {
         load(&self.mounts, |m: &OwnedMount| m.target.clone())
     }
 
     /// Every owned directory, by path.
-    pub fn dirs(&self) -> Result<BTreeMap<PathBuf, OwnedDir>, LedgerError> {
+    pub fn dirs(&self) -> Result<HashMap<PathBuf, OwnedDir>, LedgerError> {
         load(&self.dirs, |d: &OwnedDir| d.path.clone())
     }
 
@@ -287,20 +287,20 @@ impl Ledger {
     }
 }
 
-fn load<T: for<'de> Deserialize<'de>>(
+fn load<T: for<'de> Deserialize<'de>, M: FromIterator<(PathBuf, T)>>(
     tree: &sled::Tree,
     key: impl Fn(&T) -> PathBuf,
-) -> Result<BTreeMap<PathBuf, T>, LedgerError> {
-    let mut out = BTreeMap::new();
-    for item in tree.iter() {
-        let (k, v) = item.map_err(sled_err("read"))?;
-        let rec: T = serde_json::from_slice(&v).map_err(|source| LedgerError::Corrupt {
-            key: String::from_utf8_lossy(&k).into_owned(),
-            source,
-        })?;
-        out.insert(key(&rec), rec);
-    }
-    Ok(out)
+) -> Result<M, LedgerError> {
+    tree.iter()
+        .map(|item| {
+            let (k, v) = item.map_err(sled_err("read"))?;
+            let rec: T = serde_json::from_slice(&v).map_err(|source| LedgerError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                source,
+            })?;
+            Ok((key(&rec), rec))
+        })
+        .collect()
 }
 
 #[cfg(test)]

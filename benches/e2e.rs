@@ -1,0 +1,576 @@
+//! End-to-end benchmark: vfolderd against a real etcd and real mounts, each
+//! row beside a reference measured in the same run, with the ratio.
+//!
+//! Root in a private mount namespace:
+//! `sudo unshare --mount --propagation private cargo bench --bench e2e -- [--quick]`
+//! Flags: `--kernels N` (latency row), `--attachments N`, `--idle-secs N`,
+//! `--files N`, `--samples N`, `--quick` (small sizes: about a minute).
+//! Writes the table to stdout and JSON to `target/bench-e2e.json`.
+#![allow(missing_docs)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, EventType, Txn, TxnOp, WatchOptions};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn arg(name: &str, default: usize) -> usize {
+    std::env::args()
+        .skip_while(|a| a != name)
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn bind_targets_under(dir: &Path) -> usize {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    vfolderd::reconcile::actual::parse_mountinfo(&text)
+        .unwrap()
+        .iter()
+        .filter(|m| m.mount_point.starts_with(dir))
+        .count()
+}
+
+fn proc_cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &s[s.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+fn proc_rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    let _ = write!(s, "GET {path} HTTP/1.0\r\n\r\n");
+    let mut b = String::new();
+    let _ = s.read_to_string(&mut b);
+    (
+        b.split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0),
+        b.split_once("\r\n\r\n")
+            .map(|x| x.1.to_string())
+            .unwrap_or_default(),
+    )
+}
+
+struct Row {
+    name: String,
+    ours: String,
+    reference: String,
+    ratio: String,
+    goal: String,
+    met: bool,
+}
+
+#[tokio::main]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let q = |full: usize, small: usize| if quick { small } else { full };
+    let kernels = arg("--kernels", q(1000, 200));
+    let attachments = arg("--attachments", q(10_000, 2000));
+    let idle_secs = arg("--idle-secs", q(60, 5));
+    let files = arg("--files", q(1_000_000, 100_000));
+    let samples = arg("--samples", q(200, 50));
+    let ours = std::fs::read_link("/proc/self/ns/mnt").ok();
+    if !nix::unistd::geteuid().is_root() || ours == std::fs::read_link("/proc/1/ns/mnt").ok() {
+        println!("e2e bench skipped: run as root in a private mount namespace:");
+        println!("  sudo unshare --mount --propagation private cargo bench --bench e2e -- --quick");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    // Everything on one big tmpfs, so the disk is not what is measured.
+    std::fs::create_dir_all(&d).unwrap();
+    mount(
+        Some("tmpfs"),
+        &d,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("size=8g"),
+    )
+    .unwrap();
+
+    let (cport, pport) = (free_port(), free_port());
+    let endpoint = format!("http://127.0.0.1:{cport}");
+    let peer = format!("http://127.0.0.1:{pport}");
+    let _etcd = Kill(
+        Command::new("etcd")
+            .args(["--name", "b", "--data-dir"])
+            .arg(d.join("etcd"))
+            .args([
+                "--listen-client-urls",
+                &endpoint,
+                "--advertise-client-urls",
+                &endpoint,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--initial-cluster",
+                &format!("b={peer}"),
+            ])
+            .args(["--quota-backend-bytes", "4294967296"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd"),
+    );
+    let mut c = loop {
+        if let Ok(mut c) = Client::connect([&endpoint], None).await {
+            if c.get("x", None).await.is_ok() {
+                break c;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let listen = format!("127.0.0.1:{}", free_port());
+    let cfg = format!(
+        "node: bench\nroles: [agent, storage]\netcd: {{endpoints: [\"{endpoint}\"], prefix: /vfolderd}}\n\
+         roots: {{volumes: {0}/volumes, kernels: {0}/kernels}}\nstate: {0}/state\npolicies: {0}/policies\nlisten: {listen}\nresync: 1h\n",
+        d.display()
+    );
+    std::fs::write(d.join("node.yaml"), &cfg).unwrap();
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_vfolderd"))
+            .args(["run", "--config"])
+            .arg(d.join("node.yaml"))
+            .env("RUST_LOG", "warn")
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(d.join("vfolderd.log"))
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap()
+    };
+    let mut daemon = Kill(spawn());
+    c.put(
+        "/vfolderd/volumes/v",
+        "mount: {at: requested, fstype: tmpfs, path: v, options: 'size=1g'}",
+        None,
+    )
+    .await
+    .unwrap();
+    let ids: Vec<String> = (0..3).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        c.put(
+            format!("/vfolderd/vfolders/{id}"),
+            format!("{{name: d{i}, owner: o, volume: v}}"),
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    let kernels_root = d.join("kernels");
+    let mut rows: Vec<Row> = Vec::new();
+    let status_prefix = "/vfolderd/status/nodes/bench/kernels/";
+    let mut stream = c
+        .watch(status_prefix, Some(WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    // Waits until `n` kernels (of those matching `want`) have reached `state`.
+    async fn until_states(
+        stream: &mut etcd_client::WatchStream,
+        mut pending: std::collections::BTreeSet<String>,
+        state: &str,
+        deadline: Duration,
+    ) -> BTreeMap<String, Instant> {
+        let mut seen = BTreeMap::new();
+        let end = Instant::now() + deadline;
+        while !pending.is_empty() {
+            let left = end.saturating_duration_since(Instant::now());
+            let Ok(Ok(Some(resp))) = tokio::time::timeout(left, stream.message()).await else {
+                panic!("timed out with {} kernels not {state}", pending.len());
+            };
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                let id = String::from_utf8_lossy(kv.key())
+                    .rsplit('/')
+                    .next()
+                    .unwrap()
+                    .to_string();
+                let hit = match ev.event_type() {
+                    EventType::Put => String::from_utf8_lossy(kv.value())
+                        .contains(&format!("\"state\":\"{state}\"")),
+                    EventType::Delete => state == "gone",
+                };
+                if hit && pending.remove(&id) {
+                    seen.insert(id, Instant::now());
+                }
+            }
+        }
+        seen
+    }
+    let kernel_value = |n: usize| {
+        let m: Vec<String> = ids
+            .iter()
+            .take(n)
+            .map(|id| format!("{{vfolder: {id}}}"))
+            .collect();
+        format!("mounts: [{}]", m.join(", "))
+    };
+
+    // Row 1: put → Ready latency, one kernel at a time, 3 vfolders each.
+    let mut lat = Vec::with_capacity(kernels);
+    for i in 0..kernels {
+        let id = format!("lat{i:05}");
+        let t0 = Instant::now();
+        c.put(
+            format!("/vfolderd/nodes/bench/kernels/{id}"),
+            kernel_value(3),
+            None,
+        )
+        .await
+        .unwrap();
+        until_states(&mut stream, [id].into(), "Ready", Duration::from_secs(30)).await;
+        lat.push(t0.elapsed());
+    }
+    // Floor: an etcd put seen by a watch, plus 3 raw bind mounts with their remounts.
+    let mut floor_stream = c
+        .watch("/floor/", Some(WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    let fsrc = d.join("floor-src");
+    std::fs::create_dir_all(&fsrc).unwrap();
+    let mut floor = Vec::with_capacity(kernels);
+    for i in 0..kernels {
+        let t0 = Instant::now();
+        c.put(format!("/floor/{i}"), "x", None).await.unwrap();
+        let _ = floor_stream.message().await.unwrap();
+        for j in 0..3 {
+            let t = d.join(format!("floor/{i}/{j}"));
+            std::fs::create_dir_all(&t).unwrap();
+            mount(
+                Some(&fsrc),
+                &t,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .unwrap();
+            mount(
+                None::<&str>,
+                &t,
+                None::<&str>,
+                MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                None::<&str>,
+            )
+            .unwrap();
+        }
+        floor.push(t0.elapsed());
+    }
+    for i in 0..kernels {
+        for j in 0..3 {
+            let _ = umount2(&d.join(format!("floor/{i}/{j}")), MntFlags::empty());
+        }
+    }
+    let (p50, p99, f50, f99) = (
+        pct(&mut lat, 0.5),
+        pct(&mut lat, 0.99),
+        pct(&mut floor, 0.5),
+        pct(&mut floor, 0.99),
+    );
+    rows.push(Row {
+        name: format!("put of a kernel with 3 vfolders → Ready ({kernels} kernels)"),
+        ours: format!("p50 {:.2} ms, p99 {:.2} ms", ms(p50), ms(p99)),
+        reference: format!("floor p50 {:.2} ms, p99 {:.2} ms", ms(f50), ms(f99)),
+        ratio: format!("{:.1}× floor at p99", ms(p99) / ms(f99)),
+        goal: "p99 ≤ 2× floor".into(),
+        met: ms(p99) <= 2.0 * ms(f99),
+    });
+    // Clear the latency kernels.
+    let lat_ids: std::collections::BTreeSet<String> =
+        (0..kernels).map(|i| format!("lat{i:05}")).collect();
+    c.delete(
+        "/vfolderd/nodes/bench/kernels/lat",
+        Some(etcd_client::DeleteOptions::new().with_prefix()),
+    )
+    .await
+    .unwrap();
+    until_states(&mut stream, lat_ids, "gone", Duration::from_secs(120)).await;
+
+    // Row 2: `attachments` kernels with one vfolder each, put at once.
+    let names: Vec<String> = (0..attachments).map(|i| format!("k{i:06}")).collect();
+    let t0 = Instant::now();
+    for chunk in names.chunks(128) {
+        let ops: Vec<TxnOp> = chunk
+            .iter()
+            .map(|k| {
+                TxnOp::put(
+                    format!("/vfolderd/nodes/bench/kernels/{k}"),
+                    kernel_value(1),
+                    None,
+                )
+            })
+            .collect();
+        c.txn(Txn::new().and_then(ops)).await.unwrap();
+    }
+    until_states(
+        &mut stream,
+        names.iter().cloned().collect(),
+        "Ready",
+        Duration::from_secs(1800),
+    )
+    .await;
+    let ours_rate = attachments as f64 / t0.elapsed().as_secs_f64();
+    // References: raw mount(2) bind loop, and `mount --bind` exec loop (sampled).
+    let raw_dir = d.join("raw");
+    let t = Instant::now();
+    for i in 0..attachments {
+        let tg = raw_dir.join(format!("{i}"));
+        std::fs::create_dir_all(&tg).unwrap();
+        mount(
+            Some(&fsrc),
+            &tg,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        mount(
+            None::<&str>,
+            &tg,
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            None::<&str>,
+        )
+        .unwrap();
+    }
+    let raw_rate = attachments as f64 / t.elapsed().as_secs_f64();
+    let exec_n = attachments.min(300);
+    let exec_dir = d.join("exec");
+    let t = Instant::now();
+    for i in 0..exec_n {
+        let tg = exec_dir.join(format!("{i}"));
+        std::fs::create_dir_all(&tg).unwrap();
+        assert!(Command::new("mount")
+            .arg("--bind")
+            .arg(&fsrc)
+            .arg(&tg)
+            .status()
+            .unwrap()
+            .success());
+    }
+    let exec_rate = exec_n as f64 / t.elapsed().as_secs_f64();
+    for i in 0..exec_n {
+        let _ = umount2(&exec_dir.join(format!("{i}")), MntFlags::empty());
+    }
+    rows.push(Row {
+        name: format!("{attachments} attachments put at once → all Ready"),
+        ours: format!("{ours_rate:.0}/s"),
+        reference: format!("raw mount(2) {raw_rate:.0}/s; `mount --bind` exec {exec_rate:.0}/s"),
+        ratio: format!(
+            "{:.2}× raw, {:.1}× exec",
+            ours_rate / raw_rate,
+            ours_rate / exec_rate
+        ),
+        goal: "≥ 0.5× raw, ≥ 10× exec".into(),
+        met: ours_rate >= 0.5 * raw_rate && ours_rate >= 10.0 * exec_rate,
+    });
+
+    // Row 4: idle while holding the mounts.
+    let pid = daemon.0.id();
+    let hz = 100.0; // USER_HZ
+    let c0 = proc_cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(idle_secs as u64)).await;
+    let cpu = (proc_cpu_ticks(pid) - c0) as f64 / hz / idle_secs as f64 * 100.0;
+    let rss = proc_rss_kib(pid) as f64 / 1024.0;
+    let held = bind_targets_under(&kernels_root);
+    rows.push(Row {
+        name: format!("idle {idle_secs} s holding {held} mounts"),
+        ours: format!("CPU {cpu:.2}% of a core, RSS {rss:.1} MiB"),
+        reference: "0".into(),
+        ratio: "—".into(),
+        goal: "< 1% CPU, RSS < 100 MiB".into(),
+        met: cpu < 1.0 && rss < 100.0,
+    });
+
+    // Row 6: restart over the converged mounts.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = daemon.0.wait();
+    let t = Instant::now();
+    daemon = Kill(spawn());
+    while http_get(&listen, "/readyz").0 != 200 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let ready = t.elapsed();
+    let made = http_get(&listen, "/metrics")
+        .1
+        .lines()
+        .filter(|l| {
+            l.starts_with("vfolderd_actions_total{")
+                && (l.contains("kind=\"bind\"") || l.contains("kind=\"mount\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum::<f64>();
+    rows.push(Row {
+        name: format!("restart over {held} converged mounts"),
+        ours: format!("Ready in {:.0} ms, {} mounts made", ms(ready), made as u64),
+        reference: "—".into(),
+        ratio: "—".into(),
+        goal: "< 1 s, 0 mounts made".into(),
+        met: ready < Duration::from_secs(1) && made == 0.0,
+    });
+
+    // Row 5: external unmount → repaired.
+    let target = kernels_root.join("k000000/work/d0");
+    let mut rep = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        umount2(&target, MntFlags::empty()).unwrap();
+        let t = Instant::now();
+        while bind_targets_under(&target) == 0 {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        rep.push(t.elapsed());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (r50, r99) = (pct(&mut rep, 0.5), pct(&mut rep, 0.99));
+    rows.push(Row {
+        name: format!("external unmount → repaired ({samples} samples, {held} mounts held)"),
+        ours: format!("p50 {:.1} ms, p99 {:.1} ms", ms(r50), ms(r99)),
+        reference: "—".into(),
+        ratio: "—".into(),
+        goal: "p99 < 100 ms".into(),
+        met: r99 < Duration::from_millis(100),
+    });
+
+    // Row 3: teardown of all attachments.
+    let t0 = Instant::now();
+    c.delete(
+        "/vfolderd/nodes/bench/kernels/",
+        Some(etcd_client::DeleteOptions::new().with_prefix()),
+    )
+    .await
+    .unwrap();
+    while bind_targets_under(&kernels_root) > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ours_down = attachments as f64 / t0.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for i in 0..attachments {
+        umount2(&raw_dir.join(format!("{i}")), MntFlags::empty()).unwrap();
+    }
+    let raw_down = attachments as f64 / t.elapsed().as_secs_f64();
+    rows.push(Row {
+        name: format!("teardown of {attachments} attachments"),
+        ours: format!("{ours_down:.0}/s"),
+        reference: format!("raw umount2 {raw_down:.0}/s"),
+        ratio: format!("{:.2}× raw", ours_down / raw_down),
+        goal: "≥ 0.5× raw".into(),
+        met: ours_down >= 0.5 * raw_down,
+    });
+    drop(daemon);
+
+    // Row 7: usage of a generated tree.
+    let tree = d.join("tree");
+    let per_dir = 1000;
+    for i in 0..files {
+        let sub = tree.join(format!("{}", i / per_dir));
+        if i % per_dir == 0 {
+            std::fs::create_dir_all(&sub).unwrap();
+        }
+        std::fs::write(sub.join(format!("{i}")), [0u8; 7]).unwrap();
+    }
+    let t = Instant::now();
+    let (n, bytes) = vfolderd::usage::scan(&tree).unwrap();
+    let ours_t = t.elapsed();
+    assert_eq!(n as usize, files);
+    let time_cmd = |args: &[&str]| {
+        let t = Instant::now();
+        assert!(Command::new("du")
+            .args(args)
+            .arg(&tree)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success());
+        t.elapsed()
+    };
+    let du_a = time_cmd(&["-s", "--apparent-size"]);
+    let du = time_cmd(&["-s"]);
+    rows.push(Row {
+        name: format!("usage of a tree of {files} files ({bytes} bytes)"),
+        ours: format!("{:.2} s", ours_t.as_secs_f64()),
+        reference: format!(
+            "du -s --apparent-size {:.2} s; du -s {:.2} s",
+            du_a.as_secs_f64(),
+            du.as_secs_f64()
+        ),
+        ratio: format!(
+            "{:.2}× faster than du --apparent-size",
+            du_a.as_secs_f64() / ours_t.as_secs_f64()
+        ),
+        goal: "≥ 2× faster than du".into(),
+        met: du_a.as_secs_f64() >= 2.0 * ours_t.as_secs_f64()
+            && du.as_secs_f64() >= 2.0 * ours_t.as_secs_f64(),
+    });
+
+    println!("| row | vfolderd | reference (same run) | ratio | goal | met |");
+    println!("|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            r.name,
+            r.ours,
+            r.reference,
+            r.ratio,
+            r.goal,
+            if r.met { "yes" } else { "**MISSED**" }
+        );
+    }
+    let json: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| serde_json::json!({"row": r.name, "vfolderd": r.ours, "reference": r.reference, "ratio": r.ratio, "goal": r.goal, "met": r.met}))
+        .collect();
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-e2e.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    println!("\nJSON: {}", out.display());
+    let _ = umount2(&d, MntFlags::MNT_DETACH);
+}
