@@ -23,7 +23,7 @@ use crate::policy::Policy;
 use crate::reconcile::actual::{MountInfoError, MountInfoSource, ProcMountInfo};
 use crate::reconcile::execute::{observe_dirs, status_message, ExecConfig, ExecError, Executor};
 use crate::reconcile::plan::{plan, resolve, without_teardown, Action, Actual, NodeView};
-use crate::reconcile::probe::{run_prober, StaleMap};
+use crate::reconcile::probe::{run_prober, StaleMap, VolumeTargets};
 use crate::reconcile::report::{report, Failure, Report, ReportInputs, Usage};
 use crate::reconcile::sys::{LinuxMounter, Mounter};
 use crate::state::desired::PolicyHandle;
@@ -120,6 +120,8 @@ struct Reconciler {
     retry: BTreeMap<Owner, Retry>,
     /// Stale volume mounts, as the prober last saw them.
     stale: StaleMap,
+    /// Owned volume mount points, for the prober.
+    volume_targets: VolumeTargets,
     /// Lifetime of blob mount SASes (renewed in their last third).
     sas_lifetime: Duration,
     /// Lifetime of per-user token files (renewed in their last third).
@@ -401,6 +403,12 @@ impl Reconciler {
         let report = report(&self.report_inputs(), desired, &want, &actual);
         self.status_tx
             .send_replace(Arc::new(report.entries.clone()));
+        *self.volume_targets.lock().expect("targets lock") = actual
+            .owned_mounts
+            .values()
+            .filter(|m| m.kind == MountKind::Volume)
+            .map(|m| m.target.clone())
+            .collect();
         let mut owned: BTreeMap<&'static str, i64> = BTreeMap::from([("volume", 0), ("bind", 0)]);
         for m in actual.owned_mounts.values() {
             *owned.entry(m.kind.as_str()).or_default() += 1;
@@ -538,11 +546,12 @@ pub async fn run(
         }))
     };
     let stale: StaleMap = Arc::default();
+    let volume_targets: VolumeTargets = Arc::default();
     let prober = {
-        let (cache, ledger, stale) = (cache.clone(), ledger.clone(), stale.clone());
+        let (cache, targets, stale) = (cache.clone(), volume_targets.clone(), stale.clone());
         let (interval, timeout) = (cfg.probe_interval, cfg.probe_timeout);
         AbortOnDrop(tokio::spawn(async move {
-            run_prober(ledger, interval, timeout, stale, || {
+            run_prober(targets, interval, timeout, stale, || {
                 cache.changed.notify_one()
             })
             .await;
@@ -614,6 +623,7 @@ pub async fn run(
         status_tx,
         retry: BTreeMap::new(),
         stale: stale.clone(),
+        volume_targets: volume_targets.clone(),
         sas_lifetime: cfg.sas_lifetime,
         token_lifetime: cfg.token_lifetime,
         credentials_dir: cfg.credentials.clone(),

@@ -11,8 +11,6 @@ use std::time::Duration;
 
 use nix::errno::Errno;
 
-use crate::state::ledger::{Ledger, MountKind};
-
 /// Errnos that mean "mounted, but the filesystem behind it is gone".
 pub const STALE_ERRNOS: [Errno; 4] = [Errno::ENOTCONN, Errno::ESTALE, Errno::EIO, Errno::EHOSTDOWN];
 
@@ -33,13 +31,17 @@ pub fn classify(result: Result<(), Errno>) -> Health {
     }
 }
 
+/// The owned volume mount points, published by each pass (so probing never
+/// has to read the whole ledger).
+pub type VolumeTargets = Arc<Mutex<Vec<PathBuf>>>;
+
 /// Volume mount points currently seen stale, with the reason.
 pub type StaleMap = Arc<Mutex<BTreeMap<PathBuf, String>>>;
 
 /// Probes every owned volume mount each `interval`, updating `stale` and
 /// calling `on_change` whenever the set changes.
 pub async fn run_prober(
-    ledger: Ledger,
+    targets: VolumeTargets,
     interval: Duration,
     timeout: Duration,
     stale: StaleMap,
@@ -48,12 +50,7 @@ pub async fn run_prober(
     let in_flight: Arc<Mutex<BTreeSet<PathBuf>>> = Arc::default();
     loop {
         tokio::time::sleep(interval).await;
-        let Ok(owned) = ledger.mounts() else { continue };
-        let targets: Vec<PathBuf> = owned
-            .into_values()
-            .filter(|m| m.kind == MountKind::Volume)
-            .map(|m| m.target)
-            .collect();
+        let targets: Vec<PathBuf> = targets.lock().expect("targets lock").clone();
         let results = {
             let in_flight = in_flight.clone();
             tokio::task::spawn_blocking(move || {

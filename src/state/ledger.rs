@@ -144,8 +144,10 @@ fn key_of(p: &Path) -> Vec<u8> {
 impl Ledger {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, LedgerError> {
+        // sled caches 1 GiB by default; the ledger is small and read rarely.
         let db = sled::Config::new()
             .path(dir)
+            .cache_capacity(16 * 1024 * 1024)
             .open()
             .map_err(sled_err("open"))?;
         let mounts = db.open_tree("mounts").map_err(sled_err("open tree"))?;
