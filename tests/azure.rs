@@ -9,14 +9,6 @@ use azure_storage_blobs::prelude::*;
 use common::*;
 use std::time::{Duration, Instant};
 
-async fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn sas_token(url: &str) -> String {
     url.split_once('?').unwrap().1.to_string()
 }
@@ -128,22 +120,6 @@ async fn an_azureblob_volume_without_credentials_or_with_a_bad_url_is_rejected()
         assert!(!st.to_string().contains("SECRETSIG"), "the SAS is not echoed: {st}");
     })
     .await;
-}
-
-/// The pid of the rclone daemon serving `target`.
-fn rclone_for(target: &std::path::Path) -> Option<(i32, String)> {
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cmd =
-            String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).unwrap_or_default())
-                .replace('\0', " ");
-        if cmd.contains("rclone") && cmd.contains(target.to_str().unwrap()) {
-            return Some((pid, cmd));
-        }
-    }
-    None
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

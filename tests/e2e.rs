@@ -11,11 +11,6 @@ fn vfolder_yaml(name: &str, volume: &str, permission: &str) -> String {
     format!("{{name: {name}, owner: alice, volume: {volume}, permission: {permission}}}\n")
 }
 
-fn shard(id: &str) -> String {
-    let hex = id.replace('-', "");
-    format!("{}/{}/{hex}", &hex[0..2], &hex[2..4])
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_volumes_apply_and_tmpfs_startup_volume_is_mounted() {
     require_private_mount_namespace();

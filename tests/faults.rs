@@ -7,19 +7,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn shard(id: &str) -> String {
-    let hex = id.replace('-', "");
-    format!("{}/{}/{hex}", &hex[0..2], &hex[2..4])
-}
-
-async fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 /// A volume, a vfolder and two kernels using it, all Ready.
 async fn two_kernels(etcd: &Etcd, node: &Node) -> String {
     etcd.put(&format!("{P}/volumes/shard1"), &tmpfs_volume("requested"))
@@ -246,21 +233,6 @@ async fn a_failing_mount_backs_off_per_object_and_recovers_once_fixed() {
     .await;
 }
 
-/// The pid of the FUSE daemon serving `target`.
-fn fuse_daemon_for(target: &std::path::Path) -> i32 {
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains("rclone") && cmd.contains(target.to_str().unwrap()) {
-            return pid;
-        }
-    }
-    panic!("no rclone serving {}", target.display());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fuse_volume_whose_daemon_dies_is_stale_and_healed_once_unused() {
     require_private_mount_namespace();
@@ -297,7 +269,7 @@ async fn a_fuse_volume_whose_daemon_dies_is_stale_and_healed_once_unused() {
         assert_eq!(node.mount_at(&target).unwrap().fstype, "fuse.rclone");
         std::fs::write(node.home("k1").join("data/notes.txt"), b"kept").unwrap();
 
-        let pid = fuse_daemon_for(&target);
+        let pid = rclone_for(&target).expect("rclone serves the volume").0;
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,

@@ -828,6 +828,37 @@ pub fn tmpfs_volume(at: &str) -> String {
     format!("mount: {{at: {at}, fstype: tmpfs, path: vfolderd-test, options: 'size=16m'}}\n")
 }
 
+/// Polls `f` every 25 ms until it holds; fails the test after `secs`.
+pub async fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A vfolder's directory below its volume: `<hex[0:2]>/<hex[2:4]>/<hex>`.
+pub fn shard(id: &str) -> String {
+    let hex = id.replace('-', "");
+    format!("{}/{}/{hex}", &hex[0..2], &hex[2..4])
+}
+
+/// The FUSE daemon (rclone) serving `target`: its pid and command line.
+pub fn rclone_for(target: &Path) -> Option<(i32, String)> {
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd =
+            String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).unwrap_or_default())
+                .replace('\0', " ");
+        if cmd.contains("rclone") && cmd.contains(target.to_str()?) {
+            return Some((pid, cmd));
+        }
+    }
+    None
+}
+
 /// Runs an async test body with a deadline, so a deadlock fails instead of hanging CI.
 pub async fn within<F: std::future::Future<Output = ()>>(secs: u64, f: F) {
     tokio::time::timeout(Duration::from_secs(secs), f)
