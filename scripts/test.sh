@@ -11,4 +11,12 @@ if [ "$(id -u)" != 0 ]; then
 fi
 scripts/install-deps.sh
 cargo build --all-targets --quiet
-exec unshare --mount --propagation private -- cargo test --no-fail-fast "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+unshare --mount --propagation private -- cargo test --no-fail-fast "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole suite (cargo prints one per test binary, the last being doc-tests).
+awk '/^test result:/ {p += $4; f += $6} END {printf "TOTAL: %d passed, %d failed\n", p, f}' "$log"
+exit "$status"
