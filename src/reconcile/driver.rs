@@ -90,8 +90,30 @@ impl Deps {
 
 /// How many passes may follow each other at once while actions keep making progress.
 const MAX_CHAINED_PASSES: usize = 4;
-/// Coalesces a burst of watch events into one pass.
+/// Coalesces a burst of watch events into one pass: wait until no event came
+/// for this long...
 const DEBOUNCE: Duration = Duration::from_millis(5);
+/// ...but never longer than this after the first one (a steady stream must
+/// not starve the loop).
+const DEBOUNCE_MAX: Duration = Duration::from_millis(100);
+
+/// Waits until `changed` has been quiet for [`DEBOUNCE`], at most [`DEBOUNCE_MAX`].
+async fn debounce(changed: &tokio::sync::Notify) {
+    let end = Instant::now() + DEBOUNCE_MAX;
+    loop {
+        let quiet = Instant::now() + DEBOUNCE;
+        tokio::select! {
+            _ = changed.notified() => {
+                if Instant::now() >= end {
+                    // Keep the wake-up: the pass about to run may miss what just changed.
+                    changed.notify_one();
+                    return;
+                }
+            }
+            _ = sleep_until(quiet.min(end)) => return,
+        }
+    }
+}
 /// Per-object retry delays after a failed action.
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(120);
@@ -752,7 +774,7 @@ pub async fn run(
         metrics.ready.set(i64::from(ready));
 
         tokio::select! {
-            _ = cache.changed.notified() => tokio::time::sleep(DEBOUNCE).await,
+            _ = cache.changed.notified() => debounce(&cache.changed).await,
             _ = sleep_until(wake) => {}
             _ = &mut shutdown => break,
         }
