@@ -228,16 +228,7 @@ pub async fn drain(cfg: &NodeConfig, force: bool) -> Result<DrainReport, CliErro
     let exec = Executor::new(
         std::sync::Arc::new(LinuxMounter::new(&cfg.mount_helper)),
         ledger,
-        ExecConfig {
-            volumes_root: cfg.roots.volumes.clone(),
-            kernels_root: cfg.roots.kernels.clone(),
-            credentials_dir: cfg.credentials.clone(),
-            run_dir: cfg.state.join("run"),
-            mount_timeout: cfg.mount_timeout,
-            sas_lifetime: cfg.sas_lifetime,
-            token_lifetime: cfg.token_lifetime,
-            rclone: cfg.rclone.clone(),
-        },
+        ExecConfig::from_node(cfg),
     );
     let mut report = DrainReport::default();
     for o in exec.execute(actions, &actual.owned_mounts, &Default::default()) {

@@ -608,16 +608,7 @@ pub async fn run(
             m.status_writes.inc_by(n as u64)
         }))
     };
-    let exec_cfg = ExecConfig {
-        volumes_root: cfg.roots.volumes.clone(),
-        kernels_root: cfg.roots.kernels.clone(),
-        credentials_dir: cfg.credentials.clone(),
-        run_dir: cfg.state.join("run"),
-        mount_timeout: cfg.mount_timeout,
-        sas_lifetime: cfg.sas_lifetime,
-        token_lifetime: cfg.token_lifetime,
-        rclone: cfg.rclone.clone(),
-    };
+    let exec_cfg = ExecConfig::from_node(&cfg);
     for root in [&cfg.roots.volumes, &cfg.roots.kernels] {
         if let Err(e) = std::fs::create_dir_all(root) {
             tracing::error!(root = %root.display(), error = %e, "cannot create root");

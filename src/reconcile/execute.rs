@@ -129,6 +129,22 @@ pub struct ExecConfig {
     pub rclone: PathBuf,
 }
 
+impl ExecConfig {
+    /// The executor's settings from the node config.
+    pub fn from_node(cfg: &crate::config::NodeConfig) -> Self {
+        Self {
+            volumes_root: cfg.roots.volumes.clone(),
+            kernels_root: cfg.roots.kernels.clone(),
+            credentials_dir: cfg.credentials.clone(),
+            run_dir: cfg.state.join("run"),
+            mount_timeout: cfg.mount_timeout,
+            sas_lifetime: cfg.sas_lifetime,
+            token_lifetime: cfg.token_lifetime,
+            rclone: cfg.rclone.clone(),
+        }
+    }
+}
+
 /// Carries out actions.
 pub struct Executor {
     mounter: Arc<dyn Mounter>,

@@ -150,13 +150,12 @@ impl Mounter for LinuxMounter {
         }
         // Its own process group, so a timeout kills the helper and its children.
         cmd.process_group(0);
-        let mut child = cmd.spawn().map_err(|e| HelperError::Spawn(e.to_string()))?;
-        let status = match child.wait_timeout(req.timeout) {
-            Ok(Some(status)) => status,
-            Ok(None) => {
-                let pgid = Pid::from_raw(child.id() as i32);
-                let _ = killpg(pgid, Signal::SIGKILL);
-                // Reap off-thread: a helper in uninterruptible sleep would block us.
+        let child = cmd.spawn().map_err(|e| HelperError::Spawn(e.to_string()))?;
+        match wait_helper(child, req.timeout) {
+            Waited::Exited(r) => r,
+            Waited::TimedOut(mut child) => {
+                // Reap off-thread: a helper in uninterruptible sleep would block us;
+                // until it is gone, no second mount is started on its target.
                 let pending = self.pending.clone();
                 let target = req.target.clone();
                 pending.lock().expect("lock").insert(target.clone());
@@ -164,21 +163,9 @@ impl Mounter for LinuxMounter {
                     let _ = child.wait();
                     pending.lock().expect("lock").remove(&target);
                 });
-                return Err(HelperError::Timeout(req.timeout));
+                Err(HelperError::Timeout(req.timeout))
             }
-            Err(e) => return Err(HelperError::Spawn(e.to_string())),
-        };
-        if status.success() {
-            return Ok(());
         }
-        let mut stderr = String::new();
-        if let Some(mut s) = child.stderr.take() {
-            let _ = s.read_to_string(&mut stderr);
-        }
-        Err(HelperError::Failed {
-            code: status.code().unwrap_or(-1),
-            stderr: redact(&stderr.split_whitespace().collect::<Vec<_>>().join(" ")),
-        })
     }
 
     fn spawn_daemon(&self, req: &DaemonRequest) -> Result<(), HelperError> {
@@ -193,28 +180,47 @@ impl Mounter for LinuxMounter {
         // Its own process group: vfolderd's signals and exit do not reach it,
         // so the mount survives a vfolderd restart and is adopted.
         cmd.process_group(0);
-        let mut child = cmd.spawn().map_err(|e| HelperError::Spawn(e.to_string()))?;
-        let status = match child.wait_timeout(req.timeout) {
-            Ok(Some(status)) => status,
-            Ok(None) => {
-                let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
-                let _ = child.wait();
-                return Err(HelperError::Timeout(req.timeout));
+        let child = cmd.spawn().map_err(|e| HelperError::Spawn(e.to_string()))?;
+        match wait_helper(child, req.timeout) {
+            Waited::Exited(r) => r,
+            Waited::TimedOut(mut child) => {
+                std::thread::spawn(move || child.wait());
+                Err(HelperError::Timeout(req.timeout))
             }
-            Err(e) => return Err(HelperError::Spawn(e.to_string())),
-        };
-        if status.success() {
-            return Ok(());
         }
-        let mut stderr = String::new();
-        if let Some(mut s) = child.stderr.take() {
-            let _ = s.read_to_string(&mut stderr);
-        }
-        Err(HelperError::Failed {
-            code: status.code().unwrap_or(-1),
-            stderr: redact(&stderr.split_whitespace().collect::<Vec<_>>().join(" ")),
-        })
     }
+}
+
+/// How a helper run ended.
+enum Waited {
+    /// It exited: success, or its failure with redacted stderr.
+    Exited(Result<(), HelperError>),
+    /// It outlived its timeout; its process group has been sent SIGKILL and
+    /// the child is still to be reaped.
+    TimedOut(std::process::Child),
+}
+
+/// Waits for a helper started in its own process group (`process_group(0)`).
+fn wait_helper(mut child: std::process::Child, timeout: Duration) -> Waited {
+    let status = match child.wait_timeout(timeout) {
+        Ok(Some(status)) => status,
+        Ok(None) => {
+            let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            return Waited::TimedOut(child);
+        }
+        Err(e) => return Waited::Exited(Err(HelperError::Spawn(e.to_string()))),
+    };
+    if status.success() {
+        return Waited::Exited(Ok(()));
+    }
+    let mut stderr = String::new();
+    if let Some(mut s) = child.stderr.take() {
+        let _ = s.read_to_string(&mut stderr);
+    }
+    Waited::Exited(Err(HelperError::Failed {
+        code: status.code().unwrap_or(-1),
+        stderr: redact(&stderr.split_whitespace().collect::<Vec<_>>().join(" ")),
+    }))
 }
 
 /// One recorded call of [`RecordingMounter`].
