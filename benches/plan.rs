@@ -90,7 +90,7 @@ fn converged(d: &Desired) -> Actual {
             target.display()
         )
         .unwrap();
-        a.owned_mounts.insert(
+        std::sync::Arc::make_mut(&mut a.owned_mounts).insert(
             target.clone(),
             OwnedMount {
                 target,
@@ -105,7 +105,7 @@ fn converged(d: &Desired) -> Actual {
             },
         );
     }
-    a.mounts = MountTable::new(parse_mountinfo(&mi).unwrap());
+    a.mounts = MountTable::new(parse_mountinfo(&mi).unwrap()).into();
     a
 }
 

@@ -211,7 +211,7 @@ pub async fn drain(cfg: &NodeConfig, force: bool) -> Result<DrainReport, CliErro
         .map_err(|e| CliError::Invalid(crate::error_chain(&e)))?;
     let store = |e: crate::state::ledger::LedgerError| CliError::Invalid(crate::error_chain(&e));
     let actual = Actual {
-        mounts,
+        mounts: mounts.into(),
         owned_mounts: ledger.mounts().map_err(store)?,
         owned_dirs: ledger.dirs().map_err(store)?,
         ..Actual::default()

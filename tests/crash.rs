@@ -109,14 +109,14 @@ async fn wait_converged(node: &Node, present: &BTreeSet<usize>, round: usize) {
 
 fn check_ledger(node: &Node, round: usize) {
     let ledger = Ledger::open(&node.dir.path().join("state/db")).unwrap();
-    let owned: Vec<PathBuf> = ledger.mounts().unwrap().into_keys().collect();
+    let owned: Vec<PathBuf> = ledger.mounts().unwrap().keys().cloned().collect();
     let mounted: BTreeSet<PathBuf> = actual_targets(node).into_iter().collect();
     assert_eq!(
         owned.iter().cloned().collect::<BTreeSet<_>>(),
         mounted,
         "round {round}: ledger mounts = mount table"
     );
-    let owned_dirs: BTreeSet<PathBuf> = ledger.dirs().unwrap().into_keys().collect();
+    let owned_dirs: BTreeSet<PathBuf> = ledger.dirs().unwrap().keys().cloned().collect();
     let mut on_disk = BTreeSet::new();
     dirs_under(&node.kernels(), &mut on_disk);
     dirs_under(&node.volumes(), &mut on_disk);

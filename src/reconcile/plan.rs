@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::reconcile::actual::MountTable;
 use crate::spec::{vfolder_relpath, HealPolicy, KernelMount, MountAt, Permission};
 use crate::state::desired::Desired;
-use crate::state::ledger::{MountKind, OwnedDir, OwnedMount, OwnedToken, Owner};
+use crate::state::ledger::{MountKind, OwnedDirs, OwnedMounts, OwnedTokens, Owner};
 
 /// The node facts the planner needs.
 #[derive(Debug, Clone)]
@@ -37,11 +37,11 @@ pub struct NodeView {
 #[derive(Debug, Clone, Default)]
 pub struct Actual {
     /// The kernel's mount table.
-    pub mounts: MountTable,
+    pub mounts: std::sync::Arc<MountTable>,
     /// The ledger's mounts.
-    pub owned_mounts: HashMap<PathBuf, OwnedMount>,
+    pub owned_mounts: OwnedMounts,
     /// The ledger's directories.
-    pub owned_dirs: HashMap<PathBuf, OwnedDir>,
+    pub owned_dirs: OwnedDirs,
     /// Which of [`Want::paths_to_observe`] exist as directories.
     pub dirs: HashSet<PathBuf>,
     /// Volume mount points the prober found stale, with the reason.
@@ -50,7 +50,7 @@ pub struct Actual {
     /// with a fresh one as soon as no kernel uses them.
     pub renew: BTreeSet<PathBuf>,
     /// The ledger's token files.
-    pub owned_tokens: BTreeMap<PathBuf, OwnedToken>,
+    pub owned_tokens: OwnedTokens,
     /// Token files to write again (in their last third, or gone from disk).
     pub token_renew: BTreeSet<PathBuf>,
 }
@@ -574,7 +574,7 @@ pub fn plan(node: &NodeView, want: &Want, actual: &Actual, keep: &BTreeSet<Strin
     let healed_volume = |name: &str| heal.values().any(|v| v.name == name);
 
     // 0b. Token files nobody wants (their kernel is gone or no longer asks).
-    for (path, t) in &actual.owned_tokens {
+    for (path, t) in actual.owned_tokens.iter() {
         if !want.tokens.contains_key(path) && !want.held_kernels.contains(&t.kernel) {
             out.push(Action::RemoveToken { path: path.clone() });
         }
@@ -808,6 +808,7 @@ mod tests {
     use crate::reconcile::actual::MountEntry;
     use crate::spec::{KernelSpec, MountSpec, VfolderSpec, VolumeSpec};
     use crate::state::desired::Entry;
+    use crate::state::ledger::{OwnedDir, OwnedMount, OwnedToken};
     use proptest::prelude::*;
 
     fn node(agent: bool, storage: bool) -> NodeView {
@@ -880,18 +881,18 @@ mod tests {
         for act in actions {
             match act {
                 Action::Unmount { target, .. } => {
-                    a.mounts.remove_top(target);
-                    a.owned_mounts.remove(target);
+                    std::sync::Arc::make_mut(&mut a.mounts).remove_top(target);
+                    std::sync::Arc::make_mut(&mut a.owned_mounts).remove(target);
                 }
                 Action::Forget { target } => {
-                    a.owned_mounts.remove(target);
+                    std::sync::Arc::make_mut(&mut a.owned_mounts).remove(target);
                 }
                 Action::Detach { target } => {
-                    a.mounts.remove_top(target);
+                    std::sync::Arc::make_mut(&mut a.mounts).remove_top(target);
                     a.stale.remove(target);
                 }
                 Action::WriteToken { token } => {
-                    a.owned_tokens.insert(
+                    std::sync::Arc::make_mut(&mut a.owned_tokens).insert(
                         token.path.clone(),
                         OwnedToken {
                             path: token.path.clone(),
@@ -903,11 +904,11 @@ mod tests {
                     a.token_renew.remove(&token.path);
                 }
                 Action::RemoveToken { path } => {
-                    a.owned_tokens.remove(path);
+                    std::sync::Arc::make_mut(&mut a.owned_tokens).remove(path);
                 }
                 Action::RemoveDir { path } => {
                     a.dirs.remove(path);
-                    a.owned_dirs.remove(path);
+                    std::sync::Arc::make_mut(&mut a.owned_dirs).remove(path);
                 }
                 Action::MakeDir {
                     path, root, owner, ..
@@ -918,7 +919,7 @@ mod tests {
                     {
                         if a.dirs.insert(p.to_path_buf()) {
                             if let Some(o) = owner {
-                                a.owned_dirs.insert(
+                                std::sync::Arc::make_mut(&mut a.owned_dirs).insert(
                                     p.to_path_buf(),
                                     OwnedDir {
                                         path: p.to_path_buf(),
@@ -931,8 +932,12 @@ mod tests {
                 }
                 Action::MountVolume { volume } => {
                     next_id += 1;
-                    a.mounts.insert(entry(next_id, &volume.target, false));
-                    a.owned_mounts.insert(
+                    std::sync::Arc::make_mut(&mut a.mounts).insert(entry(
+                        next_id,
+                        &volume.target,
+                        false,
+                    ));
+                    std::sync::Arc::make_mut(&mut a.owned_mounts).insert(
                         volume.target.clone(),
                         owned(
                             &volume.target,
@@ -945,9 +950,13 @@ mod tests {
                 }
                 Action::Bind { bind } => {
                     next_id += 1;
-                    a.mounts.insert(entry(next_id, &bind.target, bind.readonly));
+                    std::sync::Arc::make_mut(&mut a.mounts).insert(entry(
+                        next_id,
+                        &bind.target,
+                        bind.readonly,
+                    ));
                     let src = bind.source.to_string_lossy();
-                    a.owned_mounts.insert(
+                    std::sync::Arc::make_mut(&mut a.owned_mounts).insert(
                         bind.target.clone(),
                         owned(
                             &bind.target,
@@ -959,8 +968,12 @@ mod tests {
                     );
                 }
                 Action::Remount { bind } => {
-                    a.mounts.remove_top(&bind.target);
-                    a.mounts.insert(entry(next_id, &bind.target, bind.readonly));
+                    std::sync::Arc::make_mut(&mut a.mounts).remove_top(&bind.target);
+                    std::sync::Arc::make_mut(&mut a.mounts).insert(entry(
+                        next_id,
+                        &bind.target,
+                        bind.readonly,
+                    ));
                 }
             }
         }
@@ -1102,9 +1115,12 @@ mod tests {
     fn plan_never_unmounts_what_it_does_not_own() {
         let n = node(true, true);
         let mut a = Actual::default();
-        a.mounts.insert(entry(5, Path::new("/v/vol"), false));
-        a.mounts
-            .insert(entry(6, Path::new("/k/k1/work/data"), false));
+        std::sync::Arc::make_mut(&mut a.mounts).insert(entry(5, Path::new("/v/vol"), false));
+        std::sync::Arc::make_mut(&mut a.mounts).insert(entry(
+            6,
+            Path::new("/k/k1/work/data"),
+            false,
+        ));
         assert_eq!(
             plan(&n, &resolve(&n, &Desired::default()), &a, &BTreeSet::new()),
             vec![]
@@ -1185,7 +1201,7 @@ mod tests {
         let mut a = Actual::default();
         converge(&n, &one_kernel_desired(), &mut a);
         // The bind is gone behind our back, and the desired state is empty.
-        a.mounts.remove_top(Path::new("/k/k1/work/data"));
+        std::sync::Arc::make_mut(&mut a.mounts).remove_top(Path::new("/k/k1/work/data"));
         let acts = plan(&n, &resolve(&n, &Desired::default()), &a, &BTreeSet::new());
         assert!(acts.iter().any(|x| matches!(x, Action::Unmount { .. })));
         assert_eq!(without_teardown(acts), vec![]);
@@ -1391,8 +1407,8 @@ mod tests {
             let n = node(agent || !storage, storage);
             let mut a = Actual::default();
             // Someone else's mounts, which must never be touched.
-            a.mounts.insert(entry(1, Path::new("/v/foreign"), false));
-            a.mounts.insert(entry(2, Path::new("/k/k0/work/foreign"), false));
+            std::sync::Arc::make_mut(&mut a.mounts).insert(entry(1, Path::new("/v/foreign"), false));
+            std::sync::Arc::make_mut(&mut a.mounts).insert(entry(2, Path::new("/k/k0/work/foreign"), false));
             converge(&n, &d1, &mut a);
             for (name, is_stale) in ["va", "vb", "vc"].iter().zip(stale) {
                 let t = n.volumes_root.join(name);
@@ -1433,7 +1449,7 @@ mod tests {
             prop_assert!(again.is_empty(), "not converged: {again:?}");
             prop_assert!(after.mounts.top(Path::new("/v/foreign")).is_some());
             prop_assert!(after.mounts.top(Path::new("/k/k0/work/foreign")).is_some());
-            for (t, m) in &after.owned_mounts {
+            for (t, m) in after.owned_mounts.iter() {
                 prop_assert_eq!(after.mounts.count(t), 1, "stacked at {:?}", t);
                 if m.kind == MountKind::Bind {
                     let vt = n.volumes_root.join(&m.volume);

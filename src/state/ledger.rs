@@ -4,9 +4,16 @@
 //! never unmounted. A record is written and flushed *before* the mount it
 //! describes, so a crash between the two leaves an owned record whose mount
 //! is missing (the next pass mounts it) rather than an unowned mount.
+//! Removals are not flushed on their own: a removal lost in a crash leaves a
+//! record whose mount or directory is gone, which the next pass forgets.
+//!
+//! The records also live in memory (read once at open, then written
+//! through), so a pass reads the ledger as a shared snapshot instead of
+//! decoding every record from sled (kubelet's actual state of world).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -100,9 +107,27 @@ pub struct OwnedDir {
     pub owner: Owner,
 }
 
+/// Owned mounts by target (a shared snapshot).
+pub type OwnedMounts = Arc<HashMap<PathBuf, OwnedMount>>;
+/// Owned directories by path (a shared snapshot).
+pub type OwnedDirs = Arc<HashMap<PathBuf, OwnedDir>>;
+/// Owned token files by path (a shared snapshot).
+pub type OwnedTokens = Arc<BTreeMap<PathBuf, OwnedToken>>;
+
+/// The in-memory copy of the three ownership trees. Snapshots handed out
+/// are `Arc`s; a write copies a map only while a snapshot of it is alive.
+#[derive(Default)]
+struct Mirror {
+    mounts: OwnedMounts,
+    dirs: OwnedDirs,
+    tokens: OwnedTokens,
+}
+
 /// The persistent store. Cheap to clone (sled trees are reference counted).
 #[derive(Clone)]
 pub struct Ledger {
+    /// What the ownership trees hold, in memory.
+    mirror: Arc<Mutex<Mirror>>,
     db: sled::Db,
     mounts: sled::Tree,
     dirs: sled::Tree,
@@ -155,7 +180,13 @@ impl Ledger {
         let desired = db.open_tree("desired").map_err(sled_err("open tree"))?;
         let meta = db.open_tree("meta").map_err(sled_err("open tree"))?;
         let tokens = db.open_tree("tokens").map_err(sled_err("open tree"))?;
+        let mirror = Mirror {
+            mounts: Arc::new(load(&mounts, |m: &OwnedMount| m.target.clone())?),
+            dirs: Arc::new(load(&dirs, |d: &OwnedDir| d.path.clone())?),
+            tokens: Arc::new(load(&tokens, |t: &OwnedToken| t.path.clone())?),
+        };
         Ok(Self {
+            mirror: Arc::new(Mutex::new(mirror)),
             db,
             mounts,
             dirs,
@@ -165,36 +196,51 @@ impl Ledger {
         })
     }
 
+    fn mirror(&self) -> std::sync::MutexGuard<'_, Mirror> {
+        // A panic while holding the lock cannot leave a map half-written
+        // (each update is one insert or remove), so a poisoned lock is fine.
+        self.mirror.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Every owned mount, by target.
-    pub fn mounts(&self) -> Result<HashMap<PathBuf, OwnedMount>, LedgerError> {
-        load(&self.mounts, |m: &OwnedMount| m.target.clone())
+    pub fn mounts(&self) -> Result<OwnedMounts, LedgerError> {
+        Ok(self.mirror().mounts.clone())
     }
 
     /// Every owned directory, by path.
-    pub fn dirs(&self) -> Result<HashMap<PathBuf, OwnedDir>, LedgerError> {
-        load(&self.dirs, |d: &OwnedDir| d.path.clone())
+    pub fn dirs(&self) -> Result<OwnedDirs, LedgerError> {
+        Ok(self.mirror().dirs.clone())
+    }
+
+    /// Every token file written, by path.
+    pub fn tokens(&self) -> Result<OwnedTokens, LedgerError> {
+        Ok(self.mirror().tokens.clone())
     }
 
     /// Records a mount and flushes (called before mounting).
     pub fn put_mount(&self, m: &OwnedMount) -> Result<(), LedgerError> {
+        self.stage_mount(m)?;
+        self.flush()
+    }
+
+    /// Records a mount without flushing: the caller calls [`Ledger::sync`]
+    /// before the mount it describes (group commit of a batch of records).
+    pub fn stage_mount(&self, m: &OwnedMount) -> Result<(), LedgerError> {
         let v = serde_json::to_vec(m).expect("owned mount serialises");
         self.mounts
             .insert(key_of(&m.target), v)
             .map_err(sled_err("insert"))?;
-        self.flush()
+        Arc::make_mut(&mut self.mirror().mounts).insert(m.target.clone(), m.clone());
+        Ok(())
     }
 
-    /// Forgets a mount and flushes (called after unmounting).
+    /// Forgets a mount (called after unmounting; not flushed, see the module doc).
     pub fn remove_mount(&self, target: &Path) -> Result<(), LedgerError> {
         self.mounts
             .remove(key_of(target))
             .map_err(sled_err("remove"))?;
-        self.flush()
-    }
-
-    /// Every token file written, by path.
-    pub fn tokens(&self) -> Result<BTreeMap<PathBuf, OwnedToken>, LedgerError> {
-        load(&self.tokens, |t: &OwnedToken| t.path.clone())
+        Arc::make_mut(&mut self.mirror().mounts).remove(target);
+        Ok(())
     }
 
     /// Records a token file (before writing it) and flushes.
@@ -203,29 +249,44 @@ impl Ledger {
         self.tokens
             .insert(key_of(&t.path), v)
             .map_err(sled_err("insert"))?;
+        Arc::make_mut(&mut self.mirror().tokens).insert(t.path.clone(), t.clone());
         self.flush()
     }
 
-    /// Forgets a token file and flushes.
+    /// Forgets a token file (not flushed).
     pub fn remove_token(&self, path: &Path) -> Result<(), LedgerError> {
         self.tokens
             .remove(key_of(path))
             .map_err(sled_err("remove"))?;
-        self.flush()
+        Arc::make_mut(&mut self.mirror().tokens).remove(path);
+        Ok(())
     }
 
     /// Records a created directory and flushes.
     pub fn put_dir(&self, d: &OwnedDir) -> Result<(), LedgerError> {
+        self.stage_dir(d)?;
+        self.flush()
+    }
+
+    /// Records a directory without flushing (see [`Ledger::stage_mount`]).
+    pub fn stage_dir(&self, d: &OwnedDir) -> Result<(), LedgerError> {
         let v = serde_json::to_vec(d).expect("owned dir serialises");
         self.dirs
             .insert(key_of(&d.path), v)
             .map_err(sled_err("insert"))?;
-        self.flush()
+        Arc::make_mut(&mut self.mirror().dirs).insert(d.path.clone(), d.clone());
+        Ok(())
     }
 
-    /// Forgets a directory and flushes.
+    /// Forgets a directory (not flushed).
     pub fn remove_dir(&self, path: &Path) -> Result<(), LedgerError> {
         self.dirs.remove(key_of(path)).map_err(sled_err("remove"))?;
+        Arc::make_mut(&mut self.mirror().dirs).remove(path);
+        Ok(())
+    }
+
+    /// Makes every staged record durable (one fsync for the whole batch).
+    pub fn sync(&self) -> Result<(), LedgerError> {
         self.flush()
     }
 
@@ -334,7 +395,16 @@ mod tests {
         }
         let l = Ledger::open(dir.path()).unwrap();
         assert_eq!(l.mounts().unwrap().get(Path::new("/v/a b")), Some(&m));
+        let before = l.mounts().unwrap();
         l.remove_mount(Path::new("/v/a b")).unwrap();
+        assert!(l.mounts().unwrap().is_empty());
+        // A snapshot taken before a write does not change under its holder.
+        assert_eq!(before.len(), 1);
+        assert_eq!(l.dirs().unwrap().len(), 1);
+        l.sync().unwrap();
+        drop(l);
+        // What memory said is what the store holds after a reopen.
+        let l = Ledger::open(dir.path()).unwrap();
         assert!(l.mounts().unwrap().is_empty());
         assert_eq!(l.dirs().unwrap().len(), 1);
     }
