@@ -172,16 +172,25 @@ async fn main() {
         d.display()
     );
     std::fs::write(d.join("node.yaml"), &cfg).unwrap();
+    // With BENCH_DAEMON_LOG (a RUST_LOG filter) the daemon's log is kept in target/.
+    let log_path = if std::env::var_os("BENCH_DAEMON_LOG").is_some() {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-daemon.log")
+    } else {
+        d.join("vfolderd.log")
+    };
     let spawn = || {
         Command::new(env!("CARGO_BIN_EXE_vfolderd"))
             .args(["run", "--config"])
             .arg(d.join("node.yaml"))
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_DAEMON_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stderr(
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
-                    .open(d.join("vfolderd.log"))
+                    .open(log_path.clone())
                     .unwrap(),
             )
             .spawn()
@@ -466,6 +475,10 @@ async fn main() {
         umount2(&target, MntFlags::empty()).unwrap();
         let t = Instant::now();
         while bind_targets_under(&target) == 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "not repaired in 60 s"
+            );
             std::thread::sleep(Duration::from_micros(200));
         }
         rep.push(t.elapsed());

@@ -73,6 +73,15 @@ pub struct Limits {
     pub vfolders_per_owner: Option<usize>,
 }
 
+impl Limits {
+    /// Whether any limit is set (most nodes set none: then nothing is counted).
+    pub fn any(&self) -> bool {
+        self.kernels_per_node.is_some()
+            || self.mounts_per_kernel.is_some()
+            || self.vfolders_per_owner.is_some()
+    }
+}
+
 /// One policy file.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]

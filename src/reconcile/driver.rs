@@ -20,9 +20,9 @@ use crate::config::{NodeConfig, Role};
 use crate::keys::Keys;
 use crate::metrics::{Health, Metrics};
 use crate::policy::Policy;
-use crate::reconcile::actual::{MountInfoError, MountInfoSource, ProcMountInfo};
+use crate::reconcile::actual::{MountInfoError, MountInfoSource, MountTable, ProcMountInfo};
 use crate::reconcile::execute::{observe_dirs, status_message, ExecConfig, ExecError, Executor};
-use crate::reconcile::plan::{plan, resolve, without_teardown, Action, Actual, NodeView};
+use crate::reconcile::plan::{plan, resolve, without_teardown, Action, Actual, NodeView, Want};
 use crate::reconcile::probe::{run_prober, StaleMap, VolumeTargets};
 use crate::reconcile::report::{report, Failure, Report, ReportInputs, Usage};
 use crate::reconcile::sys::{LinuxMounter, Mounter};
@@ -90,30 +90,6 @@ impl Deps {
 
 /// How many passes may follow each other at once while actions keep making progress.
 const MAX_CHAINED_PASSES: usize = 4;
-/// Coalesces a burst of watch events into one pass: wait until no event came
-/// for this long...
-const DEBOUNCE: Duration = Duration::from_millis(5);
-/// ...but never longer than this after the first one (a steady stream must
-/// not starve the loop).
-const DEBOUNCE_MAX: Duration = Duration::from_millis(100);
-
-/// Waits until `changed` has been quiet for [`DEBOUNCE`], at most [`DEBOUNCE_MAX`].
-async fn debounce(changed: &tokio::sync::Notify) {
-    let end = Instant::now() + DEBOUNCE_MAX;
-    loop {
-        let quiet = Instant::now() + DEBOUNCE;
-        tokio::select! {
-            _ = changed.notified() => {
-                if Instant::now() >= end {
-                    // Keep the wake-up: the pass about to run may miss what just changed.
-                    changed.notify_one();
-                    return;
-                }
-            }
-            _ = sleep_until(quiet.min(end)) => return,
-        }
-    }
-}
 /// Per-object retry delays after a failed action.
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(120);
@@ -150,6 +126,49 @@ struct Reconciler {
     token_lifetime: Duration,
     /// Node-local secrets (watched for rotation).
     credentials_dir: PathBuf,
+    /// The file mount-table changes are signalled on.
+    mountinfo_path: PathBuf,
+    /// The mount table as last read, with a descriptor of the signalling
+    /// file opened just before the read (see [`MountCache`]).
+    mount_cache: Option<MountCache>,
+    /// What the desired state resolved to, keyed by the desired state's
+    /// generation and the policy it was resolved under.
+    want_cache: Option<(u64, usize, Arc<Want>)>,
+}
+
+/// A mount table and the proof that it is current. The kernel signals
+/// `POLLPRI` on an open `/proc/self/mountinfo` once the table changed after
+/// the descriptor was opened (or last polled); a descriptor opened before
+/// the read therefore says, with a zero-timeout poll, whether the table read
+/// is still the table. So a pass woken by etcd does not regenerate 10,000
+/// lines of mountinfo that did not change, and a wake-up caused by
+/// vfolderd's own mounts, already seen by the read after executing, runs no
+/// pass at all.
+struct MountCache {
+    sentinel: std::fs::File,
+    table: Arc<MountTable>,
+    /// The kernel reports a change to one poll only: remember it.
+    changed: std::cell::Cell<bool>,
+}
+
+impl MountCache {
+    /// Whether the table changed since the sentinel was opened.
+    fn stale(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        if self.changed.get() {
+            return true;
+        }
+        let mut fds = [PollFd::new(self.sentinel.as_fd(), PollFlags::POLLPRI)];
+        let changed = match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(_) => fds[0]
+                .revents()
+                .is_none_or(|r| r.intersects(PollFlags::POLLPRI | PollFlags::POLLERR)),
+            Err(_) => true,
+        };
+        self.changed.set(changed);
+        changed
+    }
 }
 
 fn unix_now() -> u64 {
@@ -200,16 +219,58 @@ impl Reconciler {
         }
     }
 
+    /// The desired state resolved for this node; recomputed only when the
+    /// desired state or the policy changed since the last pass.
+    fn want(&mut self, desired: &Desired, generation: u64) -> Arc<Want> {
+        let policy = Arc::as_ptr(&self.node.policy) as usize;
+        match &self.want_cache {
+            Some((g, p, w)) if *g == generation && *p == policy => w.clone(),
+            _ => {
+                let w = Arc::new(resolve(&self.node, desired));
+                self.want_cache = Some((generation, policy, w.clone()));
+                w
+            }
+        }
+    }
+
+    /// The mount table: re-read only when it changed (or when `fresh`).
+    fn mount_table(&mut self, fresh: bool) -> Result<Arc<MountTable>, PassError> {
+        if let Some(c) = self.mount_cache.as_ref().filter(|c| !fresh && !c.stale()) {
+            return Ok(c.table.clone());
+        }
+        // Opened before the read: a change racing the read marks it stale.
+        // Only /proc signals changes; any other file (a test double) is read every time.
+        let sentinel = std::fs::File::open(&self.mountinfo_path)
+            .ok()
+            .filter(|_| self.mountinfo_path.starts_with("/proc"));
+        let table = Arc::new(self.mountinfo.read()?);
+        self.mount_cache = sentinel.map(|sentinel| MountCache {
+            sentinel,
+            table: table.clone(),
+            changed: std::cell::Cell::new(false),
+        });
+        Ok(table)
+    }
+
+    /// Whether the mount table read last is still the kernel's: then a
+    /// mount-table wake-up (vfolderd's own mounts) needs no pass.
+    fn mount_table_current(&self) -> bool {
+        self.mount_cache.as_ref().is_some_and(|c| !c.stale())
+    }
+
     fn observe(
-        &self,
+        &mut self,
         desired: &Desired,
-    ) -> Result<(crate::reconcile::plan::Want, Actual), PassError> {
-        let want = resolve(&self.node, desired);
+        generation: u64,
+        fresh: bool,
+    ) -> Result<(Arc<Want>, Actual), PassError> {
+        let want = self.want(desired, generation);
+        let mounts = self.mount_table(fresh)?;
         let actual = Actual {
-            mounts: self.mountinfo.read()?,
+            dirs: observe_dirs(&want.paths_to_observe(), &mounts),
+            mounts,
             owned_mounts: self.ledger.mounts()?,
             owned_dirs: self.ledger.dirs()?,
-            dirs: observe_dirs(&want.paths_to_observe()),
             stale: self.stale.lock().expect("stale lock").clone(),
             renew: BTreeSet::new(),
             owned_tokens: self.ledger.tokens()?,
@@ -255,10 +316,13 @@ impl Reconciler {
     fn pass(
         &mut self,
         desired: &Desired,
+        generation: u64,
         rescan: bool,
         live: bool,
     ) -> Result<PassOutcome, PassError> {
-        let (want, actual) = self.observe(desired)?;
+        let t_start = std::time::Instant::now();
+        let (want, actual) = self.observe(desired, generation, false)?;
+        let t_observed = t_start.elapsed();
         let now = Instant::now();
 
         // Linger: an owned volume nothing wants stays mounted for `linger`.
@@ -293,11 +357,17 @@ impl Reconciler {
         if !live {
             actions = without_teardown(actions);
         }
-        if !actions.is_empty() {
-            // Say `Pending` for what is about to change before a possibly slow mount.
+        if actions
+            .iter()
+            .any(|a| matches!(a, Action::MountVolume { .. }))
+        {
+            // Say `Pending` for what is about to change before a possibly slow
+            // mount (binds take microseconds: their outcome is reported at once).
             let pre = report(&self.report_inputs(), desired, &want, &actual);
             self.status_tx.send_replace(Arc::new(pre.entries));
         }
+        let t_planned = t_start.elapsed();
+        let n_actions = actions.len();
         let mut summary = Vec::with_capacity(actions.len());
         let (want, actual) = if actions.is_empty() {
             (want, actual)
@@ -367,8 +437,12 @@ impl Reconciler {
                     }
                 }
             }
-            self.observe(desired)?
+            let t_executed = t_start.elapsed();
+            tracing::debug!(?t_executed, "executed");
+            // Our own mounts changed the table: read it again, whatever the events say.
+            self.observe(desired, generation, true)?
         };
+        let t_reobserved = t_start.elapsed();
         // Forget failures and backoffs of objects that no longer exist.
         let exists = |o: &Owner| match o {
             Owner::Volume(v) => desired.volumes.contains_key(v),
@@ -425,6 +499,14 @@ impl Reconciler {
         let report = report(&self.report_inputs(), desired, &want, &actual);
         self.status_tx
             .send_replace(Arc::new(report.entries.clone()));
+        tracing::debug!(
+            actions = n_actions,
+            ?t_observed,
+            ?t_planned,
+            ?t_reobserved,
+            total = ?t_start.elapsed(),
+            "pass phases"
+        );
         *self.volume_targets.lock().expect("targets lock") = actual
             .owned_mounts
             .values()
@@ -558,10 +640,13 @@ pub async fn run(
         cache.clone(),
         ledger.clone(),
     )));
-    let mount_events = {
-        let (cache, path) = (cache.clone(), deps.mountinfo_path.clone());
+    // Mount-table events wake the loop through their own channel: one that
+    // only reports vfolderd's own mounts (already read) runs no pass.
+    let mounts_changed = Arc::new(tokio::sync::Notify::new());
+    let mount_watch = {
+        let (path, changed) = (deps.mountinfo_path.clone(), mounts_changed.clone());
         AbortOnDrop(tokio::spawn(async move {
-            let wake = || cache.changed.notify_one();
+            let wake = || changed.notify_one();
             if let Err(e) = crate::reconcile::mountwatch::watch_mountinfo(&path, wake).await {
                 tracing::warn!(error = %e, "mount table events unavailable; relying on resync");
             }
@@ -640,6 +725,9 @@ pub async fn run(
         sas_lifetime: cfg.sas_lifetime,
         token_lifetime: cfg.token_lifetime,
         credentials_dir: cfg.credentials.clone(),
+        mountinfo_path: deps.mountinfo_path.clone(),
+        mount_cache: None,
+        want_cache: None,
     });
 
     health.alive.store(true, Ordering::Relaxed);
@@ -661,11 +749,13 @@ pub async fn run(
     let mut next_resync = Instant::now() + cfg.resync;
     let mut backoff = BACKOFF_MIN;
     let mut converged_once = false;
-    loop {
+    'passes: loop {
         let live = cache.live.load(Ordering::Acquire);
-        let mut desired = cache.snapshot();
+        let (mut desired, generation) = cache.snapshot();
         let current_policy = policy.read().expect("policy lock").clone();
-        desired.enforce_limits(&current_policy);
+        if current_policy.limits.any() {
+            Arc::make_mut(&mut desired).enforce_limits(&current_policy);
+        }
         let rescan = Instant::now() >= next_resync;
         if rescan {
             next_resync = Instant::now() + cfg.resync;
@@ -680,7 +770,7 @@ pub async fn run(
             let span = span.clone();
             let (r, result) = tokio::task::spawn_blocking(move || {
                 let _e = span.enter();
-                let res = r.pass(&d, rescan && round == 0, live);
+                let res = r.pass(&d, generation, rescan && round == 0, live);
                 (r, res)
             })
             .await
@@ -694,9 +784,11 @@ pub async fn run(
                             .with_label_values(&[*kind, if *ok { "ok" } else { "error" }])
                             .inc();
                     }
-                    let progressed = o.actions.iter().any(|(_, ok)| *ok);
+                    // Another pass only while actions succeed and the state
+                    // read after them still is not what is wanted.
+                    let again = o.actions.iter().any(|(_, ok)| *ok) && !o.report.converged;
                     last = Some(o);
-                    if !progressed {
+                    if !again {
                         break;
                     }
                 }
@@ -764,14 +856,23 @@ pub async fn run(
         health.serving.store(converged_once, Ordering::Relaxed);
         metrics.ready.set(i64::from(ready));
 
-        tokio::select! {
-            _ = cache.changed.notified() => debounce(&cache.changed).await,
-            _ = sleep_until(wake) => {}
-            _ = &mut shutdown => break,
+        // Leading edge: the first change runs a pass at once; changes that
+        // arrive during a pass are coalesced into the next one.
+        loop {
+            tokio::select! {
+                _ = cache.changed.notified() => break,
+                _ = mounts_changed.notified() => {
+                    if !rec.as_ref().is_some_and(Reconciler::mount_table_current) {
+                        break;
+                    }
+                }
+                _ = sleep_until(wake) => break,
+                _ = &mut shutdown => break 'passes,
+            }
         }
     }
     drop(watcher);
-    drop(mount_events);
+    drop(mount_watch);
     drop(policy_watch);
     drop(credentials_watch);
     drop(prober);
@@ -806,6 +907,34 @@ impl<T> Drop for AbortOnDrop<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cached_mount_table_turns_stale_on_a_mount_and_stays_stale() {
+        // Needs root in a private mount namespace (the test command runs so).
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cache = MountCache {
+            sentinel: std::fs::File::open("/proc/self/mountinfo").unwrap(),
+            table: Arc::new(ProcMountInfo::default().read().unwrap()),
+            changed: std::cell::Cell::new(false),
+        };
+        assert!(!cache.stale(), "nothing changed yet");
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        let stale = cache.stale();
+        // The kernel reports the change to one poll only; the cache must not forget it.
+        let still = cache.stale();
+        nix::mount::umount2(dir.path(), nix::mount::MntFlags::MNT_DETACH).unwrap();
+        assert!(stale && still);
+    }
 
     #[test]
     fn retry_delay_doubles_from_half_a_second_to_two_minutes() {

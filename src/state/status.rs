@@ -157,6 +157,7 @@ pub async fn run_status_writer(
             let entries = rx.borrow_and_update().clone();
             match writer.sync(&entries).await {
                 Ok(n) => {
+                    tracing::trace!(written = n, "status synced");
                     written(n);
                     delay = Duration::from_millis(200);
                     break;

@@ -34,7 +34,10 @@ pub enum WatchError {
 /// The shared desired-state cache: written by the watcher, read by the driver.
 #[derive(Debug, Default)]
 pub struct DesiredCache {
-    desired: Mutex<Desired>,
+    /// The state, shared copy-on-write with the pass reading it, and a
+    /// generation that changes with every change (a policy re-parse
+    /// included, which keeps the revision).
+    desired: Mutex<(Arc<Desired>, u64)>,
     /// Set once there is a desired state to serve: a live list, or the last
     /// good state from the store (fail static after a restart).
     pub synced: AtomicBool,
@@ -50,8 +53,8 @@ pub struct DesiredCache {
 }
 
 impl DesiredCache {
-    /// A copy of the current desired state.
-    pub fn snapshot(&self) -> Desired {
+    /// The current desired state (shared, not copied) and its generation.
+    pub fn snapshot(&self) -> (Arc<Desired>, u64) {
         self.desired.lock().expect("desired lock").clone()
     }
 
@@ -62,7 +65,7 @@ impl DesiredCache {
             return;
         }
         self.revision.store(d.revision, Ordering::Relaxed);
-        *cur = d;
+        *cur = (Arc::new(d), cur.1 + 1);
         self.synced.store(true, Ordering::Release);
         drop(cur);
         self.changed.notify_one();
@@ -71,7 +74,7 @@ impl DesiredCache {
     fn replace(&self, d: Desired) {
         let mut cur = self.desired.lock().expect("desired lock");
         self.revision.store(d.revision, Ordering::Relaxed);
-        *cur = d;
+        *cur = (Arc::new(d), cur.1 + 1);
         self.live.store(true, Ordering::Release);
         self.synced.store(true, Ordering::Release);
         drop(cur);
@@ -81,16 +84,19 @@ impl DesiredCache {
     /// Re-evaluates every object (the policy changed) and wakes the loop.
     pub fn reparse(&self, parser: &DesiredParser) {
         let mut cur = self.desired.lock().expect("desired lock");
-        *cur = parser.reparse(&cur);
+        *cur = (Arc::new(parser.reparse(&cur.0)), cur.1 + 1);
         drop(cur);
         self.changed.notify_one();
     }
 
     fn update(&self, f: impl FnOnce(&mut Desired)) {
-        let mut d = self.desired.lock().expect("desired lock");
-        f(&mut d);
+        let mut cur = self.desired.lock().expect("desired lock");
+        // Copies the state only while a pass still holds the previous one.
+        let d = Arc::make_mut(&mut cur.0);
+        f(d);
         self.revision.store(d.revision, Ordering::Relaxed);
-        drop(d);
+        cur.1 += 1;
+        drop(cur);
         self.changed.notify_one();
     }
 }
@@ -248,6 +254,7 @@ async fn watch_once(
         if resp.events().is_empty() {
             continue;
         }
+        tracing::trace!(events = resp.events().len(), "watch events");
         cache.update(|d| {
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
