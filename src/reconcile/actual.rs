@@ -1,7 +1,7 @@
 //! Actual state: the kernel's mount table (`/proc/self/mountinfo`), parsed by hand
 //! because `procfs` does not decode the octal escapes (`\040`) mountinfo uses.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 /// A mountinfo line that does not have the documented shape.
@@ -141,6 +141,23 @@ impl MountTable {
     /// The visible mount at `target`, if any.
     pub fn top(&self, target: &Path) -> Option<&MountEntry> {
         self.by_target.get(target).and_then(|v| v.last())
+    }
+
+    /// Mount points whose mounts differ between `self` and `newer` (added,
+    /// removed, or changed): what a mount-table event was about.
+    pub fn changed_targets<'a>(&'a self, newer: &'a MountTable) -> HashSet<&'a Path> {
+        let mut out: HashSet<&Path> = HashSet::new();
+        for (t, v) in &newer.by_target {
+            if self.by_target.get(t) != Some(v) {
+                out.insert(t);
+            }
+        }
+        for t in self.by_target.keys() {
+            if !newer.by_target.contains_key(t) {
+                out.insert(t);
+            }
+        }
+        out
     }
 
     /// How many mounts are stacked at `target`.

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +33,7 @@ use crate::state::policywatch::{run_dir_watcher, run_policy_watcher};
 use crate::state::status::{
     chrono_now, run_liveness, run_status_writer, StatusEntries, StatusWriter,
 };
-use crate::state::watch::{parse_listing, run_watcher, DesiredCache};
+use crate::state::watch::{parse_listing, run_watcher, Changes, DesiredCache};
 
 /// Errors that stop vfolderd from starting. Once running, nothing stops it but shutdown.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +128,10 @@ struct Reconciler {
     credentials_dir: PathBuf,
     /// The file mount-table changes are signalled on.
     mountinfo_path: PathBuf,
+    /// The statuses last handed to the writer.
+    entries: StatusEntries,
+    /// What the last pass found (a pass over a few kernels starts from it).
+    prev: Option<PassOutcome>,
     /// The mount table as last read, with a descriptor of the signalling
     /// file opened just before the read (see [`MountCache`]).
     mount_cache: Option<MountCache>,
@@ -177,6 +181,16 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// What a changed mount point means for the next pass.
+enum TargetOf {
+    /// One kernel's bind.
+    Kernel(String),
+    /// A volume or something else under the roots: a whole pass.
+    Everything,
+    /// Not ours (another program's mount elsewhere).
+    Nothing,
+}
+
 /// Backoff state of one object whose last action failed.
 #[derive(Debug, Clone, Copy)]
 struct Retry {
@@ -193,7 +207,11 @@ fn retry_delay(attempts: u32) -> Duration {
 }
 
 /// What one pass did.
+#[derive(Clone)]
 struct PassOutcome {
+    /// Whether what this pass looked at is as wanted (a pass over a few
+    /// kernels: those kernels).
+    scoped_converged: bool,
     report: Report,
     /// (action kind, succeeded) per executed action.
     actions: Vec<(&'static str, bool)>,
@@ -206,6 +224,20 @@ struct PassOutcome {
     sas_expiry: Vec<(String, u64)>,
     /// When the next SAS enters its renewal window.
     renew_deadline: Option<Instant>,
+}
+
+impl PassOutcome {
+    /// The same state, with nothing done (a pass that found nothing to look at).
+    fn unchanged(&self) -> PassOutcome {
+        PassOutcome {
+            actions: Vec::new(),
+            report: Report {
+                entries: BTreeMap::new(),
+                ..self.report.clone()
+            },
+            ..self.clone()
+        }
+    }
 }
 
 impl Reconciler {
@@ -258,25 +290,28 @@ impl Reconciler {
         self.mount_cache.as_ref().is_some_and(|c| !c.stale())
     }
 
+    /// The observed state for `want`: the ledger's records (only those of
+    /// `scope`'s kernels and of volumes, for a pass over a few kernels) and
+    /// which wanted directories exist.
     fn observe(
-        &mut self,
-        desired: &Desired,
-        generation: u64,
-        fresh: bool,
-    ) -> Result<(Arc<Want>, Actual), PassError> {
-        let want = self.want(desired, generation);
-        let mounts = self.mount_table(fresh)?;
-        let actual = Actual {
-            dirs: observe_dirs(&want.paths_to_observe(), &mounts),
+        &self,
+        want: &Want,
+        mounts: Arc<MountTable>,
+        scope: Option<&BTreeSet<String>>,
+    ) -> Result<Actual, PassError> {
+        let whole = Actual {
             mounts,
             owned_mounts: self.ledger.mounts()?,
             owned_dirs: self.ledger.dirs()?,
             stale: self.stale.lock().expect("stale lock").clone(),
-            renew: BTreeSet::new(),
             owned_tokens: self.ledger.tokens()?,
-            token_renew: BTreeSet::new(),
+            ..Actual::default()
         };
-        let mut actual = actual;
+        let mut actual = match scope {
+            Some(kernels) => crate::reconcile::plan::actual_of_kernels(&whole, kernels),
+            None => whole,
+        };
+        actual.dirs = observe_dirs(&want.paths_to_observe(), &actual.mounts);
         let now = unix_now();
         let margin = self.sas_lifetime.as_secs() / 3;
         let token_margin = self.token_lifetime.as_secs() / 3;
@@ -308,7 +343,22 @@ impl Reconciler {
             })
             .map(|m| m.target.clone())
             .collect();
-        Ok((want, actual))
+        Ok(actual)
+    }
+
+    /// Which kernel a changed mount point belongs to.
+    fn kernel_of_target(&self, want: &Want, actual: &Actual, t: &Path) -> TargetOf {
+        if let Some(b) = want.binds.get(t) {
+            return TargetOf::Kernel(b.kernel.clone());
+        }
+        if let Some(k) = actual.owned_mounts.get(t).and_then(|m| m.kernel.clone()) {
+            return TargetOf::Kernel(k);
+        }
+        if t.starts_with(&self.node.volumes_root) || t.starts_with(&self.node.kernels_root) {
+            // A volume, or something else inside our roots: look at everything.
+            return TargetOf::Everything;
+        }
+        TargetOf::Nothing
     }
 
     /// One pass. Without `live` (desired state from the store, etcd not yet
@@ -317,43 +367,100 @@ impl Reconciler {
         &mut self,
         desired: &Desired,
         generation: u64,
+        scope: Option<BTreeSet<String>>,
         rescan: bool,
         live: bool,
     ) -> Result<PassOutcome, PassError> {
         let t_start = std::time::Instant::now();
-        let (want, actual) = self.observe(desired, generation, false)?;
+        let whole = self.want(desired, generation);
+        let before = self.mount_cache.as_ref().map(|c| c.table.clone());
+        let mounts = self.mount_table(false)?;
+        // A pass over a few kernels also covers the kernels whose mounts
+        // changed; a change it cannot attribute makes it a whole pass.
+        let scope = match (scope, &before) {
+            (Some(mut kernels), Some(before)) if live => {
+                let ledger = Actual {
+                    owned_mounts: self.ledger.mounts()?,
+                    ..Actual::default()
+                };
+                let mut everything = false;
+                if !Arc::ptr_eq(before, &mounts) {
+                    for t in before.changed_targets(&mounts) {
+                        match self.kernel_of_target(&whole, &ledger, t) {
+                            TargetOf::Kernel(k) => {
+                                kernels.insert(k);
+                            }
+                            TargetOf::Everything => everything = true,
+                            TargetOf::Nothing => {}
+                        }
+                    }
+                }
+                (!everything).then_some(kernels)
+            }
+            _ => None,
+        };
+        if let (Some(kernels), Some(prev)) = (&scope, &self.prev) {
+            if kernels.is_empty() {
+                // Nothing of ours changed (another program's mount elsewhere).
+                return Ok(prev.unchanged());
+            }
+        }
+        let want = match &scope {
+            Some(kernels) => Arc::new(crate::reconcile::plan::want_of_kernels(&whole, kernels)),
+            None => whole,
+        };
+        let actual = self.observe(&want, mounts, scope.as_ref())?;
         let t_observed = t_start.elapsed();
         let now = Instant::now();
 
-        // Linger: an owned volume nothing wants stays mounted for `linger`.
-        let owned_volumes: BTreeSet<&String> = actual
-            .owned_mounts
-            .values()
-            .filter(|m| m.kind == MountKind::Volume)
-            .map(|m| &m.volume)
-            .collect();
-        self.idle_since
-            .retain(|v, _| owned_volumes.contains(v) && !want.volumes.contains_key(v));
-        for v in owned_volumes
-            .iter()
-            .filter(|v| !want.volumes.contains_key(v.as_str()))
-        {
-            self.idle_since.entry((*v).clone()).or_insert(now);
-        }
-        let keep: BTreeSet<String> = self
-            .idle_since
-            .iter()
-            .filter(|(_, since)| now < **since + self.linger)
-            .map(|(v, _)| v.clone())
-            .collect();
+        // Linger (whole passes only): an owned volume nothing wants stays
+        // mounted for `linger`.
+        let keep: BTreeSet<String> = if scope.is_some() {
+            BTreeSet::new()
+        } else {
+            let owned_volumes: BTreeSet<&String> = actual
+                .owned_mounts
+                .values()
+                .filter(|m| m.kind == MountKind::Volume)
+                .map(|m| &m.volume)
+                .collect();
+            self.idle_since
+                .retain(|v, _| owned_volumes.contains(v) && !want.volumes.contains_key(v));
+            for v in owned_volumes
+                .iter()
+                .filter(|v| !want.volumes.contains_key(v.as_str()))
+            {
+                self.idle_since.entry((*v).clone()).or_insert(now);
+            }
+            self.idle_since
+                .iter()
+                .filter(|(_, since)| now < **since + self.linger)
+                .map(|(v, _)| v.clone())
+                .collect()
+        };
         let linger_deadline = self
             .idle_since
             .values()
             .map(|s| *s + self.linger)
             .filter(|d| *d > now)
             .min();
+        // What the status and the report of a pass over a few kernels are about.
+        let scoped_desired = scope.as_ref().map(|kernels| Desired {
+            volumes: desired.volumes.clone(),
+            kernels: kernels
+                .iter()
+                .filter_map(|k| desired.kernels.get_key_value(k))
+                .map(|(k, e)| (k.clone(), e.clone()))
+                .collect(),
+            revision: desired.revision,
+            ..Desired::default()
+        });
+        let report_desired = scoped_desired.as_ref().unwrap_or(desired);
 
         let mut actions = plan(&self.node, &want, &actual, &keep);
+        if scope.is_some() {
+            actions = crate::reconcile::plan::kernel_scoped(actions, &actual);
+        }
         if !live {
             actions = without_teardown(actions);
         }
@@ -363,8 +470,9 @@ impl Reconciler {
         {
             // Say `Pending` for what is about to change before a possibly slow
             // mount (binds take microseconds: their outcome is reported at once).
-            let pre = report(&self.report_inputs(), desired, &want, &actual);
-            self.status_tx.send_replace(Arc::new(pre.entries));
+            let pre = report(&self.report_inputs(), report_desired, &want, &actual);
+            let entries = self.merged_entries(pre.entries, scope.as_ref());
+            self.status_tx.send_replace(entries);
         }
         let t_planned = t_start.elapsed();
         let n_actions = actions.len();
@@ -440,7 +548,8 @@ impl Reconciler {
             let t_executed = t_start.elapsed();
             tracing::debug!(?t_executed, "executed");
             // Our own mounts changed the table: read it again, whatever the events say.
-            self.observe(desired, generation, true)?
+            let mounts = self.mount_table(true)?;
+            (want.clone(), self.observe(&want, mounts, scope.as_ref())?)
         };
         let t_reobserved = t_start.elapsed();
         // Forget failures and backoffs of objects that no longer exist.
@@ -457,7 +566,7 @@ impl Reconciler {
             .filter(|t| *t > now)
             .min();
 
-        if self.storage {
+        if self.storage && scope.is_none() {
             self.usage
                 .retain(|id, _| want.vfolder_dirs.contains_key(id));
             for (id, (_, path)) in &want.vfolder_dirs {
@@ -496,28 +605,60 @@ impl Reconciler {
             .filter(|d| *d > unix)
             .min()
             .map(|d| now + Duration::from_secs(d - unix));
-        let report = report(&self.report_inputs(), desired, &want, &actual);
-        self.status_tx
-            .send_replace(Arc::new(report.entries.clone()));
+        // A pass over a few kernels saw only their tokens: keep the other deadlines.
+        let renew_deadline = match (&scope, &self.prev) {
+            (Some(_), Some(prev)) => renew_deadline.into_iter().chain(prev.renew_deadline).min(),
+            _ => renew_deadline,
+        };
+        let mut report = report(&self.report_inputs(), report_desired, &want, &actual);
+        let scoped_converged = report.converged;
+        let entries = self.merged_entries(std::mem::take(&mut report.entries), scope.as_ref());
+        if let (Some(_), Some(prev)) = (&scope, &self.prev) {
+            // Counts over the whole node, from the merged statuses.
+            let prefix = self.keys.kernel_status("");
+            let mut by_state: BTreeMap<&'static str, usize> = BTreeMap::new();
+            for (k, v) in entries.range(prefix.clone()..) {
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                let state = match v.get("state").and_then(serde_json::Value::as_str) {
+                    Some("Ready") => "Ready",
+                    Some("Failed") => "Failed",
+                    Some("Rejected") => "Rejected",
+                    _ => "Pending",
+                };
+                *by_state.entry(state).or_default() += 1;
+            }
+            report.converged = scoped_converged
+                && prev.report.stale_volumes == 0
+                && by_state.keys().all(|s| *s == "Ready" || *s == "Rejected");
+            report.kernels_by_state = by_state;
+            report.stale_volumes = prev.report.stale_volumes;
+            report.policy_conflicts = prev.report.policy_conflicts;
+        }
+        self.status_tx.send_replace(entries);
         tracing::debug!(
             actions = n_actions,
+            scoped = scope.as_ref().map(BTreeSet::len),
             ?t_observed,
             ?t_planned,
             ?t_reobserved,
             total = ?t_start.elapsed(),
             "pass phases"
         );
-        *self.volume_targets.lock().expect("targets lock") = actual
-            .owned_mounts
-            .values()
-            .filter(|m| m.kind == MountKind::Volume)
-            .map(|m| m.target.clone())
-            .collect();
+        if scope.is_none() {
+            *self.volume_targets.lock().expect("targets lock") = actual
+                .owned_mounts
+                .values()
+                .filter(|m| m.kind == MountKind::Volume)
+                .map(|m| m.target.clone())
+                .collect();
+        }
         let mut owned: BTreeMap<&'static str, i64> = BTreeMap::from([("volume", 0), ("bind", 0)]);
-        for m in actual.owned_mounts.values() {
+        for m in self.ledger.mounts()?.values() {
             *owned.entry(m.kind.as_str()).or_default() += 1;
         }
-        Ok(PassOutcome {
+        let outcome = PassOutcome {
             report,
             actions: summary,
             owned,
@@ -525,7 +666,36 @@ impl Reconciler {
             retry_deadline,
             sas_expiry,
             renew_deadline,
-        })
+            scoped_converged,
+        };
+        self.prev = Some(outcome.unchanged());
+        Ok(outcome)
+    }
+
+    /// The statuses to hold after this pass: a whole pass's report as it is;
+    /// a pass over a few kernels replaces just those kernels' statuses in
+    /// the last ones (the values are shared, so this copies no status).
+    fn merged_entries(
+        &mut self,
+        fresh: BTreeMap<String, Arc<serde_json::Value>>,
+        scope: Option<&BTreeSet<String>>,
+    ) -> StatusEntries {
+        let merged = match scope {
+            None => fresh,
+            Some(kernels) => {
+                let mut m = BTreeMap::clone(&self.entries);
+                for k in kernels {
+                    let key = self.keys.kernel_status(k);
+                    match fresh.get(&key) {
+                        Some(v) => m.insert(key, v.clone()),
+                        None => m.remove(&key),
+                    };
+                }
+                m
+            }
+        };
+        self.entries = Arc::new(merged);
+        self.entries.clone()
     }
 }
 
@@ -598,7 +768,7 @@ pub async fn run(
     let credentials_watch = {
         let (dir, cache) = (cfg.credentials.clone(), cache.clone());
         AbortOnDrop(tokio::spawn(async move {
-            run_dir_watcher(dir, move || cache.changed.notify_one()).await
+            run_dir_watcher(dir, move || cache.touch()).await
         }))
     };
     let policy_watch = {
@@ -658,10 +828,7 @@ pub async fn run(
         let (cache, targets, stale) = (cache.clone(), volume_targets.clone(), stale.clone());
         let (interval, timeout) = (cfg.probe_interval, cfg.probe_timeout);
         AbortOnDrop(tokio::spawn(async move {
-            run_prober(targets, interval, timeout, stale, || {
-                cache.changed.notify_one()
-            })
-            .await;
+            run_prober(targets, interval, timeout, stale, || cache.touch()).await;
         }))
     };
     let liveness = {
@@ -726,6 +893,8 @@ pub async fn run(
         token_lifetime: cfg.token_lifetime,
         credentials_dir: cfg.credentials.clone(),
         mountinfo_path: deps.mountinfo_path.clone(),
+        entries: StatusEntries::default(),
+        prev: None,
         mount_cache: None,
         want_cache: None,
     });
@@ -749,17 +918,27 @@ pub async fn run(
     let mut next_resync = Instant::now() + cfg.resync;
     let mut backoff = BACKOFF_MIN;
     let mut converged_once = false;
+    // What changed and is not yet handled; the first pass looks at everything.
+    let mut pending = Changes::all();
     'passes: loop {
         let live = cache.live.load(Ordering::Acquire);
-        let (mut desired, generation) = cache.snapshot();
+        let (mut desired, generation, changes) = cache.take();
+        pending.merge(changes);
         let current_policy = policy.read().expect("policy lock").clone();
         if current_policy.limits.any() {
+            // Limits count across kernels: one kernel's change can move another.
+            pending.all = true;
             Arc::make_mut(&mut desired).enforce_limits(&current_policy);
         }
         let rescan = Instant::now() >= next_resync;
         if rescan {
             next_resync = Instant::now() + cfg.resync;
+            pending.all = true;
         }
+        // Watch events that name only kernels make a pass over those kernels
+        // (plus any whose mounts changed); anything else is a whole pass.
+        let taken = std::mem::take(&mut pending);
+        let scope = (!taken.all).then_some(taken.kernels);
         let started = std::time::Instant::now();
         let span = tracing::info_span!("reconcile", revision = desired.revision);
         let mut last: Option<PassOutcome> = None;
@@ -768,9 +947,10 @@ pub async fn run(
             r.node.policy = current_policy.clone();
             let d = desired.clone();
             let span = span.clone();
+            let scope = scope.clone();
             let (r, result) = tokio::task::spawn_blocking(move || {
                 let _e = span.enter();
-                let res = r.pass(&d, generation, rescan && round == 0, live);
+                let res = r.pass(&d, generation, scope, rescan && round == 0, live);
                 (r, res)
             })
             .await
@@ -786,7 +966,7 @@ pub async fn run(
                     }
                     // Another pass only while actions succeed and the state
                     // read after them still is not what is wanted.
-                    let again = o.actions.iter().any(|(_, ok)| *ok) && !o.report.converged;
+                    let again = o.actions.iter().any(|(_, ok)| *ok) && !o.scoped_converged;
                     last = Some(o);
                     if !again {
                         break;
@@ -794,6 +974,8 @@ pub async fn run(
                 }
                 Err(e) => {
                     tracing::error!(error = %crate::error_chain(&e), "reconcile pass failed; retrying");
+                    // The retry looks at everything.
+                    pending.all = true;
                     break;
                 }
             }
@@ -866,7 +1048,11 @@ pub async fn run(
                         break;
                     }
                 }
-                _ = sleep_until(wake) => break,
+                _ = sleep_until(wake) => {
+                    // A deadline (resync, linger, retry, renewal): a whole pass.
+                    pending.all = true;
+                    break;
+                }
                 _ = &mut shutdown => break 'passes,
             }
         }

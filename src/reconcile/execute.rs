@@ -175,6 +175,13 @@ pub fn owner_of(a: &Action, owned: &HashMap<PathBuf, OwnedMount>) -> Option<Owne
     }
 }
 
+/// Ownership records staged (written, flushed together) but not yet acted on.
+#[derive(Debug, Default)]
+struct Staged {
+    mounts: std::collections::HashSet<PathBuf>,
+    dirs: std::collections::HashSet<PathBuf>,
+}
+
 impl Executor {
     /// Builds an executor over `mounter` (the real one, or a test double).
     pub fn new(mounter: Arc<dyn Mounter>, ledger: Ledger, cfg: ExecConfig) -> Self {
@@ -205,6 +212,7 @@ impl Executor {
         let mut failed_owners: BTreeMap<Owner, String> = BTreeMap::new();
         let mut failed_volume_targets: BTreeSet<PathBuf> = BTreeSet::new();
         let mut out = Vec::with_capacity(actions.len());
+        let mut staged = self.stage_records(&actions, owned, deferred);
         for action in actions {
             let owner = owner_of(&action, owned);
             let blocked = owner
@@ -223,8 +231,12 @@ impl Executor {
             let result = match (owner.as_ref().and_then(|o| deferred.get(o)), blocked) {
                 (Some(last), _) => Err(ExecError::Deferred(last.clone())),
                 (None, Some(why)) => Err(ExecError::Skipped(why)),
-                (None, None) => self.run(&action),
+                (None, None) => self.run(&action, &mut staged),
             };
+            if result.is_err() {
+                // A record staged for what did not happen goes again.
+                self.unstage(&action, &mut staged);
+            }
             if let Err(e) = &result {
                 if let Some(o) = &owner {
                     failed_owners
@@ -258,7 +270,86 @@ impl Executor {
         out
     }
 
-    fn run(&self, action: &Action) -> Result<(), ExecError> {
+    /// Group commit: the ownership records of this batch's binds and new
+    /// directories are written together and flushed once, before any of
+    /// them is made (instead of one flush each: 40 µs apiece on tmpfs, a
+    /// third of a 10,000-attachment burst). A directory is staged only if
+    /// it does not exist yet, so nothing someone else made becomes ours.
+    fn stage_records(
+        &self,
+        actions: &[Action],
+        owned: &HashMap<PathBuf, OwnedMount>,
+        deferred: &BTreeMap<Owner, String>,
+    ) -> Staged {
+        let mut staged = Staged::default();
+        for a in actions {
+            if owner_of(a, owned).is_some_and(|o| deferred.contains_key(&o)) {
+                continue;
+            }
+            let r = match a {
+                Action::Bind { bind } => {
+                    self.ledger.stage_mount(&self.bind_record(bind)).map(|()| {
+                        staged.mounts.insert(bind.target.clone());
+                    })
+                }
+                Action::MakeDir {
+                    path,
+                    root,
+                    owner: Some(owner),
+                    ..
+                } => path
+                    .ancestors()
+                    .take_while(|p| p.starts_with(root) && *p != root.as_path())
+                    .take_while(|p| !staged.dirs.contains(*p) && !fsops::is_dir_nofollow(p))
+                    .map(|p| p.to_path_buf())
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .try_for_each(|p| {
+                        self.ledger.stage_dir(&OwnedDir {
+                            path: p.clone(),
+                            owner: owner.clone(),
+                        })?;
+                        staged.dirs.insert(p);
+                        Ok(())
+                    }),
+                _ => Ok(()),
+            };
+            if let Err(e) = r {
+                tracing::warn!(error = %crate::error_chain(&e), "cannot stage ownership records; writing them one by one");
+                break;
+            }
+        }
+        if !(staged.mounts.is_empty() && staged.dirs.is_empty()) {
+            if let Err(e) = self.ledger.sync() {
+                // Not durable: forget the staging, write each record before its syscall.
+                tracing::warn!(error = %crate::error_chain(&e), "cannot flush staged ownership records");
+                staged = Staged::default();
+            }
+        }
+        staged
+    }
+
+    /// Drops what was staged for an action that did not happen.
+    fn unstage(&self, action: &Action, staged: &mut Staged) {
+        let r = match action {
+            Action::Bind { bind } if staged.mounts.remove(&bind.target) => {
+                self.ledger.remove_mount(&bind.target)
+            }
+            Action::MakeDir { path, root, .. } => path
+                .ancestors()
+                .take_while(|p| *p != root.as_path())
+                .filter(|p| staged.dirs.remove(*p))
+                // One made before a later component failed stays ours.
+                .filter(|p| !fsops::is_dir_nofollow(p))
+                .try_for_each(|p| self.ledger.remove_dir(p)),
+            _ => Ok(()),
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot drop a staged ownership record");
+        }
+    }
+
+    fn run(&self, action: &Action, staged: &mut Staged) -> Result<(), ExecError> {
         match action {
             Action::Unmount { target, .. } => self.unmount(target),
             // MNT_DETACH: a dead mount cannot answer a plain unmount; ownership stays.
@@ -294,8 +385,10 @@ impl Executor {
                     uid: *uid,
                     gid: *gid,
                 };
-                // Ownership first: a crash right after mkdir leaves a directory we own.
+                // Ownership first: a crash right after mkdir leaves a directory
+                // we own (staged and flushed with the batch, or written now).
                 let mut record = |p: &Path| match owner {
+                    Some(_) if staged.dirs.contains(p) => Ok(()),
                     Some(owner) => self
                         .ledger
                         .put_dir(&OwnedDir {
@@ -305,13 +398,22 @@ impl Executor {
                         .map_err(|e| crate::error_chain(&e)),
                     None => Ok(()),
                 };
-                make_dir(root, path, create, &mut record)?;
+                let made = make_dir(root, path, create, &mut record)?;
+                // Staged components someone else made meanwhile are not ours.
+                for p in path.ancestors().take_while(|p| *p != root.as_path()) {
+                    if staged.dirs.remove(p) && !made.iter().any(|m| m == p) {
+                        self.ledger.remove_dir(p)?;
+                    }
+                }
                 Ok(())
             }
             Action::MountVolume { volume } => self.mount_volume(volume),
             Action::WriteToken { token } => self.write_token(token),
             Action::RemoveToken { path } => self.remove_token(path),
-            Action::Bind { bind } => self.bind(bind),
+            Action::Bind { bind } => {
+                let recorded = staged.mounts.remove(&bind.target);
+                self.bind(bind, recorded)
+            }
             Action::Remount { bind } => {
                 self.remount_bind(bind)?;
                 let mut rec = self.bind_record(bind);
@@ -755,14 +857,30 @@ impl Executor {
         }
     }
 
-    fn bind(&self, b: &WantBind) -> Result<(), ExecError> {
-        let src = match open_dir(&self.cfg.volumes_root, &b.source, None) {
-            Ok((fd, _)) => fd,
-            Err(FsError::Missing { .. }) => return Err(ExecError::SourceMissing(b.source.clone())),
-            Err(e) => return Err(e.into()),
+    /// Binds `b`; its ownership record is written first, or was staged and
+    /// flushed with the batch (`recorded`), and goes again on failure.
+    fn bind(&self, b: &WantBind, recorded: bool) -> Result<(), ExecError> {
+        let opened = open_dir(&self.cfg.volumes_root, &b.source, None)
+            .map_err(|e| match e {
+                FsError::Missing { .. } => ExecError::SourceMissing(b.source.clone()),
+                e => e.into(),
+            })
+            .and_then(|(src, _)| {
+                let (tgt, _) = open_dir(&self.cfg.kernels_root, &b.target, None)?;
+                Ok((src, tgt))
+            });
+        let (src, tgt) = match opened {
+            Ok(fds) => fds,
+            Err(e) => {
+                if recorded {
+                    self.ledger.remove_mount(&b.target)?;
+                }
+                return Err(e);
+            }
         };
-        let (tgt, _) = open_dir(&self.cfg.kernels_root, &b.target, None)?;
-        self.ledger.put_mount(&self.bind_record(b))?;
+        if !recorded {
+            self.ledger.put_mount(&self.bind_record(b))?;
+        }
         // MS_BIND ignores every other flag, so the bind is made first and its
         // per-mount flags set by a second MS_REMOUNT|MS_BIND call (mount(2),
         // "Creating a bind mount" / "Remounting an existing mount").
@@ -1078,6 +1196,69 @@ mod tests {
         assert_eq!(text, "username=acct\npassword=s3cr3t\n");
         assert_eq!(mode, 0o600);
         assert!(!creds.exists(), "removed after the mount");
+    }
+
+    #[test]
+    fn a_batch_stages_its_records_and_keeps_only_what_happened() {
+        let f = fixture();
+        let b1 = bind(&f, false);
+        let mut b2 = bind(&f, false);
+        b2.target = f.root.join("k/k2/work/data");
+        b2.kernel = "k2".into();
+        // k2's home exists already (someone else's): never ours.
+        std::fs::create_dir_all(f.root.join("k/k2")).unwrap();
+        std::fs::remove_dir_all(f.root.join("k/k1")).unwrap();
+        let mkdir = |path: &str, k: &str| Action::MakeDir {
+            path: f.root.join(path),
+            root: f.root.join("k"),
+            uid: None,
+            gid: None,
+            owner: Some(Owner::Kernel(k.into())),
+        };
+        // The first mount(2) (k1's bind) succeeds, k2's fails.
+        f.mounter.fail_after(CallKind::Mount, 2, Errno::EPERM, 1);
+        let out = f.exec.execute(
+            vec![
+                mkdir("k/k1/work/data", "k1"),
+                mkdir("k/k2/work/data", "k2"),
+                Action::Bind { bind: b1.clone() },
+                Action::Bind { bind: b2.clone() },
+            ],
+            &HashMap::new(),
+            &BTreeMap::new(),
+        );
+        assert!(out[..3].iter().all(|o| o.result.is_ok()), "{out:?}");
+        assert!(out[3].result.is_err());
+        let mounts = f.ledger.mounts().unwrap();
+        assert!(mounts.contains_key(&b1.target));
+        assert!(
+            !mounts.contains_key(&b2.target),
+            "failed bind's record dropped"
+        );
+        let dirs: BTreeSet<PathBuf> = f.ledger.dirs().unwrap().keys().cloned().collect();
+        let expect: BTreeSet<PathBuf> = [
+            "k/k1",
+            "k/k1/work",
+            "k/k1/work/data",
+            "k/k2/work",
+            "k/k2/work/data",
+        ]
+        .iter()
+        .map(|p| f.root.join(p))
+        .collect();
+        assert_eq!(dirs, expect, "exactly the directories this batch made");
+        // And what memory says is what a reopened store says.
+        let Fixture {
+            _dir,
+            root,
+            ledger,
+            exec,
+            ..
+        } = f;
+        drop((exec, ledger));
+        let reopened = Ledger::open(&root.join("db")).unwrap();
+        assert!(reopened.mounts().unwrap().contains_key(&b1.target));
+        assert_eq!(reopened.dirs().unwrap().len(), expect.len());
     }
 
     #[test]

@@ -802,6 +802,123 @@ pub fn without_teardown(actions: Vec<Action>) -> Vec<Action> {
         .collect()
 }
 
+/// What a pass over a few kernels looks at: those kernels' part of `want`
+/// (every volume and vfolder directory stays in, so setup still works).
+/// Used when a watch event or a mount-table change names the kernels that
+/// changed: the work is O(those kernels), not O(node).
+pub fn want_of_kernels(want: &Want, kernels: &BTreeSet<String>) -> Want {
+    let mine = |k: &String| kernels.contains(k);
+    Want {
+        volumes: want.volumes.clone(),
+        vfolder_dirs: want.vfolder_dirs.clone(),
+        binds: kernels
+            .iter()
+            .filter_map(|k| want.kernels.get(k))
+            .flat_map(|k| k.binds.iter())
+            .filter_map(|t| want.binds.get_key_value(t))
+            .map(|(t, b)| (t.clone(), b.clone()))
+            .collect(),
+        kernels: kernels
+            .iter()
+            .filter_map(|k| want.kernels.get_key_value(k))
+            .map(|(id, k)| (id.clone(), k.clone()))
+            .collect(),
+        users: want.users.clone(),
+        held_kernels: want
+            .held_kernels
+            .iter()
+            .filter(|k| mine(k))
+            .cloned()
+            .collect(),
+        held_volumes: want.held_volumes.clone(),
+        tokens: want
+            .tokens
+            .iter()
+            .filter(|(_, t)| mine(&t.kernel))
+            .map(|(p, t)| (p.clone(), t.clone()))
+            .collect(),
+    }
+}
+
+/// The part of `actual`'s ownership records a pass over `kernels` may act
+/// on: their binds, directories and tokens, and every volume's records.
+/// (`mounts` is shared; `dirs` is left for the caller to observe.)
+pub fn actual_of_kernels(actual: &Actual, kernels: &BTreeSet<String>) -> Actual {
+    let mine = |k: &Option<String>| k.as_ref().is_none_or(|k| kernels.contains(k));
+    Actual {
+        mounts: actual.mounts.clone(),
+        owned_mounts: std::sync::Arc::new(
+            actual
+                .owned_mounts
+                .iter()
+                .filter(|(_, m)| mine(&m.kernel))
+                .map(|(t, m)| (t.clone(), m.clone()))
+                .collect(),
+        ),
+        owned_dirs: std::sync::Arc::new(
+            actual
+                .owned_dirs
+                .iter()
+                .filter(|(_, d)| match &d.owner {
+                    Owner::Kernel(k) => kernels.contains(k),
+                    Owner::Volume(_) => true,
+                })
+                .map(|(p, d)| (p.clone(), d.clone()))
+                .collect(),
+        ),
+        dirs: HashSet::new(),
+        stale: actual.stale.clone(),
+        renew: actual.renew.clone(),
+        owned_tokens: std::sync::Arc::new(
+            actual
+                .owned_tokens
+                .iter()
+                .filter(|(_, t)| kernels.contains(&t.kernel))
+                .map(|(p, t)| (p.clone(), t.clone()))
+                .collect(),
+        ),
+        token_renew: actual.token_renew.clone(),
+    }
+}
+
+/// Keeps the actions a pass over a few kernels may take: it cannot see the
+/// other kernels' binds, so it never takes a volume or a volume's directory
+/// away (nor sets up anything on a target whose teardown it dropped); the
+/// next whole pass does that.
+pub fn kernel_scoped(actions: Vec<Action>, actual: &Actual) -> Vec<Action> {
+    let volume_target = |t: &PathBuf| {
+        actual
+            .owned_mounts
+            .get(t)
+            .is_none_or(|m| m.kernel.is_none())
+    };
+    let blocked: BTreeSet<PathBuf> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Unmount { target, .. } | Action::Detach { target } if volume_target(target) => {
+                Some(target.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    actions
+        .into_iter()
+        .filter(|a| match a {
+            Action::Unmount { target, .. }
+            | Action::Detach { target }
+            | Action::Forget { target } => !volume_target(target),
+            Action::RemoveDir { path } => actual
+                .owned_dirs
+                .get(path)
+                .is_some_and(|d| matches!(d.owner, Owner::Kernel(_))),
+            Action::Bind { bind } | Action::Remount { bind } => !blocked.contains(&bind.target),
+            Action::MountVolume { volume } => !blocked.contains(&volume.target),
+            Action::MakeDir { path, .. } => !blocked.contains(path),
+            Action::WriteToken { .. } | Action::RemoveToken { .. } => true,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,7 +38,8 @@ pub struct Usage {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Report {
     /// Status key → value.
-    pub entries: BTreeMap<String, Value>,
+    /// (Values are shared: a pass over a few kernels copies the map, not every value.)
+    pub entries: BTreeMap<String, std::sync::Arc<Value>>,
     /// Kernels by state, for the `vfolderd_kernels` gauge.
     pub kernels_by_state: BTreeMap<&'static str, usize>,
     /// Whether every kernel is Ready and every wanted volume Mounted.
@@ -122,7 +123,7 @@ pub fn report(inp: &ReportInputs<'_>, d: &Desired, want: &Want, actual: &Actual)
                 _ => json!({"state": "Unmounted", "users": users}),
             },
         };
-        r.entries.insert(inp.keys.volume_status(name), v);
+        r.entries.insert(inp.keys.volume_status(name), v.into());
     }
 
     for (id, k) in &want.kernels {
@@ -183,7 +184,7 @@ pub fn report(inp: &ReportInputs<'_>, d: &Desired, want: &Want, actual: &Actual)
         if let Some(e) = error {
             v["error"] = json!(e);
         }
-        r.entries.insert(inp.keys.kernel_status(id), v);
+        r.entries.insert(inp.keys.kernel_status(id), v.into());
     }
 
     if inp.storage {
@@ -220,14 +221,14 @@ pub fn report(inp: &ReportInputs<'_>, d: &Desired, want: &Want, actual: &Actual)
                     }),
                 },
             };
-            r.entries.insert(inp.keys.vfolder_status(id), v);
+            r.entries.insert(inp.keys.vfolder_status(id), v.into());
         }
     }
 
     for (key, reason) in &d.invalid_keys {
         r.entries.insert(
             inp.keys.rejected_status(key),
-            json!({"state": "Rejected", "key": key, "error": reason}),
+            json!({"state": "Rejected", "key": key, "error": reason}).into(),
         );
     }
     r

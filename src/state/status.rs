@@ -31,14 +31,23 @@ const VOLATILE: &[&str] = &["since", "scanned_at"];
 /// etcd's default `--max-txn-ops`.
 const MAX_TXN_OPS: usize = 128;
 
-fn stable(v: &Value) -> Value {
-    let mut v = v.clone();
-    if let Value::Object(m) = &mut v {
-        for k in VOLATILE {
-            m.remove(*k);
+/// Whether two status values say the same thing (volatile fields aside),
+/// compared in place: the writer checks every key of a 10,000-kernel node.
+fn same_status(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => {
+            let relevant = |m: &serde_json::Map<String, Value>| {
+                m.iter()
+                    .filter(|(k, _)| !VOLATILE.contains(&k.as_str()))
+                    .count()
+            };
+            relevant(a) == relevant(b)
+                && a.iter()
+                    .filter(|(k, _)| !VOLATILE.contains(&k.as_str()))
+                    .all(|(k, v)| b.get(k) == Some(v))
         }
+        _ => a == b,
     }
-    v
 }
 
 /// Writes status keys, remembering what it wrote.
@@ -88,7 +97,10 @@ impl StatusWriter {
 
     /// Makes etcd hold exactly `entries` (under this node's keys). Returns
     /// the number of keys written or deleted.
-    pub async fn sync(&mut self, entries: &BTreeMap<String, Value>) -> Result<usize, StatusError> {
+    pub async fn sync(
+        &mut self,
+        entries: &BTreeMap<String, Arc<Value>>,
+    ) -> Result<usize, StatusError> {
         let mut written = match self.written.take() {
             Some(w) => w,
             None => self.load().await?,
@@ -97,10 +109,10 @@ impl StatusWriter {
         let mut ops = Vec::new();
         let mut changes: Vec<(String, Option<Value>)> = Vec::new();
         for (k, v) in entries {
-            if written.get(k).map(stable) == Some(stable(v)) {
+            if written.get(k).is_some_and(|w| same_status(w, v)) {
                 continue;
             }
-            let mut v = v.clone();
+            let mut v = Value::clone(v);
             if let Value::Object(m) = &mut v {
                 m.insert("since".into(), Value::String(now.clone()));
             }
@@ -139,7 +151,7 @@ impl StatusWriter {
 }
 
 /// The status values a pass wants etcd to hold.
-pub type StatusEntries = Arc<BTreeMap<String, Value>>;
+pub type StatusEntries = Arc<BTreeMap<String, Arc<Value>>>;
 
 /// Writes the latest report in the background, so a slow or unreachable etcd
 /// never stalls the reconcile loop. Reports that arrive while a write is in

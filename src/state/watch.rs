@@ -11,6 +11,7 @@ use std::time::Duration;
 use etcd_client::{Client, EventType, GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions};
 use tokio::sync::Notify;
 
+use crate::keys::{Classified, ObjectKey};
 use crate::state::desired::{Desired, DesiredParser};
 use crate::state::ledger::Ledger;
 
@@ -31,13 +32,50 @@ pub enum WatchError {
     Ended(String),
 }
 
+/// What changed since the driver last took a snapshot: a few kernels (the
+/// next pass may look at just those), or anything else (a whole pass).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Something other than a kernel value changed (or an event was not
+    /// attributed): the next pass covers everything.
+    pub all: bool,
+    /// Kernels whose value was put or deleted.
+    pub kernels: std::collections::BTreeSet<String>,
+}
+
+impl Changes {
+    /// Everything changed.
+    pub fn all() -> Self {
+        Self {
+            all: true,
+            ..Self::default()
+        }
+    }
+
+    /// Adds what `other` says changed.
+    pub fn merge(&mut self, other: Changes) {
+        self.all |= other.all;
+        if !self.all {
+            self.kernels.extend(other.kernels);
+        }
+    }
+}
+
+/// The state shared by the watcher and the driver.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Shared copy-on-write with the pass reading it.
+    desired: Arc<Desired>,
+    /// Changes with every change (a policy re-parse included, which keeps the revision).
+    generation: u64,
+    /// What changed since the last [`DesiredCache::take`].
+    changes: Changes,
+}
+
 /// The shared desired-state cache: written by the watcher, read by the driver.
 #[derive(Debug, Default)]
 pub struct DesiredCache {
-    /// The state, shared copy-on-write with the pass reading it, and a
-    /// generation that changes with every change (a policy re-parse
-    /// included, which keeps the revision).
-    desired: Mutex<(Arc<Desired>, u64)>,
+    desired: Mutex<Shared>,
     /// Set once there is a desired state to serve: a live list, or the last
     /// good state from the store (fail static after a restart).
     pub synced: AtomicBool,
@@ -55,7 +93,23 @@ pub struct DesiredCache {
 impl DesiredCache {
     /// The current desired state (shared, not copied) and its generation.
     pub fn snapshot(&self) -> (Arc<Desired>, u64) {
-        self.desired.lock().expect("desired lock").clone()
+        let cur = self.desired.lock().expect("desired lock");
+        (cur.desired.clone(), cur.generation)
+    }
+
+    /// The current state, its generation, and what changed since the last
+    /// call (reset).
+    pub fn take(&self) -> (Arc<Desired>, u64, Changes) {
+        let mut cur = self.desired.lock().expect("desired lock");
+        let changes = std::mem::take(&mut cur.changes);
+        (cur.desired.clone(), cur.generation, changes)
+    }
+
+    /// Wakes the loop for a change outside the desired state (a stale
+    /// volume, rotated credentials, a reconnect): a whole pass.
+    pub fn touch(&self) {
+        self.desired.lock().expect("desired lock").changes.all = true;
+        self.changed.notify_one();
     }
 
     /// Serves a state loaded from the store until the first live list.
@@ -65,7 +119,9 @@ impl DesiredCache {
             return;
         }
         self.revision.store(d.revision, Ordering::Relaxed);
-        *cur = (Arc::new(d), cur.1 + 1);
+        cur.desired = Arc::new(d);
+        cur.generation += 1;
+        cur.changes = Changes::all();
         self.synced.store(true, Ordering::Release);
         drop(cur);
         self.changed.notify_one();
@@ -74,7 +130,9 @@ impl DesiredCache {
     fn replace(&self, d: Desired) {
         let mut cur = self.desired.lock().expect("desired lock");
         self.revision.store(d.revision, Ordering::Relaxed);
-        *cur = (Arc::new(d), cur.1 + 1);
+        cur.desired = Arc::new(d);
+        cur.generation += 1;
+        cur.changes = Changes::all();
         self.live.store(true, Ordering::Release);
         self.synced.store(true, Ordering::Release);
         drop(cur);
@@ -84,19 +142,21 @@ impl DesiredCache {
     /// Re-evaluates every object (the policy changed) and wakes the loop.
     pub fn reparse(&self, parser: &DesiredParser) {
         let mut cur = self.desired.lock().expect("desired lock");
-        *cur = (Arc::new(parser.reparse(&cur.0)), cur.1 + 1);
+        cur.desired = Arc::new(parser.reparse(&cur.desired));
+        cur.generation += 1;
+        cur.changes = Changes::all();
         drop(cur);
         self.changed.notify_one();
     }
 
-    fn update(&self, f: impl FnOnce(&mut Desired)) {
+    fn update(&self, f: impl FnOnce(&mut Desired, &mut Changes)) {
         let mut cur = self.desired.lock().expect("desired lock");
+        let cur = &mut *cur;
         // Copies the state only while a pass still holds the previous one.
-        let d = Arc::make_mut(&mut cur.0);
-        f(d);
+        let d = Arc::make_mut(&mut cur.desired);
+        f(d, &mut cur.changes);
         self.revision.store(d.revision, Ordering::Relaxed);
-        cur.1 += 1;
-        drop(cur);
+        cur.generation += 1;
         self.changed.notify_one();
     }
 }
@@ -162,7 +222,7 @@ pub async fn run_watcher(
             Ok(x) => x,
             Err(e) => {
                 cache.connected.store(false, Ordering::Relaxed);
-                cache.changed.notify_one();
+                cache.touch();
                 tracing::warn!(error = %crate::error_chain(&e), retry_in = ?delay, "etcd unreachable; keeping last desired state");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(max_delay);
@@ -196,7 +256,7 @@ pub async fn run_watcher(
                 }
                 WatchEnd::Failed(e) => {
                     cache.connected.store(false, Ordering::Relaxed);
-                    cache.changed.notify_one();
+                    cache.touch();
                     tracing::warn!(error = %crate::error_chain(&e), retry_in = ?delay, "etcd watch interrupted; will resume");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(max_delay);
@@ -249,16 +309,28 @@ async fn watch_once(
             )));
         }
         if !cache.connected.swap(true, Ordering::Relaxed) {
-            cache.changed.notify_one();
+            cache.touch();
         }
         if resp.events().is_empty() {
             continue;
         }
         tracing::trace!(events = resp.events().len(), "watch events");
-        cache.update(|d| {
+        cache.update(|d, changes| {
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
                 let key = String::from_utf8_lossy(kv.key());
+                // A new kernel only adds: a pass over it suffices. A kernel
+                // that changes or goes may leave a volume unused (linger,
+                // renewal, healing are decided over every kernel): a whole pass.
+                match parser.keys.classify(&key) {
+                    Classified::Object(ObjectKey::Kernel(id))
+                        if ev.event_type() == EventType::Put && !d.kernels.contains_key(&id) =>
+                    {
+                        changes.kernels.insert(id);
+                    }
+                    Classified::Ignored => {}
+                    _ => changes.all = true,
+                }
                 let rev = kv.mod_revision();
                 if let Some(i) = prefixes.iter().position(|p| key.starts_with(p.as_str())) {
                     next[i] = next[i].max(rev + 1);
