@@ -212,6 +212,9 @@ struct PassOutcome {
     /// Whether what this pass looked at is as wanted (a pass over a few
     /// kernels: those kernels).
     scoped_converged: bool,
+    /// The kernels a pass over a few kernels looked at (those named by
+    /// events, and those whose mounts changed); `None` for a whole pass.
+    scope: Option<BTreeSet<String>>,
     report: Report,
     /// (action kind, succeeded) per executed action.
     actions: Vec<(&'static str, bool)>,
@@ -402,7 +405,10 @@ impl Reconciler {
         if let (Some(kernels), Some(prev)) = (&scope, &self.prev) {
             if kernels.is_empty() {
                 // Nothing of ours changed (another program's mount elsewhere).
-                return Ok(prev.unchanged());
+                let mut o = prev.unchanged();
+                o.scope = scope;
+                o.scoped_converged = true;
+                return Ok(o);
             }
         }
         let want = match &scope {
@@ -667,6 +673,7 @@ impl Reconciler {
             sas_expiry,
             renew_deadline,
             scoped_converged,
+            scope: scope.clone(),
         };
         self.prev = Some(outcome.unchanged());
         Ok(outcome)
@@ -947,7 +954,12 @@ pub async fn run(
             r.node.policy = current_policy.clone();
             let d = desired.clone();
             let span = span.clone();
-            let scope = scope.clone();
+            // A chained pass looks again at what the last one looked at
+            // (including kernels it found through mount-table changes).
+            let scope = match &last {
+                Some(o) => o.scope.clone(),
+                None => scope.clone(),
+            };
             let (r, result) = tokio::task::spawn_blocking(move || {
                 let _e = span.enter();
                 let res = r.pass(&d, generation, scope, rescan && round == 0, live);
@@ -984,6 +996,16 @@ pub async fn run(
             .pass_duration
             .observe(started.elapsed().as_secs_f64());
         let mut wake = next_resync;
+        if let Some(o) = last.as_ref().filter(|o| !o.scoped_converged) {
+            // Not done with these kernels: the next pass looks at them again,
+            // at once if this one was still making progress.
+            if let Some(kernels) = &o.scope {
+                pending.kernels.extend(kernels.iter().cloned());
+            }
+            if o.actions.iter().any(|(_, ok)| *ok) {
+                wake = Instant::now();
+            }
+        }
         if let Some(o) = &last {
             metrics
                 .passes
@@ -1047,6 +1069,7 @@ pub async fn run(
                     if !rec.as_ref().is_some_and(Reconciler::mount_table_current) {
                         break;
                     }
+                    tracing::trace!("mount-table event already seen");
                 }
                 _ = sleep_until(wake) => {
                     // A deadline (resync, linger, retry, renewal): a whole pass.
