@@ -125,39 +125,88 @@ pub struct MountTable {
     // A hash map: `Path`'s ordering parses components on every comparison,
     // which dominated a pass at 10,000 mounts (perf); nothing needs the order.
     by_target: HashMap<PathBuf, Vec<MountEntry>>,
+    /// Each entry's mountinfo line (when built from text): a re-read parses
+    /// only the lines that are new, and names the mount points that changed.
+    lines: HashMap<Box<str>, (u32, PathBuf)>,
 }
 
 impl MountTable {
-    /// Indexes parsed entries.
+    /// Parses a whole mountinfo text.
+    pub fn from_text(text: &str) -> Result<Self, ParseError> {
+        let mut t = Self::default();
+        t.update(text)?;
+        Ok(t)
+    }
+
+    /// Brings a table built by [`MountTable::from_text`] up to `text`, the
+    /// file read again: unchanged lines are only looked up (mountinfo lines
+    /// carry the mount id, so a remount or a new mount is a new line).
+    /// Returns the mount points whose mounts changed. On error the table is
+    /// half-updated: the caller drops it and parses from scratch.
+    pub fn update(&mut self, text: &str) -> Result<HashSet<PathBuf>, ParseError> {
+        let mut changed = HashSet::new();
+        let mut seen: HashSet<&str> = HashSet::with_capacity(self.lines.len());
+        let mut added = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            if self.lines.contains_key(line) {
+                seen.insert(line);
+            } else {
+                added.push((i, line));
+            }
+        }
+        let gone: Vec<Box<str>> = self
+            .lines
+            .keys()
+            .filter(|l| !seen.contains(&***l))
+            .cloned()
+            .collect();
+        for line in gone {
+            if let Some((id, target)) = self.lines.remove(&line) {
+                if let Some(v) = self.by_target.get_mut(&target) {
+                    v.retain(|e| e.id != id);
+                    if v.is_empty() {
+                        self.by_target.remove(&target);
+                    }
+                }
+                changed.insert(target);
+            }
+        }
+        for (i, line) in added {
+            let e = parse_line(line).map_err(|reason| ParseError {
+                line: i + 1,
+                reason,
+            })?;
+            changed.insert(e.mount_point.clone());
+            self.lines
+                .insert(line.into(), (e.id, e.mount_point.clone()));
+            // Later lines are mounted later: the last entry is the top one.
+            self.by_target
+                .entry(e.mount_point.clone())
+                .or_default()
+                .push(e);
+        }
+        Ok(changed)
+    }
+
+    /// Indexes parsed entries (a table that [`MountTable::update`] cannot refresh).
     pub fn new(entries: Vec<MountEntry>) -> Self {
         let mut by_target: HashMap<PathBuf, Vec<MountEntry>> =
             HashMap::with_capacity(entries.len());
         for e in entries {
             by_target.entry(e.mount_point.clone()).or_default().push(e);
         }
-        Self { by_target }
+        Self {
+            by_target,
+            lines: HashMap::new(),
+        }
     }
 
     /// The visible mount at `target`, if any.
     pub fn top(&self, target: &Path) -> Option<&MountEntry> {
         self.by_target.get(target).and_then(|v| v.last())
-    }
-
-    /// Mount points whose mounts differ between `self` and `newer` (added,
-    /// removed, or changed): what a mount-table event was about.
-    pub fn changed_targets<'a>(&'a self, newer: &'a MountTable) -> HashSet<&'a Path> {
-        let mut out: HashSet<&Path> = HashSet::new();
-        for (t, v) in &newer.by_target {
-            if self.by_target.get(t) != Some(v) {
-                out.insert(t);
-            }
-        }
-        for t in self.by_target.keys() {
-            if !newer.by_target.contains_key(t) {
-                out.insert(t);
-            }
-        }
-        out
     }
 
     /// How many mounts are stacked at `target`.
@@ -193,6 +242,13 @@ impl MountTable {
 pub trait MountInfoSource: Send + Sync {
     /// Reads and parses the current table.
     fn read(&self) -> Result<MountTable, MountInfoError>;
+
+    /// Brings `table` (from an earlier read) up to date; returns the mount
+    /// points that changed, or `None` when it cannot tell (read afresh).
+    fn refresh(&self, table: &mut MountTable) -> Result<Option<HashSet<PathBuf>>, MountInfoError> {
+        *table = self.read()?;
+        Ok(None)
+    }
 }
 
 /// Errors reading the mount table.
@@ -233,7 +289,25 @@ impl MountInfoSource for ProcMountInfo {
             path: self.path.clone(),
             source,
         })?;
-        Ok(MountTable::new(parse_mountinfo(&text)?))
+        Ok(MountTable::from_text(&text)?)
+    }
+
+    fn refresh(&self, table: &mut MountTable) -> Result<Option<HashSet<PathBuf>>, MountInfoError> {
+        if table.lines.is_empty() {
+            *table = self.read()?;
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&self.path).map_err(|source| MountInfoError::Read {
+            path: self.path.clone(),
+            source,
+        })?;
+        match table.update(&text) {
+            Ok(changed) => Ok(Some(changed)),
+            Err(e) => {
+                *table = MountTable::default();
+                Err(e.into())
+            }
+        }
     }
 }
 
@@ -264,6 +338,34 @@ mod tests {
         assert_eq!(shared.source, "/dev/vda");
         let bind = entries.iter().find(|e| e.root != Path::new("/")).unwrap();
         assert_eq!(bind.root, PathBuf::from("/ab/cd/abcd"));
+    }
+
+    #[test]
+    fn an_updated_table_equals_a_fresh_parse_and_names_what_changed() {
+        let mut t = MountTable::from_text(FIXTURE).unwrap();
+        let lines: Vec<&str> = FIXTURE.lines().collect();
+        // Drop the second line, add a new mount stacked on the first one's point.
+        let first = parse_line(lines[0]).unwrap();
+        let stacked = format!(
+            "999 1 0:99 / {} rw,nosuid - tmpfs t rw",
+            first.mount_point.display()
+        );
+        let mut next: Vec<&str> = lines.clone();
+        let removed = parse_line(next.remove(1)).unwrap();
+        next.push(&stacked);
+        let text = next.join("\n");
+        let changed = t.update(&text).unwrap();
+        assert_eq!(
+            changed,
+            HashSet::from([removed.mount_point.clone(), first.mount_point.clone()])
+        );
+        assert_eq!(t, MountTable::from_text(&text).unwrap());
+        assert_eq!(
+            t.top(&first.mount_point).unwrap().id,
+            999,
+            "the newest is on top"
+        );
+        assert!(t.update(&text).unwrap().is_empty(), "nothing changed");
     }
 
     #[test]

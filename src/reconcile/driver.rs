@@ -4,7 +4,7 @@
 //! backoff. A pass is observe → resolve → plan → execute → report; errors
 //! become status, never an exit.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -181,6 +181,10 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The mount points that changed since the last read (`None`: unknown, the
+/// table was read from scratch).
+type MountChanges = Option<HashSet<PathBuf>>;
+
 /// What a changed mount point means for the next pass.
 enum TargetOf {
     /// One kernel's bind.
@@ -215,6 +219,9 @@ struct PassOutcome {
     /// The kernels a pass over a few kernels looked at (those named by
     /// events, and those whose mounts changed); `None` for a whole pass.
     scope: Option<BTreeSet<String>>,
+    /// Changes another program made while this pass acted (seen in the read
+    /// after acting, whose event that read absorbed): for the next pass.
+    followup: Changes,
     report: Report,
     /// (action kind, succeeded) per executed action.
     actions: Vec<(&'static str, bool)>,
@@ -234,6 +241,7 @@ impl PassOutcome {
     fn unchanged(&self) -> PassOutcome {
         PassOutcome {
             actions: Vec::new(),
+            followup: Changes::default(),
             report: Report {
                 entries: BTreeMap::new(),
                 ..self.report.clone()
@@ -269,22 +277,54 @@ impl Reconciler {
     }
 
     /// The mount table: re-read only when it changed (or when `fresh`).
-    fn mount_table(&mut self, fresh: bool) -> Result<Arc<MountTable>, PassError> {
+    fn mount_table(&mut self, fresh: bool) -> Result<(Arc<MountTable>, MountChanges), PassError> {
         if let Some(c) = self.mount_cache.as_ref().filter(|c| !fresh && !c.stale()) {
-            return Ok(c.table.clone());
+            return Ok((c.table.clone(), Some(HashSet::new())));
         }
         // Opened before the read: a change racing the read marks it stale.
         // Only /proc signals changes; any other file (a test double) is read every time.
         let sentinel = std::fs::File::open(&self.mountinfo_path)
             .ok()
             .filter(|_| self.mountinfo_path.starts_with("/proc"));
-        let table = Arc::new(self.mountinfo.read()?);
+        let (table, changed) = match self.mount_cache.take() {
+            // Parse only the lines that changed (copying the table only if a
+            // pass still holds it).
+            Some(c) => {
+                let mut table = c.table;
+                let changed = self.mountinfo.refresh(Arc::make_mut(&mut table))?;
+                (table, changed)
+            }
+            None => (Arc::new(self.mountinfo.read()?), None),
+        };
         self.mount_cache = sentinel.map(|sentinel| MountCache {
             sentinel,
             table: table.clone(),
             changed: std::cell::Cell::new(false),
         });
-        Ok(table)
+        Ok((table, changed))
+    }
+
+    /// Sorts changed mount points into kernels to look at, or everything.
+    fn attribute(
+        &self,
+        want: &Want,
+        changed: impl IntoIterator<Item = PathBuf>,
+    ) -> Result<Changes, PassError> {
+        let ledger = Actual {
+            owned_mounts: self.ledger.mounts()?,
+            ..Actual::default()
+        };
+        let mut out = Changes::default();
+        for t in changed {
+            match self.kernel_of_target(want, &ledger, &t) {
+                TargetOf::Kernel(k) => {
+                    out.kernels.insert(k);
+                }
+                TargetOf::Everything => out.all = true,
+                TargetOf::Nothing => {}
+            }
+        }
+        Ok(out)
     }
 
     /// Whether the mount table read last is still the kernel's: then a
@@ -376,29 +416,15 @@ impl Reconciler {
     ) -> Result<PassOutcome, PassError> {
         let t_start = std::time::Instant::now();
         let whole = self.want(desired, generation);
-        let before = self.mount_cache.as_ref().map(|c| c.table.clone());
-        let mounts = self.mount_table(false)?;
+        let (mounts, changed) = self.mount_table(false)?;
+        let t_read = t_start.elapsed();
         // A pass over a few kernels also covers the kernels whose mounts
         // changed; a change it cannot attribute makes it a whole pass.
-        let scope = match (scope, &before) {
-            (Some(mut kernels), Some(before)) if live => {
-                let ledger = Actual {
-                    owned_mounts: self.ledger.mounts()?,
-                    ..Actual::default()
-                };
-                let mut everything = false;
-                if !Arc::ptr_eq(before, &mounts) {
-                    for t in before.changed_targets(&mounts) {
-                        match self.kernel_of_target(&whole, &ledger, t) {
-                            TargetOf::Kernel(k) => {
-                                kernels.insert(k);
-                            }
-                            TargetOf::Everything => everything = true,
-                            TargetOf::Nothing => {}
-                        }
-                    }
-                }
-                (!everything).then_some(kernels)
+        let scope = match (scope, changed) {
+            (Some(mut kernels), Some(changed)) if live => {
+                let found = self.attribute(&whole, changed)?;
+                kernels.extend(found.kernels);
+                (!found.all).then_some(kernels)
             }
             _ => None,
         };
@@ -411,10 +437,13 @@ impl Reconciler {
                 return Ok(o);
             }
         }
+        let t_scoped = t_start.elapsed();
         let want = match &scope {
             Some(kernels) => Arc::new(crate::reconcile::plan::want_of_kernels(&whole, kernels)),
-            None => whole,
+            None => whole.clone(),
         };
+        let whole_want = whole;
+        let mut followup = Changes::default();
         let actual = self.observe(&want, mounts, scope.as_ref())?;
         let t_observed = t_start.elapsed();
         let now = Instant::now();
@@ -554,7 +583,18 @@ impl Reconciler {
             let t_executed = t_start.elapsed();
             tracing::debug!(?t_executed, "executed");
             // Our own mounts changed the table: read it again, whatever the events say.
-            let mounts = self.mount_table(true)?;
+            drop(actual);
+            let (mounts, changed) = self.mount_table(true)?;
+            // What changed besides our own actions (another program, during
+            // them) is looked at by the next pass: this read absorbs its event.
+            let own: HashSet<&Path> = outcomes.iter().filter_map(|o| o.action.target()).collect();
+            followup = match changed {
+                Some(changed) => self.attribute(
+                    &whole_want,
+                    changed.into_iter().filter(|t| !own.contains(t.as_path())),
+                )?,
+                None => Changes::all(),
+            };
             (want.clone(), self.observe(&want, mounts, scope.as_ref())?)
         };
         let t_reobserved = t_start.elapsed();
@@ -646,6 +686,8 @@ impl Reconciler {
         tracing::debug!(
             actions = n_actions,
             scoped = scope.as_ref().map(BTreeSet::len),
+            ?t_read,
+            ?t_scoped,
             ?t_observed,
             ?t_planned,
             ?t_reobserved,
@@ -674,6 +716,7 @@ impl Reconciler {
             renew_deadline,
             scoped_converged,
             scope: scope.clone(),
+            followup,
         };
         self.prev = Some(outcome.unchanged());
         Ok(outcome)
@@ -996,6 +1039,12 @@ pub async fn run(
             .pass_duration
             .observe(started.elapsed().as_secs_f64());
         let mut wake = next_resync;
+        if let Some(o) = &last {
+            if o.followup.all || !o.followup.kernels.is_empty() {
+                pending.merge(o.followup.clone());
+                wake = Instant::now();
+            }
+        }
         if let Some(o) = last.as_ref().filter(|o| !o.scoped_converged) {
             // Not done with these kernels: the next pass looks at them again,
             // at once if this one was still making progress.

@@ -777,6 +777,22 @@ pub fn plan(node: &NodeView, want: &Want, actual: &Actual, keep: &BTreeSet<Strin
     out
 }
 
+impl Action {
+    /// The mount point a mount-table action changes, if it changes one.
+    pub fn target(&self) -> Option<&Path> {
+        match self {
+            Action::Unmount { target, .. } | Action::Detach { target } => Some(target),
+            Action::Bind { bind } | Action::Remount { bind } => Some(&bind.target),
+            Action::MountVolume { volume } => Some(&volume.target),
+            Action::Forget { .. }
+            | Action::RemoveDir { .. }
+            | Action::MakeDir { .. }
+            | Action::WriteToken { .. }
+            | Action::RemoveToken { .. } => None,
+        }
+    }
+}
+
 /// Drops every action that removes something (unmount, forget, rmdir) and
 /// any setup action on a target whose unmount was dropped (it would stack a
 /// second mount). Used while desired state is not known to be current (a
