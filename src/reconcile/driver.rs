@@ -90,6 +90,10 @@ impl Deps {
 
 /// How many passes may follow each other at once while actions keep making progress.
 const MAX_CHAINED_PASSES: usize = 4;
+/// How long after a kernel went (or changed) the whole pass that decides
+/// whether its volumes are unused runs. Kernel passes tear the kernel down
+/// at once; a burst of removals shares one whole pass.
+const VOLUME_PASS_DELAY: Duration = Duration::from_millis(500);
 /// Per-object retry delays after a failed action.
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(120);
@@ -970,6 +974,8 @@ pub async fn run(
     let mut converged_once = false;
     // What changed and is not yet handled; the first pass looks at everything.
     let mut pending = Changes::all();
+    // When the whole pass that kernel removals call for is due.
+    let mut volume_pass_at: Option<Instant> = None;
     'passes: loop {
         let live = cache.live.load(Ordering::Acquire);
         let (mut desired, generation, changes) = cache.take();
@@ -988,6 +994,11 @@ pub async fn run(
         // Watch events that name only kernels make a pass over those kernels
         // (plus any whose mounts changed); anything else is a whole pass.
         let taken = std::mem::take(&mut pending);
+        if taken.all {
+            volume_pass_at = None;
+        } else if taken.volumes {
+            volume_pass_at.get_or_insert(Instant::now() + VOLUME_PASS_DELAY);
+        }
         let scope = (!taken.all).then_some(taken.kernels);
         let started = std::time::Instant::now();
         let span = tracing::info_span!("reconcile", revision = desired.revision);
@@ -1039,6 +1050,9 @@ pub async fn run(
             .pass_duration
             .observe(started.elapsed().as_secs_f64());
         let mut wake = next_resync;
+        if let Some(at) = volume_pass_at {
+            wake = wake.min(at);
+        }
         if let Some(o) = &last {
             if o.followup.all || !o.followup.kernels.is_empty() {
                 pending.merge(o.followup.clone());

@@ -30,6 +30,8 @@ const VOLATILE: &[&str] = &["since", "scanned_at"];
 
 /// etcd's default `--max-txn-ops`.
 const MAX_TXN_OPS: usize = 128;
+/// Status transactions sent at once.
+const TXNS_IN_FLIGHT: usize = 8;
 
 /// Whether two status values say the same thing (volatile fields aside),
 /// compared in place: the writer checks every key of a 10,000-kernel node.
@@ -130,16 +132,35 @@ impl StatusWriter {
             }
         }
         let n = ops.len();
+        // Several transactions in flight at once (each key is in one of
+        // them, so their order does not matter): 10,000 kernels' statuses are
+        // 79 round trips, which one at a time took most of a teardown.
+        use futures::StreamExt;
+        let txns: Vec<(usize, Txn)> = ops
+            .chunks(MAX_TXN_OPS)
+            .map(|chunk| Txn::new().and_then(chunk.to_vec()))
+            .enumerate()
+            .collect();
+        let results: Vec<(usize, Result<(), etcd_client::Error>)> = futures::stream::iter(txns)
+            .map(|(i, txn)| {
+                let mut client = self.client.clone();
+                async move { (i, client.txn(txn).await.map(drop)) }
+            })
+            .buffer_unordered(TXNS_IN_FLIGHT)
+            .collect()
+            .await;
         let mut result = Ok(n);
-        let mut done = 0;
-        for chunk in ops.chunks(MAX_TXN_OPS) {
-            if let Err(e) = self.client.txn(Txn::new().and_then(chunk.to_vec())).await {
-                result = Err(StatusError::WriteFailed(e));
-                break;
+        let mut done = vec![false; n.div_ceil(MAX_TXN_OPS)];
+        for (i, r) in results {
+            match r {
+                Ok(()) => done[i] = true,
+                Err(e) => result = Err(StatusError::WriteFailed(e)),
             }
-            done += chunk.len();
         }
-        for (k, v) in changes.into_iter().take(done) {
+        for (i, (k, v)) in changes.into_iter().enumerate() {
+            if !done[i / MAX_TXN_OPS] {
+                continue; // not written: the retry writes it
+            }
             match v {
                 Some(v) => written.insert(k, v),
                 None => written.remove(&k),

@@ -41,6 +41,10 @@ pub struct Changes {
     pub all: bool,
     /// Kernels whose value was put or deleted.
     pub kernels: std::collections::BTreeSet<String>,
+    /// A kernel changed or went: a volume may have lost its last user.
+    /// Whether a volume is unused is decided over every kernel, so a whole
+    /// pass is due (soon, not at once: a volume lingers anyway).
+    pub volumes: bool,
 }
 
 impl Changes {
@@ -55,6 +59,7 @@ impl Changes {
     /// Adds what `other` says changed.
     pub fn merge(&mut self, other: Changes) {
         self.all |= other.all;
+        self.volumes |= other.volumes;
         if !self.all {
             self.kernels.extend(other.kernels);
         }
@@ -319,13 +324,14 @@ async fn watch_once(
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
                 let key = String::from_utf8_lossy(kv.key());
-                // A new kernel only adds: a pass over it suffices. A kernel
-                // that changes or goes may leave a volume unused (linger,
-                // renewal, healing are decided over every kernel): a whole pass.
+                // A kernel event is a pass over that kernel. One that changes
+                // or goes may leave a volume unused (linger, renewal and
+                // healing are decided over every kernel): a whole pass follows.
                 match parser.keys.classify(&key) {
-                    Classified::Object(ObjectKey::Kernel(id))
-                        if ev.event_type() == EventType::Put && !d.kernels.contains_key(&id) =>
-                    {
+                    Classified::Object(ObjectKey::Kernel(id)) => {
+                        if ev.event_type() == EventType::Delete || d.kernels.contains_key(&id) {
+                            changes.volumes = true;
+                        }
                         changes.kernels.insert(id);
                     }
                     Classified::Ignored => {}
@@ -350,5 +356,6 @@ async fn watch_once(
                 }
             }
         });
+        tracing::trace!("watch events applied");
     }
 }
