@@ -35,8 +35,14 @@ struct Queue {
 /// Counts non-directory entries and sums their apparent sizes under `dir`.
 /// Unreadable subdirectories are skipped (a user may chmod 000 their own).
 pub fn scan(dir: &Path) -> std::io::Result<(u64, u64)> {
-    let root = nix::fcntl::open(dir, DIR_FLAGS, Mode::empty()).map_err(std::io::Error::from)?;
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    scan_with(dir, workers)
+}
+
+/// [`scan`] with `workers` threads.
+pub fn scan_with(dir: &Path, workers: usize) -> std::io::Result<(u64, u64)> {
+    let root = nix::fcntl::open(dir, DIR_FLAGS, Mode::empty()).map_err(std::io::Error::from)?;
+    let workers = workers.max(1);
     let queue = Mutex::new(Queue {
         dirs: vec![(root, 0)],
         busy: 0,
@@ -169,6 +175,19 @@ mod tests {
         files += 1;
         bytes += t.path().as_os_str().len() as u64;
         assert_eq!(super::scan(t.path()).unwrap(), (files, bytes));
+    }
+
+    #[test]
+    #[ignore = "timing probe: USAGE_TREE=dir cargo test --release usage_probe -- --ignored --nocapture"]
+    fn usage_probe() {
+        let Some(dir) = std::env::var_os("USAGE_TREE") else {
+            return;
+        };
+        for workers in [1, 2, 3, 4, 6] {
+            let t = std::time::Instant::now();
+            let r = super::scan_with(std::path::Path::new(&dir), workers).unwrap();
+            eprintln!("{workers} workers: {:?} {r:?}", t.elapsed());
+        }
     }
 
     #[test]
