@@ -19,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod etcd;
 pub mod keys;
+pub mod memory;
 pub mod metrics;
 pub mod names;
 pub mod policy;

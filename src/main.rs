@@ -148,6 +148,7 @@ fn load(path: &std::path::Path) -> anyhow::Result<NodeConfig> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    vfolderd::memory::limit_arenas();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

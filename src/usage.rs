@@ -80,25 +80,30 @@ fn worker(queue: &Mutex<Queue>, wake: &Condvar) -> (u64, u64) {
             wake.notify_all();
             return totals;
         };
-        let mut local = vec![(fd, depth)];
-        while let Some((fd, depth)) = local.pop() {
-            let mut subdirs = Vec::new();
+        // Depth first from the back; the front (the shallowest, biggest
+        // subtrees) is shared with idle workers.
+        let mut local = std::collections::VecDeque::from([(fd, depth)]);
+        while let Some((fd, depth)) = local.pop_back() {
             scan_one(&fd, &mut totals, |sub| {
                 if depth < DEPTH_MAX {
-                    subdirs.push((sub, depth + 1));
+                    local.push_back((sub, depth + 1));
                 }
             });
-            // Share subdirectories while the queue is short; keep the rest.
-            let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
-            while q.dirs.len() < QUEUE_MAX {
-                match subdirs.pop() {
-                    Some(d) => q.dirs.push(d),
-                    None => break,
+            if local.len() > 1 {
+                let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+                let mut shared = false;
+                while q.dirs.len() < QUEUE_MAX && local.len() > 1 {
+                    match local.pop_front() {
+                        Some(d) => q.dirs.push(d),
+                        None => break,
+                    }
+                    shared = true;
+                }
+                drop(q);
+                if shared {
+                    wake.notify_all();
                 }
             }
-            drop(q);
-            wake.notify_all();
-            local.extend(subdirs);
         }
         queue.lock().unwrap_or_else(|e| e.into_inner()).busy -= 1;
         wake.notify_all();

@@ -327,7 +327,8 @@ async fn external_unmount_of_a_bind_is_repaired_by_resync() {
         let target = node.home("k1").join("data");
         assert!(node.mount_at(&target).is_some());
         nix::mount::umount2(&target, nix::mount::MntFlags::empty()).unwrap();
-        assert!(node.mount_at(&target).is_none());
+        // (No check that it is gone: the mount-table event may have the bind
+        // back before this test could read mountinfo.)
 
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         let after = loop {

@@ -94,6 +94,8 @@ const MAX_CHAINED_PASSES: usize = 4;
 /// whether its volumes are unused runs. Kernel passes tear the kernel down
 /// at once; a burst of removals shares one whole pass.
 const VOLUME_PASS_DELAY: Duration = Duration::from_millis(500);
+/// A pass with this many actions is a burst worth trimming the heap after.
+const TRIM_AFTER_ACTIONS: usize = 1000;
 /// Per-object retry delays after a failed action.
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(120);
@@ -1049,6 +1051,11 @@ pub async fn run(
         metrics
             .pass_duration
             .observe(started.elapsed().as_secs_f64());
+        let done: usize = last.as_ref().map_or(0, |o| o.actions.len());
+        if done >= TRIM_AFTER_ACTIONS {
+            // A burst freed a lot: give it back instead of keeping it resident.
+            crate::memory::release_free_memory();
+        }
         let mut wake = next_resync;
         if let Some(at) = volume_pass_at {
             wake = wake.min(at);

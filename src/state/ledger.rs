@@ -169,10 +169,11 @@ fn key_of(p: &Path) -> Vec<u8> {
 impl Ledger {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, LedgerError> {
-        // sled caches 1 GiB by default; the ledger is small and read rarely.
+        // sled caches 1 GiB by default; the ledger is read once at start (then
+        // served from memory), so its cache only has to hold what is written.
         let db = sled::Config::new()
             .path(dir)
-            .cache_capacity(16 * 1024 * 1024)
+            .cache_capacity(4 * 1024 * 1024)
             .open()
             .map_err(sled_err("open"))?;
         let mounts = db.open_tree("mounts").map_err(sled_err("open tree"))?;
