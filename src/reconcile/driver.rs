@@ -270,16 +270,37 @@ impl Reconciler {
 
     /// The desired state resolved for this node; recomputed only when the
     /// desired state or the policy changed since the last pass.
-    fn want(&mut self, desired: &Desired, generation: u64) -> Arc<Want> {
+    /// (`added`: the kernels the desired state gained since the last call,
+    /// if that is all that changed; they are resolved alone and merged.)
+    fn want(
+        &mut self,
+        desired: &Desired,
+        generation: u64,
+        added: Option<&BTreeSet<String>>,
+    ) -> Arc<Want> {
         let policy = Arc::as_ptr(&self.node.policy) as usize;
-        match &self.want_cache {
-            Some((g, p, w)) if *g == generation && *p == policy => w.clone(),
-            _ => {
-                let w = Arc::new(resolve(&self.node, desired));
-                self.want_cache = Some((generation, policy, w.clone()));
-                w
+        match self.want_cache.take() {
+            Some((g, p, w)) if g == generation && p == policy => {
+                self.want_cache = Some((g, p, w.clone()));
+                return w;
             }
+            Some((_, p, mut w)) if p == policy && added.is_some() => {
+                let added = added.expect("checked");
+                if crate::reconcile::plan::resolve_added(
+                    &self.node,
+                    desired,
+                    Arc::make_mut(&mut w),
+                    added,
+                ) {
+                    self.want_cache = Some((generation, policy, w.clone()));
+                    return w;
+                }
+            }
+            _ => {}
         }
+        let w = Arc::new(resolve(&self.node, desired));
+        self.want_cache = Some((generation, policy, w.clone()));
+        w
     }
 
     /// The mount table: re-read only when it changed (or when `fresh`).
@@ -421,7 +442,7 @@ impl Reconciler {
         live: bool,
     ) -> Result<PassOutcome, PassError> {
         let t_start = std::time::Instant::now();
-        let whole = self.want(desired, generation);
+        let whole = self.want(desired, generation, scope.as_ref());
         let (mounts, changed) = self.mount_table(false)?;
         let t_read = t_start.elapsed();
         // A pass over a few kernels also covers the kernels whose mounts

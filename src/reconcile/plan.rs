@@ -818,6 +818,71 @@ pub fn without_teardown(actions: Vec<Action>) -> Vec<Action> {
         .collect()
 }
 
+/// Adds newly put kernels to a resolved `want` without resolving the whole
+/// node again (at 1,000 kernels a whole resolve was most of a kernel's
+/// put → Ready latency). Returns false, leaving `want` as it was, when a new
+/// kernel's home overlaps another kernel's: which of them is refused is an
+/// order question only a whole resolve answers.
+pub fn resolve_added(
+    node: &NodeView,
+    d: &Desired,
+    want: &mut Want,
+    added: &BTreeSet<String>,
+) -> bool {
+    let mut part = Desired {
+        volumes: d.volumes.clone(),
+        revision: d.revision,
+        ..Desired::default()
+    };
+    for id in added {
+        // Gone, or not new (its old binds would linger in `want`): not an addition.
+        let Some(e) = d.kernels.get(id) else {
+            return false;
+        };
+        if want.kernels.contains_key(id) {
+            return false;
+        }
+        if let Ok(spec) = &e.spec {
+            for m in &spec.mounts {
+                if let KernelMount::Vfolder { id: v, .. } = m {
+                    if let Some(vf) = d.vfolders.get(v) {
+                        part.vfolders.insert(*v, vf.clone());
+                    }
+                }
+            }
+        }
+        part.kernels.insert(id.clone(), e.clone());
+    }
+    let new = resolve(node, &part);
+    let overlaps = |h: &Path| {
+        want.kernels
+            .values()
+            .filter_map(|k| k.home.as_deref())
+            .any(|o| o.starts_with(h) || h.starts_with(o))
+    };
+    if new
+        .kernels
+        .values()
+        .filter_map(|k| k.home.as_deref())
+        .any(overlaps)
+    {
+        return false;
+    }
+    for (name, v) in new.volumes {
+        want.volumes.entry(name).or_insert(v);
+    }
+    want.vfolder_dirs.extend(new.vfolder_dirs);
+    want.binds.extend(new.binds);
+    want.kernels.extend(new.kernels);
+    for (vol, users) in new.users {
+        want.users.entry(vol).or_default().extend(users);
+    }
+    want.held_kernels.extend(new.held_kernels);
+    want.held_volumes.extend(new.held_volumes);
+    want.tokens.extend(new.tokens);
+    true
+}
+
 /// What a pass over a few kernels looks at: those kernels' part of `want`
 /// (every volume and vfolder directory stays in, so setup still works).
 /// Used when a watch event or a mount-table change names the kernels that
@@ -1326,6 +1391,39 @@ mod tests {
             matches!(acts.as_slice(), [Action::Remount { bind }] if bind.readonly),
             "{acts:?}"
         );
+    }
+
+    #[test]
+    fn resolving_added_kernels_equals_resolving_everything() {
+        let n = node(true, true);
+        let mut d = Desired::default();
+        d.volumes
+            .insert("vol".into(), ok(volume(MountAt::Requested)));
+        for i in 0..3u8 {
+            d.vfolders
+                .insert(uuid(i), ok(vfolder(&format!("f{i}"), "vol")));
+        }
+        d.kernels
+            .insert("k1".into(), ok(kernel("k1", vec![vf_mount(0, false)])));
+        let mut want = resolve(&n, &d);
+        d.kernels.insert(
+            "k2".into(),
+            ok(kernel("k2", vec![vf_mount(1, true), vf_mount(2, false)])),
+        );
+        d.kernels
+            .insert("k3".into(), ok(kernel("k3", vec![vf_mount(0, true)])));
+        let added = BTreeSet::from(["k2".to_string(), "k3".to_string()]);
+        assert!(resolve_added(&n, &d, &mut want, &added));
+        assert_eq!(want, resolve(&n, &d));
+        // An existing kernel is not "added": refused, `want` untouched.
+        let before = want.clone();
+        assert!(!resolve_added(
+            &n,
+            &d,
+            &mut want,
+            &BTreeSet::from(["k1".to_string()])
+        ));
+        assert_eq!(want, before);
     }
 
     #[test]
