@@ -152,6 +152,8 @@ pub struct Want {
     pub held_volumes: BTreeSet<String>,
     /// Per-user SAS token files, by path.
     pub tokens: BTreeMap<PathBuf, WantToken>,
+    /// Kernel homes → kernel (for the overlap check of kernels added later).
+    pub homes: BTreeMap<PathBuf, String>,
 }
 
 /// A per-user SAS token file in a kernel home (`<home>/.vfolderd/sas/<volume>`).
@@ -428,6 +430,7 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
         }
         w.kernels.insert(id.clone(), k);
     }
+    w.homes = homes;
     w
 }
 
@@ -854,20 +857,14 @@ pub fn resolve_added(
         part.kernels.insert(id.clone(), e.clone());
     }
     let new = resolve(node, &part);
-    let overlaps = |h: &Path| {
-        want.kernels
-            .values()
-            .filter_map(|k| k.home.as_deref())
-            .any(|o| o.starts_with(h) || h.starts_with(o))
-    };
     if new
-        .kernels
-        .values()
-        .filter_map(|k| k.home.as_deref())
-        .any(overlaps)
+        .homes
+        .keys()
+        .any(|h| overlapping_home(&want.homes, h).is_some())
     {
         return false;
     }
+    want.homes.extend(new.homes);
     for (name, v) in new.volumes {
         want.volumes.entry(name).or_insert(v);
     }
@@ -918,6 +915,7 @@ pub fn want_of_kernels(want: &Want, kernels: &BTreeSet<String>) -> Want {
             .filter(|(_, t)| mine(&t.kernel))
             .map(|(p, t)| (p.clone(), t.clone()))
             .collect(),
+        homes: BTreeMap::new(),
     }
 }
 
