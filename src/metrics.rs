@@ -21,6 +21,9 @@ pub struct Metrics {
     pub passes: IntCounterVec,
     /// `vfolderd_reconcile_duration_seconds`: time of one pass.
     pub pass_duration: Histogram,
+    /// `vfolderd_kernel_passes_total`: passes that looked at only the
+    /// kernels named by events (the rest are whole-node passes).
+    pub kernel_passes: IntCounter,
     /// `vfolderd_actions_total{kind,result}`: executed actions.
     pub actions: IntCounterVec,
     /// `vfolderd_owned_mounts{kind}`: mounts in the ledger.
@@ -57,6 +60,11 @@ impl Metrics {
                 "Reconcile passes, by whether they ended converged",
             ),
             &["result"],
+        )
+        .expect("metric");
+        let kernel_passes = IntCounter::new(
+            "vfolderd_kernel_passes_total",
+            "Reconcile passes that looked only at the kernels events named",
         )
         .expect("metric");
         let pass_duration = Histogram::with_opts(
@@ -137,6 +145,7 @@ impl Metrics {
         for c in [
             Box::new(passes.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(pass_duration.clone()),
+            Box::new(kernel_passes.clone()),
             Box::new(actions.clone()),
             Box::new(owned_mounts.clone()),
             Box::new(kernels.clone()),
@@ -156,6 +165,7 @@ impl Metrics {
             registry,
             passes,
             pass_duration,
+            kernel_passes,
             actions,
             owned_mounts,
             kernels,

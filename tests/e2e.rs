@@ -927,3 +927,68 @@ async fn an_external_unmount_is_repaired_on_the_mount_table_event_not_the_resync
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_kernel_is_a_kernel_pass_and_a_removal_brings_one_whole_pass() {
+    require_private_mount_namespace();
+    within(60, async {
+        let etcd = Etcd::start().await;
+        // No resync during the test: every whole pass has a cause we make.
+        let node = Node::start(
+            &etcd,
+            "n1",
+            NodeOpts {
+                resync: "1h",
+                ..Default::default()
+            },
+        );
+        let id = volume_and_vfolder(&etcd, "shard1", "data", "rw").await;
+        let value = format!("mounts: [{{vfolder: {id}}}]\n");
+        etcd.put(&node.kernel_key("k1"), &value).await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let counts = || {
+            let m = |s: &str| node.metric_now(s).unwrap_or(0.0);
+            let all = m("vfolderd_reconcile_passes_total{result=\"converged\"}")
+                + m("vfolderd_reconcile_passes_total{result=\"pending\"}");
+            let kernel = m("vfolderd_kernel_passes_total");
+            (kernel, all - kernel)
+        };
+        // Let any pass still in flight finish before counting.
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+        let (k0, whole0) = counts();
+
+        etcd.put(&node.kernel_key("k2"), &value).await;
+        etcd.wait_state(&node.kernel_status("k2"), "Ready").await;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let (k1, whole1) = counts();
+        assert!(k1 > k0, "the put ran a kernel pass ({k0} → {k1})");
+        assert_eq!(
+            whole1,
+            whole0,
+            "and no whole-node pass: {}",
+            node.log()
+                .lines()
+                .filter(|l| !l.contains("pass phases") && !l.contains("executed"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        assert!(node.mount_at(&node.home("k1").join("data")).is_some());
+
+        etcd.delete(&node.kernel_key("k2")).await;
+        until("k2's bind gone", 10, || {
+            node.mount_at(&node.home("k2").join("data")).is_none()
+        })
+        .await;
+        // The volume decision (still used by k1: it stays) is one whole pass, shortly after.
+        until("one whole pass after the removal", 10, || {
+            counts().1 > whole1
+        })
+        .await;
+        assert!(
+            node.mount_at(&node.volumes().join("shard1")).is_some(),
+            "k1 still uses the volume"
+        );
+        assert!(node.mount_at(&node.home("k1").join("data")).is_some());
+    })
+    .await;
+}

@@ -527,10 +527,13 @@ async fn a_rotated_credentials_file_is_used_for_the_next_mount_and_remounts_once
 
         etcd.delete(&node.kernel_key("k1")).await;
         until("remounted with the new credentials", 20, || calls() == 2).await;
-        let seen = std::fs::read_to_string(node.dir.path().join("helper-creds.log")).unwrap();
-        assert!(seen.ends_with("password=new-one\n"), "{seen}");
+        // The helper double logs its argv before the credentials it was given.
+        let creds = || std::fs::read_to_string(node.dir.path().join("helper-creds.log")).unwrap();
+        until("the helper saw the new credentials", 10, || creds().ends_with("password=new-one\n")).await;
+
         etcd.wait_for(&node.volume_status("files"), "no renewal pending", |v| v.get("renewal").is_none() && v["state"] == "Mounted").await;
-        assert_eq!(node.mounts().iter().filter(|m| m.mount_point == node.volumes().join("files")).count(), 1);
+        let on_target = || node.mounts().iter().filter(|m| m.mount_point == node.volumes().join("files")).count();
+        until("exactly one mount on the volume target", 10, || on_target() == 1).await;
     })
     .await;
 }

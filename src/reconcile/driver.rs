@@ -1047,6 +1047,9 @@ pub async fn run(
             rec = Some(r);
             match result {
                 Ok(o) => {
+                    if o.scope.is_some() {
+                        metrics.kernel_passes.inc();
+                    }
                     for (kind, ok) in &o.actions {
                         metrics
                             .actions

@@ -22,9 +22,12 @@ pub async fn run_policy_watcher(
     on_result: impl Fn(bool) + Send,
 ) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
+    let ours = dir.clone();
     let mut watcher =
         match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
+            // Only events about the policy directory (its parent stays
+            // watched once it exists; the parent's other files do not count).
+            if res.is_ok_and(|e| e.paths.iter().any(|p| p.starts_with(&ours))) {
                 let _ = tx.try_send(());
             }
         }) {
@@ -78,8 +81,12 @@ pub async fn run_policy_watcher(
 /// once it is unused.
 pub async fn run_dir_watcher(dir: PathBuf, on_change: impl Fn() + Send) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
+    let ours = dir.clone();
     let Ok(mut watcher) = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
+        // While the directory does not exist its parent is watched: only
+        // events about the directory itself count (a busy parent, e.g. one
+        // holding a log file, must not wake the loop on every write).
+        if res.is_ok_and(|e| e.paths.iter().any(|p| p.starts_with(&ours))) {
             let _ = tx.try_send(());
         }
     }) else {
