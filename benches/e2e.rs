@@ -100,6 +100,9 @@ struct Row {
     ratio: String,
     goal: String,
     met: bool,
+    /// How far past its goal the row is: achieved / required, so 1.0 is
+    /// exactly the goal and above 1 is met (the plot's bar).
+    margin: f64,
 }
 
 #[tokio::main]
@@ -330,6 +333,7 @@ async fn main() {
         ratio: format!("{:.1}× floor at p99", ms(p99) / ms(f99)),
         goal: "p99 ≤ 2× floor".into(),
         met: ms(p99) <= 2.0 * ms(f99),
+        margin: 2.0 * ms(f99) / ms(p99),
     });
     // Clear the latency kernels.
     let lat_ids: std::collections::BTreeSet<String> =
@@ -419,6 +423,7 @@ async fn main() {
         ),
         goal: "≥ 0.5× raw, ≥ 10× exec".into(),
         met: ours_rate >= 0.5 * raw_rate && ours_rate >= 10.0 * exec_rate,
+        margin: (ours_rate / (0.5 * raw_rate)).min(ours_rate / (10.0 * exec_rate)),
     });
 
     // Row 4: idle while holding the mounts.
@@ -436,6 +441,7 @@ async fn main() {
         ratio: "—".into(),
         goal: "< 1% CPU, RSS < 100 MiB".into(),
         met: cpu < 1.0 && rss < 100.0,
+        margin: (1.0 / cpu.max(1e-3)).min(100.0 / rss),
     });
 
     // Row 6: restart over the converged mounts.
@@ -466,6 +472,11 @@ async fn main() {
         ratio: "—".into(),
         goal: "< 1 s, 0 mounts made".into(),
         met: ready < Duration::from_secs(1) && made == 0.0,
+        margin: if made == 0.0 {
+            1.0 / ready.as_secs_f64()
+        } else {
+            0.0
+        },
     });
 
     // Row 5: external unmount → repaired.
@@ -501,6 +512,7 @@ async fn main() {
         ratio: "—".into(),
         goal: "p99 < 100 ms".into(),
         met: r99 < Duration::from_millis(100),
+        margin: 100.0 / ms(r99),
     });
 
     // Row 3: teardown of all attachments, deleted the way they were put
@@ -540,6 +552,7 @@ async fn main() {
         ratio: format!("{:.2}× raw", ours_down / raw_down),
         goal: "≥ 0.5× raw".into(),
         met: ours_down >= 0.5 * raw_down,
+        margin: ours_down / (0.5 * raw_down),
     });
     drop(daemon);
 
@@ -585,6 +598,7 @@ async fn main() {
         goal: "≥ 2× faster than du".into(),
         met: du_a.as_secs_f64() >= 2.0 * ours_t.as_secs_f64()
             && du.as_secs_f64() >= 2.0 * ours_t.as_secs_f64(),
+        margin: du_a.as_secs_f64().min(du.as_secs_f64()) / (2.0 * ours_t.as_secs_f64()),
     });
 
     println!("| row | vfolderd | reference (same run) | ratio | goal | met |");
@@ -602,10 +616,62 @@ async fn main() {
     }
     let json: Vec<serde_json::Value> = rows
         .iter()
-        .map(|r| serde_json::json!({"row": r.name, "vfolderd": r.ours, "reference": r.reference, "ratio": r.ratio, "goal": r.goal, "met": r.met}))
+        .map(|r| serde_json::json!({"row": r.name, "vfolderd": r.ours, "reference": r.reference, "ratio": r.ratio, "goal": r.goal, "met": r.met, "goal_margin": r.margin}))
         .collect();
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-e2e.json");
     std::fs::write(&out, serde_json::to_string_pretty(&json).unwrap()).unwrap();
     println!("\nJSON: {}", out.display());
+    let svg = out.with_extension("svg");
+    plot(&rows, &svg);
+    println!("plot: {}", svg.display());
     let _ = umount2(&d, MntFlags::MNT_DETACH);
+}
+
+/// One bar per row: its goal margin (achieved / required, log scale), the
+/// goal at 1.0; green when met.
+fn plot(rows: &[Row], path: &Path) {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (1000, 80 + 60 * rows.len() as u32)).into_drawing_area();
+    root.fill(&WHITE).unwrap();
+    let hi = rows.iter().map(|r| r.margin).fold(2.0_f64, f64::max) * 1.5;
+    let lo = rows
+        .iter()
+        .map(|r| r.margin)
+        .filter(|m| *m > 0.0)
+        .fold(0.5_f64, f64::min)
+        / 1.5;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "vfolderd e2e bench: goal margin per row (achieved / required; ≥ 1 meets the goal)",
+            ("sans-serif", 18),
+        )
+        .margin(15)
+        .x_label_area_size(35)
+        .y_label_area_size(330)
+        .build_cartesian_2d((lo..hi).log_scale(), 0..rows.len())
+        .unwrap();
+    let names: Vec<String> = rows
+        .iter()
+        .map(|r| r.name.chars().take(48).collect())
+        .collect();
+    chart
+        .configure_mesh()
+        .y_labels(rows.len())
+        .y_label_formatter(&|i| names.get(*i).cloned().unwrap_or_default())
+        .x_desc("goal margin (log)")
+        .draw()
+        .unwrap();
+    chart
+        .draw_series(rows.iter().enumerate().map(|(i, r)| {
+            let color = if r.met { GREEN.mix(0.7) } else { RED.mix(0.7) };
+            Rectangle::new([(lo, i), (r.margin.max(lo), i + 1)], color.filled())
+        }))
+        .unwrap();
+    chart
+        .draw_series(LineSeries::new(
+            [(1.0, 0), (1.0, rows.len())],
+            BLACK.stroke_width(2),
+        ))
+        .unwrap();
+    root.present().unwrap();
 }
