@@ -607,8 +607,6 @@ impl Reconciler {
                     }
                 }
             }
-            let t_executed = t_start.elapsed();
-            tracing::debug!(?t_executed, "executed");
             // Our own mounts changed the table: read it again, whatever the events say.
             drop(actual);
             let (mounts, changed) = self.mount_table(true)?;

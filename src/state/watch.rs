@@ -96,12 +96,6 @@ pub struct DesiredCache {
 }
 
 impl DesiredCache {
-    /// The current desired state (shared, not copied) and its generation.
-    pub fn snapshot(&self) -> (Arc<Desired>, u64) {
-        let cur = self.desired.lock().expect("desired lock");
-        (cur.desired.clone(), cur.generation)
-    }
-
     /// The current state, its generation, and what changed since the last
     /// call (reset).
     pub fn take(&self) -> (Arc<Desired>, u64, Changes) {
