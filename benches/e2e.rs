@@ -45,6 +45,21 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
     v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
 }
 
+/// What vfolderd does per bind, with nothing around it: `MS_BIND`, then
+/// the `MS_REMOUNT` that sets nosuid,nodev (the floor and raw references).
+fn raw_bind(src: &Path, target: &Path) {
+    mount(
+        Some(src),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
+    let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mount(None::<&str>, target, None::<&str>, flags, None::<&str>).unwrap();
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -296,22 +311,7 @@ async fn main() {
         for j in 0..3 {
             let t = d.join(format!("floor/{i}/{j}"));
             std::fs::create_dir_all(&t).unwrap();
-            mount(
-                Some(&fsrc),
-                &t,
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            )
-            .unwrap();
-            mount(
-                None::<&str>,
-                &t,
-                None::<&str>,
-                MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-                None::<&str>,
-            )
-            .unwrap();
+            raw_bind(&fsrc, &t);
         }
         floor.push(t0.elapsed());
     }
@@ -376,22 +376,7 @@ async fn main() {
     for i in 0..attachments {
         let tg = raw_dir.join(format!("{i}"));
         std::fs::create_dir_all(&tg).unwrap();
-        mount(
-            Some(&fsrc),
-            &tg,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .unwrap();
-        mount(
-            None::<&str>,
-            &tg,
-            None::<&str>,
-            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            None::<&str>,
-        )
-        .unwrap();
+        raw_bind(&fsrc, &tg);
     }
     let raw_rate = attachments as f64 / t.elapsed().as_secs_f64();
     let exec_n = attachments.min(300);

@@ -337,13 +337,10 @@ impl Reconciler {
         want: &Want,
         changed: impl IntoIterator<Item = PathBuf>,
     ) -> Result<Changes, PassError> {
-        let ledger = Actual {
-            owned_mounts: self.ledger.mounts()?,
-            ..Actual::default()
-        };
+        let owned = self.ledger.mounts()?;
         let mut out = Changes::default();
         for t in changed {
-            match self.kernel_of_target(want, &ledger, &t) {
+            match self.kernel_of_target(want, &owned, &t) {
                 TargetOf::Kernel(k) => {
                     out.kernels.insert(k);
                 }
@@ -417,11 +414,16 @@ impl Reconciler {
     }
 
     /// Which kernel a changed mount point belongs to.
-    fn kernel_of_target(&self, want: &Want, actual: &Actual, t: &Path) -> TargetOf {
+    fn kernel_of_target(
+        &self,
+        want: &Want,
+        owned: &crate::state::ledger::OwnedMounts,
+        t: &Path,
+    ) -> TargetOf {
         if let Some(b) = want.binds.get(t) {
             return TargetOf::Kernel(b.kernel.clone());
         }
-        if let Some(k) = actual.owned_mounts.get(t).and_then(|m| m.kernel.clone()) {
+        if let Some(k) = owned.get(t).and_then(|m| m.kernel.clone()) {
             return TargetOf::Kernel(k);
         }
         if t.starts_with(&self.node.volumes_root) || t.starts_with(&self.node.kernels_root) {
