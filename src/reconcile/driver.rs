@@ -534,7 +534,31 @@ impl Reconciler {
         {
             // Say `Pending` for what is about to change before a possibly slow
             // mount (binds take microseconds: their outcome is reported at once).
-            let pre = report(&self.report_inputs(), report_desired, &want, &actual);
+            let mut pre = report(&self.report_inputs(), report_desired, &want, &actual);
+            // A kernel with actions still to run is not Ready yet, even if
+            // everything it has so far is optional (best-effort startup binds).
+            let attaching: BTreeSet<&str> = actions
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Bind { bind } | Action::Remount { bind } => Some(bind.kernel.as_str()),
+                    Action::WriteToken { token } => Some(token.kernel.as_str()),
+                    Action::MakeDir {
+                        owner: Some(Owner::Kernel(k)),
+                        ..
+                    } => Some(k.as_str()),
+                    _ => None,
+                })
+                .collect();
+            for k in attaching {
+                if let Some(v) = pre.entries.get_mut(&self.keys.kernel_status(k)) {
+                    if v["state"] == "Ready" {
+                        let mut pending = serde_json::Value::clone(v);
+                        pending["state"] = json!("Pending");
+                        pending["error"] = json!("attaching");
+                        *v = Arc::new(pending);
+                    }
+                }
+            }
             let entries = self.merged_entries(pre.entries, scope.as_ref());
             self.status_tx.send_replace(entries);
         }
