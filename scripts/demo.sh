@@ -48,8 +48,12 @@ id=$("$bin" vfolder create --config "$cfg" --volume scratch-shard-1 --name mydat
 echo "created vfolder $id"
 sed "s/VFOLDER_UUID/$id/" config/examples/kernel.yaml | etcdctl_ put /vfolderd/nodes/node-1/kernels/demo-kernel >/dev/null
 echo "put kernel demo-kernel; waiting for Ready..."
+ready=
 for _ in $(seq 300); do
-  etcdctl_ get --print-value-only /vfolderd/status/nodes/node-1/kernels/demo-kernel | grep -q '"state":"Ready"' && break
+  if etcdctl_ get --print-value-only /vfolderd/status/nodes/node-1/kernels/demo-kernel | grep -q '"state":"Ready"'; then
+    ready=1
+    break
+  fi
   sleep 0.1
 done
 echo
@@ -58,6 +62,11 @@ echo
 echo "mounts made by vfolderd:"
 findmnt -rn -o TARGET,FSTYPE,OPTIONS | grep /var/lib/vfolderd || true
 echo
+if [ -z "$ready" ]; then
+  echo "demo-kernel did not become Ready in 30 s; vfolderd's log: $work/vfolderd.log" >&2
+  tail -20 "$work/vfolderd.log" >&2
+  exit 1
+fi
 if [ -t 0 ]; then
   echo "vfolderd is running (pid $vfolderd_pid). Try: ls /var/lib/vfolderd/kernels/demo-kernel/work"
   echo "Press Ctrl-C to stop; mounts stay in place on stop (and vanish with this namespace)."
