@@ -79,6 +79,19 @@ mount --rbind /dev "$root/dev"
 mount -t tmpfs -o mode=1777 tmp "$root/tmp"
 mount -t tmpfs run "$root/run"
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+# The network's own trust, as any machine on this network is set up: where
+# egress goes through a TLS-inspecting proxy, its CA is a local CA of the host
+# (installed into the bundle when install-deps brings ca-certificates), and the
+# host's CA-bundle variables point npm, cargo and curl at it.
+if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+  mkdir -p "$root/usr/local/share/ca-certificates"
+  cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+fi
+passthrough=()
+for v in NODE_EXTRA_CA_CERTS SSL_CERT_FILE SSL_CERT_DIR CURL_CA_BUNDLE GIT_SSL_CAINFO \
+  http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
+  [ -n "${!v:-}" ] && passthrough+=("$v=${!v}")
+done
 # The Rust toolchain, and nothing else from the host: rustup's proxies and the
 # toolchain read-only; a fresh, empty, writable CARGO_HOME for the registry.
 mkdir -p "$root/opt/rustup" "$root/opt/cargo/bin" "$root/root/.cargo"
@@ -94,6 +107,7 @@ in_root() {
   chroot "$root" /usr/bin/env -i HOME=/root TERM=dumb LANG=C.UTF-8 \
     PATH=/root/.cargo/bin:/opt/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     RUSTUP_HOME=/opt/rustup CARGO_HOME=/root/.cargo RUSTUP_TOOLCHAIN="$toolchain" \
+    "${passthrough[@]}" \
     bash -c "cd /root/vfolderd && $1"
 }
 
