@@ -10,7 +10,7 @@
 //! - [`reconcile::plan`]: desired × actual → ordered actions (pure).
 //! - [`reconcile::execute`] over [`reconcile::sys`]: carries actions out.
 //! - [`reconcile::report`] → [`state::status`]: status write-back.
-//! - [`reconcile::driver`]: the loop; [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`reconcile::pass`]: the loop; [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`azure`]: blob containers, SAS tokens, datasets; [`secret`]: a string that never prints.
 //! - [`cli`]: the operator commands.
 
@@ -29,7 +29,7 @@ pub mod spec;
 pub mod state;
 pub mod usage;
 
-pub use reconcile::driver::{run, Deps};
+pub use reconcile::pass::{run, Deps};
 
 /// Formats an error with its whole `source()` chain, `a: b: c`.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -1,7 +1,7 @@
 //! Reconciliation: observe actual state, plan, execute, drive the loop.
 
 pub mod actual;
-pub mod driver;
+pub mod pass;
 pub mod execute;
 pub mod fsops;
 pub mod mountwatch;
