@@ -164,7 +164,7 @@ pub async fn drain(cfg: &NodeConfig, force: bool) -> Result<DrainReport, CliErro
     let ledger = Ledger::open(&cfg.state.join("db")).map_err(|e| {
         CliError::Invalid(format!(
             "cannot open the state store ({}): is vfolderd still running? stop it first",
-            crate::error_chain(&e)
+            crate::error::error_chain(&e)
         ))
     })?;
     if !force {
@@ -208,8 +208,9 @@ pub async fn drain(cfg: &NodeConfig, force: bool) -> Result<DrainReport, CliErro
     }
     let mounts = ProcMountInfo::default()
         .read()
-        .map_err(|e| CliError::Invalid(crate::error_chain(&e)))?;
-    let store = |e: crate::state::ledger::LedgerError| CliError::Invalid(crate::error_chain(&e));
+        .map_err(|e| CliError::Invalid(crate::error::error_chain(&e)))?;
+    let store =
+        |e: crate::state::ledger::LedgerError| CliError::Invalid(crate::error::error_chain(&e));
     let actual = Actual {
         mounts: mounts.into(),
         owned_mounts: ledger.mounts().map_err(store)?,
@@ -237,9 +238,11 @@ pub async fn drain(cfg: &NodeConfig, force: bool) -> Result<DrainReport, CliErro
                 report.unmounted.push(target.clone())
             }
             (_, Ok(())) => {}
-            (a, Err(e)) => report
-                .failed
-                .push(format!("{}: {}", a.kind(), crate::error_chain(&e))),
+            (a, Err(e)) => {
+                report
+                    .failed
+                    .push(format!("{}: {}", a.kind(), crate::error::error_chain(&e)))
+            }
         }
     }
     Ok(report)
@@ -267,7 +270,7 @@ pub async fn blob_container(
         .ok_or_else(|| CliError::Invalid(format!("volume {volume} does not exist")))?;
     let spec = crate::spec::parse_volume(volume, kv.value(), &crate::policy::Policy::default())
         .map_err(|e| CliError::Invalid(format!("volume {volume}: {e}")))?;
-    if spec.mount.fstype != "azureblob" {
+    if spec.mount.fstype != crate::spec::Fstype::AzureBlob {
         return Err(CliError::Invalid(format!(
             "volume {volume} is {}, not azureblob",
             spec.mount.fstype

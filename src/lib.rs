@@ -10,13 +10,18 @@
 //! - [`reconcile::plan`]: desired × actual → ordered actions (pure).
 //! - [`reconcile::execute`] over [`reconcile::sys`]: carries actions out.
 //! - [`reconcile::report`] → [`state::status`]: status write-back.
-//! - [`reconcile::pass`]: the loop; [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`daemon`]: startup, the readiness gate and the loop; [`reconcile::pass`]:
+//!   one pass (observe → resolve → scope → plan → execute → remember → report),
+//!   with [`reconcile::observe`], [`reconcile::scope`], [`reconcile::bookkeeping`].
+//! - [`metrics`]: `/metrics`, `/healthz`, `/readyz`; [`error`]: error chains.
 //! - [`azure`]: blob containers, SAS tokens, datasets; [`secret`]: a string that never prints.
 //! - [`cli`]: the operator commands.
 
 pub mod azure;
 pub mod cli;
 pub mod config;
+pub mod daemon;
+pub mod error;
 pub mod etcd;
 pub mod keys;
 pub mod memory;
@@ -29,16 +34,4 @@ pub mod spec;
 pub mod state;
 pub mod usage;
 
-pub use reconcile::pass::{run, Deps};
-
-/// Formats an error with its whole `source()` chain, `a: b: c`.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use daemon::{run, Deps};

@@ -13,6 +13,10 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::reconcile::pass::PassOutcome;
+use crate::reconcile::report::KernelState;
+use crate::state::desired::Desired;
+
 /// Every series vfolderd exports (listed in README.md).
 pub struct Metrics {
     /// The registry they live in.
@@ -188,6 +192,49 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut buf)
             .expect("encode");
         String::from_utf8(buf).expect("utf8")
+    }
+}
+
+impl Metrics {
+    /// Counts one pass and the actions it attempted.
+    pub fn record_pass(&self, o: &PassOutcome) {
+        if o.scope.is_some() {
+            self.kernel_passes.inc();
+        }
+        for a in &o.actions {
+            let result = if a.ok { "ok" } else { "error" };
+            self.actions
+                .with_label_values(&[a.kind.as_str(), result])
+                .inc();
+        }
+    }
+
+    /// Publishes the node's state as the last pass of a round left it.
+    pub fn record_outcome(&self, o: &PassOutcome, desired: &Desired) {
+        let result = if o.summary.converged {
+            "converged"
+        } else {
+            "pending"
+        };
+        self.passes.with_label_values(&[result]).inc();
+        for state in KernelState::ALL {
+            let n = o.summary.kernels_by_state.get(&state).copied().unwrap_or(0);
+            self.kernels
+                .with_label_values(&[state.as_str()])
+                .set(n as i64);
+        }
+        self.stale_volumes.set(o.summary.stale_volumes as i64);
+        self.policy_conflicts.set(o.summary.policy_conflicts as i64);
+        for (kind, n) in &o.owned {
+            self.owned_mounts.with_label_values(&[kind]).set(*n);
+        }
+        for (kind, n) in desired.rejected_counts() {
+            self.rejected.with_label_values(&[kind]).set(n as i64);
+        }
+        self.sas_expiry.reset();
+        for (volume, at) in &o.sas_expiry {
+            self.sas_expiry.with_label_values(&[volume]).set(*at as i64);
+        }
     }
 }
 

@@ -34,6 +34,70 @@ pub enum Permission {
     Rw,
 }
 
+/// A volume's filesystem type: the ones vfolderd mounts its own way, and any
+/// other a mount helper handles. Written as its name in specs and the ledger.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[serde(from = "String", into = "String")]
+pub enum Fstype {
+    /// Azure Files / SMB, through `mount.cifs` (secrets moved to a 0600 file).
+    Cifs,
+    /// NFS (v3 or v4), through `mount.nfs`.
+    Nfs,
+    /// A memory filesystem, mounted with mount(2).
+    Tmpfs,
+    /// A host directory, bound with mount(2).
+    Bind,
+    /// An Azure Blob container, through an rclone FUSE daemon.
+    AzureBlob,
+    /// Anything else with a mount helper (`nfs4`, ...).
+    Other(String),
+}
+
+impl Fstype {
+    /// Its name, as written in specs and passed to `mount -t`.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Fstype::Cifs => "cifs",
+            Fstype::Nfs => "nfs",
+            Fstype::Tmpfs => "tmpfs",
+            Fstype::Bind => "bind",
+            Fstype::AzureBlob => "azureblob",
+            Fstype::Other(s) => s,
+        }
+    }
+}
+
+impl From<String> for Fstype {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "cifs" => Fstype::Cifs,
+            "nfs" => Fstype::Nfs,
+            "tmpfs" => Fstype::Tmpfs,
+            "bind" => Fstype::Bind,
+            "azureblob" => Fstype::AzureBlob,
+            _ => Fstype::Other(s),
+        }
+    }
+}
+
+impl From<&str> for Fstype {
+    fn from(s: &str) -> Self {
+        Fstype::from(s.to_string())
+    }
+}
+
+impl From<Fstype> for String {
+    fn from(f: Fstype) -> String {
+        f.as_str().to_string()
+    }
+}
+
+impl std::fmt::Display for Fstype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The `mount:` block of a volume spec (the seed's format).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -41,7 +105,7 @@ pub struct MountSpec {
     /// startup | requested.
     pub at: MountAt,
     /// cifs, nfs, tmpfs, bind, azureblob, or any fstype with a mount helper.
-    pub fstype: String,
+    pub fstype: Fstype,
     /// The mount source (`//host/share`, `host:/export`, a directory for bind).
     pub path: String,
     /// Comma-separated mount options, as for `mount -o`.
@@ -195,14 +259,59 @@ pub struct KernelSpec {
     pub mounts: Vec<KernelMount>,
 }
 
+/// Why a desired object is refused (its status says `Rejected` with this
+/// message). The kind decides what happens to what it had: a malformed value
+/// holds everything it had in place (an error never unmounts); a policy
+/// refusal keeps a volume mounted only while kernels use it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// The key or value is malformed (YAML, schema, names, sizes).
+    #[error("{0}")]
+    Invalid(String),
+    /// The policy refuses it; the message names the rule (`policy <rule>: ...`).
+    #[error("{0}")]
+    Policy(String),
+}
+
+impl Rejection {
+    /// Whether the policy, not the value's form, refused it.
+    pub fn is_policy(&self) -> bool {
+        matches!(self, Rejection::Policy(_))
+    }
+
+    /// The same rejection with its message redacted.
+    fn redacted(self) -> Self {
+        match self {
+            Rejection::Invalid(m) => Rejection::Invalid(redact(&m)),
+            Rejection::Policy(m) => Rejection::Policy(redact(&m)),
+        }
+    }
+}
+
+impl From<String> for Rejection {
+    fn from(message: String) -> Self {
+        Rejection::Invalid(message)
+    }
+}
+
+impl From<&str> for Rejection {
+    fn from(message: &str) -> Self {
+        Rejection::Invalid(message.to_string())
+    }
+}
+
 fn yaml_error(e: &serde_yaml::Error) -> String {
     redact(&e.to_string())
 }
 
 /// Parses and validates a volume value stored under key name `key_name`.
 /// Every message is redacted: a rejected value may carry a password or SAS.
-pub fn parse_volume(key_name: &str, value: &[u8], policy: &Policy) -> Result<VolumeSpec, String> {
-    check_volume(key_name, value, policy).map_err(|e| redact(&e))
+pub fn parse_volume(
+    key_name: &str,
+    value: &[u8],
+    policy: &Policy,
+) -> Result<VolumeSpec, Rejection> {
+    check_volume(key_name, value, policy).map_err(Rejection::redacted)
 }
 
 /// Largest desired value accepted: specs are small; a huge one is an attack or a mistake.
@@ -220,18 +329,20 @@ fn check_size(value: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-fn check_volume(key_name: &str, value: &[u8], policy: &Policy) -> Result<VolumeSpec, String> {
+fn check_volume(key_name: &str, value: &[u8], policy: &Policy) -> Result<VolumeSpec, Rejection> {
     check_size(value)?;
     let spec: VolumeSpec = serde_yaml::from_slice(value).map_err(|e| yaml_error(&e))?;
     if let Some(n) = &spec.name {
         if n != key_name {
-            return Err(format!(
-                "name {n:?} does not match the key's volume name {key_name:?}"
-            ));
+            return Err(
+                format!("name {n:?} does not match the key's volume name {key_name:?}").into(),
+            );
         }
     }
     let opts = spec.option_list();
-    policy.check_volume(&spec.mount.fstype, &spec.mount.path, &opts)?;
+    policy
+        .check_volume(spec.mount.fstype.as_str(), &spec.mount.path, &opts)
+        .map_err(Rejection::Policy)?;
     if spec.mount.path.len() > MAX_MOUNT_STRING
         || spec
             .mount
@@ -239,9 +350,9 @@ fn check_volume(key_name: &str, value: &[u8], policy: &Policy) -> Result<VolumeS
             .as_ref()
             .is_some_and(|o| o.len() > MAX_MOUNT_STRING)
     {
-        return Err(format!(
-            "mount.path and mount.options are at most {MAX_MOUNT_STRING} bytes"
-        ));
+        return Err(
+            format!("mount.path and mount.options are at most {MAX_MOUNT_STRING} bytes").into(),
+        );
     }
     if spec.mount.path.is_empty() || spec.mount.path.contains(['\0', '\n']) {
         return Err("mount.path must be non-empty and contain no NUL or newline".into());
@@ -251,14 +362,14 @@ fn check_volume(key_name: &str, value: &[u8], policy: &Policy) -> Result<VolumeS
             return Err("mount.options must not contain NUL or newline".into());
         }
     }
-    match spec.mount.fstype.as_str() {
-        "bind" if !Path::new(&spec.mount.path).is_absolute() => {
+    match &spec.mount.fstype {
+        Fstype::Bind if !Path::new(&spec.mount.path).is_absolute() => {
             return Err("a bind volume's mount.path must be an absolute directory".into())
         }
-        "cifs" if !spec.mount.path.starts_with("//") => {
+        Fstype::Cifs if !spec.mount.path.starts_with("//") => {
             return Err("a cifs volume's mount.path must look like //host/share".into())
         }
-        "azureblob" => {
+        Fstype::AzureBlob => {
             crate::azure::BlobLocation::parse(&spec.mount.path).map_err(|e| e.to_string())?;
             if spec.mount.credentials.is_none() {
                 return Err(
@@ -271,12 +382,12 @@ fn check_volume(key_name: &str, value: &[u8], policy: &Policy) -> Result<VolumeS
     let has_inline_secret = opts
         .iter()
         .any(|o| o.to_ascii_lowercase().starts_with("password="));
-    if has_inline_secret && spec.mount.fstype != "cifs" {
+    if has_inline_secret && spec.mount.fstype != Fstype::Cifs {
         return Err("inline password= is only supported for cifs (it is moved into a 0600 credentials file); use credentials:".into());
     }
     if let Some(c) = &spec.mount.credentials {
         if !is_valid_object_name(c) {
-            return Err(format!("credentials {c:?} must be a plain file name"));
+            return Err(format!("credentials {c:?} must be a plain file name").into());
         }
     }
     Ok(spec)
@@ -453,7 +564,8 @@ volumes:
             b"mount: {at: startup, fstype: tmpfs, path: x, colour: red}\n",
             &Policy::default(),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("colour"), "{err}");
     }
 
@@ -466,13 +578,14 @@ volumes:
             &p
         )
         .unwrap_err()
+        .to_string()
         .contains("ext4"));
         let err = parse_volume(
             "v",
             b"mount: {at: startup, fstype: tmpfs, path: x, options: 'size=1m,suid'}\n",
             &p,
         );
-        assert!(err.unwrap_err().contains("suid"));
+        assert!(err.unwrap_err().to_string().contains("suid"));
     }
 
     #[test]
@@ -482,7 +595,8 @@ volumes:
             b"mount: {at: password=hunter2, fstype: cifs, path: //a/b}\n",
             &Policy::default(),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(!err.contains("hunter2"), "{err}");
     }
 
@@ -493,7 +607,7 @@ volumes:
             b"name: b\nmount: {at: startup, fstype: tmpfs, path: t}\n",
             &Policy::default(),
         );
-        assert!(err.unwrap_err().contains("does not match"));
+        assert!(err.unwrap_err().to_string().contains("does not match"));
     }
 
     #[test]

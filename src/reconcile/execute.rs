@@ -1,7 +1,7 @@
 //! The executor: carries out planned actions through a [`Mounter`], records
 //! ownership in the ledger around each mount, and reports each outcome.
 //!
-//! It is synchronous (mount(2) blocks); the driver runs it on a blocking
+//! It is synchronous (mount(2) blocks); the pass runs on a blocking
 //! thread. A failed action never stops the others: only the actions that
 //! depend on it (same kernel, same volume) are skipped.
 
@@ -22,6 +22,7 @@ use crate::reconcile::fsops::{
 };
 use crate::reconcile::plan::{Action, WantBind, WantToken, WantVolume};
 use crate::reconcile::sys::{split_flags, DaemonRequest, HelperError, HelperRequest, Mounter};
+use crate::spec::Fstype;
 use crate::state::ledger::{
     Ledger, LedgerError, MountKind, OwnedDir, OwnedMount, OwnedToken, Owner,
 };
@@ -48,8 +49,9 @@ pub enum ExecError {
         /// The errno.
         errno: Errno,
     },
-    /// The mount helper failed or timed out.
-    #[error("mount {target}: {source}")]
+    /// The mount helper failed or timed out. The cause is the `source`, not
+    /// part of this message: an error chain prints it once.
+    #[error("mount {target}")]
     Helper {
         /// The mount point.
         target: PathBuf,
@@ -265,7 +267,7 @@ impl Executor {
         // durable together (a failure here only means a record the next
         // pass forgets again).
         if let Err(e) = self.ledger.sync() {
-            tracing::warn!(error = %crate::error_chain(&e), "cannot flush the state store");
+            tracing::warn!(error = %crate::error::error_chain(&e), "cannot flush the state store");
         }
         out
     }
@@ -315,14 +317,14 @@ impl Executor {
                 _ => Ok(()),
             };
             if let Err(e) = r {
-                tracing::warn!(error = %crate::error_chain(&e), "cannot stage ownership records; writing them one by one");
+                tracing::warn!(error = %crate::error::error_chain(&e), "cannot stage ownership records; writing them one by one");
                 break;
             }
         }
         if !(staged.mounts.is_empty() && staged.dirs.is_empty()) {
             if let Err(e) = self.ledger.sync() {
                 // Not durable: forget the staging, write each record before its syscall.
-                tracing::warn!(error = %crate::error_chain(&e), "cannot flush staged ownership records");
+                tracing::warn!(error = %crate::error::error_chain(&e), "cannot flush staged ownership records");
                 staged = Staged::default();
             }
         }
@@ -345,7 +347,7 @@ impl Executor {
             _ => Ok(()),
         };
         if let Err(e) = r {
-            tracing::warn!(error = %crate::error_chain(&e), "cannot drop a staged ownership record");
+            tracing::warn!(error = %crate::error::error_chain(&e), "cannot drop a staged ownership record");
         }
     }
 
@@ -395,7 +397,7 @@ impl Executor {
                             path: p.to_path_buf(),
                             owner: owner.clone(),
                         })
-                        .map_err(|e| crate::error_chain(&e)),
+                        .map_err(|e| crate::error::error_chain(&e)),
                     None => Ok(()),
                 };
                 let made = make_dir(root, path, create, &mut record)?;
@@ -439,7 +441,7 @@ impl Executor {
             target: v.target.clone(),
             kind: MountKind::Volume,
             source: v.source.clone(),
-            fstype: v.fstype.clone(),
+            fstype: v.fstype.to_string(),
             volume: v.name.clone(),
             kernel: None,
             readonly: v.readonly,
@@ -451,7 +453,7 @@ impl Executor {
         };
         // Intent first: if we crash after mounting, the mount is still ours.
         self.ledger.put_mount(&record)?;
-        let result = if v.fstype == "azureblob" {
+        let result = if v.fstype == Fstype::AzureBlob {
             self.mount_blob(v).and_then(|expires_at| {
                 Ok(self.ledger.put_mount(&OwnedMount {
                     expires_at,
@@ -483,8 +485,8 @@ impl Executor {
             target: v.target.clone(),
             errno,
         };
-        match v.fstype.as_str() {
-            "tmpfs" => self
+        match &v.fstype {
+            Fstype::Tmpfs => self
                 .mounter
                 .mount(
                     Some(Path::new(&v.source)),
@@ -494,7 +496,7 @@ impl Executor {
                     data.as_deref(),
                 )
                 .map_err(mount_err),
-            "bind" => {
+            Fstype::Bind => {
                 self.mounter
                     .mount(
                         Some(Path::new(&v.source)),
@@ -531,7 +533,7 @@ impl Executor {
             .filter(|o| !matches!(o.as_str(), "nosuid" | "nodev"))
         {
             let key = o.split('=').next().unwrap_or_default().to_ascii_lowercase();
-            if v.fstype == "cifs"
+            if v.fstype == Fstype::Cifs
                 && matches!(
                     key.as_str(),
                     "username" | "user" | "password" | "pass" | "domain"
@@ -548,7 +550,7 @@ impl Executor {
             }
         }
         let mut temp_file = None;
-        if v.fstype == "cifs" {
+        if v.fstype == Fstype::Cifs {
             // What the Azure Files CSI driver sets when the options do not:
             // SMB 3.0, 30 s attribute cache, symlinks emulated (Azure Files has none).
             for (key, default) in [
@@ -578,7 +580,7 @@ impl Executor {
         options.push("nosuid".into());
         options.push("nodev".into());
         let req = HelperRequest {
-            fstype: v.fstype.clone(),
+            fstype: v.fstype.to_string(),
             source: v.source.clone(),
             target: v.target.clone(),
             options: options.join(","),
@@ -750,7 +752,7 @@ impl Executor {
                     path: p.to_path_buf(),
                     owner: owner.clone(),
                 })
-                .map_err(|e| crate::error_chain(&e))
+                .map_err(|e| crate::error::error_chain(&e))
         };
         make_dir(
             &self.cfg.kernels_root,
@@ -953,11 +955,29 @@ pub fn observe_dirs(
 
 /// A message fit for status: secrets redacted.
 pub fn status_message(e: &ExecError) -> String {
-    redact(&e.to_string())
+    redact(&crate::error::error_chain(e))
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_helper_error_names_its_cause_once() {
+        let e = ExecError::Helper {
+            target: PathBuf::from("/v/a"),
+            source: HelperError::Failed {
+                code: 32,
+                stderr: "mount error(13): Permission denied".into(),
+            },
+        };
+        let chain = crate::error::error_chain(&e);
+        assert_eq!(
+            chain,
+            "mount /v/a: mount helper exited with 32: mount error(13): Permission denied"
+        );
+        assert_eq!(status_message(&e), chain);
+        assert_eq!(chain.matches("Permission denied").count(), 1);
+    }
+
     use super::*;
     use crate::reconcile::sys::{Call, CallKind, RecordingMounter};
     use crate::spec::MountAt;

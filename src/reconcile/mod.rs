@@ -1,11 +1,14 @@
-//! Reconciliation: observe actual state, plan, execute, drive the loop.
+//! Reconciliation: observe actual state, plan, execute, one pass at a time.
 
 pub mod actual;
-pub mod pass;
+pub mod bookkeeping;
 pub mod execute;
 pub mod fsops;
 pub mod mountwatch;
+pub mod observe;
+pub mod pass;
 pub mod plan;
 pub mod probe;
 pub mod report;
+pub mod scope;
 pub mod sys;

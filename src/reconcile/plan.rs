@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 use crate::reconcile::actual::MountTable;
-use crate::spec::{vfolder_relpath, HealPolicy, KernelMount, MountAt, Permission};
+use crate::spec::{vfolder_relpath, Fstype, HealPolicy, KernelMount, MountAt, Permission};
 use crate::state::desired::Desired;
 use crate::state::ledger::{MountKind, OwnedDirs, OwnedMounts, OwnedTokens, Owner};
 
@@ -63,7 +63,7 @@ pub struct WantVolume {
     /// `<volumes_root>/<name>`.
     pub target: PathBuf,
     /// fstype.
-    pub fstype: String,
+    pub fstype: Fstype,
     /// Source.
     pub source: String,
     /// Options as given (secrets included: the executor moves them to a file).
@@ -207,7 +207,11 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
                     // Validated at parse time; the forced options come from the policy.
                     options: node
                         .policy
-                        .check_volume(&spec.mount.fstype, &spec.mount.path, &spec.option_list())
+                        .check_volume(
+                            spec.mount.fstype.as_str(),
+                            &spec.mount.path,
+                            &spec.option_list(),
+                        )
                         .unwrap_or_else(|_| spec.option_list()),
                     credentials: spec.mount.credentials.clone(),
                     at: spec.mount.at,
@@ -222,7 +226,7 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
         match &e.spec {
             // A malformed value never unmounts anything; a policy refusal
             // only keeps the mount while kernels use it (see `plan`).
-            Err(reason) if !reason.starts_with("policy ") => {
+            Err(r) if !r.is_policy() => {
                 w.held_volumes.insert(name.clone());
             }
             Err(_) => {}
@@ -262,7 +266,7 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
         };
         let spec = match (&e.spec, node.agent) {
             (Err(reason), _) => {
-                k.resolution = Resolution::Rejected(reason.clone());
+                k.resolution = Resolution::Rejected(reason.to_string());
                 None
             }
             (Ok(_), false) => {
@@ -306,7 +310,7 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
                             "token volume {volume} is rejected"
                         )));
                     }
-                    Some(Ok(v)) if v.mount.fstype != "azureblob" => {
+                    Some(Ok(v)) if v.mount.fstype != Fstype::AzureBlob => {
                         problem = Some(Resolution::Rejected(format!(
                             "token: volume {volume} is not an azureblob volume"
                         )));
@@ -515,20 +519,69 @@ pub enum Action {
     },
 }
 
-impl Action {
-    /// Label for metrics.
-    pub fn kind(&self) -> &'static str {
+/// What an action does, for metrics and logs (a bounded label set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ActionKind {
+    /// [`Action::Unmount`].
+    Unmount,
+    /// [`Action::Forget`].
+    Forget,
+    /// [`Action::Detach`].
+    Detach,
+    /// [`Action::RemoveDir`].
+    RemoveDir,
+    /// [`Action::MakeDir`].
+    MakeDir,
+    /// [`Action::MountVolume`].
+    Mount,
+    /// [`Action::Bind`].
+    Bind,
+    /// [`Action::Remount`].
+    Remount,
+    /// [`Action::WriteToken`].
+    WriteToken,
+    /// [`Action::RemoveToken`].
+    RemoveToken,
+}
+
+impl ActionKind {
+    /// The `kind` label of `vfolderd_actions_total`.
+    pub fn as_str(self) -> &'static str {
         match self {
-            Action::Unmount { .. } => "unmount",
-            Action::Forget { .. } => "forget",
-            Action::Detach { .. } => "detach",
-            Action::RemoveDir { .. } => "rmdir",
-            Action::MakeDir { .. } => "mkdir",
-            Action::MountVolume { .. } => "mount",
-            Action::Bind { .. } => "bind",
-            Action::Remount { .. } => "remount",
-            Action::WriteToken { .. } => "token",
-            Action::RemoveToken { .. } => "untoken",
+            ActionKind::Unmount => "unmount",
+            ActionKind::Forget => "forget",
+            ActionKind::Detach => "detach",
+            ActionKind::RemoveDir => "rmdir",
+            ActionKind::MakeDir => "mkdir",
+            ActionKind::Mount => "mount",
+            ActionKind::Bind => "bind",
+            ActionKind::Remount => "remount",
+            ActionKind::WriteToken => "token",
+            ActionKind::RemoveToken => "untoken",
+        }
+    }
+}
+
+impl std::fmt::Display for ActionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Action {
+    /// What the action does.
+    pub fn kind(&self) -> ActionKind {
+        match self {
+            Action::Unmount { .. } => ActionKind::Unmount,
+            Action::Forget { .. } => ActionKind::Forget,
+            Action::Detach { .. } => ActionKind::Detach,
+            Action::RemoveDir { .. } => ActionKind::RemoveDir,
+            Action::MakeDir { .. } => ActionKind::MakeDir,
+            Action::MountVolume { .. } => ActionKind::Mount,
+            Action::Bind { .. } => ActionKind::Bind,
+            Action::Remount { .. } => ActionKind::Remount,
+            Action::WriteToken { .. } => ActionKind::WriteToken,
+            Action::RemoveToken { .. } => ActionKind::RemoveToken,
         }
     }
 }
@@ -796,31 +849,6 @@ impl Action {
     }
 }
 
-/// Drops every action that removes something (unmount, forget, rmdir) and
-/// any setup action on a target whose unmount was dropped (it would stack a
-/// second mount). Used while desired state is not known to be current (a
-/// restart while etcd is unreachable): repair and add, never take away.
-pub fn without_teardown(actions: Vec<Action>) -> Vec<Action> {
-    let blocked: BTreeSet<PathBuf> = actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Unmount { target, .. } => Some(target.clone()),
-            _ => None,
-        })
-        .collect();
-    actions
-        .into_iter()
-        .filter(|a| match a {
-            Action::Unmount { .. } | Action::Forget { .. } | Action::RemoveDir { .. } => false,
-            Action::Detach { .. } | Action::WriteToken { .. } => true,
-            Action::RemoveToken { .. } => false,
-            Action::Bind { bind } | Action::Remount { bind } => !blocked.contains(&bind.target),
-            Action::MountVolume { volume } => !blocked.contains(&volume.target),
-            Action::MakeDir { path, .. } => !blocked.contains(path),
-        })
-        .collect()
-}
-
 /// Adds newly put kernels to a resolved `want` without resolving the whole
 /// node again (at 1,000 kernels a whole resolve was most of a kernel's
 /// put → Ready latency). Returns false, leaving `want` as it was, when a new
@@ -880,128 +908,11 @@ pub fn resolve_added(
     true
 }
 
-/// What a pass over a few kernels looks at: those kernels' part of `want`
-/// (every volume and vfolder directory stays in, so setup still works).
-/// Used when a watch event or a mount-table change names the kernels that
-/// changed: the work is O(those kernels), not O(node).
-pub fn want_of_kernels(want: &Want, kernels: &BTreeSet<String>) -> Want {
-    let mine = |k: &String| kernels.contains(k);
-    Want {
-        volumes: want.volumes.clone(),
-        vfolder_dirs: want.vfolder_dirs.clone(),
-        binds: kernels
-            .iter()
-            .filter_map(|k| want.kernels.get(k))
-            .flat_map(|k| k.binds.iter())
-            .filter_map(|t| want.binds.get_key_value(t))
-            .map(|(t, b)| (t.clone(), b.clone()))
-            .collect(),
-        kernels: kernels
-            .iter()
-            .filter_map(|k| want.kernels.get_key_value(k))
-            .map(|(id, k)| (id.clone(), k.clone()))
-            .collect(),
-        users: want.users.clone(),
-        held_kernels: want
-            .held_kernels
-            .iter()
-            .filter(|k| mine(k))
-            .cloned()
-            .collect(),
-        held_volumes: want.held_volumes.clone(),
-        tokens: want
-            .tokens
-            .iter()
-            .filter(|(_, t)| mine(&t.kernel))
-            .map(|(p, t)| (p.clone(), t.clone()))
-            .collect(),
-        homes: BTreeMap::new(),
-    }
-}
-
-/// The part of `actual`'s ownership records a pass over `kernels` may act
-/// on: their binds, directories and tokens, and every volume's records.
-/// (`mounts` is shared; `dirs` is left for the caller to observe.)
-pub fn actual_of_kernels(actual: &Actual, kernels: &BTreeSet<String>) -> Actual {
-    let mine = |k: &Option<String>| k.as_ref().is_none_or(|k| kernels.contains(k));
-    Actual {
-        mounts: actual.mounts.clone(),
-        owned_mounts: std::sync::Arc::new(
-            actual
-                .owned_mounts
-                .iter()
-                .filter(|(_, m)| mine(&m.kernel))
-                .map(|(t, m)| (t.clone(), m.clone()))
-                .collect(),
-        ),
-        owned_dirs: std::sync::Arc::new(
-            actual
-                .owned_dirs
-                .iter()
-                .filter(|(_, d)| match &d.owner {
-                    Owner::Kernel(k) => kernels.contains(k),
-                    Owner::Volume(_) => true,
-                })
-                .map(|(p, d)| (p.clone(), d.clone()))
-                .collect(),
-        ),
-        dirs: HashSet::new(),
-        stale: actual.stale.clone(),
-        renew: actual.renew.clone(),
-        owned_tokens: std::sync::Arc::new(
-            actual
-                .owned_tokens
-                .iter()
-                .filter(|(_, t)| kernels.contains(&t.kernel))
-                .map(|(p, t)| (p.clone(), t.clone()))
-                .collect(),
-        ),
-        token_renew: actual.token_renew.clone(),
-    }
-}
-
-/// Keeps the actions a pass over a few kernels may take: it cannot see the
-/// other kernels' binds, so it never takes a volume or a volume's directory
-/// away (nor sets up anything on a target whose teardown it dropped); the
-/// next whole pass does that.
-pub fn kernel_scoped(actions: Vec<Action>, actual: &Actual) -> Vec<Action> {
-    let volume_target = |t: &PathBuf| {
-        actual
-            .owned_mounts
-            .get(t)
-            .is_none_or(|m| m.kernel.is_none())
-    };
-    let blocked: BTreeSet<PathBuf> = actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Unmount { target, .. } | Action::Detach { target } if volume_target(target) => {
-                Some(target.clone())
-            }
-            _ => None,
-        })
-        .collect();
-    actions
-        .into_iter()
-        .filter(|a| match a {
-            Action::Unmount { target, .. }
-            | Action::Detach { target }
-            | Action::Forget { target } => !volume_target(target),
-            Action::RemoveDir { path } => actual
-                .owned_dirs
-                .get(path)
-                .is_some_and(|d| matches!(d.owner, Owner::Kernel(_))),
-            Action::Bind { bind } | Action::Remount { bind } => !blocked.contains(&bind.target),
-            Action::MountVolume { volume } => !blocked.contains(&volume.target),
-            Action::MakeDir { path, .. } => !blocked.contains(path),
-            Action::WriteToken { .. } | Action::RemoveToken { .. } => true,
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::reconcile::actual::MountEntry;
+    use crate::reconcile::scope::without_teardown;
     use crate::spec::{KernelSpec, MountSpec, VfolderSpec, VolumeSpec};
     use crate::state::desired::Entry;
     use crate::state::ledger::{OwnedDir, OwnedMount, OwnedToken};
@@ -1240,7 +1151,7 @@ mod tests {
         let w = resolve(&n, &one_kernel_desired());
         let kinds: Vec<&str> = plan(&n, &w, &Actual::default(), &BTreeSet::new())
             .iter()
-            .map(Action::kind)
+            .map(|a| a.kind().as_str())
             .collect();
         assert_eq!(kinds, ["mkdir", "mount", "mkdir", "mkdir", "mkdir", "bind"]);
     }
@@ -1475,7 +1386,7 @@ mod tests {
         let mut d = one_kernel_desired();
         d.kernels.clear();
         let acts = plan(&n, &resolve(&n, &d), &a, &BTreeSet::new());
-        let kinds: Vec<&str> = acts.iter().map(Action::kind).collect();
+        let kinds: Vec<&str> = acts.iter().map(|a| a.kind().as_str()).collect();
         assert_eq!(
             kinds,
             ["unmount", "rmdir", "rmdir", "rmdir", "detach", "mount"],
@@ -1487,7 +1398,7 @@ mod tests {
             v.heal = HealPolicy::Always;
         }
         let acts = plan(&n, &resolve(&n, &d), &a, &BTreeSet::new());
-        let kinds: Vec<&str> = acts.iter().map(Action::kind).collect();
+        let kinds: Vec<&str> = acts.iter().map(|a| a.kind().as_str()).collect();
         assert_eq!(kinds, ["detach", "detach", "mount", "bind"], "{acts:?}");
         let mut after = a.clone();
         apply(&n, &mut after, &acts);
@@ -1580,7 +1491,7 @@ mod tests {
             let names = ["va", "vb", "vc", "vmissing"];
             for (i, (startup, rw, bad)) in vols.into_iter().enumerate() {
                 let spec = if bad == 0 {
-                    Err("bad".to_string())
+                    Err("bad".into())
                 } else {
                     let mut v = volume(if startup {
                         MountAt::Startup
@@ -1595,7 +1506,7 @@ mod tests {
             }
             for (i, (vol, bad)) in vfs.into_iter().enumerate() {
                 let spec = if bad == 0 {
-                    Err("bad".to_string())
+                    Err("bad".into())
                 } else {
                     Ok(vfolder(&format!("f{i}"), names[vol]))
                 };
@@ -1605,7 +1516,7 @@ mod tests {
             for (i, (mounts, bad, home)) in kernels.into_iter().enumerate() {
                 let id = format!("k{i}");
                 let spec = if bad == 0 {
-                    Err("bad".to_string())
+                    Err("bad".into())
                 } else {
                     let mut k = kernel(
                         &id,

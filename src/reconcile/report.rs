@@ -6,13 +6,15 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 use uuid::Uuid;
 
 use crate::keys::Keys;
 use crate::reconcile::plan::{Actual, Resolution, Want};
+use crate::spec::Permission;
 use crate::state::desired::Desired;
-use crate::state::ledger::Owner;
+use crate::state::ledger::{MountKind, Owner};
 
 /// Why an object's last action failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,20 +36,219 @@ pub struct Usage {
     pub scanned_at: String,
 }
 
-/// Everything the status writer should hold, plus counters for metrics.
+/// A volume's state on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum VolumeState {
+    /// Mounted by vfolderd and healthy.
+    Mounted,
+    /// Not mounted (not needed here, or not yet).
+    Unmounted,
+    /// The last mount attempt failed, or its mount point is taken.
+    Failed,
+    /// Mounted, but the prober found it stale.
+    Stale,
+    /// The spec is malformed or the policy refuses it.
+    Rejected,
+}
+
+/// A kernel's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum KernelState {
+    /// Waiting for something (a vfolder record, a volume, its binds).
+    Pending,
+    /// Every required mount is in place: the container may start.
+    Ready,
+    /// Something it needs failed (the reason says what).
+    Failed,
+    /// Its spec is malformed or refused.
+    Rejected,
+}
+
+impl KernelState {
+    /// Every state, for the `vfolderd_kernels{state}` gauge.
+    pub const ALL: [KernelState; 4] = [
+        KernelState::Pending,
+        KernelState::Ready,
+        KernelState::Failed,
+        KernelState::Rejected,
+    ];
+
+    /// The state's name, as in the status value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KernelState::Pending => "Pending",
+            KernelState::Ready => "Ready",
+            KernelState::Failed => "Failed",
+            KernelState::Rejected => "Rejected",
+        }
+    }
+
+    /// Whether a kernel in this state needs nothing more from this node.
+    pub fn is_settled(self) -> bool {
+        matches!(self, KernelState::Ready | KernelState::Rejected)
+    }
+}
+
+/// A vfolder's state (storage role).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum VfolderState {
+    /// Its directory exists on its volume.
+    Ready,
+    /// Its directory is being created, or its volume is not mounted here.
+    Pending,
+    /// Its directory could not be created.
+    Failed,
+    /// Its record is malformed or refused.
+    Rejected,
+}
+
+/// `P/status/nodes/<node>/volumes/<volume>`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VolumeStatus {
+    /// The state.
+    pub state: VolumeState,
+    /// How many desired kernels on this node use it.
+    pub users: usize,
+    /// Why it is not mounted, stale or rejected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// A refused volume still mounted because kernels use it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept: Option<&'static str>,
+    /// A renewal (fresh SAS, rotated credentials) waiting for its kernels to go.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub renewal: Option<&'static str>,
+}
+
+/// One mount (or token file) of a kernel, as its status lists it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MountStatus {
+    /// Where it appears on the host.
+    pub target: PathBuf,
+    /// What it is (`vfolder:<uuid>`, `volume:<name>`, `token:<volume>`).
+    pub source: String,
+    /// How the kernel sees it.
+    pub permission: Permission,
+    /// Whether it is in place as wanted.
+    pub mounted: bool,
+}
+
+/// `P/status/nodes/<node>/kernels/<kernel>`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KernelStatus {
+    /// The state.
+    pub state: KernelState,
+    /// The mod revision of the kernel's value this status is about.
+    pub revision: i64,
+    /// Its mounts and token files.
+    pub mounts: Vec<MountStatus>,
+    /// Why it is not Ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `P/status/vfolders/<uuid>` (storage role).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VfolderStatus {
+    /// The state.
+    pub state: VfolderState,
+    /// Its directory (recorded so the layout can change later).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// Files in it, as last scanned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files: Option<u64>,
+    /// Bytes in it, as last scanned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    /// When it was scanned (`null` for a Ready vfolder not scanned yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scanned_at: Option<Option<String>>,
+    /// Why it is not Ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The storage node that wrote it.
+    pub node: String,
+}
+
+/// `P/status/nodes/<node>/rejected/<escaped key>`: a key that is itself invalid.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RejectedKeyStatus {
+    /// Always `Rejected`.
+    pub state: KernelState,
+    /// The key as written.
+    pub key: String,
+    /// Why it is refused.
+    pub error: String,
+}
+
+/// Any status value; serialised (to JSON, which is YAML) only by the writer's edge.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Status {
+    /// A volume's.
+    Volume(VolumeStatus),
+    /// A kernel's.
+    Kernel(KernelStatus),
+    /// A vfolder's.
+    Vfolder(VfolderStatus),
+    /// An invalid key's.
+    RejectedKey(RejectedKeyStatus),
+}
+
+impl Status {
+    /// The JSON value written to etcd.
+    pub fn to_value(&self) -> Value {
+        // Plain structs with string keys: serialising cannot fail.
+        serde_json::to_value(self).expect("status types serialise to JSON")
+    }
+}
+
+/// The node-wide counts of a report, for metrics and readiness.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Report {
-    /// Status key → value.
-    /// (Values are shared: a pass over a few kernels copies the map, not every value.)
-    pub entries: BTreeMap<String, std::sync::Arc<Value>>,
+pub struct Summary {
     /// Kernels by state, for the `vfolderd_kernels` gauge.
-    pub kernels_by_state: BTreeMap<&'static str, usize>,
+    pub kernels_by_state: BTreeMap<KernelState, usize>,
     /// Whether every kernel is Ready and every wanted volume Mounted.
     pub converged: bool,
     /// Wanted volumes whose mount is stale.
     pub stale_volumes: usize,
     /// Policy-refused volumes still mounted for kernels.
     pub policy_conflicts: usize,
+}
+
+/// Every status this node should hold, and its counts.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Report {
+    /// Status key → value.
+    pub statuses: BTreeMap<String, Status>,
+    /// The kernels' states, by kernel id.
+    pub kernel_states: BTreeMap<String, KernelState>,
+    /// Counts.
+    pub summary: Summary,
+}
+
+impl Report {
+    /// Marks kernel `k` `Pending` (`attaching`) if it says `Ready`: it
+    /// still has actions to run in this pass.
+    pub fn mark_attaching(&mut self, keys: &Keys, k: &str) {
+        if let Some(Status::Kernel(s)) = self.statuses.get_mut(&keys.kernel_status(k)) {
+            if s.state == KernelState::Ready {
+                s.state = KernelState::Pending;
+                s.error = Some("attaching".to_string());
+                self.kernel_states
+                    .insert(k.to_string(), KernelState::Pending);
+            }
+        }
+    }
+
+    /// The values for the writer (serialised once, here).
+    pub fn into_values(self) -> BTreeMap<String, std::sync::Arc<Value>> {
+        self.statuses
+            .into_iter()
+            .map(|(k, s)| (k, std::sync::Arc::new(s.to_value())))
+            .collect()
+    }
 }
 
 /// Inputs of [`report`] besides the state.
@@ -67,169 +268,244 @@ pub struct ReportInputs<'a> {
 /// Computes every status value.
 pub fn report(inp: &ReportInputs<'_>, d: &Desired, want: &Want, actual: &Actual) -> Report {
     let mut r = Report {
-        converged: true,
+        summary: Summary {
+            converged: true,
+            ..Summary::default()
+        },
         ..Report::default()
     };
-    let owned_mounted =
-        |t: &PathBuf| actual.owned_mounts.contains_key(t) && actual.mounts.top(t).is_some();
-    let occupied =
-        |t: &PathBuf| !actual.owned_mounts.contains_key(t) && actual.mounts.top(t).is_some();
-
     for (name, e) in &d.volumes {
-        let users = want.users.get(name).map_or(0, |u| u.len());
-        let target = want.volumes.get(name).map(|v| v.target.clone());
-        let failure = inp.failures.get(&Owner::Volume(name.clone()));
-        let owned_target = actual
-            .owned_mounts
-            .values()
-            .find(|m| m.kind == crate::state::ledger::MountKind::Volume && &m.volume == name);
-        let v = match (&e.spec, target) {
-            (Err(reason), _) => {
-                let still = actual.owned_mounts.values().any(|m| {
-                    m.kind == crate::state::ledger::MountKind::Volume
-                        && &m.volume == name
-                        && actual.mounts.top(&m.target).is_some()
-                });
-                if still && reason.starts_with("policy ") {
-                    r.policy_conflicts += 1;
-                    json!({"state": "Rejected", "users": users, "error": reason, "kept": "still mounted while kernels use it"})
-                } else {
-                    json!({"state": "Rejected", "users": users, "error": reason})
-                }
-            }
-            (Ok(_), Some(t)) if owned_mounted(&t) && actual.stale.contains_key(&t) => {
-                r.stale_volumes += 1;
-                json!({"state": "Stale", "users": users, "error": actual.stale[&t]})
-            }
-            (Ok(_), Some(t)) if owned_mounted(&t) && actual.renew.contains(&t) && users > 0 => {
-                json!({"state": "Mounted", "users": users, "renewal": "pending: remounted with a fresh SAS or rotated credentials once unused"})
-            }
-            (Ok(_), Some(t)) if owned_mounted(&t) => json!({"state": "Mounted", "users": users}),
-            (Ok(_), Some(t)) if occupied(&t) => {
-                r.converged = false;
-                json!({"state": "Failed", "users": users, "error": format!("{} is occupied by a mount vfolderd did not make", t.display())})
-            }
-            (Ok(_), Some(_)) => {
-                r.converged = false;
-                match failure {
-                    Some(f) => json!({"state": "Failed", "users": users, "error": f.message}),
-                    None => json!({"state": "Unmounted", "users": users}),
-                }
-            }
-            (Ok(_), None) => match owned_target {
-                Some(m) if actual.mounts.top(&m.target).is_some() => {
-                    json!({"state": "Mounted", "users": users})
-                }
-                _ => json!({"state": "Unmounted", "users": users}),
-            },
-        };
-        r.entries.insert(inp.keys.volume_status(name), v.into());
+        let status = volume_status(inp, name, e, want, actual, &mut r.summary);
+        r.statuses
+            .insert(inp.keys.volume_status(name), Status::Volume(status));
     }
-
     for (id, k) in &want.kernels {
-        let mut mounts = Vec::new();
-        let mut all_ok = true;
-        let mut conflict = None;
-        for t in &k.binds {
-            let b = &want.binds[t];
-            let top = actual.mounts.top(t);
-            let ok = owned_mounted(t)
-                && top.is_some_and(|m| {
-                    m.is_readonly() == b.readonly && m.has_option("nosuid") && m.has_option("nodev")
-                });
-            if occupied(t) {
-                conflict = Some(format!(
-                    "{} is occupied by a mount vfolderd did not make",
-                    t.display()
-                ));
-            }
-            all_ok &= ok || !b.required;
-            mounts.push(json!({
-                "target": t,
-                "source": b.label,
-                "permission": if b.readonly { "ro" } else { "rw" },
-                "mounted": ok,
-            }));
+        let status = kernel_status(inp, id, k, want, actual);
+        if !status.state.is_settled() {
+            r.summary.converged = false;
         }
-        for t in want.tokens.values().filter(|t| &t.kernel == id) {
-            // Recorded, and not missing or due (the record is written before the file).
-            let ok =
-                actual.owned_tokens.contains_key(&t.path) && !actual.token_renew.contains(&t.path);
-            all_ok &= ok;
-            mounts.push(json!({
-                "target": t.path,
-                "source": format!("token:{}", t.volume),
-                "permission": if t.write { "rw" } else { "ro" },
-                "mounted": ok,
-            }));
-        }
-        let failure = inp.failures.get(&Owner::Kernel(id.clone()));
-        let (state, error) = match &k.resolution {
-            Resolution::Rejected(r) => ("Rejected", Some(r.clone())),
-            Resolution::Pending(r) => ("Pending", Some(r.clone())),
-            _ if conflict.is_some() => ("Failed", conflict),
-            Resolution::Failed(r) if all_ok => ("Failed", Some(r.clone())),
-            Resolution::Resolved if all_ok => ("Ready", None),
-            _ => match failure {
-                Some(f) if f.pending => ("Pending", Some(f.message.clone())),
-                Some(f) => ("Failed", Some(f.message.clone())),
-                None => ("Pending", Some("attaching".to_string())),
-            },
-        };
-        if state != "Ready" && state != "Rejected" {
-            r.converged = false;
-        }
-        *r.kernels_by_state.entry(state).or_default() += 1;
-        let mut v = json!({"state": state, "revision": k.revision, "mounts": mounts});
-        if let Some(e) = error {
-            v["error"] = json!(e);
-        }
-        r.entries.insert(inp.keys.kernel_status(id), v.into());
+        *r.summary.kernels_by_state.entry(status.state).or_default() += 1;
+        r.kernel_states.insert(id.clone(), status.state);
+        r.statuses
+            .insert(inp.keys.kernel_status(id), Status::Kernel(status));
     }
-
     if inp.storage {
         for (id, e) in &d.vfolders {
-            let v = match &e.spec {
-                Err(reason) => json!({"state": "Rejected", "error": reason, "node": inp.keys.node}),
-                Ok(vf) => match want.vfolder_dirs.get(id) {
-                    Some((_, path)) if actual.dirs.contains(path) => {
-                        let u = inp.usage.get(id);
-                        json!({
-                            "state": "Ready",
-                            "path": path,
-                            "files": u.map_or(0, |u| u.files),
-                            "bytes": u.map_or(0, |u| u.bytes),
-                            "scanned_at": u.map(|u| u.scanned_at.clone()),
-                            "node": inp.keys.node,
-                        })
-                    }
-                    Some((_, path)) => {
-                        r.converged = false;
-                        match inp.dir_failures.get(path) {
-                            Some(err) => {
-                                json!({"state": "Failed", "path": path, "error": err, "node": inp.keys.node})
-                            }
-                            None => {
-                                json!({"state": "Pending", "path": path, "error": "creating directory", "node": inp.keys.node})
-                            }
-                        }
-                    }
-                    None => json!({
-                        "state": "Pending",
-                        "error": format!("volume {} is not mounted on this node", vf.volume),
-                        "node": inp.keys.node,
-                    }),
-                },
-            };
-            r.entries.insert(inp.keys.vfolder_status(id), v.into());
+            let status = vfolder_status(inp, id, e, want, actual);
+            // A directory still to make (or that failed) is not converged; a
+            // volume not mounted here is another node's business.
+            let settled = matches!(status.state, VfolderState::Ready | VfolderState::Rejected);
+            if !settled && status.path.is_some() {
+                r.summary.converged = false;
+            }
+            r.statuses
+                .insert(inp.keys.vfolder_status(id), Status::Vfolder(status));
         }
     }
-
     for (key, reason) in &d.invalid_keys {
-        r.entries.insert(
-            inp.keys.rejected_status(key),
-            json!({"state": "Rejected", "key": key, "error": reason}).into(),
-        );
+        let status = RejectedKeyStatus {
+            state: KernelState::Rejected,
+            key: key.clone(),
+            error: reason.clone(),
+        };
+        r.statuses
+            .insert(inp.keys.rejected_status(key), Status::RejectedKey(status));
     }
     r
+}
+
+/// Whether `t` carries a mount vfolderd owns.
+fn owned_mounted(actual: &Actual, t: &PathBuf) -> bool {
+    actual.owned_mounts.contains_key(t) && actual.mounts.top(t).is_some()
+}
+
+/// Whether `t` carries a mount vfolderd did not make.
+fn occupied(actual: &Actual, t: &PathBuf) -> bool {
+    !actual.owned_mounts.contains_key(t) && actual.mounts.top(t).is_some()
+}
+
+fn occupied_message(t: &std::path::Path) -> String {
+    format!(
+        "{} is occupied by a mount vfolderd did not make",
+        t.display()
+    )
+}
+
+fn volume_status(
+    inp: &ReportInputs<'_>,
+    name: &String,
+    e: &crate::state::desired::Entry<crate::spec::VolumeSpec>,
+    want: &Want,
+    actual: &Actual,
+    summary: &mut Summary,
+) -> VolumeStatus {
+    let users = want.users.get(name).map_or(0, |u| u.len());
+    let status = |state, error: Option<String>| VolumeStatus {
+        state,
+        users,
+        error,
+        kept: None,
+        renewal: None,
+    };
+    let owned_volume = || {
+        actual
+            .owned_mounts
+            .values()
+            .find(|m| m.kind == MountKind::Volume && &m.volume == name)
+    };
+    let target = want.volumes.get(name).map(|v| v.target.clone());
+    match (&e.spec, target) {
+        (Err(reason), _) => {
+            let still = actual.owned_mounts.values().any(|m| {
+                m.kind == MountKind::Volume
+                    && &m.volume == name
+                    && actual.mounts.top(&m.target).is_some()
+            });
+            let mut s = status(VolumeState::Rejected, Some(reason.to_string()));
+            if still && reason.is_policy() {
+                summary.policy_conflicts += 1;
+                s.kept = Some("still mounted while kernels use it");
+            }
+            s
+        }
+        (Ok(_), Some(t)) if owned_mounted(actual, &t) && actual.stale.contains_key(&t) => {
+            summary.stale_volumes += 1;
+            status(VolumeState::Stale, Some(actual.stale[&t].clone()))
+        }
+        (Ok(_), Some(t)) if owned_mounted(actual, &t) && actual.renew.contains(&t) && users > 0 => {
+            let mut s = status(VolumeState::Mounted, None);
+            s.renewal =
+                Some("pending: remounted with a fresh SAS or rotated credentials once unused");
+            s
+        }
+        (Ok(_), Some(t)) if owned_mounted(actual, &t) => status(VolumeState::Mounted, None),
+        (Ok(_), Some(t)) if occupied(actual, &t) => {
+            summary.converged = false;
+            status(VolumeState::Failed, Some(occupied_message(&t)))
+        }
+        (Ok(_), Some(_)) => {
+            summary.converged = false;
+            match inp.failures.get(&Owner::Volume(name.clone())) {
+                Some(f) => status(VolumeState::Failed, Some(f.message.clone())),
+                None => status(VolumeState::Unmounted, None),
+            }
+        }
+        (Ok(_), None) => match owned_volume() {
+            Some(m) if actual.mounts.top(&m.target).is_some() => status(VolumeState::Mounted, None),
+            _ => status(VolumeState::Unmounted, None),
+        },
+    }
+}
+
+fn kernel_status(
+    inp: &ReportInputs<'_>,
+    id: &String,
+    k: &crate::reconcile::plan::WantKernel,
+    want: &Want,
+    actual: &Actual,
+) -> KernelStatus {
+    let mut mounts = Vec::new();
+    let mut all_ok = true;
+    let mut conflict = None;
+    for t in &k.binds {
+        let b = &want.binds[t];
+        let ok = owned_mounted(actual, t)
+            && actual.mounts.top(t).is_some_and(|m| {
+                m.is_readonly() == b.readonly && m.has_option("nosuid") && m.has_option("nodev")
+            });
+        if occupied(actual, t) {
+            conflict = Some(occupied_message(t));
+        }
+        all_ok &= ok || !b.required;
+        mounts.push(MountStatus {
+            target: t.clone(),
+            source: b.label.clone(),
+            permission: if b.readonly {
+                Permission::Ro
+            } else {
+                Permission::Rw
+            },
+            mounted: ok,
+        });
+    }
+    for t in want.tokens.values().filter(|t| &t.kernel == id) {
+        // Recorded, and not missing or due (the record is written before the file).
+        let ok = actual.owned_tokens.contains_key(&t.path) && !actual.token_renew.contains(&t.path);
+        all_ok &= ok;
+        mounts.push(MountStatus {
+            target: t.path.clone(),
+            source: format!("token:{}", t.volume),
+            permission: if t.write {
+                Permission::Rw
+            } else {
+                Permission::Ro
+            },
+            mounted: ok,
+        });
+    }
+    let failure = inp.failures.get(&Owner::Kernel(id.clone()));
+    let (state, error) = match &k.resolution {
+        Resolution::Rejected(r) => (KernelState::Rejected, Some(r.clone())),
+        Resolution::Pending(r) => (KernelState::Pending, Some(r.clone())),
+        _ if conflict.is_some() => (KernelState::Failed, conflict),
+        Resolution::Failed(r) if all_ok => (KernelState::Failed, Some(r.clone())),
+        Resolution::Resolved if all_ok => (KernelState::Ready, None),
+        _ => match failure {
+            Some(f) if f.pending => (KernelState::Pending, Some(f.message.clone())),
+            Some(f) => (KernelState::Failed, Some(f.message.clone())),
+            None => (KernelState::Pending, Some("attaching".to_string())),
+        },
+    };
+    KernelStatus {
+        state,
+        revision: k.revision,
+        mounts,
+        error,
+    }
+}
+
+fn vfolder_status(
+    inp: &ReportInputs<'_>,
+    id: &Uuid,
+    e: &crate::state::desired::Entry<crate::spec::VfolderSpec>,
+    want: &Want,
+    actual: &Actual,
+) -> VfolderStatus {
+    let node = inp.keys.node.clone();
+    let status = |state, path: Option<&PathBuf>, error: Option<String>| VfolderStatus {
+        state,
+        path: path.cloned(),
+        files: None,
+        bytes: None,
+        scanned_at: None,
+        error,
+        node: node.clone(),
+    };
+    let vf = match &e.spec {
+        Err(reason) => return status(VfolderState::Rejected, None, Some(reason.to_string())),
+        Ok(vf) => vf,
+    };
+    match want.vfolder_dirs.get(id) {
+        Some((_, path)) if actual.dirs.contains(path) => {
+            let u = inp.usage.get(id);
+            VfolderStatus {
+                files: Some(u.map_or(0, |u| u.files)),
+                bytes: Some(u.map_or(0, |u| u.bytes)),
+                scanned_at: Some(u.map(|u| u.scanned_at.clone())),
+                ..status(VfolderState::Ready, Some(path), None)
+            }
+        }
+        Some((_, path)) => match inp.dir_failures.get(path) {
+            Some(err) => status(VfolderState::Failed, Some(path), Some(err.clone())),
+            None => status(
+                VfolderState::Pending,
+                Some(path),
+                Some("creating directory".into()),
+            ),
+        },
+        None => {
+            let error = format!("volume {} is not mounted on this node", vf.volume);
+            status(VfolderState::Pending, None, Some(error))
+        }
+    }
 }

@@ -7,7 +7,9 @@ use uuid::Uuid;
 
 use crate::keys::{Classified, Keys, ObjectKey};
 use crate::policy::Policy;
-use crate::spec::{parse_kernel, parse_vfolder, parse_volume, KernelSpec, VfolderSpec, VolumeSpec};
+use crate::spec::{
+    parse_kernel, parse_vfolder, parse_volume, KernelSpec, Rejection, VfolderSpec, VolumeSpec,
+};
 
 /// One desired object: its etcd mod revision and the parsed spec, or why it was rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,7 +17,7 @@ pub struct Entry<T> {
     /// `mod_revision` of the key.
     pub revision: i64,
     /// The spec, or the `Rejected` reason.
-    pub spec: Result<T, String>,
+    pub spec: Result<T, Rejection>,
 }
 
 /// Everything this node is asked to do, as of `revision`.
@@ -68,12 +70,13 @@ impl DesiredParser {
                     id,
                     Entry {
                         revision,
-                        spec: parse_vfolder(value),
+                        spec: parse_vfolder(value).map_err(Rejection::Invalid),
                     },
                 );
             }
             Classified::Object(ObjectKey::Kernel(id)) => {
-                let spec = log_rejected(key, parse_kernel(&id, value, &self.kernels_root));
+                let spec = parse_kernel(&id, value, &self.kernels_root).map_err(Rejection::Invalid);
+                let spec = log_rejected(key, spec);
                 d.kernels.insert(id, Entry { revision, spec });
             }
             Classified::Invalid { reason } => {
@@ -122,7 +125,7 @@ impl DesiredParser {
 }
 
 /// Logs a rejection once, where it is found (on the put that brought it).
-fn log_rejected<T>(key: &str, r: Result<T, String>) -> Result<T, String> {
+fn log_rejected<T>(key: &str, r: Result<T, Rejection>) -> Result<T, Rejection> {
     if let Err(reason) = &r {
         tracing::warn!(key, reason = %reason, "rejected desired object");
     }
@@ -160,10 +163,10 @@ impl Desired {
             for e in self.kernels.values_mut() {
                 if let Ok(k) = &e.spec {
                     if k.mounts.len() > max {
-                        e.spec = Err(format!(
+                        e.spec = Err(Rejection::Policy(format!(
                             "policy limits.mounts_per_kernel: {} mounts, at most {max}",
                             k.mounts.len()
-                        ));
+                        )));
                     }
                 }
             }
@@ -178,9 +181,9 @@ impl Desired {
             ok.sort();
             for (_, id) in ok.into_iter().skip(max) {
                 if let Some(e) = self.kernels.get_mut(&id) {
-                    e.spec = Err(format!(
+                    e.spec = Err(Rejection::Policy(format!(
                         "policy limits.kernels_per_node: this node already has {max} kernels"
-                    ));
+                    )));
                 }
             }
         }
@@ -198,9 +201,9 @@ impl Desired {
                 ids.sort();
                 for (_, id) in ids.into_iter().skip(max) {
                     if let Some(e) = self.vfolders.get_mut(&id) {
-                        e.spec = Err(format!(
+                        e.spec = Err(Rejection::Policy(format!(
                             "policy limits.vfolders_per_owner: {owner} already has {max} vfolders"
-                        ));
+                        )));
                     }
                 }
             }
@@ -288,8 +291,11 @@ mod tests {
         )])
         .unwrap();
         d.enforce_limits(&policy);
-        fn err<T>(r: &Result<T, String>) -> String {
-            r.as_ref().err().cloned().unwrap_or_default()
+        fn err<T>(r: &Result<T, Rejection>) -> String {
+            r.as_ref()
+                .err()
+                .map(ToString::to_string)
+                .unwrap_or_default()
         }
         assert!(err(&d.kernels["big"].spec).starts_with("policy limits.mounts_per_kernel"));
         assert!(

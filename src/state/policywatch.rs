@@ -69,7 +69,7 @@ pub async fn run_policy_watcher(
                 on_result(false);
             }
             Err(e) => {
-                tracing::error!(error = %crate::error_chain(&e), "policy refused; keeping the last good policy");
+                tracing::error!(error = %crate::error::error_chain(&e), "policy refused; keeping the last good policy");
                 on_result(false);
             }
         }

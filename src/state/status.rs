@@ -213,7 +213,7 @@ pub async fn run_status_writer(
                     break;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %crate::error_chain(&e), retry_in = ?delay, "status write failed; will retry");
+                    tracing::warn!(error = %crate::error::error_chain(&e), retry_in = ?delay, "status write failed; will retry");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         r = rx.changed() => if r.is_err() { return },
@@ -243,7 +243,7 @@ pub async fn run_liveness(
         let lease = match client.lease_grant(ttl, None).await {
             Ok(l) => l.id(),
             Err(e) => {
-                tracing::debug!(error = %crate::error_chain(&StatusError::LeaseFailed(e)), "node lease");
+                tracing::debug!(error = %crate::error::error_chain(&StatusError::LeaseFailed(e)), "node lease");
                 tokio::time::sleep(tick).await;
                 continue;
             }

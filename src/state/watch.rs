@@ -32,7 +32,7 @@ pub enum WatchError {
     Ended(String),
 }
 
-/// What changed since the driver last took a snapshot: a few kernels (the
+/// What changed since the loop last took a snapshot: a few kernels (the
 /// next pass may look at just those), or anything else (a whole pass).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Changes {
@@ -66,7 +66,7 @@ impl Changes {
     }
 }
 
-/// The state shared by the watcher and the driver.
+/// The state shared by the watcher and the loop.
 #[derive(Debug, Default)]
 struct Shared {
     /// Shared copy-on-write with the pass reading it.
@@ -77,7 +77,7 @@ struct Shared {
     changes: Changes,
 }
 
-/// The shared desired-state cache: written by the watcher, read by the driver.
+/// The shared desired-state cache: written by the watcher, read by the loop ([`crate::daemon`]).
 #[derive(Debug, Default)]
 pub struct DesiredCache {
     desired: Mutex<Shared>,
@@ -222,7 +222,7 @@ pub async fn run_watcher(
             Err(e) => {
                 cache.connected.store(false, Ordering::Relaxed);
                 cache.touch();
-                tracing::warn!(error = %crate::error_chain(&e), retry_in = ?delay, "etcd unreachable; keeping last desired state");
+                tracing::warn!(error = %crate::error::error_chain(&e), retry_in = ?delay, "etcd unreachable; keeping last desired state");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(max_delay);
                 continue;
@@ -230,7 +230,7 @@ pub async fn run_watcher(
         };
         let d = parse_listing(&parser, &kvs, revision);
         if let Err(e) = store.store_desired(&kvs, revision) {
-            tracing::warn!(error = %crate::error_chain(&e), "cannot store the desired state; a restart during an etcd outage would start empty");
+            tracing::warn!(error = %crate::error::error_chain(&e), "cannot store the desired state; a restart during an etcd outage would start empty");
         }
         let rev = d.revision;
         tracing::info!(
@@ -256,7 +256,7 @@ pub async fn run_watcher(
                 WatchEnd::Failed(e) => {
                     cache.connected.store(false, Ordering::Relaxed);
                     cache.touch();
-                    tracing::warn!(error = %crate::error_chain(&e), retry_in = ?delay, "etcd watch interrupted; will resume");
+                    tracing::warn!(error = %crate::error::error_chain(&e), retry_in = ?delay, "etcd watch interrupted; will resume");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(max_delay);
                 }
@@ -346,7 +346,7 @@ async fn watch_once(
                     }
                 };
                 if let Err(e) = store.apply_desired(&key, value, rev) {
-                    tracing::warn!(error = %crate::error_chain(&e), "cannot store a desired-state change");
+                    tracing::warn!(error = %crate::error::error_chain(&e), "cannot store a desired-state change");
                 }
             }
         });

@@ -1,0 +1,662 @@
+//! The daemon: connects to etcd, starts the background tasks (watcher,
+//! mount-table events, prober, liveness, status writer, policy and
+//! credentials watchers, the HTTP endpoint), holds every pass until the
+//! first complete list (the readiness gate), then runs one pass at a time on
+//! every change, resync and deadline until shutdown. Errors become status,
+//! never an exit; shutdown leaves every mount in place.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions};
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio::time::{sleep_until, Instant};
+
+use crate::config::{NodeConfig, Role};
+use crate::keys::Keys;
+use crate::metrics::{Health, Metrics};
+use crate::policy::Policy;
+use crate::reconcile::actual::{MountInfoSource, ProcMountInfo};
+use crate::reconcile::bookkeeping::{next_wake, pass_backoff, Linger, PASS_BACKOFF_MIN};
+use crate::reconcile::execute::{ExecConfig, Executor};
+use crate::reconcile::observe::{Observer, ObserverConfig};
+use crate::reconcile::pass::{PassInput, PassOutcome, Reconciler, ReconcilerParts};
+use crate::reconcile::plan::NodeView;
+use crate::reconcile::probe::{run_prober, StaleMap, VolumeTargets};
+use crate::reconcile::sys::{LinuxMounter, Mounter};
+use crate::state::desired::{Desired, DesiredParser, PolicyHandle};
+use crate::state::ledger::{Ledger, LedgerError};
+use crate::state::policywatch::{run_dir_watcher, run_policy_watcher};
+use crate::state::status::{
+    chrono_now, run_liveness, run_status_writer, StatusEntries, StatusWriter,
+};
+use crate::state::watch::{parse_listing, run_watcher, Changes, DesiredCache};
+
+/// Errors that stop vfolderd from starting. Once running, nothing stops it but shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// etcd TLS or auth material is missing or too open.
+    #[error(transparent)]
+    EtcdSetup(#[from] crate::etcd::EtcdSetupError),
+    /// A policy file is invalid at start.
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+    /// The sled store could not be opened.
+    #[error("cannot open the state store")]
+    Ledger(#[from] LedgerError),
+    /// The etcd client could not be built (bad endpoint URL).
+    #[error("cannot create the etcd client")]
+    Etcd(#[source] etcd_client::Error),
+    /// A pass task panicked (a bug).
+    #[error("reconcile pass panicked: {0}")]
+    PassPanicked(String),
+}
+
+/// What the daemon talks to; tests pass doubles.
+#[derive(Clone)]
+pub struct Deps {
+    /// Mount syscalls.
+    pub mounter: Arc<dyn Mounter>,
+    /// The mount table.
+    pub mountinfo: Arc<dyn MountInfoSource>,
+    /// The file polled for mount-table change events.
+    pub mountinfo_path: PathBuf,
+}
+
+impl Deps {
+    /// The real kernel, with `helper` as the mount(8) program for cifs, nfs and FUSE.
+    pub fn linux(helper: &std::path::Path) -> Self {
+        Self {
+            mounter: Arc::new(LinuxMounter::new(helper)),
+            mountinfo: Arc::new(ProcMountInfo::default()),
+            mountinfo_path: ProcMountInfo::default().path,
+        }
+    }
+}
+
+/// How many passes may follow each other at once while actions keep making progress.
+const MAX_CHAINED_PASSES: usize = 4;
+/// How long after a kernel went (or changed) the whole pass that decides
+/// whether its volumes are unused runs. Kernel passes tear the kernel down
+/// at once; a burst of removals shares one whole pass.
+const VOLUME_PASS_DELAY: Duration = Duration::from_millis(500);
+/// A pass with this many actions is a burst worth trimming the heap after.
+const TRIM_AFTER_ACTIONS: usize = 1000;
+/// TTL of the node liveness lease.
+const NODE_LEASE_TTL: i64 = 15;
+
+type Shutdown<'a> = Pin<&'a mut dyn Future<Output = ()>>;
+
+/// Runs the daemon until `shutdown` resolves. Mounts are left in place on shutdown.
+pub async fn run(
+    cfg: NodeConfig,
+    deps: Deps,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut shutdown: Shutdown<'_> = shutdown.as_mut();
+    let keys = Keys::new(&cfg.etcd.prefix, &cfg.node);
+    let ledger = open_ledger(&cfg).await?;
+    let Some(client) = connect(&cfg, &mut shutdown).await? else {
+        return Ok(());
+    };
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let server = HttpServer::start(listener, metrics.clone(), health.clone());
+
+    let cache = Arc::new(DesiredCache::default());
+    // An invalid policy at start is fatal: never run with an open policy by accident.
+    let policy = Policy::load_dir(&cfg.policies)?.unwrap_or_default();
+    tracing::info!(origin = %policy.origin, "policy in force");
+    let policy: PolicyHandle = Arc::new(std::sync::RwLock::new(Arc::new(policy)));
+    let parser = DesiredParser {
+        keys: keys.clone(),
+        policy: policy.clone(),
+        kernels_root: cfg.roots.kernels.clone(),
+    };
+    load_stored_desired(&ledger, &parser, &cache);
+    let shared = Shared {
+        cfg: &cfg,
+        client: &client,
+        keys: &keys,
+        cache: &cache,
+        policy: &policy,
+        parser: &parser,
+        metrics: &metrics,
+        health: &health,
+    };
+    let tasks = Background::start(&shared, &deps, &ledger);
+    let (status_tx, status_rx) = tokio::sync::watch::channel(StatusEntries::default());
+    let status_task = {
+        let m = metrics.clone();
+        let writer = StatusWriter::new(client.clone(), keys.clone());
+        tokio::spawn(run_status_writer(writer, status_rx, move |n| {
+            m.status_writes.inc_by(n as u64)
+        }))
+    };
+    let rec = reconciler(&shared, &deps, ledger, status_tx, &tasks);
+
+    health.alive.store(true, Ordering::Relaxed);
+    tracing::info!(node = %cfg.node, roles = ?cfg.roles, "waiting for the first complete list of etcd");
+    if wait_for_first_list(&cache, &metrics, &mut shutdown).await {
+        let mut passes = PassLoop::new(&shared, tasks.mounts_changed.clone());
+        let rec = passes.run(rec, &mut shutdown).await?;
+        drop(tasks);
+        // Let the last report reach etcd (briefly: etcd may be gone).
+        drop(rec);
+        let _ = tokio::time::timeout(Duration::from_secs(2), status_task).await;
+    }
+    server.stop(&health).await;
+    Ok(())
+}
+
+/// Opens the sled store (off the runtime: it reads the whole log).
+async fn open_ledger(cfg: &NodeConfig) -> Result<Ledger, DaemonError> {
+    let dir = cfg.state.join("db");
+    tokio::task::spawn_blocking(move || Ledger::open(&dir))
+        .await
+        .map_err(|e| DaemonError::PassPanicked(e.to_string()))?
+        .map_err(DaemonError::from)
+}
+
+/// The etcd client, or `None` if shutdown came first. Without auth the
+/// client connects lazily; with a user it authenticates at once, which fails
+/// while etcd is down: retry rather than exit.
+async fn connect(
+    cfg: &NodeConfig,
+    shutdown: &mut Shutdown<'_>,
+) -> Result<Option<Client>, DaemonError> {
+    let options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        // Without HTTP/2 keep-alive a watch hangs forever on a frozen etcd;
+        // below 5 s the server answers "too_many_pings" (DESIGN.md).
+        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true)
+        // A member cut off from the quorum must not feed a stale watch silently.
+        .with_require_leader(true);
+    let options = crate::etcd::connect_options(&cfg.etcd, options)?;
+    loop {
+        match Client::connect(&cfg.etcd.endpoints, Some(options.clone())).await {
+            Ok(c) => return Ok(Some(c)),
+            Err(e @ etcd_client::Error::InvalidArgs(_))
+            | Err(e @ etcd_client::Error::InvalidUri(_)) => return Err(DaemonError::Etcd(e)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot connect to etcd yet; retrying in 2 s");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = shutdown.as_mut() => return Ok(None),
+                }
+            }
+        }
+    }
+}
+
+/// Fail static across restarts: until etcd answers, serve the last good
+/// desired state from the store, and never unmount on its behalf.
+fn load_stored_desired(ledger: &Ledger, parser: &DesiredParser, cache: &DesiredCache) {
+    match ledger.load_desired() {
+        Ok(Some((kvs, rev))) => {
+            tracing::info!(
+                revision = rev,
+                keys = kvs.len(),
+                "loaded the last good desired state from the store"
+            );
+            cache.seed_from_store(parse_listing(parser, &kvs, rev));
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %crate::error::error_chain(&e), "cannot load the stored desired state")
+        }
+    }
+}
+
+/// Readiness gate (invariant 2): nothing is planned before the first list
+/// (or, after a restart, before the stored last good state is loaded; then
+/// nothing is unmounted until a live list arrives). False on shutdown.
+async fn wait_for_first_list(
+    cache: &DesiredCache,
+    metrics: &Metrics,
+    shutdown: &mut Shutdown<'_>,
+) -> bool {
+    while !cache.synced.load(Ordering::Acquire) {
+        metrics
+            .etcd_connected
+            .set(i64::from(cache.connected.load(Ordering::Relaxed)));
+        tokio::select! {
+            _ = cache.changed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = shutdown.as_mut() => return false,
+        }
+    }
+    true
+}
+
+/// What the daemon's parts share while it runs.
+struct Shared<'a> {
+    cfg: &'a NodeConfig,
+    client: &'a Client,
+    keys: &'a Keys,
+    cache: &'a Arc<DesiredCache>,
+    policy: &'a PolicyHandle,
+    parser: &'a DesiredParser,
+    metrics: &'a Arc<Metrics>,
+    health: &'a Arc<Health>,
+}
+
+/// The `/metrics`, `/healthz`, `/readyz` server and its stop signal.
+struct HttpServer {
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HttpServer {
+    fn start(
+        listener: tokio::net::TcpListener,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Self {
+        let (stop_tx, mut rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = crate::metrics::serve(listener, metrics, health, stop).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+        Self { stop_tx, task }
+    }
+
+    async fn stop(self, health: &Health) {
+        health.alive.store(false, Ordering::Relaxed);
+        tracing::info!("shutting down; every mount is left in place for running kernels");
+        let _ = self.stop_tx.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// The background tasks; dropping this stops them (mini-redis `DbDropGuard`).
+struct Background {
+    /// Woken by mount-table events (their own channel: one that only reports
+    /// vfolderd's own mounts, already read, runs no pass).
+    mounts_changed: Arc<Notify>,
+    stale: StaleMap,
+    volume_targets: VolumeTargets,
+    _tasks: Vec<AbortOnDrop<()>>,
+}
+
+impl Background {
+    fn start(s: &Shared<'_>, deps: &Deps, ledger: &Ledger) -> Self {
+        let mounts_changed = Arc::new(Notify::new());
+        let stale: StaleMap = Arc::default();
+        let volume_targets: VolumeTargets = Arc::default();
+        let tasks = vec![
+            Self::credentials_watch(s),
+            Self::policy_watch(s),
+            AbortOnDrop(tokio::spawn(run_watcher(
+                s.client.clone(),
+                s.parser.clone(),
+                s.cache.clone(),
+                ledger.clone(),
+            ))),
+            Self::mount_watch(deps, mounts_changed.clone()),
+            Self::prober(s, &volume_targets, &stale),
+            Self::liveness(s),
+        ];
+        Self {
+            mounts_changed,
+            stale,
+            volume_targets,
+            _tasks: tasks,
+        }
+    }
+
+    fn credentials_watch(s: &Shared<'_>) -> AbortOnDrop<()> {
+        let (dir, cache) = (s.cfg.credentials.clone(), s.cache.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            run_dir_watcher(dir, move || cache.touch()).await
+        }))
+    }
+
+    fn policy_watch(s: &Shared<'_>) -> AbortOnDrop<()> {
+        let (dir, handle, parser) = (s.cfg.policies.clone(), s.policy.clone(), s.parser.clone());
+        let (cache, m) = (s.cache.clone(), s.metrics.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            run_policy_watcher(dir, handle, parser, cache, move |ok| {
+                m.policy_reloads
+                    .with_label_values(&[if ok { "ok" } else { "refused" }])
+                    .inc();
+            })
+            .await;
+        }))
+    }
+
+    fn mount_watch(deps: &Deps, changed: Arc<Notify>) -> AbortOnDrop<()> {
+        let path = deps.mountinfo_path.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            let wake = || changed.notify_one();
+            if let Err(e) = crate::reconcile::mountwatch::watch_mountinfo(&path, wake).await {
+                tracing::warn!(error = %e, "mount table events unavailable; relying on resync");
+            }
+        }))
+    }
+
+    fn prober(s: &Shared<'_>, targets: &VolumeTargets, stale: &StaleMap) -> AbortOnDrop<()> {
+        let (cache, targets, stale) = (s.cache.clone(), targets.clone(), stale.clone());
+        let (interval, timeout) = (s.cfg.probe_interval, s.cfg.probe_timeout);
+        AbortOnDrop(tokio::spawn(async move {
+            run_prober(targets, interval, timeout, stale, || cache.touch()).await;
+        }))
+    }
+
+    fn liveness(s: &Shared<'_>) -> AbortOnDrop<()> {
+        let (cache, health) = (s.cache.clone(), s.health.clone());
+        let roles = s.cfg.roles.clone();
+        let started = chrono_now();
+        AbortOnDrop(tokio::spawn(run_liveness(
+            s.client.clone(),
+            s.keys.clone(),
+            NODE_LEASE_TTL,
+            move || {
+                json!({
+                    "state": "Running",
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "revision": cache.revision.load(Ordering::Relaxed),
+                    "ready": health.ready.load(Ordering::Relaxed),
+                    "roles": roles,
+                    "started_at": started,
+                })
+            },
+        )))
+    }
+}
+
+/// The reconciler, with the roots created.
+fn reconciler(
+    s: &Shared<'_>,
+    deps: &Deps,
+    ledger: Ledger,
+    status_tx: tokio::sync::watch::Sender<StatusEntries>,
+    tasks: &Background,
+) -> Reconciler {
+    let cfg = s.cfg;
+    for root in [&cfg.roots.volumes, &cfg.roots.kernels] {
+        if let Err(e) = std::fs::create_dir_all(root) {
+            tracing::error!(root = %root.display(), error = %e, "cannot create root");
+        }
+    }
+    let exec = Executor::new(
+        deps.mounter.clone(),
+        ledger.clone(),
+        ExecConfig::from_node(cfg),
+    )
+    .with_mount_wait(deps.mountinfo.clone());
+    let observer = Observer::new(ObserverConfig {
+        mountinfo: deps.mountinfo.clone(),
+        mountinfo_path: deps.mountinfo_path.clone(),
+        stale: tasks.stale.clone(),
+        credentials_dir: cfg.credentials.clone(),
+        sas_lifetime: cfg.sas_lifetime,
+        token_lifetime: cfg.token_lifetime,
+    });
+    Reconciler::new(ReconcilerParts {
+        node: NodeView {
+            agent: cfg.has_role(Role::Agent),
+            storage: cfg.has_role(Role::Storage),
+            volumes_root: cfg.roots.volumes.clone(),
+            kernels_root: cfg.roots.kernels.clone(),
+            policy: s.policy.read().expect("policy lock").clone(),
+        },
+        keys: s.keys.clone(),
+        exec,
+        ledger,
+        observer,
+        linger: Linger::new(cfg.linger),
+        status_tx,
+        volume_targets: tasks.volume_targets.clone(),
+    })
+}
+
+/// One round of work taken from the desired-state cache.
+struct Work {
+    desired: Arc<Desired>,
+    generation: u64,
+    scope: Option<std::collections::BTreeSet<String>>,
+    rescan: bool,
+    live: bool,
+    policy: Arc<Policy>,
+}
+
+/// The reconcile loop's own state between passes.
+struct PassLoop<'a> {
+    s: &'a Shared<'a>,
+    mounts_changed: Arc<Notify>,
+    next_resync: Instant,
+    /// Delay after a whole pass failed.
+    backoff: Duration,
+    converged_once: bool,
+    /// What changed and is not yet handled; the first pass looks at everything.
+    pending: Changes,
+    /// When the whole pass that kernel removals call for is due.
+    volume_pass_at: Option<Instant>,
+}
+
+impl<'a> PassLoop<'a> {
+    fn new(s: &'a Shared<'a>, mounts_changed: Arc<Notify>) -> Self {
+        Self {
+            s,
+            mounts_changed,
+            next_resync: Instant::now() + s.cfg.resync,
+            backoff: PASS_BACKOFF_MIN,
+            converged_once: false,
+            pending: Changes::all(),
+            volume_pass_at: None,
+        }
+    }
+
+    /// Runs passes until shutdown; returns the reconciler (its drop ends the
+    /// status channel, so the writer flushes the last report).
+    async fn run(
+        &mut self,
+        rec: Reconciler,
+        shutdown: &mut Shutdown<'_>,
+    ) -> Result<Reconciler, DaemonError> {
+        let mut rec = rec;
+        loop {
+            let work = self.take_work();
+            let (r, last) = self.run_passes(rec, &work).await?;
+            rec = r;
+            let wake = self.after_passes(&work, last.as_ref());
+            if !self.wait(wake, &rec, shutdown).await {
+                return Ok(rec);
+            }
+        }
+    }
+
+    /// Takes what changed: watch events that name only kernels make a pass
+    /// over those kernels (plus any whose mounts changed); anything else,
+    /// limits, and the resync make a whole pass.
+    fn take_work(&mut self) -> Work {
+        let live = self.s.cache.live.load(Ordering::Acquire);
+        let (mut desired, generation, changes) = self.s.cache.take();
+        self.pending.merge(changes);
+        let policy = self.s.policy.read().expect("policy lock").clone();
+        if policy.limits.any() {
+            // Limits count across kernels: one kernel's change can move another.
+            self.pending.all = true;
+            Arc::make_mut(&mut desired).enforce_limits(&policy);
+        }
+        let rescan = Instant::now() >= self.next_resync;
+        if rescan {
+            self.next_resync = Instant::now() + self.s.cfg.resync;
+            self.pending.all = true;
+        }
+        let taken = std::mem::take(&mut self.pending);
+        if taken.all {
+            self.volume_pass_at = None;
+        } else if taken.volumes {
+            self.volume_pass_at
+                .get_or_insert(Instant::now() + VOLUME_PASS_DELAY);
+        }
+        Work {
+            desired,
+            generation,
+            scope: (!taken.all).then_some(taken.kernels),
+            rescan,
+            live,
+            policy,
+        }
+    }
+
+    /// One pass, and more while actions succeed and the state read after
+    /// them still is not what is wanted. Each runs on a blocking thread.
+    async fn run_passes(
+        &mut self,
+        mut rec: Reconciler,
+        work: &Work,
+    ) -> Result<(Reconciler, Option<PassOutcome>), DaemonError> {
+        let started = std::time::Instant::now();
+        let span = tracing::info_span!("reconcile", revision = work.desired.revision);
+        let mut last: Option<PassOutcome> = None;
+        for round in 0..MAX_CHAINED_PASSES {
+            rec.node.policy = work.policy.clone();
+            // A chained pass looks again at what the last one looked at
+            // (including kernels it found through mount-table changes).
+            let scope = match &last {
+                Some(o) => o.scope.clone(),
+                None => work.scope.clone(),
+            };
+            let (d, generation, live) = (work.desired.clone(), work.generation, work.live);
+            let rescan = work.rescan && round == 0;
+            let span = span.clone();
+            let (r, result) = tokio::task::spawn_blocking(move || {
+                let _e = span.enter();
+                let input = PassInput {
+                    desired: &d,
+                    generation,
+                    scope,
+                    rescan,
+                    live,
+                };
+                let res = rec.pass(input);
+                (rec, res)
+            })
+            .await
+            .map_err(|e| DaemonError::PassPanicked(e.to_string()))?;
+            rec = r;
+            match result {
+                Ok(o) => {
+                    self.s.metrics.record_pass(&o);
+                    let again = o.progressed() && !o.scoped_converged;
+                    last = Some(o);
+                    if !again {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %crate::error::error_chain(&e), "reconcile pass failed; retrying");
+                    // The retry looks at everything.
+                    self.pending.all = true;
+                    break;
+                }
+            }
+        }
+        let m = self.s.metrics;
+        m.pass_duration.observe(started.elapsed().as_secs_f64());
+        if last.as_ref().map_or(0, |o| o.actions.len()) >= TRIM_AFTER_ACTIONS {
+            // A burst freed a lot: give it back instead of keeping it resident.
+            crate::memory::release_free_memory();
+        }
+        Ok((rec, last))
+    }
+
+    /// Publishes the outcome and readiness; returns when the loop must wake
+    /// without being told.
+    fn after_passes(&mut self, work: &Work, last: Option<&PassOutcome>) -> Instant {
+        let mut now_needed = false;
+        let deadlines = match last {
+            Some(o) => {
+                if o.followup.all || !o.followup.kernels.is_empty() {
+                    self.pending.merge(o.followup.clone());
+                    now_needed = true;
+                }
+                if !o.scoped_converged {
+                    // Not done with these kernels: the next pass looks at them
+                    // again, at once if this one was still making progress.
+                    if let Some(kernels) = &o.scope {
+                        self.pending.kernels.extend(kernels.iter().cloned());
+                    }
+                    now_needed |= o.progressed();
+                }
+                self.s.metrics.record_outcome(o, &work.desired);
+                self.converged_once = true;
+                self.backoff = PASS_BACKOFF_MIN;
+                vec![o.linger_deadline, o.retry_deadline, o.renew_deadline]
+            }
+            None => {
+                let retry = Instant::now() + self.backoff;
+                self.backoff = pass_backoff(self.backoff);
+                vec![Some(retry)]
+            }
+        };
+        self.publish_readiness(work.live);
+        let wake = next_wake(
+            self.next_resync,
+            deadlines.into_iter().chain([self.volume_pass_at]),
+        );
+        if now_needed {
+            Instant::now()
+        } else {
+            wake
+        }
+    }
+
+    fn publish_readiness(&self, live: bool) {
+        let (cache, m, health) = (self.s.cache, self.s.metrics, self.s.health);
+        let connected = cache.connected.load(Ordering::Relaxed);
+        m.etcd_connected.set(i64::from(connected));
+        m.watch_revision.set(cache.revision.load(Ordering::Relaxed));
+        let ready = self.converged_once && connected && live;
+        health.ready.store(ready, Ordering::Relaxed);
+        health.serving.store(self.converged_once, Ordering::Relaxed);
+        m.ready.set(i64::from(ready));
+    }
+
+    /// Waits for the next reason to run a pass. Leading edge: the first
+    /// change runs a pass at once; changes that arrive during a pass are
+    /// coalesced into the next one. False on shutdown.
+    async fn wait(&mut self, wake: Instant, rec: &Reconciler, shutdown: &mut Shutdown<'_>) -> bool {
+        loop {
+            tokio::select! {
+                _ = self.s.cache.changed.notified() => return true,
+                _ = self.mounts_changed.notified() => {
+                    if !rec.mount_table_current() {
+                        return true;
+                    }
+                    tracing::trace!("mount-table event already seen");
+                }
+                _ = sleep_until(wake) => {
+                    // A deadline (resync, linger, retry, renewal): a whole pass.
+                    self.pending.all = true;
+                    return true;
+                }
+                _ = shutdown.as_mut() => return false,
+            }
+        }
+    }
+}
+
+/// Aborts a background task when dropped (mini-redis `DbDropGuard`).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

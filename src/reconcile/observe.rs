@@ -1,0 +1,301 @@
+//! Observing the node: the mount table (re-read only when the kernel says it
+//! changed, and then only its new lines), attribution of changed mount points
+//! to kernels, and the observed state a pass plans against (ownership records,
+//! existing directories, what is due for renewal).
+
+use std::cell::Cell;
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::reconcile::actual::{MountInfoError, MountInfoSource, MountTable};
+use crate::reconcile::bookkeeping::renewal_due;
+use crate::reconcile::execute::observe_dirs;
+use crate::reconcile::plan::{Actual, NodeView, Want};
+use crate::reconcile::probe::StaleMap;
+use crate::state::ledger::{Ledger, LedgerError, OwnedMount, OwnedMounts};
+use crate::state::watch::Changes;
+
+/// Why the node could not be observed (transient: the pass is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum ObserveError {
+    /// The mount table could not be read.
+    #[error(transparent)]
+    MountInfo(#[from] MountInfoError),
+    /// The ledger could not be read.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+/// A mount table and the proof that it is current. The kernel signals
+/// `POLLPRI` on an open `/proc/self/mountinfo` once the table changed after
+/// the descriptor was opened (or last polled); a descriptor opened before
+/// the read therefore says, with a zero-timeout poll, whether the table read
+/// is still the table. So a pass woken by etcd does not regenerate 10,000
+/// lines of mountinfo that did not change, and a wake-up caused by
+/// vfolderd's own mounts, already seen by the read after executing, runs no
+/// pass at all.
+struct MountCache {
+    sentinel: std::fs::File,
+    table: Arc<MountTable>,
+    /// The kernel reports a change to one poll only: remember it.
+    changed: Cell<bool>,
+}
+
+impl MountCache {
+    /// Whether the table changed since the sentinel was opened.
+    fn stale(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        if self.changed.get() {
+            return true;
+        }
+        let mut fds = [PollFd::new(self.sentinel.as_fd(), PollFlags::POLLPRI)];
+        let changed = match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(_) => fds[0]
+                .revents()
+                .is_none_or(|r| r.intersects(PollFlags::POLLPRI | PollFlags::POLLERR)),
+            Err(_) => true,
+        };
+        self.changed.set(changed);
+        changed
+    }
+}
+
+/// The mount points that changed since the last read (`None`: unknown, the
+/// table was read from scratch).
+pub type MountChanges = Option<HashSet<PathBuf>>;
+
+/// What a changed mount point means for the next pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetOf {
+    /// One kernel's bind.
+    Kernel(String),
+    /// A volume or something else under the roots: a whole pass.
+    Everything,
+    /// Not ours (another program's mount elsewhere).
+    Nothing,
+}
+
+/// Which kernel a changed mount point belongs to: a wanted bind, an owned
+/// bind, or else anything inside the roots means everything.
+pub fn kernel_of_target(node: &NodeView, want: &Want, owned: &OwnedMounts, t: &Path) -> TargetOf {
+    if let Some(b) = want.binds.get(t) {
+        return TargetOf::Kernel(b.kernel.clone());
+    }
+    if let Some(k) = owned.get(t).and_then(|m| m.kernel.clone()) {
+        return TargetOf::Kernel(k);
+    }
+    if t.starts_with(&node.volumes_root) || t.starts_with(&node.kernels_root) {
+        return TargetOf::Everything;
+    }
+    TargetOf::Nothing
+}
+
+/// Sorts changed mount points into kernels to look at, or everything.
+pub fn attribute(
+    node: &NodeView,
+    want: &Want,
+    owned: &OwnedMounts,
+    changed: impl IntoIterator<Item = PathBuf>,
+) -> Changes {
+    let mut out = Changes::default();
+    for t in changed {
+        match kernel_of_target(node, want, owned, &t) {
+            TargetOf::Kernel(k) => {
+                out.kernels.insert(k);
+            }
+            TargetOf::Everything => out.all = true,
+            TargetOf::Nothing => {}
+        }
+    }
+    out
+}
+
+/// Reads the node's actual state for a pass.
+pub struct Observer {
+    mountinfo: Arc<dyn MountInfoSource>,
+    /// The file mount-table changes are signalled on (only `/proc` signals).
+    mountinfo_path: PathBuf,
+    /// The mount table as last read, with its sentinel.
+    cache: Option<MountCache>,
+    /// Stale volume mounts, as the prober last saw them.
+    stale: StaleMap,
+    /// Node-local secrets (a rotated file makes its mounts due for renewal).
+    credentials_dir: PathBuf,
+    /// Lifetime of blob mount SASes (renewed in their last third).
+    sas_lifetime: Duration,
+    /// Lifetime of per-user token files (renewed in their last third).
+    token_lifetime: Duration,
+}
+
+/// Where the [`Observer`] looks.
+pub struct ObserverConfig {
+    /// The mount table.
+    pub mountinfo: Arc<dyn MountInfoSource>,
+    /// The file polled for mount-table changes.
+    pub mountinfo_path: PathBuf,
+    /// The prober's findings.
+    pub stale: StaleMap,
+    /// Node-local secrets.
+    pub credentials_dir: PathBuf,
+    /// Lifetime of blob mount SASes.
+    pub sas_lifetime: Duration,
+    /// Lifetime of per-user token files.
+    pub token_lifetime: Duration,
+}
+
+impl Observer {
+    /// An observer that has read nothing yet.
+    pub fn new(c: ObserverConfig) -> Self {
+        Self {
+            mountinfo: c.mountinfo,
+            mountinfo_path: c.mountinfo_path,
+            cache: None,
+            stale: c.stale,
+            credentials_dir: c.credentials_dir,
+            sas_lifetime: c.sas_lifetime,
+            token_lifetime: c.token_lifetime,
+        }
+    }
+
+    /// The lifetimes credentials are renewed against (SAS, token files).
+    pub fn lifetimes(&self) -> (Duration, Duration) {
+        (self.sas_lifetime, self.token_lifetime)
+    }
+
+    /// The prober's findings (a fresh mount is no longer stale).
+    pub fn stale(&self) -> &StaleMap {
+        &self.stale
+    }
+
+    /// The mount table: re-read only when it changed (or when `fresh`), and
+    /// then only its changed lines.
+    pub fn mount_table(
+        &mut self,
+        fresh: bool,
+    ) -> Result<(Arc<MountTable>, MountChanges), ObserveError> {
+        if let Some(c) = self.cache.as_ref().filter(|c| !fresh && !c.stale()) {
+            return Ok((c.table.clone(), Some(HashSet::new())));
+        }
+        // Opened before the read: a change racing the read marks it stale.
+        // Only /proc signals changes; any other file (a test double) is read every time.
+        let sentinel = std::fs::File::open(&self.mountinfo_path)
+            .ok()
+            .filter(|_| self.mountinfo_path.starts_with("/proc"));
+        let (table, changed) = match self.cache.take() {
+            // Parse only the lines that changed (copying the table only if a
+            // pass still holds it).
+            Some(c) => {
+                let mut table = c.table;
+                let changed = self.mountinfo.refresh(Arc::make_mut(&mut table))?;
+                (table, changed)
+            }
+            None => (Arc::new(self.mountinfo.read()?), None),
+        };
+        self.cache = sentinel.map(|sentinel| MountCache {
+            sentinel,
+            table: table.clone(),
+            changed: Cell::new(false),
+        });
+        Ok((table, changed))
+    }
+
+    /// Whether the mount table read last is still the kernel's: then a
+    /// mount-table wake-up (vfolderd's own mounts) needs no pass.
+    pub fn mount_table_current(&self) -> bool {
+        self.cache.as_ref().is_some_and(|c| !c.stale())
+    }
+
+    /// The observed state for `want`: the ledger's records (only those of
+    /// `scope`'s kernels and of volumes, for a pass over a few kernels), which
+    /// wanted directories exist, and which credentials are due for renewal.
+    pub fn observe(
+        &self,
+        ledger: &Ledger,
+        want: &Want,
+        mounts: Arc<MountTable>,
+        scope: Option<&BTreeSet<String>>,
+    ) -> Result<Actual, ObserveError> {
+        let whole = Actual {
+            mounts,
+            owned_mounts: ledger.mounts()?,
+            owned_dirs: ledger.dirs()?,
+            stale: self.stale.lock().expect("stale lock").clone(),
+            owned_tokens: ledger.tokens()?,
+            ..Actual::default()
+        };
+        let mut actual = match scope {
+            Some(kernels) => crate::reconcile::scope::actual_of_kernels(&whole, kernels),
+            None => whole,
+        };
+        actual.dirs = observe_dirs(&want.paths_to_observe(), &actual.mounts);
+        let now = crate::reconcile::pass::unix_now();
+        actual.token_renew = actual
+            .owned_tokens
+            .values()
+            .filter(|t| renewal_due(t.expires_at, self.token_lifetime, now) || !t.path.is_file())
+            .map(|t| t.path.clone())
+            .collect();
+        actual.renew = actual
+            .owned_mounts
+            .values()
+            .filter(|m| {
+                m.expires_at
+                    .is_some_and(|e| renewal_due(e, self.sas_lifetime, now))
+                    || self.credentials_rotated(want, m)
+            })
+            .map(|m| m.target.clone())
+            .collect();
+        Ok(actual)
+    }
+
+    /// Whether the credentials file `m` was mounted with has changed since.
+    fn credentials_rotated(&self, want: &Want, m: &OwnedMount) -> bool {
+        let Some(stamp) = &m.credentials_stamp else {
+            return false;
+        };
+        let name = want
+            .volumes
+            .get(&m.volume)
+            .and_then(|v| v.credentials.as_ref());
+        name.is_some_and(|n| {
+            crate::secret::file_stamp(&self.credentials_dir.join(n)).as_ref() != Some(stamp)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::actual::ProcMountInfo;
+
+    #[test]
+    fn a_cached_mount_table_turns_stale_on_a_mount_and_stays_stale() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "mounts a tmpfs: run as root in a private mount namespace (scripts/test.sh)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let cache = MountCache {
+            sentinel: std::fs::File::open("/proc/self/mountinfo").unwrap(),
+            table: Arc::new(ProcMountInfo::default().read().unwrap()),
+            changed: Cell::new(false),
+        };
+        assert!(!cache.stale(), "nothing changed yet");
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        let stale = cache.stale();
+        // The kernel reports the change to one poll only; the cache must not forget it.
+        let still = cache.stale();
+        nix::mount::umount2(dir.path(), nix::mount::MntFlags::MNT_DETACH).unwrap();
+        assert!(stale && still);
+    }
+}
