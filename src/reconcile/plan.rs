@@ -191,37 +191,63 @@ impl Want {
 /// Resolves desired objects into concrete mounts for this node.
 pub fn resolve(node: &NodeView, d: &Desired) -> Want {
     let mut w = Want::default();
-    let volume_target = |name: &str| node.volumes_root.join(name);
-    let want_volume = |w: &mut Want, name: &str| {
-        if w.volumes.contains_key(name) {
-            return;
+    resolve_volumes(node, d, &mut w);
+    if node.storage {
+        for (id, e) in &d.vfolders {
+            if let Ok(vf) = &e.spec {
+                if w.volumes.contains_key(&vf.volume) {
+                    let path = node.volumes_root.join(&vf.volume).join(vfolder_relpath(id));
+                    w.vfolder_dirs.insert(*id, (vf.volume.clone(), path));
+                }
+            }
         }
-        if let Some(Ok(spec)) = d.volumes.get(name).map(|e| &e.spec) {
-            w.volumes.insert(
-                name.to_string(),
-                WantVolume {
-                    name: name.to_string(),
-                    target: volume_target(name),
-                    fstype: spec.mount.fstype.clone(),
-                    source: spec.mount.path.clone(),
-                    // Validated at parse time; the forced options come from the policy.
-                    options: node
-                        .policy
-                        .check_volume(
-                            spec.mount.fstype.as_str(),
-                            &spec.mount.path,
-                            &spec.option_list(),
-                        )
-                        .unwrap_or_else(|_| spec.option_list()),
-                    credentials: spec.mount.credentials.clone(),
-                    at: spec.mount.at,
-                    heal: spec.heal,
-                    readonly: spec.access == Permission::Ro && spec.mount.at == MountAt::Startup,
-                    create: spec.create && node.storage,
-                },
-            );
-        }
+    }
+    let startup = startup_volumes(d);
+    let mut homes: BTreeMap<PathBuf, String> = BTreeMap::new();
+    for (id, e) in &d.kernels {
+        resolve_kernel(node, d, &startup, &mut homes, &mut w, id, e);
+    }
+    w.homes = homes;
+    w
+}
+
+/// Adds volume `name` to what this node mounts (once), if its spec is valid.
+fn want_volume(node: &NodeView, d: &Desired, w: &mut Want, name: &str) {
+    if w.volumes.contains_key(name) {
+        return;
+    }
+    let Some(Ok(spec)) = d.volumes.get(name).map(|e| &e.spec) else {
+        return;
     };
+    let options = node
+        .policy
+        .check_volume(
+            spec.mount.fstype.as_str(),
+            &spec.mount.path,
+            &spec.option_list(),
+        )
+        // Validated at parse time; the forced options come from the policy.
+        .unwrap_or_else(|_| spec.option_list());
+    w.volumes.insert(
+        name.to_string(),
+        WantVolume {
+            name: name.to_string(),
+            target: node.volumes_root.join(name),
+            fstype: spec.mount.fstype.clone(),
+            source: spec.mount.path.clone(),
+            options,
+            credentials: spec.mount.credentials.clone(),
+            at: spec.mount.at,
+            heal: spec.heal,
+            readonly: spec.access == Permission::Ro && spec.mount.at == MountAt::Startup,
+            create: spec.create && node.storage,
+        },
+    );
+}
+
+/// The volumes the node mounts whatever kernels want (storage: all; agent:
+/// startup ones), and those held in place because their value is malformed.
+fn resolve_volumes(node: &NodeView, d: &Desired, w: &mut Want) {
     for (name, e) in &d.volumes {
         match &e.spec {
             // A malformed value never unmounts anything; a policy refusal
@@ -232,210 +258,243 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
             Err(_) => {}
             Ok(spec) => {
                 if node.storage || (node.agent && spec.mount.at == MountAt::Startup) {
-                    want_volume(&mut w, name);
+                    want_volume(node, d, w, name);
                 }
             }
         }
     }
-    if node.storage {
-        for (id, e) in &d.vfolders {
-            if let Ok(vf) = &e.spec {
-                if w.volumes.contains_key(&vf.volume) {
-                    let path = volume_target(&vf.volume).join(vfolder_relpath(id));
-                    w.vfolder_dirs.insert(*id, (vf.volume.clone(), path));
-                }
-            }
-        }
-    }
-    let startup: Vec<(&String, bool)> = d
-        .volumes
+}
+
+/// Startup volumes (bound into every kernel's home), each with whether it is read-only.
+fn startup_volumes(d: &Desired) -> Vec<(&String, bool)> {
+    d.volumes
         .iter()
         .filter_map(|(n, e)| e.spec.as_ref().ok().map(|s| (n, s)))
         .filter(|(_, s)| s.mount.at == MountAt::Startup)
         .map(|(n, s)| (n, s.access != Permission::Rw))
-        .collect();
-    let mut homes: BTreeMap<PathBuf, String> = BTreeMap::new();
-    for (id, e) in &d.kernels {
-        let mut k = WantKernel {
-            revision: e.revision,
-            home: None,
-            uid: None,
-            gid: None,
-            resolution: Resolution::Resolved,
-            binds: vec![],
-        };
-        let spec = match (&e.spec, node.agent) {
-            (Err(reason), _) => {
-                k.resolution = Resolution::Rejected(reason.to_string());
-                None
-            }
-            (Ok(_), false) => {
-                k.resolution = Resolution::Rejected("this node has no agent role".into());
-                None
-            }
-            (Ok(spec), true) => Some(spec),
-        };
-        let Some(spec) = spec else {
-            w.held_kernels.insert(id.clone());
-            w.kernels.insert(id.clone(), k);
-            continue;
-        };
-        if let Some(other) = overlapping_home(&homes, &spec.home) {
-            k.resolution = Resolution::Rejected(format!(
-                "home {} overlaps the home of kernel {other}",
-                spec.home.display()
-            ));
-            w.held_kernels.insert(id.clone());
-            w.kernels.insert(id.clone(), k);
-            continue;
+        .collect()
+}
+
+/// Resolves one kernel into `w`: its binds and tokens, or why it is held.
+fn resolve_kernel(
+    node: &NodeView,
+    d: &Desired,
+    startup: &[(&String, bool)],
+    homes: &mut BTreeMap<PathBuf, String>,
+    w: &mut Want,
+    id: &str,
+    e: &crate::state::desired::Entry<crate::spec::KernelSpec>,
+) {
+    let mut k = WantKernel {
+        revision: e.revision,
+        home: None,
+        uid: None,
+        gid: None,
+        resolution: Resolution::Resolved,
+        binds: vec![],
+    };
+    let hold = |w: &mut Want, mut k: WantKernel, why: Resolution| {
+        k.resolution = why;
+        w.held_kernels.insert(id.to_string());
+        w.kernels.insert(id.to_string(), k);
+    };
+    let spec = match (&e.spec, node.agent) {
+        (Err(reason), _) => return hold(w, k, Resolution::Rejected(reason.to_string())),
+        (Ok(_), false) => {
+            return hold(
+                w,
+                k,
+                Resolution::Rejected("this node has no agent role".into()),
+            )
         }
-        homes.insert(spec.home.clone(), id.clone());
-        k.home = Some(spec.home.clone());
-        k.uid = spec.uid;
-        k.gid = spec.gid;
-        let mut binds: Vec<WantBind> = Vec::new();
-        let mut tokens: Vec<WantToken> = Vec::new();
-        let mut problem: Option<Resolution> = None;
-        for m in &spec.mounts {
-            match m {
-                KernelMount::Token { volume, kind } => match d.volumes.get(volume).map(|e| &e.spec)
-                {
-                    None => {
-                        problem.get_or_insert(Resolution::Pending(format!(
-                            "token volume {volume} does not exist"
-                        )));
-                    }
-                    Some(Err(_)) => {
-                        problem.get_or_insert(Resolution::Pending(format!(
-                            "token volume {volume} is rejected"
-                        )));
-                    }
-                    Some(Ok(v)) if v.mount.fstype != Fstype::AzureBlob => {
-                        problem = Some(Resolution::Rejected(format!(
-                            "token: volume {volume} is not an azureblob volume"
-                        )));
-                    }
-                    Some(Ok(v)) => {
-                        let path = spec.home.join(".vfolderd").join("sas").join(volume);
-                        tokens.push(WantToken {
-                            path,
-                            kernel: id.clone(),
-                            volume: volume.clone(),
-                            source: v.mount.path.clone(),
-                            credentials: v.mount.credentials.clone(),
-                            write: *kind == crate::spec::TokenKind::Write,
-                            uid: spec.uid,
-                            gid: spec.gid,
-                        });
-                    }
-                },
-                KernelMount::Vfolder {
-                    id: vid,
-                    alias,
-                    permission,
-                } => {
-                    let vf = match d.vfolders.get(vid).map(|e| &e.spec) {
-                        None => {
-                            problem.get_or_insert(Resolution::Pending(format!(
-                                "vfolder {vid} has no record"
-                            )));
-                            continue;
-                        }
-                        Some(Err(_)) => {
-                            problem.get_or_insert(Resolution::Pending(format!(
-                                "vfolder {vid} record is rejected"
-                            )));
-                            continue;
-                        }
-                        Some(Ok(vf)) => vf,
-                    };
-                    match d.volumes.get(&vf.volume).map(|e| &e.spec) {
-                        None => {
-                            problem.get_or_insert(Resolution::Pending(format!(
-                                "volume {} of vfolder {vid} does not exist",
-                                vf.volume
-                            )));
-                            continue;
-                        }
-                        Some(Err(_)) => {
-                            problem.get_or_insert(Resolution::Pending(format!(
-                                "volume {} of vfolder {vid} is rejected",
-                                vf.volume
-                            )));
-                            continue;
-                        }
-                        Some(Ok(_)) => {}
-                    }
-                    let perm = permission.unwrap_or(vf.permission);
-                    if perm == Permission::Rw && vf.permission == Permission::Ro {
-                        problem = Some(Resolution::Rejected(format!(
-                            "vfolder {vid} is read-only; rw cannot be granted"
-                        )));
-                        break;
-                    }
-                    if perm == Permission::Rw && !node.policy.may_mount_rw(&vf.volume, &vf.owner) {
-                        problem = Some(Resolution::Rejected(format!(
-                            "policy rw_owners.{}: owner {} may not mount vfolder {vid} read-write",
-                            vf.volume, vf.owner
-                        )));
-                        break;
-                    }
-                    let name = alias.as_deref().unwrap_or(&vf.name);
-                    binds.push(WantBind {
-                        target: spec.home.join(name),
-                        kernel: id.clone(),
-                        volume: vf.volume.clone(),
-                        source: volume_target(&vf.volume).join(vfolder_relpath(vid)),
-                        readonly: perm == Permission::Ro,
-                        label: format!("vfolder:{vid}"),
-                        required: true,
-                    });
+        (Ok(spec), true) => spec,
+    };
+    if let Some(other) = overlapping_home(homes, &spec.home) {
+        let why = format!(
+            "home {} overlaps the home of kernel {other}",
+            spec.home.display()
+        );
+        return hold(w, k, Resolution::Rejected(why));
+    }
+    homes.insert(spec.home.clone(), id.to_string());
+    k.home = Some(spec.home.clone());
+    k.uid = spec.uid;
+    k.gid = spec.gid;
+    let (binds, tokens) = match kernel_mounts(node, d, startup, id, spec) {
+        Ok(x) => x,
+        Err(why) => return hold(w, k, why),
+    };
+    for b in binds {
+        want_volume(node, d, w, &b.volume);
+        w.users
+            .entry(b.volume.clone())
+            .or_default()
+            .insert(id.to_string());
+        k.binds.push(b.target.clone());
+        w.binds.insert(b.target.clone(), b);
+    }
+    for t in tokens {
+        w.tokens.insert(t.path.clone(), t);
+    }
+    w.kernels.insert(id.to_string(), k);
+}
+
+/// What one kernel mount resolves to.
+enum MountResolution {
+    Bind(WantBind),
+    Token(WantToken),
+    /// Waiting for a record or volume (the first reason is kept).
+    Pending(String),
+    /// Refused; `stop` ends the look at the kernel's other mounts.
+    Rejected {
+        why: String,
+        stop: bool,
+    },
+}
+
+/// A kernel's binds (its vfolders, then every startup volume) and token
+/// files, or why it cannot have them now.
+fn kernel_mounts(
+    node: &NodeView,
+    d: &Desired,
+    startup: &[(&String, bool)],
+    id: &str,
+    spec: &crate::spec::KernelSpec,
+) -> Result<(Vec<WantBind>, Vec<WantToken>), Resolution> {
+    let mut binds: Vec<WantBind> = Vec::new();
+    let mut tokens: Vec<WantToken> = Vec::new();
+    let mut problem: Option<Resolution> = None;
+    for m in &spec.mounts {
+        let r = match m {
+            KernelMount::Token { volume, kind } => token_mount(d, id, spec, volume, *kind),
+            KernelMount::Vfolder {
+                id: vid,
+                alias,
+                permission,
+            } => vfolder_bind(node, d, id, spec, vid, alias.as_deref(), *permission),
+        };
+        match r {
+            MountResolution::Bind(b) => binds.push(b),
+            MountResolution::Token(t) => tokens.push(t),
+            MountResolution::Pending(why) => {
+                problem.get_or_insert(Resolution::Pending(why));
+            }
+            MountResolution::Rejected { why, stop } => {
+                problem = Some(Resolution::Rejected(why));
+                if stop {
+                    break;
                 }
             }
         }
-        for (vol, readonly) in &startup {
-            binds.push(WantBind {
-                target: spec.home.join(vol.as_str()),
-                kernel: id.clone(),
-                volume: (*vol).clone(),
-                source: volume_target(vol),
-                readonly: *readonly,
-                label: format!("volume:{vol}"),
-                required: false,
-            });
-        }
-        let mut seen = BTreeSet::new();
-        if let Some(dup) = binds.iter().find(|b| !seen.insert(b.target.clone())) {
-            problem = Some(Resolution::Rejected(format!(
-                "two mounts would appear at {} in the home",
-                dup.target
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            )));
-        }
-        if let Some(p) = problem {
-            k.resolution = p;
-            w.held_kernels.insert(id.clone());
-            w.kernels.insert(id.clone(), k);
-            continue;
-        }
-        for b in binds {
-            want_volume(&mut w, &b.volume);
-            w.users
-                .entry(b.volume.clone())
-                .or_default()
-                .insert(id.clone());
-            k.binds.push(b.target.clone());
-            w.binds.insert(b.target.clone(), b);
-        }
-        for t in tokens {
-            w.tokens.insert(t.path.clone(), t);
-        }
-        w.kernels.insert(id.clone(), k);
     }
-    w.homes = homes;
-    w
+    for (vol, readonly) in startup {
+        binds.push(WantBind {
+            target: spec.home.join(vol.as_str()),
+            kernel: id.to_string(),
+            volume: (*vol).clone(),
+            source: node.volumes_root.join(vol),
+            readonly: *readonly,
+            label: format!("volume:{vol}"),
+            required: false,
+        });
+    }
+    let mut seen = BTreeSet::new();
+    if let Some(dup) = binds.iter().find(|b| !seen.insert(b.target.clone())) {
+        problem = Some(Resolution::Rejected(format!(
+            "two mounts would appear at {} in the home",
+            dup.target
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        )));
+    }
+    match problem {
+        Some(p) => Err(p),
+        None => Ok((binds, tokens)),
+    }
+}
+
+/// A per-user SAS token file for blob volume `volume`.
+fn token_mount(
+    d: &Desired,
+    id: &str,
+    spec: &crate::spec::KernelSpec,
+    volume: &String,
+    kind: crate::spec::TokenKind,
+) -> MountResolution {
+    match d.volumes.get(volume).map(|e| &e.spec) {
+        None => MountResolution::Pending(format!("token volume {volume} does not exist")),
+        Some(Err(_)) => MountResolution::Pending(format!("token volume {volume} is rejected")),
+        Some(Ok(v)) if v.mount.fstype != Fstype::AzureBlob => MountResolution::Rejected {
+            why: format!("token: volume {volume} is not an azureblob volume"),
+            stop: false,
+        },
+        Some(Ok(v)) => MountResolution::Token(WantToken {
+            path: spec.home.join(".vfolderd").join("sas").join(volume),
+            kernel: id.to_string(),
+            volume: volume.clone(),
+            source: v.mount.path.clone(),
+            credentials: v.mount.credentials.clone(),
+            write: kind == crate::spec::TokenKind::Write,
+            uid: spec.uid,
+            gid: spec.gid,
+        }),
+    }
+}
+
+/// The bind of vfolder `vid` into the kernel's home.
+fn vfolder_bind(
+    node: &NodeView,
+    d: &Desired,
+    id: &str,
+    spec: &crate::spec::KernelSpec,
+    vid: &Uuid,
+    alias: Option<&str>,
+    permission: Option<Permission>,
+) -> MountResolution {
+    let vf = match d.vfolders.get(vid).map(|e| &e.spec) {
+        None => return MountResolution::Pending(format!("vfolder {vid} has no record")),
+        Some(Err(_)) => {
+            return MountResolution::Pending(format!("vfolder {vid} record is rejected"))
+        }
+        Some(Ok(vf)) => vf,
+    };
+    match d.volumes.get(&vf.volume).map(|e| &e.spec) {
+        None => {
+            let why = format!("volume {} of vfolder {vid} does not exist", vf.volume);
+            return MountResolution::Pending(why);
+        }
+        Some(Err(_)) => {
+            let why = format!("volume {} of vfolder {vid} is rejected", vf.volume);
+            return MountResolution::Pending(why);
+        }
+        Some(Ok(_)) => {}
+    }
+    let perm = permission.unwrap_or(vf.permission);
+    if perm == Permission::Rw && vf.permission == Permission::Ro {
+        let why = format!("vfolder {vid} is read-only; rw cannot be granted");
+        return MountResolution::Rejected { why, stop: true };
+    }
+    if perm == Permission::Rw && !node.policy.may_mount_rw(&vf.volume, &vf.owner) {
+        let why = format!(
+            "policy rw_owners.{}: owner {} may not mount vfolder {vid} read-write",
+            vf.volume, vf.owner
+        );
+        return MountResolution::Rejected { why, stop: true };
+    }
+    let name = alias.unwrap_or(&vf.name);
+    MountResolution::Bind(WantBind {
+        target: spec.home.join(name),
+        kernel: id.to_string(),
+        volume: vf.volume.clone(),
+        source: node
+            .volumes_root
+            .join(&vf.volume)
+            .join(vfolder_relpath(vid)),
+        readonly: perm == Permission::Ro,
+        label: format!("vfolder:{vid}"),
+        required: true,
+    })
 }
 
 /// The kernel whose home equals, contains or lies inside `home`, if any.

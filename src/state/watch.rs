@@ -4,6 +4,7 @@
 //! and relists when that revision was compacted (the whole cache is swapped
 //! in one step, so keys deleted meanwhile disappear: mark and sweep for free).
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -160,35 +161,238 @@ impl DesiredCache {
     }
 }
 
+/// A consistent listing of the desired ranges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// Every key and value under the desired prefixes.
+    pub kvs: Vec<(String, Vec<u8>)>,
+    /// The revision they were read at.
+    pub revision: i64,
+}
+
+/// One change a watch reported: a put (with its value) or a delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawEvent {
+    /// The key.
+    pub key: String,
+    /// The new value; `None` for a delete.
+    pub value: Option<Vec<u8>>,
+    /// Its mod revision (a delete's revision).
+    pub revision: i64,
+}
+
+/// What one read of the watch stream brings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchBatch {
+    /// Changes (possibly none: a `created` or progress response).
+    Events(Vec<RawEvent>),
+    /// The start revision was compacted away: relist.
+    Compacted(i64),
+    /// The server cancelled the watch for another reason.
+    Canceled(String),
+}
+
+/// The etcd calls the watcher makes; the real client, or a scripted double.
+pub trait EtcdSource: Send {
+    /// An open watch stream.
+    type Stream: WatchStream;
+    /// Lists `prefixes` in one transaction (one revision for all).
+    fn list(
+        &mut self,
+        prefixes: &[String],
+    ) -> impl Future<Output = Result<Listing, WatchError>> + Send;
+    /// Watches each prefix from its start revision, on one stream.
+    fn watch(
+        &mut self,
+        prefixes: &[String],
+        from: &[i64],
+    ) -> impl Future<Output = Result<Self::Stream, WatchError>> + Send;
+}
+
+/// An open watch stream.
+pub trait WatchStream: Send {
+    /// The next batch; `Ok(None)` when the server closed the stream.
+    fn next(&mut self) -> impl Future<Output = Result<Option<WatchBatch>, WatchError>> + Send;
+}
+
+/// Where the watcher is (kube-runtime's watcher state machine).
+pub enum WatchState<S> {
+    /// Nothing listed (at start, and after a compaction): list next.
+    Empty,
+    /// Listed; watching each prefix from `next[i]` (the revision after the
+    /// last one seen there). `stream` is `None` after an error: re-watch
+    /// from `next`, without a relist.
+    Watching {
+        /// Per prefix: where a resumed watch starts.
+        next: Vec<i64>,
+        /// The open stream, if any.
+        stream: Option<S>,
+    },
+}
+
+/// What one [`step`] found, for the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// A complete listing: the cache is replaced in one step.
+    Listed(Listing),
+    /// Changes to apply (connected again if they are the first after an error).
+    Applied(Vec<RawEvent>),
+    /// The watch's revision was compacted: a relist follows.
+    Compacted(i64),
+    /// etcd failed; the watcher backs off, then resumes where it was.
+    Failed(String),
+}
+
+/// One step: list, open a watch, or read the next batch.
+pub async fn step<E: EtcdSource>(
+    etcd: &mut E,
+    prefixes: &[String],
+    state: WatchState<E::Stream>,
+) -> (WatchEvent, WatchState<E::Stream>) {
+    let fail = |e: WatchError| WatchEvent::Failed(crate::error::error_chain(&e));
+    let (mut next, stream) = match state {
+        WatchState::Empty => {
+            return match etcd.list(prefixes).await {
+                Ok(l) => {
+                    let next = vec![l.revision + 1; prefixes.len()];
+                    (
+                        WatchEvent::Listed(l),
+                        WatchState::Watching { next, stream: None },
+                    )
+                }
+                Err(e) => (fail(e), WatchState::Empty),
+            };
+        }
+        WatchState::Watching { next, stream } => (next, stream),
+    };
+    let mut stream = match stream {
+        Some(s) => s,
+        None => match etcd.watch(prefixes, &next).await {
+            Ok(s) => s,
+            Err(e) => return (fail(e), WatchState::Watching { next, stream: None }),
+        },
+    };
+    let ended = |why: &str| WatchError::Ended(why.to_string());
+    match stream.next().await {
+        Ok(Some(WatchBatch::Events(events))) => {
+            for ev in &events {
+                if let Some(i) = prefixes.iter().position(|p| ev.key.starts_with(p.as_str())) {
+                    next[i] = next[i].max(ev.revision + 1);
+                }
+            }
+            let state = WatchState::Watching {
+                next,
+                stream: Some(stream),
+            };
+            (WatchEvent::Applied(events), state)
+        }
+        Ok(Some(WatchBatch::Compacted(rev))) => (WatchEvent::Compacted(rev), WatchState::Empty),
+        Ok(Some(WatchBatch::Canceled(reason))) => {
+            let e = ended(&format!("watch cancelled: {reason}"));
+            (fail(e), WatchState::Watching { next, stream: None })
+        }
+        Ok(None) => (
+            fail(ended("stream closed by server")),
+            WatchState::Watching { next, stream: None },
+        ),
+        Err(e) => (fail(e), WatchState::Watching { next, stream: None }),
+    }
+}
+
+/// The real etcd: the desired ranges listed in one transaction, watched on
+/// one stream with `prev_kv`.
+pub struct EtcdClient(pub Client);
+
+/// The real client's watch stream.
+pub struct ClientStream(etcd_client::WatchStream);
+
+impl EtcdSource for EtcdClient {
+    type Stream = ClientStream;
+
+    async fn list(&mut self, prefixes: &[String]) -> Result<Listing, WatchError> {
+        let ops: Vec<TxnOp> = prefixes
+            .iter()
+            .map(|p| TxnOp::get(p.as_str(), Some(GetOptions::new().with_prefix())))
+            .collect();
+        let resp = self
+            .0
+            .txn(Txn::new().and_then(ops))
+            .await
+            .map_err(WatchError::InitialListFailed)?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let mut kvs = Vec::new();
+        for op in resp.op_responses() {
+            if let TxnOpResponse::Get(g) = op {
+                for kv in g.kvs() {
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    kvs.push((key, kv.value().to_vec()));
+                }
+            }
+        }
+        Ok(Listing { kvs, revision })
+    }
+
+    async fn watch(
+        &mut self,
+        prefixes: &[String],
+        from: &[i64],
+    ) -> Result<ClientStream, WatchError> {
+        let opts = |i: usize| {
+            let o = WatchOptions::new().with_prefix().with_prev_key();
+            Some(o.with_start_revision(from[i]))
+        };
+        let mut stream = self
+            .0
+            .watch(prefixes[0].as_str(), opts(0))
+            .await
+            .map_err(WatchError::WatchStartFailed)?;
+        for (i, prefix) in prefixes.iter().enumerate().skip(1) {
+            stream
+                .watch(prefix.as_str(), opts(i))
+                .await
+                .map_err(WatchError::WatchStartFailed)?;
+        }
+        Ok(ClientStream(stream))
+    }
+}
+
+impl WatchStream for ClientStream {
+    async fn next(&mut self) -> Result<Option<WatchBatch>, WatchError> {
+        let Some(resp) = self.0.message().await.map_err(WatchError::StreamFailed)? else {
+            return Ok(None);
+        };
+        if resp.canceled() {
+            if resp.compact_revision() > 0 {
+                return Ok(Some(WatchBatch::Compacted(resp.compact_revision())));
+            }
+            return Ok(Some(WatchBatch::Canceled(resp.cancel_reason().to_string())));
+        }
+        let events = resp
+            .events()
+            .iter()
+            .filter_map(|ev| {
+                let kv = ev.kv()?;
+                Some(RawEvent {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    value: (ev.event_type() == EventType::Put).then(|| kv.value().to_vec()),
+                    revision: kv.mod_revision(),
+                })
+            })
+            .collect();
+        Ok(Some(WatchBatch::Events(events)))
+    }
+}
+
 /// Lists the desired ranges in one transaction, so all three are at one
-/// revision. Returns the raw pairs and the revision.
+/// revision (also used by the operator commands). Returns the raw pairs and
+/// the revision.
 pub async fn list(
     client: &mut Client,
     parser: &DesiredParser,
 ) -> Result<(Vec<(String, Vec<u8>)>, i64), WatchError> {
-    let ops: Vec<TxnOp> = parser
-        .keys
-        .desired_prefixes()
-        .iter()
-        .map(|p| TxnOp::get(p.as_str(), Some(GetOptions::new().with_prefix())))
-        .collect();
-    let resp = client
-        .txn(Txn::new().and_then(ops))
-        .await
-        .map_err(WatchError::InitialListFailed)?;
-    let revision = resp.header().map_or(0, |h| h.revision());
-    let mut kvs = Vec::new();
-    for op in resp.op_responses() {
-        if let TxnOpResponse::Get(g) = op {
-            for kv in g.kvs() {
-                kvs.push((
-                    String::from_utf8_lossy(kv.key()).into_owned(),
-                    kv.value().to_vec(),
-                ));
-            }
-        }
-    }
-    Ok((kvs, revision))
+    let mut etcd = EtcdClient(client.clone());
+    let l = etcd.list(&parser.keys.desired_prefixes()).await?;
+    Ok((l.kvs, l.revision))
 }
 
 /// Parses a listing into a desired state at `revision`.
@@ -200,156 +404,379 @@ pub fn parse_listing(parser: &DesiredParser, kvs: &[(String, Vec<u8>)], revision
     )
 }
 
-enum WatchEnd {
-    Compacted(i64),
-    Failed(WatchError),
-}
+/// First delay after an etcd error; doubles up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(200);
+/// Longest delay between etcd retries.
+const RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// Runs forever: list, watch, resume, relist. Cancel by dropping the task.
 /// Every listing and event is also written to `store` (the last good desired
 /// state, served after a restart while etcd is unreachable).
 pub async fn run_watcher(
-    mut client: Client,
+    client: Client,
     parser: DesiredParser,
     cache: Arc<DesiredCache>,
     store: Ledger,
 ) {
-    let mut delay = Duration::from_millis(200);
-    let max_delay = Duration::from_secs(10);
+    let mut etcd = EtcdClient(client);
+    let prefixes = parser.keys.desired_prefixes().to_vec();
+    let mut state = WatchState::Empty;
+    let mut delay = RETRY_MIN;
     loop {
-        let (kvs, revision) = match list(&mut client, &parser).await {
-            Ok(x) => x,
-            Err(e) => {
+        let (event, next) = step(&mut etcd, &prefixes, state).await;
+        state = next;
+        match event {
+            WatchEvent::Failed(error) => {
                 cache.connected.store(false, Ordering::Relaxed);
                 cache.touch();
-                tracing::warn!(error = %crate::error::error_chain(&e), retry_in = ?delay, "etcd unreachable; keeping last desired state");
+                tracing::warn!(%error, retry_in = ?delay, "etcd unreachable or watch interrupted; keeping the last desired state");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(max_delay);
-                continue;
+                delay = (delay * 2).min(RETRY_MAX);
             }
-        };
-        let d = parse_listing(&parser, &kvs, revision);
-        if let Err(e) = store.store_desired(&kvs, revision) {
-            tracing::warn!(error = %crate::error::error_chain(&e), "cannot store the desired state; a restart during an etcd outage would start empty");
-        }
-        let rev = d.revision;
-        tracing::info!(
-            revision = rev,
-            volumes = d.volumes.len(),
-            vfolders = d.vfolders.len(),
-            kernels = d.kernels.len(),
-            "listed desired state"
-        );
-        cache.connected.store(true, Ordering::Relaxed);
-        cache.replace(d);
-        delay = Duration::from_millis(200);
-        let mut next = [rev + 1; 3];
-        loop {
-            match watch_once(&mut client, &parser, &cache, &store, &mut next).await {
-                WatchEnd::Compacted(c) => {
-                    tracing::warn!(
-                        compact_revision = c,
-                        "watch revision was compacted; relisting"
-                    );
-                    break;
-                }
-                WatchEnd::Failed(e) => {
-                    cache.connected.store(false, Ordering::Relaxed);
-                    cache.touch();
-                    tracing::warn!(error = %crate::error::error_chain(&e), retry_in = ?delay, "etcd watch interrupted; will resume");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(max_delay);
-                }
+            WatchEvent::Compacted(c) => {
+                tracing::warn!(
+                    compact_revision = c,
+                    "watch revision was compacted; relisting"
+                );
             }
+            WatchEvent::Listed(l) => {
+                apply_listing(&parser, &cache, &store, l);
+                delay = RETRY_MIN;
+            }
+            WatchEvent::Applied(events) => apply_events(&parser, &cache, &store, &events),
         }
     }
 }
 
-async fn watch_once(
-    client: &mut Client,
-    parser: &DesiredParser,
-    cache: &DesiredCache,
-    store: &Ledger,
-    next: &mut [i64; 3],
-) -> WatchEnd {
-    let prefixes = parser.keys.desired_prefixes();
-    let opts = |i: usize| {
-        Some(
-            WatchOptions::new()
-                .with_prefix()
-                .with_prev_key()
-                .with_start_revision(next[i]),
-        )
-    };
-    let mut stream = match client.watch(prefixes[0].as_str(), opts(0)).await {
-        Ok(s) => s,
-        Err(e) => return WatchEnd::Failed(WatchError::WatchStartFailed(e)),
-    };
-    for (i, prefix) in prefixes.iter().enumerate().skip(1) {
-        if let Err(e) = stream.watch(prefix.as_str(), opts(i)).await {
-            return WatchEnd::Failed(WatchError::WatchStartFailed(e));
+/// Swaps the cache for a fresh listing in one step (keys deleted meanwhile
+/// disappear) and stores it as the last good state.
+fn apply_listing(parser: &DesiredParser, cache: &DesiredCache, store: &Ledger, l: Listing) {
+    let d = parse_listing(parser, &l.kvs, l.revision);
+    if let Err(e) = store.store_desired(&l.kvs, l.revision) {
+        tracing::warn!(error = %crate::error::error_chain(&e), "cannot store the desired state; a restart during an etcd outage would start empty");
+    }
+    tracing::info!(
+        revision = d.revision,
+        volumes = d.volumes.len(),
+        vfolders = d.vfolders.len(),
+        kernels = d.kernels.len(),
+        "listed desired state"
+    );
+    cache.connected.store(true, Ordering::Relaxed);
+    cache.replace(d);
+}
+
+/// Applies watch events to the cache and the store, noting what changed.
+fn apply_events(parser: &DesiredParser, cache: &DesiredCache, store: &Ledger, events: &[RawEvent]) {
+    if !cache.connected.swap(true, Ordering::Relaxed) {
+        cache.touch();
+    }
+    if events.is_empty() {
+        return;
+    }
+    tracing::trace!(events = events.len(), "watch events");
+    cache.update(|d, changes| {
+        for ev in events {
+            // A kernel event is a pass over that kernel. One that changes
+            // or goes may leave a volume unused (linger, renewal and
+            // healing are decided over every kernel): a whole pass follows.
+            match parser.keys.classify(&ev.key) {
+                Classified::Object(ObjectKey::Kernel(id)) => {
+                    if ev.value.is_none() || d.kernels.contains_key(&id) {
+                        changes.volumes = true;
+                    }
+                    changes.kernels.insert(id);
+                }
+                Classified::Ignored => {}
+                _ => changes.all = true,
+            }
+            match &ev.value {
+                Some(v) => parser.apply_put(d, &ev.key, v, ev.revision),
+                None => parser.apply_delete(d, &ev.key, ev.revision),
+            }
+            if let Err(e) = store.apply_desired(&ev.key, ev.value.as_deref(), ev.revision) {
+                tracing::warn!(error = %crate::error::error_chain(&e), "cannot store a desired-state change");
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::sync::Mutex as StdMutex;
+
+    /// What the scripted etcd answers, in order (kube's `mock_tests` `Scenario`).
+    enum Answer {
+        List(Result<Listing, ()>),
+        Watch(Result<(), ()>),
+        Batch(Result<Option<WatchBatch>, ()>),
+    }
+
+    /// A scripted etcd that records every call.
+    #[derive(Clone, Default)]
+    struct Scripted {
+        answers: Arc<StdMutex<VecDeque<Answer>>>,
+        calls: Arc<StdMutex<Vec<String>>>,
+    }
+
+    struct ScriptedStream(Scripted);
+
+    fn down() -> etcd_client::Error {
+        etcd_client::Error::WatchError("etcd down".into())
+    }
+
+    impl Scripted {
+        fn new(answers: Vec<Answer>) -> Self {
+            Self {
+                answers: Arc::new(StdMutex::new(answers.into())),
+                calls: Arc::default(),
+            }
+        }
+        fn answer(&self) -> Answer {
+            let next = self.answers.lock().unwrap().pop_front();
+            next.expect("the watcher asked more than the script says")
+        }
+        fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
         }
     }
-    loop {
-        let resp = match stream.message().await {
-            Ok(Some(r)) => r,
-            Ok(None) => {
-                return WatchEnd::Failed(WatchError::Ended("stream closed by server".into()))
+
+    impl EtcdSource for Scripted {
+        type Stream = ScriptedStream;
+        async fn list(&mut self, _: &[String]) -> Result<Listing, WatchError> {
+            self.calls.lock().unwrap().push("list".into());
+            match self.answer() {
+                Answer::List(r) => r.map_err(|()| WatchError::InitialListFailed(down())),
+                _ => panic!("list out of script"),
             }
-            Err(e) => return WatchEnd::Failed(WatchError::StreamFailed(e)),
+        }
+        async fn watch(
+            &mut self,
+            _: &[String],
+            from: &[i64],
+        ) -> Result<ScriptedStream, WatchError> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("watch from {from:?}"));
+            match self.answer() {
+                Answer::Watch(r) => r
+                    .map(|()| ScriptedStream(self.clone()))
+                    .map_err(|()| WatchError::WatchStartFailed(down())),
+                _ => panic!("watch out of script"),
+            }
+        }
+    }
+
+    impl WatchStream for ScriptedStream {
+        async fn next(&mut self) -> Result<Option<WatchBatch>, WatchError> {
+            match self.0.answer() {
+                Answer::Batch(r) => r.map_err(|()| WatchError::StreamFailed(down())),
+                _ => panic!("read out of script"),
+            }
+        }
+    }
+
+    fn prefixes() -> Vec<String> {
+        ["/p/volumes/", "/p/vfolders/", "/p/nodes/n/kernels/"]
+            .map(String::from)
+            .to_vec()
+    }
+
+    fn listing(revision: i64) -> Answer {
+        Answer::List(Ok(Listing {
+            kvs: vec![("/p/volumes/v".into(), b"x".to_vec())],
+            revision,
+        }))
+    }
+
+    fn put(key: &str, revision: i64) -> RawEvent {
+        RawEvent {
+            key: key.into(),
+            value: Some(b"v".to_vec()),
+            revision,
+        }
+    }
+
+    /// Runs `n` steps from `Empty`, returning the events.
+    async fn run(etcd: &mut Scripted, n: usize) -> Vec<WatchEvent> {
+        let fut = async {
+            let mut state = WatchState::Empty;
+            let mut out = Vec::new();
+            for _ in 0..n {
+                let (ev, next) = step(etcd, &prefixes(), state).await;
+                out.push(ev);
+                state = next;
+            }
+            out
         };
-        if resp.canceled() {
-            if resp.compact_revision() > 0 {
-                return WatchEnd::Compacted(resp.compact_revision());
-            }
-            return WatchEnd::Failed(WatchError::Ended(format!(
-                "watch cancelled: {}",
-                resp.cancel_reason()
-            )));
+        tokio::time::timeout(Duration::from_secs(5), fut)
+            .await
+            .expect("the watcher likely deadlocked")
+    }
+
+    #[tokio::test]
+    async fn a_list_is_followed_by_a_watch_from_the_next_revision() {
+        let mut etcd = Scripted::new(vec![
+            listing(10),
+            Answer::Watch(Ok(())),
+            Answer::Batch(Ok(Some(WatchBatch::Events(vec![put(
+                "/p/nodes/n/kernels/k",
+                12,
+            )])))),
+        ]);
+        let evs = run(&mut etcd, 2).await;
+        assert!(matches!(&evs[0], WatchEvent::Listed(l) if l.revision == 10));
+        assert_eq!(
+            evs[1],
+            WatchEvent::Applied(vec![put("/p/nodes/n/kernels/k", 12)])
+        );
+        assert_eq!(etcd.calls(), ["list", "watch from [11, 11, 11]"]);
+    }
+
+    #[tokio::test]
+    async fn a_broken_stream_resumes_each_range_after_its_last_revision_without_a_relist() {
+        let mut etcd = Scripted::new(vec![
+            listing(10),
+            Answer::Watch(Ok(())),
+            Answer::Batch(Ok(Some(WatchBatch::Events(vec![
+                put("/p/vfolders/a", 14),
+                put("/p/nodes/n/kernels/k", 15),
+            ])))),
+            Answer::Batch(Err(())),
+            // Opening the watch again fails once, then works.
+            Answer::Watch(Err(())),
+            Answer::Watch(Ok(())),
+            Answer::Batch(Ok(Some(WatchBatch::Events(vec![])))),
+        ]);
+        let evs = run(&mut etcd, 5).await;
+        assert!(matches!(&evs[2], WatchEvent::Failed(e) if e.contains("etcd down")));
+        assert!(matches!(&evs[3], WatchEvent::Failed(_)));
+        assert_eq!(evs[4], WatchEvent::Applied(vec![]));
+        assert_eq!(
+            etcd.calls(),
+            [
+                "list",
+                "watch from [11, 11, 11]",
+                "watch from [11, 15, 16]",
+                "watch from [11, 15, 16]"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_compacted_revision_relists_and_watches_from_the_new_listing() {
+        let mut etcd = Scripted::new(vec![
+            listing(10),
+            Answer::Watch(Ok(())),
+            Answer::Batch(Ok(Some(WatchBatch::Compacted(30)))),
+            listing(40),
+            Answer::Watch(Ok(())),
+            Answer::Batch(Ok(Some(WatchBatch::Events(vec![])))),
+        ]);
+        let evs = run(&mut etcd, 4).await;
+        assert_eq!(evs[1], WatchEvent::Compacted(30));
+        assert!(matches!(&evs[2], WatchEvent::Listed(l) if l.revision == 40));
+        assert_eq!(
+            etcd.calls(),
+            [
+                "list",
+                "watch from [11, 11, 11]",
+                "list",
+                "watch from [41, 41, 41]"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_list_is_retried_as_a_list() {
+        let mut etcd = Scripted::new(vec![
+            Answer::List(Err(())),
+            Answer::List(Err(())),
+            listing(7),
+        ]);
+        let evs = run(&mut etcd, 3).await;
+        assert!(matches!(&evs[0], WatchEvent::Failed(e) if e.contains("initial list")));
+        assert!(matches!(&evs[1], WatchEvent::Failed(_)));
+        assert!(matches!(&evs[2], WatchEvent::Listed(l) if l.revision == 7));
+        assert_eq!(etcd.calls(), ["list", "list", "list"]);
+    }
+
+    #[tokio::test]
+    async fn a_cancel_or_a_closed_stream_rewatches_from_where_it_was() {
+        let mut etcd = Scripted::new(vec![
+            listing(10),
+            Answer::Watch(Ok(())),
+            Answer::Batch(Ok(Some(WatchBatch::Canceled("too many requests".into())))),
+            Answer::Watch(Ok(())),
+            Answer::Batch(Ok(None)),
+            Answer::Watch(Ok(())),
+            Answer::Batch(Ok(Some(WatchBatch::Events(vec![put("/p/volumes/v", 11)])))),
+        ]);
+        let evs = run(&mut etcd, 4).await;
+        assert!(matches!(&evs[1], WatchEvent::Failed(e) if e.contains("too many requests")));
+        assert!(matches!(&evs[2], WatchEvent::Failed(e) if e.contains("closed by server")));
+        assert_eq!(evs[3], WatchEvent::Applied(vec![put("/p/volumes/v", 11)]));
+        assert_eq!(
+            etcd.calls(),
+            [
+                "list",
+                "watch from [11, 11, 11]",
+                "watch from [11, 11, 11]",
+                "watch from [11, 11, 11]"
+            ]
+        );
+    }
+
+    fn parser() -> DesiredParser {
+        DesiredParser {
+            keys: crate::keys::Keys::new("/p", "n"),
+            policy: Arc::default(),
+            kernels_root: "/k".into(),
         }
-        if !cache.connected.swap(true, Ordering::Relaxed) {
-            cache.touch();
-        }
-        if resp.events().is_empty() {
-            continue;
-        }
-        tracing::trace!(events = resp.events().len(), "watch events");
-        cache.update(|d, changes| {
-            for ev in resp.events() {
-                let Some(kv) = ev.kv() else { continue };
-                let key = String::from_utf8_lossy(kv.key());
-                // A kernel event is a pass over that kernel. One that changes
-                // or goes may leave a volume unused (linger, renewal and
-                // healing are decided over every kernel): a whole pass follows.
-                match parser.keys.classify(&key) {
-                    Classified::Object(ObjectKey::Kernel(id)) => {
-                        if ev.event_type() == EventType::Delete || d.kernels.contains_key(&id) {
-                            changes.volumes = true;
-                        }
-                        changes.kernels.insert(id);
-                    }
-                    Classified::Ignored => {}
-                    _ => changes.all = true,
-                }
-                let rev = kv.mod_revision();
-                if let Some(i) = prefixes.iter().position(|p| key.starts_with(p.as_str())) {
-                    next[i] = next[i].max(rev + 1);
-                }
-                let value = match ev.event_type() {
-                    EventType::Put => {
-                        parser.apply_put(d, &key, kv.value(), rev);
-                        Some(kv.value())
-                    }
-                    EventType::Delete => {
-                        parser.apply_delete(d, &key, rev);
-                        None
-                    }
-                };
-                if let Err(e) = store.apply_desired(&key, value, rev) {
-                    tracing::warn!(error = %crate::error::error_chain(&e), "cannot store a desired-state change");
-                }
-            }
-        });
-        tracing::trace!("watch events applied");
+    }
+
+    #[test]
+    fn a_relist_swaps_the_cache_so_keys_deleted_meanwhile_disappear() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Ledger::open(dir.path()).unwrap();
+        let (p, cache) = (parser(), DesiredCache::default());
+        let kernel = |k: &str| (format!("/p/nodes/n/kernels/{k}"), b"mounts: []".to_vec());
+        let l = |kvs, revision| Listing { kvs, revision };
+        apply_listing(&p, &cache, &store, l(vec![kernel("a"), kernel("b")], 5));
+        // `b` was deleted while the watch was down, then its revision compacted.
+        apply_listing(&p, &cache, &store, l(vec![kernel("a")], 9));
+        let (d, _, changes) = cache.take();
+        assert_eq!(d.kernels.keys().collect::<Vec<_>>(), ["a"]);
+        assert_eq!(d.revision, 9);
+        assert!(changes.all, "a relist is a whole pass");
+        assert!(cache.live.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn kernel_events_name_their_kernels_and_a_removal_asks_for_a_volume_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Ledger::open(dir.path()).unwrap();
+        let (p, cache) = (parser(), DesiredCache::default());
+        apply_listing(&p, &cache, &store, Listing::default());
+        cache.take();
+        apply_events(&p, &cache, &store, &[put("/p/nodes/n/kernels/k1", 3)]);
+        let (d, _, changes) = cache.take();
+        assert!(d.kernels.contains_key("k1"));
+        assert_eq!((changes.all, changes.volumes), (false, false));
+        assert_eq!(changes.kernels.iter().collect::<Vec<_>>(), ["k1"]);
+        let delete = RawEvent {
+            key: "/p/nodes/n/kernels/k1".into(),
+            value: None,
+            revision: 4,
+        };
+        apply_events(&p, &cache, &store, &[delete]);
+        let (d, _, changes) = cache.take();
+        assert!(d.kernels.is_empty());
+        assert!(changes.volumes && !changes.all);
+        apply_events(&p, &cache, &store, &[put("/p/volumes/v", 5)]);
+        assert!(cache.take().2.all, "anything but a kernel is a whole pass");
     }
 }
