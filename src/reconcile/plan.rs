@@ -657,14 +657,57 @@ fn deep_first(paths: &mut [PathBuf]) {
 /// Plans the actions that take `actual` to `want`. `keep` names volumes that
 /// are unused but still lingering: they stay mounted.
 pub fn plan(node: &NodeView, want: &Want, actual: &Actual, keep: &BTreeSet<String>) -> Vec<Action> {
-    let mut out = Vec::new();
-    let mounted = |t: &Path| actual.mounts.top(t).is_some();
-    let mut removed: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut p = Planner {
+        node,
+        want,
+        actual,
+        keep,
+        heal: BTreeMap::new(),
+        removed: BTreeSet::new(),
+        out: Vec::new(),
+    };
+    p.heal = p.volumes_to_heal();
+    p.remove_unwanted_tokens();
+    p.teardown_binds();
+    p.teardown_volumes();
+    p.teardown_dirs();
+    p.mount_volumes();
+    p.make_vfolder_dirs();
+    p.attach_kernels();
+    p.write_tokens();
+    p.out
+}
 
-    // 0. Stale volume mounts to heal: those no kernel uses, or all with `heal: always`.
-    // Users: wanted binds, and binds kept for held kernels (binds being torn
-    // down in this plan do not count).
-    let users_of = |v: &str| {
+/// One run of [`plan`]: its inputs, what it has decided to take away so
+/// far, and the actions in order.
+struct Planner<'a> {
+    node: &'a NodeView,
+    want: &'a Want,
+    actual: &'a Actual,
+    /// Unused volumes still inside their linger.
+    keep: &'a BTreeSet<String>,
+    /// Stale (or due for renewal) volume mounts to mount again, by target.
+    heal: BTreeMap<&'a Path, &'a WantVolume>,
+    /// Targets this plan unmounts or forgets.
+    removed: BTreeSet<PathBuf>,
+    out: Vec<Action>,
+}
+
+impl<'a> Planner<'a> {
+    fn mounted(&self, t: &Path) -> bool {
+        self.actual.mounts.top(t).is_some()
+    }
+
+    /// A wanted target mounted by someone else is a conflict: leave it alone
+    /// (status reports it), and do not bind from or into it.
+    fn occupied(&self, t: &Path) -> bool {
+        self.mounted(t) && (!self.actual.owned_mounts.contains_key(t) || self.removed.contains(t))
+    }
+
+    /// Whether a volume has users: wanted binds, and binds kept for held
+    /// kernels (binds being torn down in this plan do not count).
+    fn has_users(&self, v: &str) -> bool {
+        let (want, actual) = (self.want, self.actual);
         want.binds.values().any(|b| b.volume == v)
             || actual.owned_mounts.values().any(|m| {
                 m.kind == MountKind::Bind
@@ -673,223 +716,250 @@ pub fn plan(node: &NodeView, want: &Want, actual: &Actual, keep: &BTreeSet<Strin
                         .as_ref()
                         .is_some_and(|k| want.held_kernels.contains(k))
             })
-    };
-    let heal: BTreeMap<&Path, &WantVolume> = want
-        .volumes
-        .values()
-        .filter(|v| actual.owned_mounts.contains_key(&v.target) && mounted(&v.target))
-        .filter(|v| {
-            let stale = actual.stale.contains_key(&v.target)
-                && (v.heal == HealPolicy::Always || !users_of(&v.name));
-            let renew = actual.renew.contains(&v.target) && !users_of(&v.name);
-            stale || renew
-        })
-        .map(|v| (v.target.as_path(), v))
-        .collect();
-    let healed_volume = |name: &str| heal.values().any(|v| v.name == name);
+    }
 
-    // 0b. Token files nobody wants (their kernel is gone or no longer asks).
-    for (path, t) in actual.owned_tokens.iter() {
-        if !want.tokens.contains_key(path) && !want.held_kernels.contains(&t.kernel) {
-            out.push(Action::RemoveToken { path: path.clone() });
+    /// Step 0: stale volume mounts to heal: those no kernel uses, or all with
+    /// `heal: always`; and mounts due for renewal that no kernel uses.
+    fn volumes_to_heal(&self) -> BTreeMap<&'a Path, &'a WantVolume> {
+        let actual = self.actual;
+        self.want
+            .volumes
+            .values()
+            .filter(|v| actual.owned_mounts.contains_key(&v.target) && self.mounted(&v.target))
+            .filter(|v| {
+                let stale = actual.stale.contains_key(&v.target)
+                    && (v.heal == HealPolicy::Always || !self.has_users(&v.name));
+                let renew = actual.renew.contains(&v.target) && !self.has_users(&v.name);
+                stale || renew
+            })
+            .map(|v| (v.target.as_path(), v))
+            .collect()
+    }
+
+    fn healed_volume(&self, name: &str) -> bool {
+        self.heal.values().any(|v| v.name == name)
+    }
+
+    /// Step 0b: token files nobody wants (their kernel is gone or no longer asks).
+    fn remove_unwanted_tokens(&mut self) {
+        for (path, t) in self.actual.owned_tokens.iter() {
+            if !self.want.tokens.contains_key(path) && !self.want.held_kernels.contains(&t.kernel) {
+                self.out.push(Action::RemoveToken { path: path.clone() });
+            }
         }
     }
 
-    // 1. Owned binds that are no longer wanted (or whose source changed), deepest first.
-    let mut binds: Vec<PathBuf> = actual
-        .owned_mounts
-        .values()
-        .filter(|m| m.kind == MountKind::Bind)
-        .map(|m| m.target.clone())
-        .collect();
-    deep_first(&mut binds);
-    for t in binds {
-        let m = &actual.owned_mounts[&t];
-        let keep_it = match want.binds.get(&t) {
-            Some(b) => b.source.as_os_str() == m.source.as_str() && b.volume == m.volume,
-            None => m
-                .kernel
-                .as_ref()
-                .is_some_and(|k| want.held_kernels.contains(k)),
-        };
-        if keep_it && healed_volume(&m.volume) && mounted(&t) {
-            // Its volume is re-mounted under it: detach now, bind again below.
-            out.push(Action::Detach { target: t.clone() });
-            removed.insert(t);
-            continue;
-        }
-        if keep_it {
-            continue;
-        }
-        out.push(if mounted(&t) {
+    /// Unmounts `t` if it is mounted, else forgets its record.
+    fn take_away(&mut self, t: PathBuf, kind: MountKind) {
+        self.out.push(if self.mounted(&t) {
             Action::Unmount {
                 target: t.clone(),
-                kind: MountKind::Bind,
+                kind,
             }
         } else {
             Action::Forget { target: t.clone() }
         });
-        removed.insert(t);
+        self.removed.insert(t);
     }
 
-    // 2. Owned volumes nothing wants or uses any more.
-    let in_use: BTreeSet<&str> = actual
-        .owned_mounts
-        .values()
-        .filter(|m| m.kind == MountKind::Bind && !removed.contains(&m.target))
-        .map(|m| m.volume.as_str())
-        .chain(want.binds.values().map(|b| b.volume.as_str()))
-        .collect();
-    let mut vols: Vec<PathBuf> = actual
-        .owned_mounts
-        .values()
-        .filter(|m| m.kind == MountKind::Volume)
-        .map(|m| m.target.clone())
-        .collect();
-    deep_first(&mut vols);
-    for t in vols {
-        let m = &actual.owned_mounts[&t];
-        let wanted = want.volumes.get(&m.volume).is_some_and(|v| v.target == t);
-        if wanted
-            || keep.contains(&m.volume)
-            || want.held_volumes.contains(&m.volume)
-            || in_use.contains(m.volume.as_str())
-        {
-            continue;
+    /// Step 1: owned binds that are no longer wanted (or whose source changed), deepest first.
+    fn teardown_binds(&mut self) {
+        let (want, actual) = (self.want, self.actual);
+        let mut binds: Vec<PathBuf> = actual
+            .owned_mounts
+            .values()
+            .filter(|m| m.kind == MountKind::Bind)
+            .map(|m| m.target.clone())
+            .collect();
+        deep_first(&mut binds);
+        for t in binds {
+            let m = &actual.owned_mounts[&t];
+            let keep_it = match want.binds.get(&t) {
+                Some(b) => b.source.as_os_str() == m.source.as_str() && b.volume == m.volume,
+                None => m
+                    .kernel
+                    .as_ref()
+                    .is_some_and(|k| want.held_kernels.contains(k)),
+            };
+            if keep_it && self.healed_volume(&m.volume) && self.mounted(&t) {
+                // Its volume is re-mounted under it: detach now, bind again below.
+                self.out.push(Action::Detach { target: t.clone() });
+                self.removed.insert(t);
+                continue;
+            }
+            if !keep_it {
+                self.take_away(t, MountKind::Bind);
+            }
         }
-        out.push(if mounted(&t) {
-            Action::Unmount {
-                target: t.clone(),
-                kind: MountKind::Volume,
-            }
-        } else {
-            Action::Forget { target: t.clone() }
-        });
-        removed.insert(t);
     }
 
-    // 3. Owned directories nothing needs, deepest first.
-    let mut needed: std::collections::HashSet<&Path> = std::collections::HashSet::new();
-    let kept_targets = actual
-        .owned_mounts
-        .keys()
-        .filter(|t| !removed.contains(*t))
-        .map(PathBuf::as_path);
-    let wanted_paths = want
-        .volumes
-        .values()
-        .map(|v| v.target.as_path())
-        .chain(want.binds.keys().map(PathBuf::as_path));
-    let homes = want.kernels.values().filter_map(|k| k.home.as_deref());
-    let tokens = want.tokens.keys().map(PathBuf::as_path);
-    for p in kept_targets.chain(wanted_paths).chain(homes).chain(tokens) {
-        needed.extend(p.ancestors());
-    }
-    let held = |o: &Owner| match o {
-        Owner::Kernel(k) => want.held_kernels.contains(k),
-        Owner::Volume(v) => want.held_volumes.contains(v) || keep.contains(v),
-    };
-    let mut dirs: Vec<PathBuf> = actual
-        .owned_dirs
-        .values()
-        .filter(|d| !needed.contains(d.path.as_path()) && !held(&d.owner))
-        .map(|d| d.path.clone())
-        .collect();
-    deep_first(&mut dirs);
-    out.extend(dirs.into_iter().map(|path| Action::RemoveDir { path }));
-
-    // A wanted target mounted by someone else is a conflict: leave it alone
-    // (status reports it), and do not bind from or into it.
-    let occupied =
-        |t: &Path| mounted(t) && (!actual.owned_mounts.contains_key(t) || removed.contains(t));
-    let mkdir =
-        |out: &mut Vec<Action>, path: &Path, root: &Path, uid, gid, owner: Option<Owner>| {
-            if !actual.dirs.contains(path) {
-                out.push(Action::MakeDir {
-                    path: path.to_path_buf(),
-                    root: root.to_path_buf(),
-                    uid,
-                    gid,
-                    owner,
-                });
+    /// Step 2: owned volumes nothing wants or uses any more.
+    fn teardown_volumes(&mut self) {
+        let (want, actual) = (self.want, self.actual);
+        let in_use: BTreeSet<&str> = actual
+            .owned_mounts
+            .values()
+            .filter(|m| m.kind == MountKind::Bind && !self.removed.contains(&m.target))
+            .map(|m| m.volume.as_str())
+            .chain(want.binds.values().map(|b| b.volume.as_str()))
+            .collect();
+        let mut vols: Vec<PathBuf> = actual
+            .owned_mounts
+            .values()
+            .filter(|m| m.kind == MountKind::Volume)
+            .map(|m| m.target.clone())
+            .collect();
+        deep_first(&mut vols);
+        for t in vols {
+            let m = &actual.owned_mounts[&t];
+            let wanted = want.volumes.get(&m.volume).is_some_and(|v| v.target == t);
+            if wanted
+                || self.keep.contains(&m.volume)
+                || want.held_volumes.contains(&m.volume)
+                || in_use.contains(m.volume.as_str())
+            {
+                continue;
             }
+            self.take_away(t, MountKind::Volume);
+        }
+    }
+
+    /// Step 3: owned directories nothing needs, deepest first.
+    fn teardown_dirs(&mut self) {
+        let (want, actual) = (self.want, self.actual);
+        let mut needed: HashSet<&Path> = HashSet::new();
+        let kept_targets = actual
+            .owned_mounts
+            .keys()
+            .filter(|t| !self.removed.contains(*t))
+            .map(PathBuf::as_path);
+        let wanted_paths = want
+            .volumes
+            .values()
+            .map(|v| v.target.as_path())
+            .chain(want.binds.keys().map(PathBuf::as_path));
+        let homes = want.kernels.values().filter_map(|k| k.home.as_deref());
+        let tokens = want.tokens.keys().map(PathBuf::as_path);
+        for p in kept_targets.chain(wanted_paths).chain(homes).chain(tokens) {
+            needed.extend(p.ancestors());
+        }
+        let held = |o: &Owner| match o {
+            Owner::Kernel(k) => want.held_kernels.contains(k),
+            Owner::Volume(v) => want.held_volumes.contains(v) || self.keep.contains(v),
         };
+        let mut dirs: Vec<PathBuf> = actual
+            .owned_dirs
+            .values()
+            .filter(|d| !needed.contains(d.path.as_path()) && !held(&d.owner))
+            .map(|d| d.path.clone())
+            .collect();
+        deep_first(&mut dirs);
+        self.out
+            .extend(dirs.into_iter().map(|path| Action::RemoveDir { path }));
+    }
 
-    // 4. Volume mounts (and stale ones re-mounted).
-    for v in want.volumes.values() {
-        if heal.contains_key(v.target.as_path()) {
-            out.push(Action::Detach {
-                target: v.target.clone(),
+    /// Makes `path` (under `root`) unless it exists.
+    fn mkdir(
+        &mut self,
+        path: &Path,
+        root: &Path,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        owner: Option<Owner>,
+    ) {
+        if !self.actual.dirs.contains(path) {
+            self.out.push(Action::MakeDir {
+                path: path.to_path_buf(),
+                root: root.to_path_buf(),
+                uid,
+                gid,
+                owner,
             });
-            out.push(Action::MountVolume { volume: v.clone() });
-            continue;
-        }
-        if occupied(&v.target) || mounted(&v.target) {
-            continue;
-        }
-        mkdir(
-            &mut out,
-            &v.target,
-            &node.volumes_root,
-            None,
-            None,
-            Some(Owner::Volume(v.name.clone())),
-        );
-        out.push(Action::MountVolume { volume: v.clone() });
-    }
-
-    // 5. vfolder directories (storage role).
-    for (vol, path) in want.vfolder_dirs.values() {
-        let root = &want.volumes[vol].target;
-        if !occupied(root) {
-            mkdir(&mut out, path, root, None, None, None);
         }
     }
 
-    // 6. Kernel homes, targets and binds.
-    for (id, k) in &want.kernels {
-        let Some(home) = &k.home else { continue };
-        if k.binds.is_empty()
-            && !matches!(k.resolution, Resolution::Resolved | Resolution::Failed(_))
-        {
-            continue;
-        }
-        let owner = || Some(Owner::Kernel(id.clone()));
-        if !mounted(home) {
-            mkdir(&mut out, home, &node.kernels_root, k.uid, k.gid, owner());
-        }
-        for t in &k.binds {
-            let b = &want.binds[t];
-            if occupied(&want.volumes[&b.volume].target) {
+    /// Step 4: volume mounts (and stale ones re-mounted).
+    fn mount_volumes(&mut self) {
+        for v in self.want.volumes.values() {
+            if self.heal.contains_key(v.target.as_path()) {
+                self.out.push(Action::Detach {
+                    target: v.target.clone(),
+                });
+                self.out.push(Action::MountVolume { volume: v.clone() });
                 continue;
             }
-            let owned_and_mounted =
-                mounted(t) && actual.owned_mounts.contains_key(t) && !removed.contains(t);
-            if owned_and_mounted {
-                let top = actual.mounts.top(t).expect("mounted");
-                if top.is_readonly() != b.readonly
-                    || !top.has_option("nosuid")
-                    || !top.has_option("nodev")
-                {
-                    out.push(Action::Remount { bind: b.clone() });
-                }
+            if self.occupied(&v.target) || self.mounted(&v.target) {
                 continue;
             }
-            if mounted(t) && !removed.contains(t) {
-                continue; // someone else's mount: a conflict, reported in status
-            }
-            mkdir(&mut out, t, &node.kernels_root, k.uid, k.gid, owner());
-            out.push(Action::Bind { bind: b.clone() });
+            let owner = Some(Owner::Volume(v.name.clone()));
+            self.mkdir(&v.target, &self.node.volumes_root, None, None, owner);
+            self.out.push(Action::MountVolume { volume: v.clone() });
         }
     }
 
-    // 7. Token files, once their kernel's home exists (made above).
-    for (path, t) in &want.tokens {
-        if !actual.owned_tokens.contains_key(path) || actual.token_renew.contains(path) {
-            out.push(Action::WriteToken { token: t.clone() });
+    /// Step 5: vfolder directories (storage role).
+    fn make_vfolder_dirs(&mut self) {
+        for (vol, path) in self.want.vfolder_dirs.values() {
+            let root = &self.want.volumes[vol].target;
+            if !self.occupied(root) {
+                self.mkdir(path, root, None, None, None);
+            }
         }
     }
-    out
+
+    /// Step 6: kernel homes, targets and binds.
+    fn attach_kernels(&mut self) {
+        for (id, k) in &self.want.kernels {
+            let Some(home) = &k.home else { continue };
+            if k.binds.is_empty()
+                && !matches!(k.resolution, Resolution::Resolved | Resolution::Failed(_))
+            {
+                continue;
+            }
+            let owner = || Some(Owner::Kernel(id.clone()));
+            if !self.mounted(home) {
+                self.mkdir(home, &self.node.kernels_root, k.uid, k.gid, owner());
+            }
+            for t in &k.binds {
+                self.attach_bind(&self.want.binds[t], k, owner());
+            }
+        }
+    }
+
+    /// One bind of kernel `k`: made, fixed by a remount, or left alone.
+    fn attach_bind(&mut self, b: &WantBind, k: &WantKernel, owner: Option<Owner>) {
+        let t = &b.target;
+        if self.occupied(&self.want.volumes[&b.volume].target) {
+            return;
+        }
+        let removed = self.removed.contains(t);
+        if self.mounted(t) && self.actual.owned_mounts.contains_key(t) && !removed {
+            let top = self.actual.mounts.top(t).expect("mounted");
+            if top.is_readonly() != b.readonly
+                || !top.has_option("nosuid")
+                || !top.has_option("nodev")
+            {
+                self.out.push(Action::Remount { bind: b.clone() });
+            }
+            return;
+        }
+        if self.mounted(t) && !removed {
+            return; // someone else's mount: a conflict, reported in status
+        }
+        self.mkdir(t, &self.node.kernels_root, k.uid, k.gid, owner);
+        self.out.push(Action::Bind { bind: b.clone() });
+    }
+
+    /// Step 7: token files, once their kernel's home exists (made above).
+    fn write_tokens(&mut self) {
+        for (path, t) in &self.want.tokens {
+            if !self.actual.owned_tokens.contains_key(path)
+                || self.actual.token_renew.contains(path)
+            {
+                self.out.push(Action::WriteToken { token: t.clone() });
+            }
+        }
+    }
 }
 
 impl Action {

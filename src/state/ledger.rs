@@ -371,6 +371,25 @@ fn load<T: for<'de> Deserialize<'de>, M: FromIterator<(PathBuf, T)>>(
 mod tests {
     use super::*;
 
+    /// Opens the store again. sled's flusher thread lets go of the file lock
+    /// a moment after the last handle is dropped (seen as EWOULDBLOCK in about
+    /// 1 of 20 runs): what these tests check is what survives a reopen, so
+    /// they wait for the lock (a new process never meets this: the lock goes
+    /// with the old process).
+    fn reopen(dir: &Path) -> Ledger {
+        let mut tries = 0;
+        loop {
+            match Ledger::open(dir) {
+                Ok(l) => return l,
+                Err(_) if tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("cannot reopen the store: {e:?}"),
+            }
+        }
+    }
+
     #[test]
     fn ledger_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -386,7 +405,7 @@ mod tests {
             credentials_stamp: None,
         };
         {
-            let l = Ledger::open(dir.path()).unwrap();
+            let l = reopen(dir.path());
             l.put_mount(&m).unwrap();
             l.put_dir(&OwnedDir {
                 path: "/v/a b".into(),
@@ -394,7 +413,7 @@ mod tests {
             })
             .unwrap();
         }
-        let l = Ledger::open(dir.path()).unwrap();
+        let l = reopen(dir.path());
         assert_eq!(l.mounts().unwrap().get(Path::new("/v/a b")), Some(&m));
         let before = l.mounts().unwrap();
         l.remove_mount(Path::new("/v/a b")).unwrap();
@@ -405,7 +424,7 @@ mod tests {
         l.sync().unwrap();
         drop(l);
         // What memory said is what the store holds after a reopen.
-        let l = Ledger::open(dir.path()).unwrap();
+        let l = reopen(dir.path());
         assert!(l.mounts().unwrap().is_empty());
         assert_eq!(l.dirs().unwrap().len(), 1);
     }
@@ -414,7 +433,7 @@ mod tests {
     fn stored_desired_state_survives_reopen_with_events_applied() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let l = Ledger::open(dir.path()).unwrap();
+            let l = reopen(dir.path());
             assert!(l.load_desired().unwrap().is_none());
             l.store_desired(
                 &[
@@ -428,7 +447,7 @@ mod tests {
             l.apply_desired("/p/c", Some(b"3"), 9).unwrap();
             l.flush().unwrap();
         }
-        let l = Ledger::open(dir.path()).unwrap();
+        let l = reopen(dir.path());
         let (kvs, rev) = l.load_desired().unwrap().unwrap();
         assert_eq!(rev, 9);
         assert_eq!(
