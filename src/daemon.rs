@@ -299,12 +299,7 @@ impl Background {
         let tasks = vec![
             Self::credentials_watch(s),
             Self::policy_watch(s),
-            AbortOnDrop(tokio::spawn(run_watcher(
-                s.client.clone(),
-                s.parser.clone(),
-                s.cache.clone(),
-                ledger.clone(),
-            ))),
+            Self::watcher(s, ledger),
             Self::mount_watch(deps, mounts_changed.clone()),
             Self::prober(s, &volume_targets, &stale),
             Self::liveness(s),
@@ -315,6 +310,19 @@ impl Background {
             volume_targets,
             _tasks: tasks,
         }
+    }
+
+    fn watcher(s: &Shared<'_>, ledger: &Ledger) -> AbortOnDrop<()> {
+        let (client, parser, cache) = (s.client.clone(), s.parser.clone(), s.cache.clone());
+        let ledger = ledger.clone();
+        supervised("watcher", s.health.clone(), s.metrics.clone(), move || {
+            run_watcher(
+                client.clone(),
+                parser.clone(),
+                cache.clone(),
+                ledger.clone(),
+            )
+        })
     }
 
     fn credentials_watch(s: &Shared<'_>) -> AbortOnDrop<()> {
@@ -350,20 +358,25 @@ impl Background {
     fn prober(s: &Shared<'_>, targets: &VolumeTargets, stale: &StaleMap) -> AbortOnDrop<()> {
         let (cache, targets, stale) = (s.cache.clone(), targets.clone(), stale.clone());
         let (interval, timeout) = (s.cfg.probe_interval, s.cfg.probe_timeout);
-        AbortOnDrop(tokio::spawn(async move {
-            run_prober(targets, interval, timeout, stale, || cache.touch()).await;
-        }))
+        supervised("prober", s.health.clone(), s.metrics.clone(), move || {
+            let (cache, targets, stale) = (cache.clone(), targets.clone(), stale.clone());
+            async move { run_prober(targets, interval, timeout, stale, || cache.touch()).await }
+        })
     }
 
     fn liveness(s: &Shared<'_>) -> AbortOnDrop<()> {
         let (cache, health) = (s.cache.clone(), s.health.clone());
+        let (client, keys) = (s.client.clone(), s.keys.clone());
         let roles = s.cfg.roles.clone();
         let started = chrono_now();
-        AbortOnDrop(tokio::spawn(run_liveness(
-            s.client.clone(),
-            s.keys.clone(),
-            NODE_LEASE_TTL,
-            move || {
+        supervised("liveness", s.health.clone(), s.metrics.clone(), move || {
+            let (cache, health, roles, started) = (
+                cache.clone(),
+                health.clone(),
+                roles.clone(),
+                started.clone(),
+            );
+            run_liveness(client.clone(), keys.clone(), NODE_LEASE_TTL, move || {
                 json!({
                     "state": "Running",
                     "version": env!("CARGO_PKG_VERSION"),
@@ -372,8 +385,8 @@ impl Background {
                     "roles": roles,
                     "started_at": started,
                 })
-            },
-        )))
+            })
+        })
     }
 }
 
@@ -544,7 +557,7 @@ impl<'a> PassLoop<'a> {
                     rescan,
                     live,
                 };
-                let res = rec.pass(input);
+                let res = rec.guarded_pass(input);
                 (rec, res)
             })
             .await
@@ -652,11 +665,84 @@ impl<'a> PassLoop<'a> {
     }
 }
 
+/// First delay before restarting a background task that died.
+const TASK_RESTART_MIN: Duration = Duration::from_secs(1);
+/// Longest delay between restarts of a task that keeps dying.
+const TASK_RESTART_MAX: Duration = Duration::from_secs(30);
+
+/// Runs a task that should run forever, and restarts it with backoff when it
+/// ends or panics (a bug): logged, counted, and `/healthz` says 503 until it
+/// runs again, so a dead watcher never leaves the node serving stale state
+/// silently. Dropping the guard stops both the supervisor and the task.
+fn supervised<F, Fut>(
+    name: &'static str,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    make: F,
+) -> AbortOnDrop<()>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    AbortOnDrop(tokio::spawn(async move {
+        let mut delay = TASK_RESTART_MIN;
+        loop {
+            let mut task = AbortOnDrop(tokio::spawn(make()));
+            let why = match (&mut task.0).await {
+                Ok(()) => "it returned".to_string(),
+                Err(e) if e.is_panic() => "it panicked".to_string(),
+                Err(e) => e.to_string(),
+            };
+            health.tasks_down.fetch_add(1, Ordering::Relaxed);
+            metrics.task_restarts.with_label_values(&[name]).inc();
+            tracing::error!(task = name, why = %why, restart_in = ?delay, "background task died; restarting");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(TASK_RESTART_MAX);
+            health.tasks_down.fetch_sub(1, Ordering::Relaxed);
+        }
+    }))
+}
+
 /// Aborts a background task when dropped (mini-redis `DbDropGuard`).
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Issue 11 item 1: a watcher that panicked died silently and the node
+    /// served stale state forever.
+    #[tokio::test(start_paused = true)]
+    async fn a_background_task_that_dies_is_noticed_and_restarted_with_backoff() {
+        let (health, metrics) = (Arc::new(Health::default()), Arc::new(Metrics::new()));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let r = runs.clone();
+        let _guard = supervised("watcher", health.clone(), metrics.clone(), move || {
+            let n = r.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n < 2 {
+                    panic!("a bug in the watcher");
+                }
+                std::future::pending::<()>().await
+            }
+        });
+        let down = || health.tasks_down.load(Ordering::SeqCst);
+        let restarts = || metrics.task_restarts.with_label_values(&["watcher"]).get();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!((runs.load(Ordering::SeqCst), down(), restarts()), (1, 1, 1));
+        // Restarted after 1 s, dies again; the next wait is 2 s.
+        tokio::time::sleep(TASK_RESTART_MIN).await;
+        assert_eq!((runs.load(Ordering::SeqCst), down(), restarts()), (2, 1, 2));
+        tokio::time::sleep(TASK_RESTART_MIN).await;
+        assert_eq!(runs.load(Ordering::SeqCst), 2, "backoff doubled");
+        tokio::time::sleep(TASK_RESTART_MIN * 2).await;
+        assert_eq!((runs.load(Ordering::SeqCst), down(), restarts()), (3, 0, 2));
     }
 }

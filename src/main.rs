@@ -156,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    vfolderd::error::install_panic_hook();
     match Cli::parse().cmd {
         Cmd::Run { config } => {
             let shutdown = shutdown_signal();

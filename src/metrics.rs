@@ -52,6 +52,8 @@ pub struct Metrics {
     pub policy_reloads: IntCounterVec,
     /// `vfolderd_policy_conflicts`: refused objects still mounted because kernels use them.
     pub policy_conflicts: IntGauge,
+    /// `vfolderd_task_restarts_total{task}`: background tasks that died (a bug) and were restarted.
+    pub task_restarts: IntCounterVec,
 }
 
 impl Metrics {
@@ -146,8 +148,17 @@ impl Metrics {
             "Volume mounts found stale (ENOTCONN, ESTALE, EIO, EHOSTDOWN, or no answer)",
         )
         .expect("metric");
+        let task_restarts = IntCounterVec::new(
+            Opts::new(
+                "vfolderd_task_restarts_total",
+                "Background tasks (watcher, prober, liveness) that died and were restarted",
+            ),
+            &["task"],
+        )
+        .expect("metric");
         for c in [
-            Box::new(passes.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(task_restarts.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(passes.clone()),
             Box::new(pass_duration.clone()),
             Box::new(kernel_passes.clone()),
             Box::new(actions.clone()),
@@ -182,6 +193,7 @@ impl Metrics {
             sas_expiry,
             policy_reloads,
             policy_conflicts,
+            task_restarts,
         }
     }
 
@@ -253,6 +265,9 @@ pub struct Health {
     pub ready: AtomicBool,
     /// Serving a desired state (live or stored): `/readyz` then says degraded, not waiting.
     pub serving: AtomicBool,
+    /// Background tasks (watcher, prober, liveness) that died and wait to be
+    /// restarted: `/healthz` is 503 meanwhile.
+    pub tasks_down: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Clone)]
@@ -283,7 +298,12 @@ async fn metrics_handler(State(s): State<AppState>) -> String {
 }
 
 async fn healthz(State(s): State<AppState>) -> (StatusCode, &'static str) {
-    if s.health.alive.load(Ordering::Relaxed) {
+    if s.health.tasks_down.load(Ordering::Relaxed) > 0 {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "a background task died and is being restarted\n",
+        )
+    } else if s.health.alive.load(Ordering::Relaxed) {
         (StatusCode::OK, "ok\n")
     } else {
         (

@@ -47,9 +47,13 @@ pub fn redact(text: &str) -> String {
     let mut rest = text;
     while let Some(eq) = rest.find('=') {
         let (before, after) = rest.split_at(eq);
+        // The key is the run of key characters before `=`; it starts after
+        // the last other character, whose width may be more than one byte.
         let key_start = before
-            .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
-            .map_or(0, |i| i + 1);
+            .char_indices()
+            .rev()
+            .find(|(_, c)| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+            .map_or(0, |(i, c)| i + c.len_utf8());
         let key = before[key_start..].to_ascii_lowercase();
         out.push_str(before);
         out.push('=');
@@ -117,6 +121,43 @@ mod tests {
             "https://a/b?sv=1&sig=***&se=2"
         );
         assert_eq!(redact("no secrets"), "no secrets");
+    }
+
+    /// Issue 11 item 1: `fstype: "é="` in one volume panicked "byte index
+    /// is not a char boundary" and took the node down.
+    #[test]
+    fn redact_handles_a_multibyte_character_before_an_equals_sign() {
+        assert_eq!(redact("é="), "é=");
+        assert_eq!(
+            redact("fstype é=x, ü password=s3cret"),
+            "fstype é=x, ü password=***"
+        );
+        assert_eq!(redact("日本password=x"), "日本password=***");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// Any UTF-8 text: no panic, and a secret written after it never survives.
+        #[test]
+        fn redact_never_panics_and_hides_what_follows_a_secret_key(
+            text in "\\PC*",
+            secret in "[A-Za-z0-9]{6,20}",
+        ) {
+            let _ = redact(&text);
+            let _ = escape_key(&text);
+            let _ = check_component_name(&text);
+            let _ = is_valid_object_name(&text);
+            let out = redact(&format!("{text} password={secret}"));
+            proptest::prop_assert!(out.ends_with("password=***"), "{out}");
+        }
+
+        /// Arbitrary characters around `=`, multi-byte ones most of all.
+        #[test]
+        fn redact_never_panics_on_equals_signs_between_wide_characters(
+            parts in proptest::collection::vec("[é日\\u{1F600}a-z=,& ]{0,6}", 0..8),
+        ) {
+            let _ = redact(&parts.join("="));
+        }
     }
 
     #[test]

@@ -34,6 +34,9 @@ pub enum PassError {
     /// The ledger could not be read.
     #[error(transparent)]
     Ledger(#[from] crate::state::ledger::LedgerError),
+    /// The pass panicked (a bug): the loop logs it and retries with backoff.
+    #[error("{0}")]
+    Panicked(String),
 }
 
 /// The wall clock in unix seconds (what SAS and token expiries are written in).
@@ -191,6 +194,13 @@ impl Reconciler {
     /// wake-up caused by vfolderd's own mounts then needs no pass).
     pub fn mount_table_current(&self) -> bool {
         self.observer.mount_table_current()
+    }
+
+    /// One pass; a panic inside it (a bug) is an error of this pass, not
+    /// the end of the daemon.
+    pub fn guarded_pass(&mut self, input: PassInput<'_>) -> Result<PassOutcome, PassError> {
+        crate::state::desired::guarded("a reconcile pass", || self.pass(input))
+            .map_err(PassError::Panicked)?
     }
 
     /// One pass.

@@ -150,6 +150,8 @@ pub struct Want {
     pub held_kernels: BTreeSet<String>,
     /// Volumes whose spec is rejected: an owned mount of theirs stays.
     pub held_volumes: BTreeSet<String>,
+    /// Volumes the policy refuses: mounted only while kernels still use them.
+    pub refused_volumes: BTreeSet<String>,
     /// Per-user SAS token files, by path.
     pub tokens: BTreeMap<PathBuf, WantToken>,
     /// Kernel homes → kernel (for the overlap check of kernels added later).
@@ -204,7 +206,11 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
     }
     let startup = startup_volumes(d);
     let mut homes: BTreeMap<PathBuf, String> = BTreeMap::new();
-    for (id, e) in &d.kernels {
+    // Oldest first: of two kernels whose homes overlap, the one created
+    // first (a running kernel) keeps its home; a newcomer is refused.
+    let mut kernels: Vec<_> = d.kernels.iter().collect();
+    kernels.sort_by_key(|(id, e)| (e.created, *id));
+    for (id, e) in kernels {
         resolve_kernel(node, d, &startup, &mut homes, &mut w, id, e);
     }
     w.homes = homes;
@@ -255,7 +261,9 @@ fn resolve_volumes(node: &NodeView, d: &Desired, w: &mut Want) {
             Err(r) if !r.is_policy() => {
                 w.held_volumes.insert(name.clone());
             }
-            Err(_) => {}
+            Err(_) => {
+                w.refused_volumes.insert(name.clone());
+            }
             Ok(spec) => {
                 if node.storage || (node.agent && spec.mount.at == MountAt::Startup) {
                     want_volume(node, d, w, name);
@@ -320,9 +328,14 @@ fn resolve_kernel(
     k.home = Some(spec.home.clone());
     k.uid = spec.uid;
     k.gid = spec.gid;
-    let (binds, tokens) = match kernel_mounts(node, d, startup, id, spec) {
-        Ok(x) => x,
-        Err(why) => return hold(w, k, why),
+    // A bug while resolving one kernel's mounts fails that kernel, not the node.
+    let mounts = crate::state::desired::guarded(&format!("kernel {id}"), || {
+        kernel_mounts(node, d, startup, id, spec)
+    });
+    let (binds, tokens) = match mounts {
+        Ok(Ok(x)) => x,
+        Ok(Err(why)) => return hold(w, k, why),
+        Err(bug) => return hold(w, k, Resolution::Failed(bug)),
     };
     for b in binds {
         want_volume(node, d, w, &b.volume);
@@ -774,12 +787,17 @@ impl<'a> Planner<'a> {
         deep_first(&mut binds);
         for t in binds {
             let m = &actual.owned_mounts[&t];
+            // A running kernel keeps a bind whose volume's value went bad
+            // (a typo in a dataset's YAML, a policy change): an error never
+            // unmounts, and a refused volume goes once its kernels do.
+            let volume_in_error =
+                want.held_volumes.contains(&m.volume) || want.refused_volumes.contains(&m.volume);
             let keep_it = match want.binds.get(&t) {
                 Some(b) => b.source.as_os_str() == m.source.as_str() && b.volume == m.volume,
-                None => m
-                    .kernel
-                    .as_ref()
-                    .is_some_and(|k| want.held_kernels.contains(k)),
+                None => m.kernel.as_ref().is_some_and(|k| {
+                    want.held_kernels.contains(k)
+                        || (volume_in_error && want.kernels.contains_key(k))
+                }),
             };
             if keep_it && self.healed_volume(&m.volume) && self.mounted(&t) {
                 // Its volume is re-mounted under it: detach now, bind again below.
@@ -1107,6 +1125,7 @@ mod tests {
     fn ok<T>(spec: T) -> Entry<T> {
         Entry {
             revision: 1,
+            created: 1,
             spec: Ok(spec),
         }
     }
@@ -1387,6 +1406,7 @@ mod tests {
             "k1".into(),
             Entry {
                 revision: 2,
+                created: 1,
                 spec: Err("malformed".into()),
             },
         );
@@ -1565,6 +1585,29 @@ mod tests {
         );
     }
 
+    /// Issue 11 item 8: a newcomer with a smaller id took a running kernel's
+    /// home (ids decided), and the running one flipped to Rejected.
+    #[test]
+    fn the_older_kernel_keeps_a_contested_home_whatever_the_ids() {
+        let n = node(true, true);
+        let mut d = one_kernel_desired();
+        d.kernels.clear();
+        let mut old = ok(kernel("zz-old", vec![vf_mount(1, false)]));
+        old.created = 5;
+        let mut newer = ok(kernel("aa-new", vec![vf_mount(1, false)]));
+        newer.created = 9;
+        if let Ok(k) = &mut newer.spec {
+            k.home = "/k/zz-old/work".into();
+        }
+        d.kernels.insert("zz-old".into(), old);
+        d.kernels.insert("aa-new".into(), newer);
+        let w = resolve(&n, &d);
+        assert_eq!(w.kernels["zz-old"].resolution, Resolution::Resolved);
+        assert!(
+            matches!(&w.kernels["aa-new"].resolution, Resolution::Rejected(r) if r.contains("zz-old"))
+        );
+    }
+
     #[test]
     fn resolve_refuses_rw_to_owners_the_policy_does_not_list() {
         let mut n = node(true, true);
@@ -1630,8 +1673,14 @@ mod tests {
                     v.access = if rw { Permission::Rw } else { Permission::Ro };
                     Ok(v)
                 };
-                d.volumes
-                    .insert(names[i].into(), Entry { revision: 1, spec });
+                d.volumes.insert(
+                    names[i].into(),
+                    Entry {
+                        revision: 1,
+                        created: 1,
+                        spec,
+                    },
+                );
             }
             for (i, (vol, bad)) in vfs.into_iter().enumerate() {
                 let spec = if bad == 0 {
@@ -1639,8 +1688,14 @@ mod tests {
                 } else {
                     Ok(vfolder(&format!("f{i}"), names[vol]))
                 };
-                d.vfolders
-                    .insert(uuid(i as u8), Entry { revision: 1, spec });
+                d.vfolders.insert(
+                    uuid(i as u8),
+                    Entry {
+                        revision: 1,
+                        created: 1,
+                        spec,
+                    },
+                );
             }
             for (i, (mounts, bad, home)) in kernels.into_iter().enumerate() {
                 let id = format!("k{i}");
@@ -1656,7 +1711,14 @@ mod tests {
                     }
                     Ok(k)
                 };
-                d.kernels.insert(id, Entry { revision: 1, spec });
+                d.kernels.insert(
+                    id,
+                    Entry {
+                        revision: 1,
+                        created: 1,
+                        spec,
+                    },
+                );
             }
             d
         })

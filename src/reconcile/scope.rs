@@ -65,6 +65,7 @@ pub fn want_of_kernels(want: &Want, kernels: &BTreeSet<String>) -> Want {
             .cloned()
             .collect(),
         held_volumes: want.held_volumes.clone(),
+        refused_volumes: want.refused_volumes.clone(),
         tokens: want
             .tokens
             .iter()

@@ -16,6 +16,10 @@ use crate::spec::{
 pub struct Entry<T> {
     /// `mod_revision` of the key.
     pub revision: i64,
+    /// `create_revision` of the key: who came first (an older kernel keeps a
+    /// contested home). The mod revision where it is not known (a state
+    /// loaded from the store).
+    pub created: i64,
     /// The spec, or the `Rejected` reason.
     pub spec: Result<T, Rejection>,
 }
@@ -52,40 +56,93 @@ pub struct DesiredParser {
     pub kernels_root: PathBuf,
 }
 
+/// One put, parsed (outside any lock) and ready to apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parsed {
+    /// `P/volumes/<name>`.
+    Volume(String, Entry<VolumeSpec>),
+    /// `P/vfolders/<uuid>`.
+    Vfolder(Uuid, Entry<VfolderSpec>),
+    /// `P/nodes/<node>/kernels/<id>`.
+    Kernel(String, Entry<KernelSpec>),
+    /// A key under the desired prefixes whose name itself is invalid.
+    InvalidKey(String),
+    /// Not a desired key (another node's kernel, a status key).
+    Ignored,
+}
+
+/// Runs `f`; a panic inside it (a bug) becomes an error naming `what`, so
+/// one object's bad luck fails that object, not the node.
+pub fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let msg = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        tracing::error!(object = what, panic = %crate::names::redact(&msg), "internal error (a bug) while handling one object");
+        format!("internal error while handling {what} (a bug; see the node's log)")
+    })
+}
+
 impl DesiredParser {
-    /// Applies a put of `key` = `value` at `revision`.
-    pub fn apply_put(&self, d: &mut Desired, key: &str, value: &[u8], revision: i64) {
-        let classified = self.keys.classify(key);
-        if !matches!(classified, Classified::Ignored) {
-            d.raw.insert(key.to_string(), (value.to_vec(), revision));
-        }
-        match classified {
+    /// Parses a put of `key` = `value` at `revision`. Pure with respect to
+    /// the desired state: callers parse before taking the state's lock.
+    pub fn parse(&self, key: &str, value: &[u8], revision: i64, created: i64) -> Parsed {
+        match self.keys.classify(key) {
             Classified::Object(ObjectKey::Volume(name)) => {
-                let policy = self.policy.read().expect("policy lock").clone();
-                let spec = log_rejected(key, parse_volume(&name, value, &policy));
-                d.volumes.insert(name, Entry { revision, spec });
+                let policy = self
+                    .policy
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                let spec = guarded(key, || parse_volume(&name, value, &policy))
+                    .unwrap_or_else(|e| Err(Rejection::Invalid(e)));
+                Parsed::Volume(
+                    name,
+                    Entry {
+                        revision,
+                        created,
+                        spec: log_rejected(key, spec),
+                    },
+                )
             }
             Classified::Object(ObjectKey::Vfolder(id)) => {
-                d.vfolders.insert(
+                let spec = guarded(key, || parse_vfolder(value)).and_then(|r| r);
+                Parsed::Vfolder(
                     id,
                     Entry {
                         revision,
-                        spec: parse_vfolder(value).map_err(Rejection::Invalid),
+                        created,
+                        spec: spec.map_err(Rejection::Invalid),
                     },
-                );
+                )
             }
             Classified::Object(ObjectKey::Kernel(id)) => {
-                let spec = parse_kernel(&id, value, &self.kernels_root).map_err(Rejection::Invalid);
-                let spec = log_rejected(key, spec);
-                d.kernels.insert(id, Entry { revision, spec });
+                let spec = guarded(key, || parse_kernel(&id, value, &self.kernels_root))
+                    .and_then(|r| r)
+                    .map_err(Rejection::Invalid);
+                Parsed::Kernel(
+                    id,
+                    Entry {
+                        revision,
+                        created,
+                        spec: log_rejected(key, spec),
+                    },
+                )
             }
             Classified::Invalid { reason } => {
                 tracing::warn!(key, reason = %reason, "rejected desired key");
-                d.invalid_keys.insert(key.to_string(), reason);
+                Parsed::InvalidKey(reason)
             }
-            Classified::Ignored => {}
+            Classified::Ignored => Parsed::Ignored,
         }
-        d.revision = d.revision.max(revision);
+    }
+
+    /// Applies a put of `key` = `value` at `revision` (parse, then apply).
+    pub fn apply_put(&self, d: &mut Desired, key: &str, value: &[u8], revision: i64) {
+        let parsed = self.parse(key, value, revision, revision);
+        d.apply_parsed(key, value, revision, parsed);
     }
 
     /// Applies a delete of `key` at `revision`.
@@ -115,9 +172,20 @@ impl DesiredParser {
         kvs: impl IntoIterator<Item = (&'a str, &'a [u8], i64)>,
         revision: i64,
     ) -> Desired {
+        self.from_listing(kvs.into_iter().map(|(k, v, r)| (k, v, r, r)), revision)
+    }
+
+    /// Builds a whole state from a listing at `revision` whose keys carry
+    /// (mod, create) revisions.
+    pub fn from_listing<'a>(
+        &self,
+        kvs: impl IntoIterator<Item = (&'a str, &'a [u8], i64, i64)>,
+        revision: i64,
+    ) -> Desired {
         let mut d = Desired::default();
-        for (k, v, rev) in kvs {
-            self.apply_put(&mut d, k, v, rev);
+        for (k, v, rev, created) in kvs {
+            let parsed = self.parse(k, v, rev, created);
+            d.apply_parsed(k, v, rev, parsed);
         }
         d.revision = revision;
         d
@@ -154,6 +222,30 @@ impl DesiredParser {
 }
 
 impl Desired {
+    /// Applies a parsed put of `key` (its raw `value` is kept so a policy
+    /// change can re-evaluate it).
+    pub fn apply_parsed(&mut self, key: &str, value: &[u8], revision: i64, parsed: Parsed) {
+        if !matches!(parsed, Parsed::Ignored) {
+            self.raw.insert(key.to_string(), (value.to_vec(), revision));
+        }
+        match parsed {
+            Parsed::Volume(name, e) => {
+                self.volumes.insert(name, e);
+            }
+            Parsed::Vfolder(id, e) => {
+                self.vfolders.insert(id, e);
+            }
+            Parsed::Kernel(id, e) => {
+                self.kernels.insert(id, e);
+            }
+            Parsed::InvalidKey(reason) => {
+                self.invalid_keys.insert(key.to_string(), reason);
+            }
+            Parsed::Ignored => {}
+        }
+        self.revision = self.revision.max(revision);
+    }
+
     /// Applies the policy's cross-object limits: kernels beyond
     /// `kernels_per_node`, kernels with more than `mounts_per_kernel` entries,
     /// and vfolders beyond `vfolders_per_owner` become `Rejected` (the newest

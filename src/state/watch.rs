@@ -13,7 +13,7 @@ use etcd_client::{Client, EventType, GetOptions, Txn, TxnOp, TxnOpResponse, Watc
 use tokio::sync::Notify;
 
 use crate::keys::{Classified, ObjectKey};
-use crate::state::desired::{Desired, DesiredParser};
+use crate::state::desired::{Desired, DesiredParser, Parsed};
 use crate::state::ledger::Ledger;
 
 /// Errors of the watcher (all transient: it backs off and retries).
@@ -97,10 +97,17 @@ pub struct DesiredCache {
 }
 
 impl DesiredCache {
+    /// The shared state. A panic elsewhere while it was held (a bug) does
+    /// not make it unusable: every writer leaves it consistent between
+    /// statements, and parsing happens outside the lock.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.desired.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The current state, its generation, and what changed since the last
     /// call (reset).
     pub fn take(&self) -> (Arc<Desired>, u64, Changes) {
-        let mut cur = self.desired.lock().expect("desired lock");
+        let mut cur = self.lock();
         let changes = std::mem::take(&mut cur.changes);
         (cur.desired.clone(), cur.generation, changes)
     }
@@ -108,13 +115,13 @@ impl DesiredCache {
     /// Wakes the loop for a change outside the desired state (a stale
     /// volume, rotated credentials, a reconnect): a whole pass.
     pub fn touch(&self) {
-        self.desired.lock().expect("desired lock").changes.all = true;
+        self.lock().changes.all = true;
         self.changed.notify_one();
     }
 
     /// Serves a state loaded from the store until the first live list.
     pub fn seed_from_store(&self, d: Desired) {
-        let mut cur = self.desired.lock().expect("desired lock");
+        let mut cur = self.lock();
         if self.live.load(Ordering::Acquire) {
             return;
         }
@@ -128,7 +135,7 @@ impl DesiredCache {
     }
 
     fn replace(&self, d: Desired) {
-        let mut cur = self.desired.lock().expect("desired lock");
+        let mut cur = self.lock();
         self.revision.store(d.revision, Ordering::Relaxed);
         cur.desired = Arc::new(d);
         cur.generation += 1;
@@ -141,7 +148,7 @@ impl DesiredCache {
 
     /// Re-evaluates every object (the policy changed) and wakes the loop.
     pub fn reparse(&self, parser: &DesiredParser) {
-        let mut cur = self.desired.lock().expect("desired lock");
+        let mut cur = self.lock();
         cur.desired = Arc::new(parser.reparse(&cur.desired));
         cur.generation += 1;
         cur.changes = Changes::all();
@@ -150,7 +157,7 @@ impl DesiredCache {
     }
 
     fn update(&self, f: impl FnOnce(&mut Desired, &mut Changes)) {
-        let mut cur = self.desired.lock().expect("desired lock");
+        let mut cur = self.lock();
         let cur = &mut *cur;
         // Copies the state only while a pass still holds the previous one.
         let d = Arc::make_mut(&mut cur.desired);
@@ -166,6 +173,9 @@ impl DesiredCache {
 pub struct Listing {
     /// Every key and value under the desired prefixes.
     pub kvs: Vec<(String, Vec<u8>)>,
+    /// Each key's create revision, in the order of `kvs` (may be empty: then
+    /// every key counts as created at `revision`).
+    pub created: Vec<i64>,
     /// The revision they were read at.
     pub revision: i64,
 }
@@ -179,6 +189,8 @@ pub struct RawEvent {
     pub value: Option<Vec<u8>>,
     /// Its mod revision (a delete's revision).
     pub revision: i64,
+    /// Its create revision (0 for a delete).
+    pub created: i64,
 }
 
 /// What one read of the watch stream brings.
@@ -320,16 +332,21 @@ impl EtcdSource for EtcdClient {
             .await
             .map_err(WatchError::InitialListFailed)?;
         let revision = resp.header().map_or(0, |h| h.revision());
-        let mut kvs = Vec::new();
+        let (mut kvs, mut created) = (Vec::new(), Vec::new());
         for op in resp.op_responses() {
             if let TxnOpResponse::Get(g) = op {
                 for kv in g.kvs() {
                     let key = String::from_utf8_lossy(kv.key()).into_owned();
                     kvs.push((key, kv.value().to_vec()));
+                    created.push(kv.create_revision());
                 }
             }
         }
-        Ok(Listing { kvs, revision })
+        Ok(Listing {
+            kvs,
+            created,
+            revision,
+        })
     }
 
     async fn watch(
@@ -376,6 +393,7 @@ impl WatchStream for ClientStream {
                     key: String::from_utf8_lossy(kv.key()).into_owned(),
                     value: (ev.event_type() == EventType::Put).then(|| kv.value().to_vec()),
                     revision: kv.mod_revision(),
+                    created: kv.create_revision(),
                 })
             })
             .collect();
@@ -451,7 +469,14 @@ pub async fn run_watcher(
 /// Swaps the cache for a fresh listing in one step (keys deleted meanwhile
 /// disappear) and stores it as the last good state.
 fn apply_listing(parser: &DesiredParser, cache: &DesiredCache, store: &Ledger, l: Listing) {
-    let d = parse_listing(parser, &l.kvs, l.revision);
+    let created = |i: usize| l.created.get(i).copied().unwrap_or(l.revision);
+    let d = parser.from_listing(
+        l.kvs
+            .iter()
+            .enumerate()
+            .map(|(i, (k, v))| (k.as_str(), v.as_slice(), l.revision, created(i))),
+        l.revision,
+    );
     if let Err(e) = store.store_desired(&l.kvs, l.revision) {
         tracing::warn!(error = %crate::error::error_chain(&e), "cannot store the desired state; a restart during an etcd outage would start empty");
     }
@@ -475,8 +500,17 @@ fn apply_events(parser: &DesiredParser, cache: &DesiredCache, store: &Ledger, ev
         return;
     }
     tracing::trace!(events = events.len(), "watch events");
+    // Parse first, outside the lock: parsing is the part that meets hostile input.
+    let parsed: Vec<Option<Parsed>> = events
+        .iter()
+        .map(|ev| {
+            ev.value
+                .as_ref()
+                .map(|v| parser.parse(&ev.key, v, ev.revision, ev.created))
+        })
+        .collect();
     cache.update(|d, changes| {
-        for ev in events {
+        for (ev, parsed) in events.iter().zip(parsed) {
             // A kernel event is a pass over that kernel. One that changes
             // or goes may leave a volume unused (linger, renewal and
             // healing are decided over every kernel): a whole pass follows.
@@ -490,9 +524,9 @@ fn apply_events(parser: &DesiredParser, cache: &DesiredCache, store: &Ledger, ev
                 Classified::Ignored => {}
                 _ => changes.all = true,
             }
-            match &ev.value {
-                Some(v) => parser.apply_put(d, &ev.key, v, ev.revision),
-                None => parser.apply_delete(d, &ev.key, ev.revision),
+            match (&ev.value, parsed) {
+                (Some(v), Some(p)) => d.apply_parsed(&ev.key, v, ev.revision, p),
+                _ => parser.apply_delete(d, &ev.key, ev.revision),
             }
             if let Err(e) = store.apply_desired(&ev.key, ev.value.as_deref(), ev.revision) {
                 tracing::warn!(error = %crate::error::error_chain(&e), "cannot store a desired-state change");
@@ -588,6 +622,7 @@ mod tests {
     fn listing(revision: i64) -> Answer {
         Answer::List(Ok(Listing {
             kvs: vec![("/p/volumes/v".into(), b"x".to_vec())],
+            created: vec![revision],
             revision,
         }))
     }
@@ -597,6 +632,7 @@ mod tests {
             key: key.into(),
             value: Some(b"v".to_vec()),
             revision,
+            created: revision,
         }
     }
 
@@ -744,7 +780,11 @@ mod tests {
         let store = Ledger::open(dir.path()).unwrap();
         let (p, cache) = (parser(), DesiredCache::default());
         let kernel = |k: &str| (format!("/p/nodes/n/kernels/{k}"), b"mounts: []".to_vec());
-        let l = |kvs, revision| Listing { kvs, revision };
+        let l = |kvs, revision| Listing {
+            kvs,
+            created: vec![],
+            revision,
+        };
         apply_listing(&p, &cache, &store, l(vec![kernel("a"), kernel("b")], 5));
         // `b` was deleted while the watch was down, then its revision compacted.
         apply_listing(&p, &cache, &store, l(vec![kernel("a")], 9));
@@ -771,6 +811,7 @@ mod tests {
             key: "/p/nodes/n/kernels/k1".into(),
             value: None,
             revision: 4,
+            created: 0,
         };
         apply_events(&p, &cache, &store, &[delete]);
         let (d, _, changes) = cache.take();

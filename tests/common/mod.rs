@@ -632,6 +632,13 @@ impl Node {
         self.child = Some(child);
     }
 
+    /// Whether the daemon process is still running (not exited or crashed).
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// Kills the daemon with SIGKILL (a crash) and reaps it.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
