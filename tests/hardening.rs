@@ -116,3 +116,92 @@ async fn a_malformed_startup_volume_keeps_its_binds_in_running_kernels() {
     })
     .await;
 }
+
+/// Item 3: the first list read all desired ranges in one response under
+/// gRPC's 4 MiB limit, so ~20,000 vfolder records (or a few large rejected
+/// values) kept every node from becoming ready; a delete of many keys with
+/// `prev_kv` made the watch resume at the same revision forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_than_32_mib_of_desired_state_lists_watches_and_survives_a_mass_delete() {
+    use etcd_client::{Txn, TxnOp};
+    require_private_mount_namespace();
+    within(300, async {
+        let etcd = Etcd::start().await;
+        let mut node = Node::start(&etcd, "n1", NodeOpts::default());
+        let id = uuid::Uuid::new_v4();
+        etcd.put(&format!("{P}/volumes/data"), &tmpfs_volume("requested"))
+            .await;
+        etcd.put(
+            &format!("{P}/vfolders/{id}"),
+            "{name: mine, owner: alice, volume: data}",
+        )
+        .await;
+        etcd.put(&node.kernel_key("k1"), &kernel_yaml(&id)).await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        assert!(node.stop());
+
+        // 36 values of 1 MiB (each rejected as too large) and 20,000 small
+        // vfolder records: ~38 MiB under the desired prefixes.
+        let mut c = etcd.client().await;
+        let big = "x".repeat(1 << 20);
+        for i in 0..36 {
+            let key = format!("{P}/vfolders/{}", uuid::Uuid::from_u128(0xb16_0000 + i));
+            c.put(key, big.as_str(), None).await.unwrap();
+        }
+        let small: Vec<TxnOp> = (0..20_000u128)
+            .map(|i| {
+                let key = format!("{P}/vfolders/{}", uuid::Uuid::from_u128(0x5_0000_0000 + i));
+                TxnOp::put(
+                    key,
+                    format!("{{name: f{i}, owner: o{i}, volume: data}}"),
+                    None,
+                )
+            })
+            .collect();
+        for chunk in small.chunks(128) {
+            c.txn(Txn::new().and_then(chunk.to_vec())).await.unwrap();
+        }
+
+        // A restart lists all of it (in pages), and the node becomes ready.
+        node.spawn();
+        until("readyz after listing 38 MiB", 120, || {
+            http_get(&node.listen, "/readyz").0 == 200
+        })
+        .await;
+        etcd.put(&node.kernel_key("k2"), &kernel_yaml(&id)).await;
+        etcd.wait_state(&node.kernel_status("k2"), "Ready").await;
+        let big_status = format!("{P}/status/vfolders/{}", uuid::Uuid::from_u128(0xb16_0000));
+        let v = etcd.wait_state(&big_status, "Rejected").await;
+        assert!(v.to_string().contains("bytes"), "{v}");
+
+        // One delete of every record but the used one: the watch carries on.
+        c.delete(
+            format!("{P}/vfolders/0"),
+            Some(etcd_client::DeleteOptions::new().with_range(format!("{P}/vfolders/{id}"))),
+        )
+        .await
+        .unwrap();
+        c.delete(
+            format!("{P}/vfolders/{}", uuid::Uuid::from_u128(id.as_u128() + 1)),
+            Some(etcd_client::DeleteOptions::new().with_range(format!("{P}/vfolders0"))),
+        )
+        .await
+        .unwrap();
+        etcd.put(&node.kernel_key("k3"), &kernel_yaml(&id)).await;
+        etcd.wait_state(&node.kernel_status("k3"), "Ready").await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while etcd.get_json(&big_status).await.is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "deleted records' statuses stayed"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(node.running(), "{}", node.log());
+        assert!(
+            !node.log().contains("decoded message length too large"),
+            "a message size limit was hit"
+        );
+    })
+    .await;
+}

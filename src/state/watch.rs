@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions};
+use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use tokio::sync::Notify;
 
 use crate::keys::{Classified, ObjectKey};
@@ -31,6 +31,54 @@ pub enum WatchError {
     /// The server closed the stream or cancelled the watch.
     #[error("watch ended: {0}")]
     Ended(String),
+}
+
+impl WatchError {
+    /// Whether this looks like etcd being unreachable (transport, timeout,
+    /// no leader), as opposed to etcd answering with an error (a message too
+    /// large, a compacted revision, a refused request): those are logged as
+    /// what they are, not as an outage.
+    pub fn is_outage(&self) -> bool {
+        use tonic::Code;
+        let e = match self {
+            WatchError::InitialListFailed(e)
+            | WatchError::WatchStartFailed(e)
+            | WatchError::StreamFailed(e) => e,
+            WatchError::Ended(_) => return true,
+        };
+        match e {
+            etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+            etcd_client::Error::GRpcStatus(s) => {
+                matches!(
+                    s.code(),
+                    Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+                ) && !s.message().contains("decoded message length too large")
+            }
+            etcd_client::Error::WatchError(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// The largest gRPC message vfolderd accepts from etcd: etcd's own bound
+/// (its gRPC send limit, `math.MaxInt32`), not gRPC's 4 MiB default, which a
+/// listing page of large values or one delete of many keys exceeds.
+pub const MAX_ETCD_MESSAGE: usize = i32::MAX as usize;
+
+/// Keys per listing page. A value is at most etcd's `--max-request-bytes`
+/// (1.5 MiB by default), so a page stays far below [`MAX_ETCD_MESSAGE`].
+pub const LIST_PAGE: i64 = 500;
+
+/// The smallest key after every key starting with `prefix` (etcd's range end).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // every key
 }
 
 /// What changed since the loop last took a snapshot: a few kernels (the
@@ -252,7 +300,12 @@ pub enum WatchEvent {
     /// The watch's revision was compacted: a relist follows.
     Compacted(i64),
     /// etcd failed; the watcher backs off, then resumes where it was.
-    Failed(String),
+    Failed {
+        /// What failed, with its causes.
+        error: String,
+        /// Whether etcd looked unreachable (else it answered with an error).
+        outage: bool,
+    },
 }
 
 /// One step: list, open a watch, or read the next batch.
@@ -261,7 +314,10 @@ pub async fn step<E: EtcdSource>(
     prefixes: &[String],
     state: WatchState<E::Stream>,
 ) -> (WatchEvent, WatchState<E::Stream>) {
-    let fail = |e: WatchError| WatchEvent::Failed(crate::error::error_chain(&e));
+    let fail = |e: WatchError| WatchEvent::Failed {
+        error: crate::error::error_chain(&e),
+        outage: e.is_outage(),
+    };
     let (mut next, stream) = match state {
         WatchState::Empty => {
             return match etcd.list(prefixes).await {
@@ -311,9 +367,69 @@ pub async fn step<E: EtcdSource>(
     }
 }
 
-/// The real etcd: the desired ranges listed in one transaction, watched on
-/// one stream with `prev_kv`.
-pub struct EtcdClient(pub Client);
+/// The real etcd: the desired ranges listed in pages at one revision,
+/// watched on one stream (without `prev_kv`: nothing here needs the old
+/// values, and a delete of many keys with them is a huge response).
+pub struct EtcdClient {
+    kv: etcd_client::KvClient,
+    watch: etcd_client::WatchClient,
+}
+
+impl EtcdClient {
+    /// Wraps a client, raising its receive limits to [`MAX_ETCD_MESSAGE`].
+    pub fn new(client: &Client) -> Self {
+        Self {
+            kv: client
+                .kv_client()
+                .max_decoding_message_size(MAX_ETCD_MESSAGE),
+            watch: client
+                .watch_client()
+                .max_decoding_message_size(MAX_ETCD_MESSAGE),
+        }
+    }
+
+    /// Every key under `prefix` at `revision` (0: the current one, which is
+    /// returned), page by page.
+    async fn list_prefix(
+        &mut self,
+        prefix: &str,
+        revision: &mut i64,
+        out: &mut Listing,
+    ) -> Result<(), WatchError> {
+        let end = prefix_end(prefix.as_bytes());
+        let mut from = prefix.as_bytes().to_vec();
+        loop {
+            let mut opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if *revision > 0 {
+                opts = opts.with_revision(*revision);
+            }
+            let resp = self
+                .kv
+                .get(from.clone(), Some(opts))
+                .await
+                .map_err(WatchError::InitialListFailed)?;
+            if *revision == 0 {
+                *revision = resp.header().map_or(0, |h| h.revision());
+            }
+            for kv in resp.kvs() {
+                out.kvs.push((
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    kv.value().to_vec(),
+                ));
+                out.created.push(kv.create_revision());
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(()),
+            }
+        }
+    }
+}
 
 /// The real client's watch stream.
 pub struct ClientStream(etcd_client::WatchStream);
@@ -322,31 +438,16 @@ impl EtcdSource for EtcdClient {
     type Stream = ClientStream;
 
     async fn list(&mut self, prefixes: &[String]) -> Result<Listing, WatchError> {
-        let ops: Vec<TxnOp> = prefixes
-            .iter()
-            .map(|p| TxnOp::get(p.as_str(), Some(GetOptions::new().with_prefix())))
-            .collect();
-        let resp = self
-            .0
-            .txn(Txn::new().and_then(ops))
-            .await
-            .map_err(WatchError::InitialListFailed)?;
-        let revision = resp.header().map_or(0, |h| h.revision());
-        let (mut kvs, mut created) = (Vec::new(), Vec::new());
-        for op in resp.op_responses() {
-            if let TxnOpResponse::Get(g) = op {
-                for kv in g.kvs() {
-                    let key = String::from_utf8_lossy(kv.key()).into_owned();
-                    kvs.push((key, kv.value().to_vec()));
-                    created.push(kv.create_revision());
-                }
-            }
+        // Every page of every prefix at the revision of the first page: one
+        // consistent snapshot, however large (a compaction in between fails
+        // the list, which is then retried from scratch).
+        let mut revision = 0;
+        let mut out = Listing::default();
+        for p in prefixes {
+            self.list_prefix(p, &mut revision, &mut out).await?;
         }
-        Ok(Listing {
-            kvs,
-            created,
-            revision,
-        })
+        out.revision = revision;
+        Ok(out)
     }
 
     async fn watch(
@@ -355,11 +456,14 @@ impl EtcdSource for EtcdClient {
         from: &[i64],
     ) -> Result<ClientStream, WatchError> {
         let opts = |i: usize| {
-            let o = WatchOptions::new().with_prefix().with_prev_key();
-            Some(o.with_start_revision(from[i]))
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(from[i]),
+            )
         };
         let mut stream = self
-            .0
+            .watch
             .watch(prefixes[0].as_str(), opts(0))
             .await
             .map_err(WatchError::WatchStartFailed)?;
@@ -408,7 +512,7 @@ pub async fn list(
     client: &mut Client,
     parser: &DesiredParser,
 ) -> Result<(Vec<(String, Vec<u8>)>, i64), WatchError> {
-    let mut etcd = EtcdClient(client.clone());
+    let mut etcd = EtcdClient::new(client);
     let l = etcd.list(&parser.keys.desired_prefixes()).await?;
     Ok((l.kvs, l.revision))
 }
@@ -436,7 +540,7 @@ pub async fn run_watcher(
     cache: Arc<DesiredCache>,
     store: Ledger,
 ) {
-    let mut etcd = EtcdClient(client);
+    let mut etcd = EtcdClient::new(&client);
     let prefixes = parser.keys.desired_prefixes().to_vec();
     let mut state = WatchState::Empty;
     let mut delay = RETRY_MIN;
@@ -444,10 +548,14 @@ pub async fn run_watcher(
         let (event, next) = step(&mut etcd, &prefixes, state).await;
         state = next;
         match event {
-            WatchEvent::Failed(error) => {
+            WatchEvent::Failed { error, outage } => {
                 cache.connected.store(false, Ordering::Relaxed);
                 cache.touch();
-                tracing::warn!(%error, retry_in = ?delay, "etcd unreachable or watch interrupted; keeping the last desired state");
+                if outage {
+                    tracing::warn!(%error, retry_in = ?delay, "etcd unreachable or watch interrupted; keeping the last desired state");
+                } else {
+                    tracing::error!(%error, retry_in = ?delay, "etcd answered with an error (not an outage); keeping the last desired state");
+                }
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(RETRY_MAX);
             }
@@ -688,8 +796,8 @@ mod tests {
             Answer::Batch(Ok(Some(WatchBatch::Events(vec![])))),
         ]);
         let evs = run(&mut etcd, 5).await;
-        assert!(matches!(&evs[2], WatchEvent::Failed(e) if e.contains("etcd down")));
-        assert!(matches!(&evs[3], WatchEvent::Failed(_)));
+        assert!(matches!(&evs[2], WatchEvent::Failed { error: e, .. } if e.contains("etcd down")));
+        assert!(matches!(&evs[3], WatchEvent::Failed { .. }));
         assert_eq!(evs[4], WatchEvent::Applied(vec![]));
         assert_eq!(
             etcd.calls(),
@@ -734,8 +842,10 @@ mod tests {
             listing(7),
         ]);
         let evs = run(&mut etcd, 3).await;
-        assert!(matches!(&evs[0], WatchEvent::Failed(e) if e.contains("initial list")));
-        assert!(matches!(&evs[1], WatchEvent::Failed(_)));
+        assert!(
+            matches!(&evs[0], WatchEvent::Failed { error: e, .. } if e.contains("initial list"))
+        );
+        assert!(matches!(&evs[1], WatchEvent::Failed { .. }));
         assert!(matches!(&evs[2], WatchEvent::Listed(l) if l.revision == 7));
         assert_eq!(etcd.calls(), ["list", "list", "list"]);
     }
@@ -752,8 +862,12 @@ mod tests {
             Answer::Batch(Ok(Some(WatchBatch::Events(vec![put("/p/volumes/v", 11)])))),
         ]);
         let evs = run(&mut etcd, 4).await;
-        assert!(matches!(&evs[1], WatchEvent::Failed(e) if e.contains("too many requests")));
-        assert!(matches!(&evs[2], WatchEvent::Failed(e) if e.contains("closed by server")));
+        assert!(
+            matches!(&evs[1], WatchEvent::Failed { error: e, .. } if e.contains("too many requests"))
+        );
+        assert!(
+            matches!(&evs[2], WatchEvent::Failed { error: e, .. } if e.contains("closed by server"))
+        );
         assert_eq!(evs[3], WatchEvent::Applied(vec![put("/p/volumes/v", 11)]));
         assert_eq!(
             etcd.calls(),
@@ -819,5 +933,26 @@ mod tests {
         assert!(changes.volumes && !changes.all);
         apply_events(&p, &cache, &store, &[put("/p/volumes/v", 5)]);
         assert!(cache.take().2.all, "anything but a kernel is a whole pass");
+    }
+
+    #[test]
+    fn a_prefix_ends_at_the_next_key_after_all_its_keys() {
+        assert_eq!(prefix_end(b"/p/"), b"/p0");
+        assert_eq!(prefix_end(&[0x61, 0xff]), [0x62]);
+        assert_eq!(prefix_end(&[0xff]), [0]);
+    }
+
+    #[test]
+    fn only_an_unreachable_etcd_is_logged_as_an_outage() {
+        let status = |s| WatchError::InitialListFailed(etcd_client::Error::GRpcStatus(s));
+        assert!(status(tonic::Status::unavailable("connection refused")).is_outage());
+        assert!(status(tonic::Status::deadline_exceeded("timeout")).is_outage());
+        let too_big =
+            tonic::Status::out_of_range("decoded message length too large: found 16076520 bytes");
+        assert!(!status(too_big).is_outage());
+        let too_big = tonic::Status::unknown("decoded message length too large");
+        assert!(!status(too_big).is_outage());
+        assert!(!status(tonic::Status::resource_exhausted("quota")).is_outage());
+        assert!(!status(tonic::Status::invalid_argument("bad")).is_outage());
     }
 }
