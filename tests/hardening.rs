@@ -205,3 +205,45 @@ async fn more_than_32_mib_of_desired_state_lists_watches_and_survives_a_mass_del
     })
     .await;
 }
+
+/// Item 9: mountinfo was read as UTF-8, so one mount (any user's FUSE mount)
+/// with a non-UTF-8 byte in its path made every read, so every pass, fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_mount_with_a_non_utf8_path_stops_no_pass() {
+    use std::os::unix::ffi::OsStrExt;
+    require_private_mount_namespace();
+    within(120, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(&etcd, "n1", NodeOpts::default());
+        let odd = node
+            .dir
+            .path()
+            .join(std::ffi::OsStr::from_bytes(b"caf\xe9 mount"));
+        std::fs::create_dir_all(&odd).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &odd,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        let id = uuid::Uuid::new_v4();
+        etcd.put(&format!("{P}/volumes/data"), &tmpfs_volume("requested"))
+            .await;
+        etcd.put(
+            &format!("{P}/vfolders/{id}"),
+            "{name: mine, owner: alice, volume: data}",
+        )
+        .await;
+        etcd.put(&node.kernel_key("k1"), &kernel_yaml(&id)).await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        assert!(
+            !node.log().contains("stream did not contain valid UTF-8"),
+            "{}",
+            node.log()
+        );
+        nix::mount::umount2(&odd, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    })
+    .await;
+}

@@ -1,7 +1,11 @@
 //! Actual state: the kernel's mount table (`/proc/self/mountinfo`), parsed by hand
 //! because `procfs` does not decode the octal escapes (`\040`) mountinfo uses.
+//! It is read as bytes: any user's FUSE mount may carry a path that is not
+//! UTF-8, and one such line must not stop every pass; paths stay `OsString`.
 
 use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
 /// A mountinfo line that does not have the documented shape.
@@ -50,7 +54,11 @@ impl MountEntry {
 
 /// Decodes mountinfo's octal escapes (`\040` space, `\011` tab, `\012` newline, `\134` backslash).
 pub fn unescape(field: &str) -> String {
-    let b = field.as_bytes();
+    String::from_utf8_lossy(&unescape_bytes(field.as_bytes())).into_owned()
+}
+
+/// [`unescape`] over raw bytes (paths need not be UTF-8).
+pub fn unescape_bytes(b: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
@@ -70,28 +78,39 @@ pub fn unescape(field: &str) -> String {
         out.push(b[i]);
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
-/// Parses the whole text of a mountinfo file.
-pub fn parse_mountinfo(text: &str) -> Result<Vec<MountEntry>, ParseError> {
-    text.lines()
+/// A path field: its exact bytes.
+fn path_field(b: &[u8]) -> PathBuf {
+    PathBuf::from(OsString::from_vec(unescape_bytes(b)))
+}
+
+/// A text field (fstype, source, options): lossy where it is not UTF-8.
+fn text_field(b: &[u8]) -> String {
+    String::from_utf8_lossy(&unescape_bytes(b)).into_owned()
+}
+
+/// The non-empty lines of a mountinfo text, numbered from 1.
+fn lines(text: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
+    text.split(|c| *c == b'\n')
         .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            parse_line(l).map_err(|reason| ParseError {
-                line: i + 1,
-                reason,
-            })
-        })
+        .map(|(i, l)| (i + 1, l))
+        .filter(|(_, l)| !l.iter().all(u8::is_ascii_whitespace))
+}
+
+/// Parses the whole text of a mountinfo file (bytes: paths need not be UTF-8).
+pub fn parse_mountinfo(text: impl AsRef<[u8]>) -> Result<Vec<MountEntry>, ParseError> {
+    lines(text.as_ref())
+        .map(|(line, l)| parse_line(l).map_err(|reason| ParseError { line, reason }))
         .collect()
 }
 
-fn parse_line(line: &str) -> Result<MountEntry, String> {
-    let fields: Vec<&str> = line.split(' ').collect();
+fn parse_line(line: &[u8]) -> Result<MountEntry, String> {
+    let fields: Vec<&[u8]> = line.split(|c| *c == b' ').collect();
     let sep = fields
         .iter()
-        .position(|f| *f == "-")
+        .position(|f| *f == b"-")
         .ok_or("no ' - ' separator")?;
     if sep < 6 || fields.len() < sep + 3 {
         return Err(format!(
@@ -100,20 +119,21 @@ fn parse_line(line: &str) -> Result<MountEntry, String> {
             fields.len() - sep - 1
         ));
     }
-    let num = |s: &str, what: &str| s.parse::<u32>().map_err(|_| format!("bad {what} {s:?}"));
+    let num = |s: &[u8], what: &str| {
+        let s = String::from_utf8_lossy(s);
+        s.parse::<u32>().map_err(|_| format!("bad {what} {s:?}"))
+    };
+    let list = |s: &[u8]| text_field(s).split(',').map(String::from).collect();
     Ok(MountEntry {
         id: num(fields[0], "mount id")?,
         parent: num(fields[1], "parent id")?,
-        dev: fields[2].to_string(),
-        root: PathBuf::from(unescape(fields[3])),
-        mount_point: PathBuf::from(unescape(fields[4])),
-        mount_options: fields[5].split(',').map(String::from).collect(),
-        fstype: unescape(fields[sep + 1]),
-        source: unescape(fields[sep + 2]),
-        super_options: fields
-            .get(sep + 3)
-            .map(|s| s.split(',').map(String::from).collect())
-            .unwrap_or_default(),
+        dev: text_field(fields[2]),
+        root: path_field(fields[3]),
+        mount_point: path_field(fields[4]),
+        mount_options: list(fields[5]),
+        fstype: text_field(fields[sep + 1]),
+        source: text_field(fields[sep + 2]),
+        super_options: fields.get(sep + 3).map(|s| list(s)).unwrap_or_default(),
     })
 }
 
@@ -127,14 +147,14 @@ pub struct MountTable {
     by_target: HashMap<PathBuf, Vec<MountEntry>>,
     /// Each entry's mountinfo line (when built from text): a re-read parses
     /// only the lines that are new, and names the mount points that changed.
-    lines: HashMap<Box<str>, (u32, PathBuf)>,
+    lines: HashMap<Box<[u8]>, (u32, PathBuf)>,
 }
 
 impl MountTable {
     /// Parses a whole mountinfo text.
-    pub fn from_text(text: &str) -> Result<Self, ParseError> {
+    pub fn from_text(text: impl AsRef<[u8]>) -> Result<Self, ParseError> {
         let mut t = Self::default();
-        t.update(text)?;
+        t.update(text.as_ref())?;
         Ok(t)
     }
 
@@ -143,21 +163,18 @@ impl MountTable {
     /// carry the mount id, so a remount or a new mount is a new line).
     /// Returns the mount points whose mounts changed. On error the table is
     /// half-updated: the caller drops it and parses from scratch.
-    pub fn update(&mut self, text: &str) -> Result<HashSet<PathBuf>, ParseError> {
+    pub fn update(&mut self, text: &[u8]) -> Result<HashSet<PathBuf>, ParseError> {
         let mut changed = HashSet::new();
-        let mut seen: HashSet<&str> = HashSet::with_capacity(self.lines.len());
+        let mut seen: HashSet<&[u8]> = HashSet::with_capacity(self.lines.len());
         let mut added = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
+        for (i, line) in lines(text) {
             if self.lines.contains_key(line) {
                 seen.insert(line);
             } else {
                 added.push((i, line));
             }
         }
-        let gone: Vec<Box<str>> = self
+        let gone: Vec<Box<[u8]>> = self
             .lines
             .keys()
             .filter(|l| !seen.contains(&***l))
@@ -175,10 +192,7 @@ impl MountTable {
             }
         }
         for (i, line) in added {
-            let e = parse_line(line).map_err(|reason| ParseError {
-                line: i + 1,
-                reason,
-            })?;
+            let e = parse_line(line).map_err(|reason| ParseError { line: i, reason })?;
             changed.insert(e.mount_point.clone());
             self.lines
                 .insert(line.into(), (e.id, e.mount_point.clone()));
@@ -285,7 +299,7 @@ impl Default for ProcMountInfo {
 
 impl MountInfoSource for ProcMountInfo {
     fn read(&self) -> Result<MountTable, MountInfoError> {
-        let text = std::fs::read_to_string(&self.path).map_err(|source| MountInfoError::Read {
+        let text = std::fs::read(&self.path).map_err(|source| MountInfoError::Read {
             path: self.path.clone(),
             source,
         })?;
@@ -297,7 +311,7 @@ impl MountInfoSource for ProcMountInfo {
             *table = self.read()?;
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&self.path).map_err(|source| MountInfoError::Read {
+        let text = std::fs::read(&self.path).map_err(|source| MountInfoError::Read {
             path: self.path.clone(),
             source,
         })?;
@@ -345,16 +359,16 @@ mod tests {
         let mut t = MountTable::from_text(FIXTURE).unwrap();
         let lines: Vec<&str> = FIXTURE.lines().collect();
         // Drop the second line, add a new mount stacked on the first one's point.
-        let first = parse_line(lines[0]).unwrap();
+        let first = parse_line(lines[0].as_bytes()).unwrap();
         let stacked = format!(
             "999 1 0:99 / {} rw,nosuid - tmpfs t rw",
             first.mount_point.display()
         );
         let mut next: Vec<&str> = lines.clone();
-        let removed = parse_line(next.remove(1)).unwrap();
+        let removed = parse_line(next.remove(1).as_bytes()).unwrap();
         next.push(&stacked);
         let text = next.join("\n");
-        let changed = t.update(&text).unwrap();
+        let changed = t.update(text.as_bytes()).unwrap();
         assert_eq!(
             changed,
             HashSet::from([removed.mount_point.clone(), first.mount_point.clone()])
@@ -365,7 +379,10 @@ mod tests {
             999,
             "the newest is on top"
         );
-        assert!(t.update(&text).unwrap().is_empty(), "nothing changed");
+        assert!(
+            t.update(text.as_bytes()).unwrap().is_empty(),
+            "nothing changed"
+        );
     }
 
     #[test]
@@ -389,5 +406,21 @@ mod tests {
         let t = MountTable::new(entries);
         assert_eq!(t.count(&again.mount_point), 2);
         assert_eq!(t.top(&again.mount_point).unwrap().id, 999);
+    }
+
+    /// Issue 11 item 9: one line with a non-UTF-8 path made every read fail.
+    #[test]
+    fn a_path_that_is_not_utf8_is_kept_byte_for_byte_and_spoils_no_other_line() {
+        let mut text = FIXTURE.as_bytes().to_vec();
+        text.extend_from_slice(b"999 1 0:77 / /mnt/caf");
+        text.push(0xe9); // Latin-1 'é', as the kernel writes it: raw
+        text.extend_from_slice(b"\\040x rw,nosuid - fuse.sshfs u@h:/ rw\n");
+        let t = MountTable::from_text(&text).unwrap();
+        let odd = PathBuf::from(OsString::from_vec(b"/mnt/caf\xe9 x".to_vec()));
+        assert_eq!(t.top(&odd).map(|e| e.fstype.as_str()), Some("fuse.sshfs"));
+        assert_eq!(
+            t.iter().count(),
+            parse_mountinfo(FIXTURE).unwrap().len() + 1
+        );
     }
 }

@@ -795,7 +795,7 @@ impl Drop for Node {
 
 /// Mounts whose mount point lies under `dir`, in mountinfo order.
 pub fn mounts_under(dir: &Path) -> Vec<MountEntry> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let text = std::fs::read("/proc/self/mountinfo").unwrap();
     parse_mountinfo(&text)
         .unwrap()
         .into_iter()
