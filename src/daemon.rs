@@ -102,7 +102,7 @@ pub async fn run(
     let mut shutdown = std::pin::pin!(shutdown);
     let mut shutdown: Shutdown<'_> = shutdown.as_mut();
     let keys = Keys::new(&cfg.etcd.prefix, &cfg.node);
-    let ledger = open_ledger(&cfg).await?;
+    let (ledger, rebuilt) = open_ledger(&cfg).await?;
     let Some(client) = connect(&cfg, &mut shutdown).await? else {
         return Ok(());
     };
@@ -140,7 +140,10 @@ pub async fn run(
             m.status_writes.inc_by(n as u64)
         }))
     };
-    let rec = reconciler(&shared, &deps, ledger, status_tx, &tasks);
+    let mut rec = reconciler(&shared, &deps, ledger, status_tx, &tasks);
+    if rebuilt {
+        rec.adopt_after_rebuild();
+    }
 
     health.alive.store(true, Ordering::Relaxed);
     tracing::info!(node = %cfg.node, roles = ?cfg.roles, "waiting for the first complete list of etcd");
@@ -156,13 +159,15 @@ pub async fn run(
     Ok(())
 }
 
-/// Opens the sled store (off the runtime: it reads the whole log).
-async fn open_ledger(cfg: &NodeConfig) -> Result<Ledger, DaemonError> {
+/// Opens the sled store (off the runtime: it reads the whole log); a
+/// damaged one is moved aside and rebuilt (the `bool` says so), a locked one
+/// is an error.
+async fn open_ledger(cfg: &NodeConfig) -> Result<(Ledger, bool), DaemonError> {
     let dir = cfg.state.join("db");
-    tokio::task::spawn_blocking(move || Ledger::open(&dir))
+    let (ledger, aside) = tokio::task::spawn_blocking(move || Ledger::open_or_rebuild(&dir))
         .await
-        .map_err(|e| DaemonError::PassPanicked(e.to_string()))?
-        .map_err(DaemonError::from)
+        .map_err(|e| DaemonError::PassPanicked(e.to_string()))??;
+    Ok((ledger, aside.is_some()))
 }
 
 /// The etcd client, or `None` if shutdown came first. Without auth the

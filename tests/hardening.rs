@@ -247,3 +247,91 @@ async fn a_foreign_mount_with_a_non_utf8_path_stops_no_pass() {
     })
     .await;
 }
+
+/// Item 12: a damaged sled store was fatal at start. Now it is moved aside,
+/// the node rebuilds (adopting the mounts at its own targets, stacking
+/// nothing), and a store that is merely locked by another process is told
+/// apart: refused with a clear error, never moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_store_is_moved_aside_and_rebuilt_and_a_locked_one_is_not() {
+    require_private_mount_namespace();
+    within(180, async {
+        let etcd = Etcd::start().await;
+        let mut node = Node::start(&etcd, "n1", NodeOpts::default());
+        let id = uuid::Uuid::new_v4();
+        etcd.put(&format!("{P}/volumes/data"), &tmpfs_volume("requested"))
+            .await;
+        etcd.put(
+            &format!("{P}/vfolders/{id}"),
+            "{name: mine, owner: alice, volume: data}",
+        )
+        .await;
+        etcd.put(&node.kernel_key("k1"), &kernel_yaml(&id)).await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let bind = node.home("k1").join("mine");
+        std::fs::write(bind.join("notebook.ipynb"), "{}").unwrap();
+        assert!(node.stop());
+
+        // Locked: an operator command holds the store. Refused, not moved.
+        let db = node.dir.path().join("state").join("db");
+        {
+            let _held = vfolderd::state::ledger::Ledger::open(&db).unwrap();
+            node.spawn();
+            until("the daemon refuses a locked store", 30, || !node.running()).await;
+            assert!(
+                node.log().contains("locked by another process"),
+                "{}",
+                node.log()
+            );
+        }
+        let siblings = || {
+            std::fs::read_dir(db.parent().unwrap())
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().contains("corrupt"))
+                .count()
+        };
+        assert_eq!(siblings(), 0, "a locked store was treated as damaged");
+
+        // Damaged: every file of the store overwritten with garbage.
+        for e in walk(&db) {
+            std::fs::write(&e, vec![0xa5u8; 4096]).unwrap();
+        }
+        node.spawn();
+        etcd.put(&node.kernel_key("k2"), &kernel_yaml(&id)).await;
+        etcd.wait_state(&node.kernel_status("k2"), "Ready").await;
+        let v = etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        assert!(v["error"].is_null(), "{v}");
+        assert!(node.running(), "{}", node.log());
+        assert_eq!(siblings(), 1, "the damaged store was not moved aside");
+        assert!(node.log().contains("moved aside"), "{}", node.log());
+        let at_bind = node
+            .mounts()
+            .iter()
+            .filter(|m| m.mount_point == bind)
+            .count();
+        assert_eq!(at_bind, 1, "a second bind was stacked on k1's folder");
+        assert!(bind.join("notebook.ipynb").exists());
+        // The adopted bind is vfolderd's again: deleting k1 takes it away.
+        etcd.delete(&node.kernel_key("k1")).await;
+        until("k1's adopted bind is unmounted", 20, || {
+            !node.mounts().iter().any(|m| m.mount_point == bind)
+        })
+        .await;
+    })
+    .await;
+}
+
+/// Every file below `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

@@ -157,6 +157,36 @@ pub struct Executor {
     mountinfo: Option<Arc<dyn MountInfoSource>>,
 }
 
+/// The ownership record of a bind (what the executor writes before binding).
+pub fn bind_record(b: &WantBind) -> OwnedMount {
+    OwnedMount {
+        target: b.target.clone(),
+        kind: MountKind::Bind,
+        source: b.source.to_string_lossy().into_owned(),
+        fstype: "bind".into(),
+        volume: b.volume.clone(),
+        kernel: Some(b.kernel.clone()),
+        readonly: b.readonly,
+        expires_at: None,
+        credentials_stamp: None,
+    }
+}
+
+/// The ownership record of a volume mount (without credential stamps).
+pub fn volume_record(v: &WantVolume) -> OwnedMount {
+    OwnedMount {
+        target: v.target.clone(),
+        kind: MountKind::Volume,
+        source: v.source.clone(),
+        fstype: v.fstype.to_string(),
+        volume: v.name.clone(),
+        kernel: None,
+        readonly: v.readonly,
+        expires_at: None,
+        credentials_stamp: None,
+    }
+}
+
 /// The object an action serves, for status and dependency skipping.
 pub fn owner_of(a: &Action, owned: &HashMap<PathBuf, OwnedMount>) -> Option<Owner> {
     match a {
@@ -846,17 +876,7 @@ impl Executor {
     }
 
     fn bind_record(&self, b: &WantBind) -> OwnedMount {
-        OwnedMount {
-            target: b.target.clone(),
-            kind: MountKind::Bind,
-            source: b.source.to_string_lossy().into_owned(),
-            fstype: "bind".into(),
-            volume: b.volume.clone(),
-            kernel: Some(b.kernel.clone()),
-            readonly: b.readonly,
-            expires_at: None,
-            credentials_stamp: None,
-        }
+        bind_record(b)
     }
 
     /// Binds `b`; its ownership record is written first, or was staged and

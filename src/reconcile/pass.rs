@@ -158,6 +158,9 @@ pub struct Reconciler {
     /// What the desired state resolved to, keyed by the desired state's
     /// generation and the policy it was resolved under.
     want_cache: Option<(u64, usize, Arc<Want>)>,
+    /// The store was rebuilt: the first whole live pass adopts what sits at
+    /// the targets vfolderd would mount.
+    adopt: bool,
 }
 
 /// What the executor did, folded into per-object results.
@@ -187,7 +190,40 @@ impl Reconciler {
             kernel_states: BTreeMap::new(),
             prev: None,
             want_cache: None,
+            adopt: false,
         }
+    }
+
+    /// The ownership records were lost (a damaged store moved aside): the
+    /// first whole pass over a live desired state records as vfolderd's the
+    /// mounts that sit exactly where it would mount (its own volume targets
+    /// and kernel binds, inside its roots), instead of reporting every
+    /// running kernel as occupied by a stranger's mount.
+    pub fn adopt_after_rebuild(&mut self) {
+        self.adopt = true;
+    }
+
+    /// Records wanted volume and bind targets that are mounted but unowned.
+    fn adopt_wanted_mounts(&mut self, want: &Want, actual: &Actual) -> Result<usize, PassError> {
+        use crate::reconcile::execute::{bind_record, volume_record};
+        let unowned =
+            |t: &Path| actual.mounts.top(t).is_some() && !actual.owned_mounts.contains_key(t);
+        let records: Vec<_> = want
+            .volumes
+            .values()
+            .filter(|v| unowned(&v.target))
+            .map(volume_record)
+            .chain(
+                want.binds
+                    .values()
+                    .filter(|b| unowned(&b.target))
+                    .map(bind_record),
+            )
+            .collect();
+        for r in &records {
+            self.ledger.put_mount(r)?;
+        }
+        Ok(records.len())
     }
 
     /// Whether the mount table read last is still current (a mount-table
@@ -222,9 +258,19 @@ impl Reconciler {
             Some(kernels) => Arc::new(scope::want_of_kernels(&whole, kernels)),
             None => whole.clone(),
         };
-        let actual = self
+        let mut actual = self
             .observer
             .observe(&self.ledger, &want, mounts, scope.as_ref())?;
+        if self.adopt && scope.is_none() && input.live {
+            let n = self.adopt_wanted_mounts(&want, &actual)?;
+            tracing::warn!(
+                adopted = n,
+                "state store rebuilt: adopted the mounts at vfolderd's own targets"
+            );
+            self.adopt = false;
+            let mounts = actual.mounts.clone();
+            actual = self.observer.observe(&self.ledger, &want, mounts, None)?;
+        }
         let t_observed = t_start.elapsed();
         let now = Instant::now();
         let report_desired = scope

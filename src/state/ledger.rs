@@ -29,6 +29,16 @@ pub enum LedgerError {
         #[source]
         source: sled::Error,
     },
+    /// Another process (a running vfolderd, an operator command) holds the
+    /// store: not corrupt, so never moved aside.
+    #[error("state store {path} is locked by another process (a running vfolderd or an operator command)")]
+    Locked {
+        /// The store's directory.
+        path: PathBuf,
+    },
+    /// Opening the store panicked inside sled (a damaged file it cannot parse).
+    #[error("state store could not be read: {0}")]
+    Unreadable(String),
     /// A record did not decode: the store is from an incompatible version or corrupt.
     #[error("state store record {key:?} is corrupt")]
     Corrupt {
@@ -166,7 +176,63 @@ fn key_of(p: &Path) -> Vec<u8> {
     p.as_os_str().as_encoded_bytes().to_vec()
 }
 
+/// Whether a sled error says the store's file lock is held elsewhere.
+fn is_lock_error(e: &sled::Error) -> bool {
+    match e {
+        sled::Error::Io(io) => {
+            io.kind() == std::io::ErrorKind::WouldBlock
+                || io.to_string().contains("could not acquire lock")
+        }
+        _ => false,
+    }
+}
+
 impl Ledger {
+    /// Opens the store in `dir`; a store that is damaged (not merely locked
+    /// by another process) is moved aside to `<dir>.corrupt-<unix time>` and a
+    /// fresh one opened, so a bad disk block costs a rebuild (from etcd, the
+    /// mount table and the roots), not the node. Returns where the damaged
+    /// store went, if it was moved.
+    pub fn open_or_rebuild(dir: &Path) -> Result<(Self, Option<PathBuf>), LedgerError> {
+        let err = match Self::open_guarded(dir) {
+            Ok(l) => return Ok((l, None)),
+            Err(e @ LedgerError::Locked { .. }) => return Err(e),
+            Err(e) => e,
+        };
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut aside = dir.as_os_str().to_owned();
+        aside.push(format!(".corrupt-{unix}"));
+        let aside = PathBuf::from(aside);
+        tracing::error!(
+            store = %dir.display(),
+            moved_to = %aside.display(),
+            error = %crate::error::error_chain(&err),
+            "state store is damaged; moved aside, rebuilding from etcd, the mount table and the roots"
+        );
+        std::fs::rename(dir, &aside).map_err(|e| {
+            LedgerError::Unreadable(format!("cannot move the damaged store aside: {e}"))
+        })?;
+        Ok((Self::open_guarded(dir)?, Some(aside)))
+    }
+
+    /// [`Ledger::open`], with sled's panics on damaged files caught and a
+    /// held lock told apart from damage.
+    fn open_guarded(dir: &Path) -> Result<Self, LedgerError> {
+        match std::panic::catch_unwind(|| Self::open(dir)) {
+            Ok(Err(LedgerError::Sled { source, .. })) if is_lock_error(&source) => {
+                Err(LedgerError::Locked {
+                    path: dir.to_path_buf(),
+                })
+            }
+            Ok(r) => r,
+            Err(_) => Err(LedgerError::Unreadable(
+                "sled panicked while opening it".into(),
+            )),
+        }
+    }
+
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, LedgerError> {
         // sled caches 1 GiB by default; 16 MiB keeps the load at start fast (a
@@ -297,8 +363,16 @@ impl Ledger {
         kvs: &[(String, Vec<u8>)],
         revision: i64,
     ) -> Result<(), LedgerError> {
-        self.desired.clear().map_err(sled_err("clear"))?;
+        // One batch (atomic in sled): the keys gone since, then every key
+        // of the listing. A crash leaves the old state or the new one.
         let mut batch = sled::Batch::default();
+        let new: std::collections::HashSet<&[u8]> = kvs.iter().map(|(k, _)| k.as_bytes()).collect();
+        for old in self.desired.iter().keys() {
+            let old = old.map_err(sled_err("read"))?;
+            if !new.contains(old.as_ref()) {
+                batch.remove(old);
+            }
+        }
         for (k, v) in kvs {
             batch.insert(k.as_bytes(), v.as_slice());
         }
