@@ -49,9 +49,9 @@ pub enum DaemonError {
     /// The sled store could not be opened.
     #[error("cannot open the state store")]
     Ledger(#[from] LedgerError),
-    /// The etcd client could not be built (bad endpoint URL).
-    #[error("cannot create the etcd client")]
-    Etcd(#[source] etcd_client::Error),
+    /// An etcd endpoint is not a URL.
+    #[error("etcd endpoint {0:?} is not a URL (http://host:port or https://host:port)")]
+    BadEndpoint(String),
     /// A pass task panicked (a bug).
     #[error("reconcile pass panicked: {0}")]
     PassPanicked(String),
@@ -103,9 +103,7 @@ pub async fn run(
     let mut shutdown: Shutdown<'_> = shutdown.as_mut();
     let keys = Keys::new(&cfg.etcd.prefix, &cfg.node);
     let (ledger, rebuilt) = open_ledger(&cfg).await?;
-    let Some(client) = connect(&cfg, &mut shutdown).await? else {
-        return Ok(());
-    };
+    let connect_options = connect_options(&cfg)?;
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
     let server = HttpServer::start(listener, metrics.clone(), health.clone());
@@ -120,10 +118,12 @@ pub async fn run(
         policy: policy.clone(),
         kernels_root: cfg.roots.kernels.clone(),
     };
+    // Fail static, whatever the auth mode: the stored desired state is
+    // served before etcd is even connected (with a user, connecting means
+    // authenticating, which waits for etcd).
     load_stored_desired(&ledger, &parser, &cache);
     let shared = Shared {
         cfg: &cfg,
-        client: &client,
         keys: &keys,
         cache: &cache,
         policy: &policy,
@@ -131,15 +131,9 @@ pub async fn run(
         metrics: &metrics,
         health: &health,
     };
-    let tasks = Background::start(&shared, &deps, &ledger);
+    let tasks = Background::start(&shared, &deps);
     let (status_tx, status_rx) = tokio::sync::watch::channel(StatusEntries::default());
-    let status_task = {
-        let m = metrics.clone();
-        let writer = StatusWriter::new(client.clone(), keys.clone());
-        tokio::spawn(run_status_writer(writer, status_rx, move |n| {
-            m.status_writes.inc_by(n as u64)
-        }))
-    };
+    let etcd_side = EtcdSide::start(&shared, connect_options, &ledger, status_rx);
     let mut rec = reconciler(&shared, &deps, ledger, status_tx, &tasks);
     if rebuilt {
         rec.adopt_after_rebuild();
@@ -153,7 +147,7 @@ pub async fn run(
         drop(tasks);
         // Let the last report reach etcd (briefly: etcd may be gone).
         drop(rec);
-        let _ = tokio::time::timeout(Duration::from_secs(2), status_task).await;
+        etcd_side.finish(Duration::from_secs(2)).await;
     }
     server.stop(&health).await;
     Ok(())
@@ -170,13 +164,12 @@ async fn open_ledger(cfg: &NodeConfig) -> Result<(Ledger, bool), DaemonError> {
     Ok((ledger, aside.is_some()))
 }
 
-/// The etcd client, or `None` if shutdown came first. Without auth the
-/// client connects lazily; with a user it authenticates at once, which fails
-/// while etcd is down: retry rather than exit.
-async fn connect(
-    cfg: &NodeConfig,
-    shutdown: &mut Shutdown<'_>,
-) -> Result<Option<Client>, DaemonError> {
+/// The etcd connection settings; a bad endpoint or unusable TLS or auth
+/// material is fatal at start (a typo must not look like an outage).
+fn connect_options(cfg: &NodeConfig) -> Result<ConnectOptions, DaemonError> {
+    for e in &cfg.etcd.endpoints {
+        url::Url::parse(e).map_err(|_| DaemonError::BadEndpoint(e.clone()))?;
+    }
     let options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(3))
         // Without HTTP/2 keep-alive a watch hangs forever on a frozen etcd;
@@ -185,21 +178,99 @@ async fn connect(
         .with_keep_alive_while_idle(true)
         // A member cut off from the quorum must not feed a stale watch silently.
         .with_require_leader(true);
-    let options = crate::etcd::connect_options(&cfg.etcd, options)?;
+    Ok(crate::etcd::connect_options(&cfg.etcd, options)?)
+}
+
+/// The etcd client, once etcd answers. Without auth the client connects
+/// lazily; with a user it authenticates at once, which fails while etcd is
+/// down: retried, while the loop serves the stored desired state.
+async fn connect(endpoints: &[String], options: ConnectOptions) -> Client {
+    let mut delay = Duration::from_millis(500);
     loop {
-        match Client::connect(&cfg.etcd.endpoints, Some(options.clone())).await {
-            Ok(c) => return Ok(Some(c)),
-            Err(e @ etcd_client::Error::InvalidArgs(_))
-            | Err(e @ etcd_client::Error::InvalidUri(_)) => return Err(DaemonError::Etcd(e)),
+        match Client::connect(endpoints, Some(options.clone())).await {
+            Ok(c) => return c,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot connect to etcd yet; retrying in 2 s");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    _ = shutdown.as_mut() => return Ok(None),
-                }
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot connect to etcd yet; serving the stored desired state");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
             }
         }
     }
+}
+
+/// What needs etcd: the watcher, the node's liveness key and the status
+/// writer, started once a client connects (in the background, so a node
+/// restarted during an outage repairs from its stored state meanwhile).
+struct EtcdSide {
+    task: AbortOnDrop<()>,
+}
+
+impl EtcdSide {
+    fn start(
+        s: &Shared<'_>,
+        options: ConnectOptions,
+        ledger: &Ledger,
+        status_rx: tokio::sync::watch::Receiver<StatusEntries>,
+    ) -> Self {
+        let endpoints = s.cfg.etcd.endpoints.clone();
+        let (parser, cache, ledger) = (s.parser.clone(), s.cache.clone(), ledger.clone());
+        let (health, metrics, keys) = (s.health.clone(), s.metrics.clone(), s.keys.clone());
+        let liveness_value = liveness_value(s);
+        let task = tokio::spawn(async move {
+            let client = connect(&endpoints, options).await;
+            let _watcher = {
+                let (client, parser, cache) = (client.clone(), parser.clone(), cache.clone());
+                supervised("watcher", health.clone(), metrics.clone(), move || {
+                    run_watcher(
+                        client.clone(),
+                        parser.clone(),
+                        cache.clone(),
+                        ledger.clone(),
+                    )
+                })
+            };
+            let _liveness = {
+                let (client, keys) = (client.clone(), keys.clone());
+                supervised("liveness", health, metrics.clone(), move || {
+                    let value = liveness_value.clone();
+                    run_liveness(client.clone(), keys.clone(), NODE_LEASE_TTL, move || {
+                        value()
+                    })
+                })
+            };
+            let writer = StatusWriter::new(client, keys);
+            run_status_writer(writer, status_rx, move |n| {
+                metrics.status_writes.inc_by(n as u64)
+            })
+            .await;
+        });
+        Self {
+            task: AbortOnDrop(task),
+        }
+    }
+
+    /// Waits up to `limit` for the last statuses to be written (the status
+    /// channel is closed), then stops everything.
+    async fn finish(mut self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, &mut self.task.0).await;
+    }
+}
+
+/// The node liveness value (`P/status/nodes/<node>`), read at each renewal.
+fn liveness_value(s: &Shared<'_>) -> Arc<dyn Fn() -> serde_json::Value + Send + Sync> {
+    let (cache, health) = (s.cache.clone(), s.health.clone());
+    let roles = s.cfg.roles.clone();
+    let started = chrono_now();
+    Arc::new(move || {
+        json!({
+            "state": "Running",
+            "version": env!("CARGO_PKG_VERSION"),
+            "revision": cache.revision.load(Ordering::Relaxed),
+            "ready": health.ready.load(Ordering::Relaxed),
+            "roles": roles,
+            "started_at": started,
+        })
+    })
 }
 
 /// Fail static across restarts: until etcd answers, serve the last good
@@ -245,7 +316,6 @@ async fn wait_for_first_list(
 /// What the daemon's parts share while it runs.
 struct Shared<'a> {
     cfg: &'a NodeConfig,
-    client: &'a Client,
     keys: &'a Keys,
     cache: &'a Arc<DesiredCache>,
     policy: &'a PolicyHandle,
@@ -297,17 +367,15 @@ struct Background {
 }
 
 impl Background {
-    fn start(s: &Shared<'_>, deps: &Deps, ledger: &Ledger) -> Self {
+    fn start(s: &Shared<'_>, deps: &Deps) -> Self {
         let mounts_changed = Arc::new(Notify::new());
         let stale: StaleMap = Arc::default();
         let volume_targets: VolumeTargets = Arc::default();
         let tasks = vec![
             Self::credentials_watch(s),
             Self::policy_watch(s),
-            Self::watcher(s, ledger),
             Self::mount_watch(deps, mounts_changed.clone()),
             Self::prober(s, &volume_targets, &stale),
-            Self::liveness(s),
         ];
         Self {
             mounts_changed,
@@ -315,19 +383,6 @@ impl Background {
             volume_targets,
             _tasks: tasks,
         }
-    }
-
-    fn watcher(s: &Shared<'_>, ledger: &Ledger) -> AbortOnDrop<()> {
-        let (client, parser, cache) = (s.client.clone(), s.parser.clone(), s.cache.clone());
-        let ledger = ledger.clone();
-        supervised("watcher", s.health.clone(), s.metrics.clone(), move || {
-            run_watcher(
-                client.clone(),
-                parser.clone(),
-                cache.clone(),
-                ledger.clone(),
-            )
-        })
     }
 
     fn credentials_watch(s: &Shared<'_>) -> AbortOnDrop<()> {
@@ -366,31 +421,6 @@ impl Background {
         supervised("prober", s.health.clone(), s.metrics.clone(), move || {
             let (cache, targets, stale) = (cache.clone(), targets.clone(), stale.clone());
             async move { run_prober(targets, interval, timeout, stale, || cache.touch()).await }
-        })
-    }
-
-    fn liveness(s: &Shared<'_>) -> AbortOnDrop<()> {
-        let (cache, health) = (s.cache.clone(), s.health.clone());
-        let (client, keys) = (s.client.clone(), s.keys.clone());
-        let roles = s.cfg.roles.clone();
-        let started = chrono_now();
-        supervised("liveness", s.health.clone(), s.metrics.clone(), move || {
-            let (cache, health, roles, started) = (
-                cache.clone(),
-                health.clone(),
-                roles.clone(),
-                started.clone(),
-            );
-            run_liveness(client.clone(), keys.clone(), NODE_LEASE_TTL, move || {
-                json!({
-                    "state": "Running",
-                    "version": env!("CARGO_PKG_VERSION"),
-                    "revision": cache.revision.load(Ordering::Relaxed),
-                    "ready": health.ready.load(Ordering::Relaxed),
-                    "roles": roles,
-                    "started_at": started,
-                })
-            })
         })
     }
 }

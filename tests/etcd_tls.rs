@@ -40,7 +40,8 @@ fn make_certs(dir: &Path) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vfolderd_works_with_etcd_tls_client_certs_and_password_auth() {
+async fn vfolderd_works_with_etcd_tls_client_certs_and_password_auth_and_fails_static_in_an_outage()
+{
     require_private_mount_namespace();
     within(120, async {
         let d = tempfile::tempdir().unwrap();
@@ -110,9 +111,33 @@ async fn vfolderd_works_with_etcd_tls_client_certs_and_password_auth() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         assert!(node.mount_at(&node.volumes().join("secure")).is_some());
-        assert!(!node.log().contains("rootpw"), "the etcd password is not logged");
+
+        // Issue 11 item 11: with a user configured, connecting authenticates
+        // eagerly, and a node restarted during an etcd outage served nothing
+        // and repaired nothing. Now the stored state is served at once.
+        let put = etcdctl(&format!("put {} 'mounts: []'", node.kernel_key("k1")));
+        assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
+        let bind = node.home("k1").join("secure");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while node.mount_at(&bind).is_none() {
+            assert!(Instant::now() < deadline, "k1 never got the dataset:\n{}", node.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(node.stop());
         let _ = etcd.kill();
         let _ = etcd.wait();
+        nix::mount::umount2(&bind, nix::mount::MntFlags::MNT_DETACH).unwrap();
+        node.spawn();
+        until("/healthz answers during the outage", 20, || {
+            http_get(&node.listen, "/healthz").0 == 200
+        })
+        .await;
+        until("k1's lost bind is repaired from the stored state", 30, || {
+            node.mount_at(&bind).is_some()
+        })
+        .await;
+        assert!(node.log().contains("serving the stored desired state"));
+        assert!(!node.log().contains("rootpw"), "the etcd password is not logged");
     })
     .await;
 }
