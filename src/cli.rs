@@ -96,6 +96,57 @@ pub async fn vfolder_create(
     Ok(id)
 }
 
+/// `vfolderd accept-reset`: makes this node's remembered cluster identity
+/// etcd's current one (its `P/cluster` id and revision), releasing the safety
+/// brake. Returns what it did, for the operator.
+pub async fn accept_reset(cfg: &NodeConfig) -> Result<String, CliError> {
+    use crate::state::brake::{ClusterFile, ClusterRecord};
+    use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
+    let keys = Keys::new(&cfg.etcd.prefix, &cfg.node);
+    let key = keys.cluster();
+    // Name the etcd as it is now: its cluster id, written here if it has none.
+    let fresh = ClusterRecord {
+        id: uuid::Uuid::new_v4(),
+        created: crate::state::status::chrono_now(),
+    };
+    let txn = Txn::new()
+        .when([Compare::version(key.as_str(), CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(
+            key.as_str(),
+            serde_json::to_vec(&fresh).expect("plain struct"),
+            None,
+        )])
+        .or_else([TxnOp::get(key.as_str(), None)]);
+    let resp = connect(cfg).await?.txn(txn).await?;
+    let id = if resp.succeeded() {
+        Some(fresh.id)
+    } else {
+        resp.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Get(g) => g
+                .kvs()
+                .first()
+                .and_then(|kv| serde_yaml::from_slice::<ClusterRecord>(kv.value()).ok())
+                .map(|r| r.id),
+            _ => None,
+        })
+    };
+    let path = ClusterFile::path(&cfg.state);
+    let before = ClusterFile::load(&path).map_err(|e| CliError::Invalid(e.to_string()))?;
+    // Revision 0: the node remembers revisions afresh from this etcd on.
+    ClusterFile { id, revision: 0 }
+        .save(&path)
+        .map_err(|e| CliError::Invalid(crate::error::error_chain(&e)))?;
+    let was = before.map_or("nothing".to_string(), |b| {
+        let id = b.id.map_or("(none)".to_string(), |i| i.to_string());
+        format!("cluster {id} at revision {}", b.revision)
+    });
+    Ok(format!(
+        "node {} now accepts etcd as it is: cluster {} (it remembered {was})\n",
+        cfg.node,
+        id.map_or("(none)".to_string(), |i| i.to_string()),
+    ))
+}
+
 /// `vfolderd status`: a table of every status key under the prefix.
 pub async fn status(cfg: &NodeConfig) -> Result<String, CliError> {
     let prefix = format!("{}/status/", cfg.etcd.prefix);

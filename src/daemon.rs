@@ -29,13 +29,16 @@ use crate::reconcile::pass::{PassInput, PassOutcome, Reconciler, ReconcilerParts
 use crate::reconcile::plan::NodeView;
 use crate::reconcile::probe::{run_prober, StaleMap, VolumeTargets};
 use crate::reconcile::sys::{LinuxMounter, Mounter};
+use crate::state::brake::ClusterFile;
 use crate::state::desired::{Desired, DesiredParser, PolicyHandle};
 use crate::state::ledger::{Ledger, LedgerError};
 use crate::state::policywatch::{run_dir_watcher, run_policy_watcher};
 use crate::state::status::{
     chrono_now, run_liveness, run_status_writer, StatusEntries, StatusWriter,
 };
-use crate::state::watch::{parse_listing, run_watcher, Changes, DesiredCache};
+use crate::state::watch::{
+    parse_listing, run_watcher, BrakeConfig, BrakeState, Changes, DesiredCache,
+};
 
 /// Errors that stop vfolderd from starting. Once running, nothing stops it but shutdown.
 #[derive(Debug, thiserror::Error)]
@@ -216,6 +219,10 @@ impl EtcdSide {
         let (parser, cache, ledger) = (s.parser.clone(), s.cache.clone(), ledger.clone());
         let (health, metrics, keys) = (s.health.clone(), s.metrics.clone(), s.keys.clone());
         let liveness_value = liveness_value(s);
+        let brake = BrakeConfig {
+            file: ClusterFile::path(&s.cfg.state),
+            storage: s.cfg.has_role(Role::Storage),
+        };
         let task = tokio::spawn(async move {
             let client = connect(&endpoints, options).await;
             let _watcher = {
@@ -226,6 +233,7 @@ impl EtcdSide {
                         parser.clone(),
                         cache.clone(),
                         ledger.clone(),
+                        brake.clone(),
                     )
                 })
             };
@@ -262,8 +270,10 @@ fn liveness_value(s: &Shared<'_>) -> Arc<dyn Fn() -> serde_json::Value + Send + 
     let roles = s.cfg.roles.clone();
     let started = chrono_now();
     Arc::new(move || {
+        let held = cache.brake().held;
         json!({
-            "state": "Running",
+            "state": if held.is_some() { "Held" } else { "Running" },
+            "reason": held,
             "version": env!("CARGO_PKG_VERSION"),
             "revision": cache.revision.load(Ordering::Relaxed),
             "ready": health.ready.load(Ordering::Relaxed),
@@ -493,6 +503,10 @@ struct PassLoop<'a> {
     pending: Changes,
     /// When the whole pass that kernel removals call for is due.
     volume_pass_at: Option<Instant>,
+    /// The safety brake's memory ([`ClusterFile`]).
+    cluster_file: std::path::PathBuf,
+    /// When the applied revision was last remembered there.
+    remembered_at: Option<Instant>,
 }
 
 impl<'a> PassLoop<'a> {
@@ -505,7 +519,39 @@ impl<'a> PassLoop<'a> {
             converged_once: false,
             pending: Changes::all(),
             volume_pass_at: None,
+            cluster_file: ClusterFile::path(&s.cfg.state),
+            remembered_at: None,
         }
+    }
+
+    /// Whether the safety brake holds the node. While it does, the verdict is
+    /// judged again against the cluster file, which `vfolderd accept-reset`
+    /// rewrites; while it does not, the applied revision is remembered (at
+    /// most once a second).
+    fn held(&mut self, live: bool) -> Option<String> {
+        let cache = self.s.cache;
+        let b = cache.brake();
+        if b.held.is_some() {
+            let now = ClusterFile::load(&self.cluster_file).ok().flatten();
+            if now == b.file_at_hold {
+                return b.held;
+            }
+            tracing::warn!(
+                "safety brake released (accept-reset): the desired state is authoritative again"
+            );
+            cache.set_brake(BrakeState { held: None, ..b });
+        }
+        let due = self
+            .remembered_at
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        if live && due {
+            let revision = cache.revision.load(Ordering::Relaxed);
+            if let Err(e) = crate::state::brake::remember(&self.cluster_file, None, revision) {
+                tracing::warn!(error = %crate::error::error_chain(&e), "cannot remember the applied revision");
+            }
+            self.remembered_at = Some(Instant::now());
+        }
+        None
     }
 
     /// Runs passes until shutdown; returns the reconciler (its drop ends the
@@ -531,7 +577,10 @@ impl<'a> PassLoop<'a> {
     /// over those kernels (plus any whose mounts changed); anything else,
     /// limits, and the resync make a whole pass.
     fn take_work(&mut self) -> Work {
-        let live = self.s.cache.live.load(Ordering::Acquire);
+        let listed = self.s.cache.live.load(Ordering::Acquire);
+        // A held node serves the listed state like a stored one: repairs and
+        // additions, nothing taken away.
+        let live = listed && self.held(listed).is_none();
         let (mut desired, generation, changes) = self.s.cache.take();
         self.pending.merge(changes);
         let policy = self.s.policy.read().expect("policy lock").clone();
@@ -667,6 +716,7 @@ impl<'a> PassLoop<'a> {
 
     fn publish_readiness(&self, live: bool) {
         let (cache, m, health) = (self.s.cache, self.s.metrics, self.s.health);
+        *health.held.lock().unwrap_or_else(|p| p.into_inner()) = cache.brake().held;
         let connected = cache.connected.load(Ordering::Relaxed);
         m.etcd_connected.set(i64::from(connected));
         m.watch_revision.set(cache.revision.load(Ordering::Relaxed));

@@ -60,6 +60,10 @@ impl Keys {
     pub fn kernels_prefix(&self) -> String {
         format!("{}/nodes/{}/kernels/", self.prefix, self.node)
     }
+    /// `P/cluster`: the cluster's id (the safety brake).
+    pub fn cluster(&self) -> String {
+        format!("{}/cluster", self.prefix)
+    }
     /// The three ranges this node watches, as prefixes.
     pub fn desired_prefixes(&self) -> [String; 3] {
         [

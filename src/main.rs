@@ -54,6 +54,17 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DatasetCmd,
     },
+    /// Accept etcd as it is now after the safety brake held this node (etcd
+    /// wiped, replaced or restored): the node takes etcd's cluster id and
+    /// revision, and its desired state is authoritative again. Works while
+    /// the daemon runs (it rechecks every second).
+    ///
+    /// Example: vfolderd accept-reset --config /etc/vfolderd/node.yaml
+    AcceptReset {
+        /// Node config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Print every status key as a table.
     Status {
         /// Node config file.
@@ -205,6 +216,9 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Dataset { cmd } => dataset(cmd).await?,
+        Cmd::AcceptReset { config } => {
+            print!("{}", vfolderd::cli::accept_reset(&load(&config)?).await?)
+        }
         Cmd::Status { config } => print!("{}", vfolderd::cli::status(&load(&config)?).await?),
     }
     Ok(())

@@ -268,6 +268,8 @@ pub struct Health {
     /// Background tasks (watcher, prober, liveness) that died and wait to be
     /// restarted: `/healthz` is 503 meanwhile.
     pub tasks_down: std::sync::atomic::AtomicUsize,
+    /// Why the safety brake holds the node, if it does.
+    pub held: std::sync::Mutex<Option<String>>,
 }
 
 #[derive(Clone)]
@@ -313,10 +315,27 @@ async fn healthz(State(s): State<AppState>) -> (StatusCode, &'static str) {
     }
 }
 
-async fn readyz(State(s): State<AppState>) -> (StatusCode, &'static str) {
-    if s.health.ready.load(Ordering::Relaxed) {
+async fn readyz(State(s): State<AppState>) -> (StatusCode, String) {
+    let held = s
+        .health
+        .held
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if let Some(reason) = held {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("held by the safety brake: {reason}; nothing is torn down until `vfolderd accept-reset`\n"),
+        );
+    }
+    let (code, text) = readyz_text(&s.health);
+    (code, text.to_string())
+}
+
+fn readyz_text(health: &Health) -> (StatusCode, &'static str) {
+    if health.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready\n")
-    } else if s.health.serving.load(Ordering::Relaxed) {
+    } else if health.serving.load(Ordering::Relaxed) {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "degraded: etcd unreachable; serving the last good desired state, unmounting nothing\n",

@@ -335,3 +335,70 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Item 4: any successful list was authoritative, so a wiped etcd (or one
+/// restored from an old backup) tore down every bind and volume on every
+/// node. Now the node holds: nothing is torn down, node status says `Held`
+/// and `/readyz` says why, until `vfolderd accept-reset`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_etcd_tears_nothing_down_until_accept_reset() {
+    require_private_mount_namespace();
+    within(180, async {
+        let mut etcd = Etcd::start().await;
+        let node = Node::start(&etcd, "n1", NodeOpts::default());
+        let id = uuid::Uuid::new_v4();
+        etcd.put(&format!("{P}/volumes/data"), &tmpfs_volume("requested"))
+            .await;
+        etcd.put(
+            &format!("{P}/vfolders/{id}"),
+            "{name: mine, owner: alice, volume: data}",
+        )
+        .await;
+        etcd.put(&node.kernel_key("k1"), &kernel_yaml(&id)).await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        // The storage role wrote the cluster id.
+        let cluster = etcd
+            .wait_for(&format!("{P}/cluster"), "a cluster id", |v| {
+                v["id"].is_string()
+            })
+            .await;
+        let bind = node.home("k1").join("mine");
+        std::fs::write(bind.join("work.txt"), "precious").unwrap();
+        // Let the node remember the revision it applied (at most once a second).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+
+        // etcd is wiped: same address, empty data.
+        etcd.stop();
+        std::fs::remove_dir_all(etcd.data_dir()).unwrap();
+        etcd.restart().await;
+        let status = format!("{P}/status/nodes/n1");
+        let v = etcd.wait_state(&status, "Held").await;
+        assert!(v["reason"].to_string().contains("no cluster id"), "{v}");
+        let (code, body) = http_get(&node.listen, "/readyz");
+        assert_eq!(code, 503);
+        assert!(body.contains("safety brake"), "{body}");
+        // Several whole passes later, everything is still there.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(node.mount_at(&bind).is_some(), "k1 lost its folder");
+        assert_eq!(
+            std::fs::read_to_string(bind.join("work.txt")).unwrap(),
+            "precious"
+        );
+        assert!(node.mount_at(&node.volumes().join("data")).is_some());
+
+        // The operator accepts the new etcd: the (empty) desired state rules.
+        let out = node.cli(&["accept-reset"]);
+        assert!(out.contains("accepts etcd"), "{out}");
+        until("k1's bind is taken down after accept-reset", 30, || {
+            node.mount_at(&bind).is_none()
+        })
+        .await;
+        etcd.wait_state(&status, "Running").await;
+        assert_ne!(
+            etcd.get_json(&format!("{P}/cluster")).await.unwrap()["id"],
+            cluster["id"],
+            "a new cluster id for the new etcd"
+        );
+    })
+    .await;
+}

@@ -1,5 +1,6 @@
 //! State: desired (from etcd), owned (sled ledger), and status write-back.
 
+pub mod brake;
 pub mod desired;
 pub mod ledger;
 pub mod policywatch;

@@ -13,8 +13,10 @@ use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use tokio::sync::Notify;
 
 use crate::keys::{Classified, ObjectKey};
+use crate::state::brake::{ClusterRecord, Verdict};
 use crate::state::desired::{Desired, DesiredParser, Parsed};
 use crate::state::ledger::Ledger;
+use uuid::Uuid;
 
 /// Errors of the watcher (all transient: it backs off and retries).
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +33,11 @@ pub enum WatchError {
     /// The server closed the stream or cancelled the watch.
     #[error("watch ended: {0}")]
     Ended(String),
+    /// etcd's revision is behind the one the watch would resume from: etcd
+    /// was wiped or restored. Resuming would wait for revisions that mean
+    /// something else; a relist (and the safety brake) follows.
+    #[error("etcd was reset while the watch was down ({0}): relisting")]
+    WentBack(String),
 }
 
 impl WatchError {
@@ -45,6 +52,7 @@ impl WatchError {
             | WatchError::WatchStartFailed(e)
             | WatchError::StreamFailed(e) => e,
             WatchError::Ended(_) => return true,
+            WatchError::WentBack { .. } => return false,
         };
         match e {
             etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
@@ -142,6 +150,22 @@ pub struct DesiredCache {
     pub revision: AtomicI64,
     /// Woken on every change.
     pub changed: Notify,
+    /// The safety brake, as the last list left it.
+    brake: Mutex<BrakeState>,
+}
+
+/// What the safety brake concluded from the last list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BrakeState {
+    /// Why the node holds (tears nothing down, does no directory work).
+    pub held: Option<String>,
+    /// `P/cluster`'s id in that list.
+    pub etcd_id: Option<Uuid>,
+    /// That list's revision.
+    pub revision: i64,
+    /// The cluster file as it was when the brake engaged: an operator's
+    /// `accept-reset` rewrites it, which releases the brake.
+    pub file_at_hold: Option<crate::state::brake::ClusterFile>,
 }
 
 impl DesiredCache {
@@ -158,6 +182,24 @@ impl DesiredCache {
         let mut cur = self.lock();
         let changes = std::mem::take(&mut cur.changes);
         (cur.desired.clone(), cur.generation, changes)
+    }
+
+    /// The safety brake's state.
+    pub fn brake(&self) -> BrakeState {
+        self.brake.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Sets the safety brake's state (a change wakes the loop for a whole pass).
+    pub fn set_brake(&self, b: BrakeState) {
+        let changed = {
+            let mut cur = self.brake.lock().unwrap_or_else(|p| p.into_inner());
+            let changed = cur.held != b.held;
+            *cur = b;
+            changed
+        };
+        if changed {
+            self.touch();
+        }
     }
 
     /// Wakes the loop for a change outside the desired state (a stale
@@ -224,6 +266,8 @@ pub struct Listing {
     /// Each key's create revision, in the order of `kvs` (may be empty: then
     /// every key counts as created at `revision`).
     pub created: Vec<i64>,
+    /// `P/cluster` at the same revision (the safety brake's input).
+    pub cluster: Option<Vec<u8>>,
     /// The revision they were read at.
     pub revision: i64,
 }
@@ -337,6 +381,7 @@ pub async fn step<E: EtcdSource>(
         Some(s) => s,
         None => match etcd.watch(prefixes, &next).await {
             Ok(s) => s,
+            Err(e @ WatchError::WentBack { .. }) => return (fail(e), WatchState::Empty),
             Err(e) => return (fail(e), WatchState::Watching { next, stream: None }),
         },
     };
@@ -373,6 +418,10 @@ pub async fn step<E: EtcdSource>(
 pub struct EtcdClient {
     kv: etcd_client::KvClient,
     watch: etcd_client::WatchClient,
+    /// `P/cluster`, read with every list (the safety brake).
+    cluster_key: Option<String>,
+    /// Its value at the last list (or as this node wrote it).
+    listed_cluster: Option<Vec<u8>>,
 }
 
 impl EtcdClient {
@@ -385,7 +434,88 @@ impl EtcdClient {
             watch: client
                 .watch_client()
                 .max_decoding_message_size(MAX_ETCD_MESSAGE),
+            cluster_key: None,
+            listed_cluster: None,
         }
+    }
+
+    /// Also reads `key` (`P/cluster`) with every list, at the list's revision.
+    pub fn with_cluster_key(mut self, key: String) -> Self {
+        self.cluster_key = Some(key);
+        self
+    }
+
+    /// Writes `P/cluster` with a new id unless it exists; returns the id in force.
+    pub async fn ensure_cluster_id(&mut self) -> Result<Option<Uuid>, WatchError> {
+        use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
+        let Some(key) = self.cluster_key.clone() else {
+            return Ok(None);
+        };
+        let record = ClusterRecord {
+            id: Uuid::new_v4(),
+            created: crate::state::status::chrono_now(),
+        };
+        let value = serde_json::to_vec(&record).expect("plain struct");
+        let written = value.clone();
+        let txn = Txn::new()
+            .when([Compare::version(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.as_str(), value, None)])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let resp = self
+            .kv
+            .txn(txn)
+            .await
+            .map_err(WatchError::InitialListFailed)?;
+        if resp.succeeded() {
+            tracing::info!(cluster = %record.id, "wrote the cluster id (P/cluster)");
+            self.listed_cluster = Some(written);
+            return Ok(Some(record.id));
+        }
+        let existing = resp.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
+            _ => None,
+        });
+        self.listed_cluster = existing.clone();
+        Ok(existing.as_deref().and_then(parse_cluster_id))
+    }
+
+    /// Before a watch resumes: is this still the etcd that was listed? A
+    /// watch from a revision etcd has not reached is accepted and waits, so
+    /// after a wipe it would miss everything until etcd caught up, and a
+    /// replaced etcd would feed revisions that mean something else. A
+    /// changed or vanished `P/cluster`, or a revision behind the resume
+    /// point, means: relist (and let the safety brake judge).
+    async fn check_not_reset(
+        &mut self,
+        prefixes: &[String],
+        from: &[i64],
+    ) -> Result<(), WatchError> {
+        let resume = from.iter().copied().max().unwrap_or(0);
+        let key = self
+            .cluster_key
+            .clone()
+            .unwrap_or_else(|| prefixes[0].clone());
+        let resp = self
+            .kv
+            .get(key.as_str(), None)
+            .await
+            .map_err(WatchError::WatchStartFailed)?;
+        let current = resp.header().map_or(0, |h| h.revision());
+        if current + 1 < resume {
+            return Err(WatchError::WentBack(format!(
+                "revision {current}, behind {}",
+                resume - 1
+            )));
+        }
+        if self.cluster_key.is_some() {
+            let now = resp.kvs().first().map(|kv| kv.value().to_vec());
+            if now != self.listed_cluster {
+                return Err(WatchError::WentBack(
+                    "its cluster id changed or vanished".into(),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Every key under `prefix` at `revision` (0: the current one, which is
@@ -446,6 +576,16 @@ impl EtcdSource for EtcdClient {
         for p in prefixes {
             self.list_prefix(p, &mut revision, &mut out).await?;
         }
+        if let Some(key) = &self.cluster_key {
+            let opts = GetOptions::new().with_revision(revision);
+            let resp = self
+                .kv
+                .get(key.as_str(), Some(opts))
+                .await
+                .map_err(WatchError::InitialListFailed)?;
+            out.cluster = resp.kvs().first().map(|kv| kv.value().to_vec());
+            self.listed_cluster = out.cluster.clone();
+        }
         out.revision = revision;
         Ok(out)
     }
@@ -455,6 +595,7 @@ impl EtcdSource for EtcdClient {
         prefixes: &[String],
         from: &[i64],
     ) -> Result<ClientStream, WatchError> {
+        self.check_not_reset(prefixes, from).await?;
         let opts = |i: usize| {
             Some(
                 WatchOptions::new()
@@ -539,8 +680,9 @@ pub async fn run_watcher(
     parser: DesiredParser,
     cache: Arc<DesiredCache>,
     store: Ledger,
+    brake: BrakeConfig,
 ) {
-    let mut etcd = EtcdClient::new(&client);
+    let mut etcd = EtcdClient::new(&client).with_cluster_key(parser.keys.cluster());
     let prefixes = parser.keys.desired_prefixes().to_vec();
     let mut state = WatchState::Empty;
     let mut delay = RETRY_MIN;
@@ -566,12 +708,72 @@ pub async fn run_watcher(
                 );
             }
             WatchEvent::Listed(l) => {
+                judge_listing(&mut etcd, &brake, &cache, &l).await;
                 apply_listing(&parser, &cache, &store, l);
                 delay = RETRY_MIN;
             }
             WatchEvent::Applied(events) => apply_events(&parser, &cache, &store, &events),
         }
     }
+}
+
+/// Where the safety brake keeps its memory, and whether this node may
+/// create the cluster id.
+#[derive(Debug, Clone)]
+pub struct BrakeConfig {
+    /// The cluster file ([`ClusterFile::path`]).
+    pub file: std::path::PathBuf,
+    /// Storage role: writes `P/cluster` for a new cluster.
+    pub storage: bool,
+}
+
+/// Parses `P/cluster`'s value; a value that does not parse counts as none.
+fn parse_cluster_id(v: &[u8]) -> Option<Uuid> {
+    serde_yaml::from_slice::<ClusterRecord>(v)
+        .ok()
+        .map(|r| r.id)
+}
+
+/// Runs the safety brake over a fresh list and records its verdict.
+async fn judge_listing(
+    etcd: &mut EtcdClient,
+    cfg: &BrakeConfig,
+    cache: &DesiredCache,
+    l: &Listing,
+) {
+    let mut etcd_id = l.cluster.as_deref().and_then(parse_cluster_id);
+    let mut verdict = crate::state::brake::evaluate(&cfg.file, etcd_id, l.revision);
+    if verdict == Verdict::NewCluster && cfg.storage {
+        match etcd.ensure_cluster_id().await {
+            Ok(id) => etcd_id = id,
+            Err(e) => {
+                tracing::warn!(error = %crate::error::error_chain(&e), "cannot write the cluster id; will retry on the next list")
+            }
+        }
+        verdict = crate::state::brake::evaluate(&cfg.file, etcd_id, l.revision);
+    }
+    let file_at_hold = crate::state::brake::ClusterFile::load(&cfg.file)
+        .ok()
+        .flatten();
+    let held = match verdict {
+        Verdict::Held(reason) => {
+            tracing::error!(%reason, "safety brake: holding; nothing is torn down until `vfolderd accept-reset`");
+            Some(reason)
+        }
+        Verdict::Proceed { adopt } => {
+            if let Err(e) = crate::state::brake::remember(&cfg.file, adopt, l.revision) {
+                tracing::warn!(error = %crate::error::error_chain(&e), "cannot remember the cluster identity");
+            }
+            None
+        }
+        Verdict::NewCluster => None,
+    };
+    cache.set_brake(BrakeState {
+        held,
+        etcd_id,
+        revision: l.revision,
+        file_at_hold,
+    });
 }
 
 /// Swaps the cache for a fresh listing in one step (keys deleted meanwhile
@@ -653,6 +855,8 @@ mod tests {
     enum Answer {
         List(Result<Listing, ()>),
         Watch(Result<(), ()>),
+        /// etcd is behind the watch's revision (wiped or restored).
+        WentBack,
         Batch(Result<Option<WatchBatch>, ()>),
     }
 
@@ -707,6 +911,10 @@ mod tests {
                 Answer::Watch(r) => r
                     .map(|()| ScriptedStream(self.clone()))
                     .map_err(|()| WatchError::WatchStartFailed(down())),
+                Answer::WentBack => Err(WatchError::WentBack(format!(
+                    "revision 3, behind {}",
+                    from.iter().copied().max().unwrap_or(0)
+                ))),
                 _ => panic!("watch out of script"),
             }
         }
@@ -731,6 +939,7 @@ mod tests {
         Answer::List(Ok(Listing {
             kvs: vec![("/p/volumes/v".into(), b"x".to_vec())],
             created: vec![revision],
+            cluster: None,
             revision,
         }))
     }
@@ -834,6 +1043,34 @@ mod tests {
         );
     }
 
+    /// After etcd is wiped, a watch resumed from the old revision would wait
+    /// silently for revisions that mean something else: relist instead.
+    #[tokio::test]
+    async fn an_etcd_behind_the_watch_revision_is_relisted_not_resumed() {
+        let mut etcd = Scripted::new(vec![
+            listing(10),
+            Answer::Watch(Ok(())),
+            Answer::Batch(Err(())),
+            Answer::WentBack,
+            listing(3),
+            Answer::Watch(Ok(())),
+            Answer::Batch(Ok(Some(WatchBatch::Events(vec![])))),
+        ]);
+        let evs = run(&mut etcd, 5).await;
+        assert!(matches!(&evs[2], WatchEvent::Failed { error: e, .. } if e.contains("behind")));
+        assert!(matches!(&evs[3], WatchEvent::Listed(l) if l.revision == 3));
+        assert_eq!(
+            etcd.calls(),
+            [
+                "list",
+                "watch from [11, 11, 11]",
+                "watch from [11, 11, 11]",
+                "list",
+                "watch from [4, 4, 4]"
+            ]
+        );
+    }
+
     #[tokio::test]
     async fn a_failed_list_is_retried_as_a_list() {
         let mut etcd = Scripted::new(vec![
@@ -897,6 +1134,7 @@ mod tests {
         let l = |kvs, revision| Listing {
             kvs,
             created: vec![],
+            cluster: None,
             revision,
         };
         apply_listing(&p, &cache, &store, l(vec![kernel("a"), kernel("b")], 5));

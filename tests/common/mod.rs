@@ -91,6 +91,11 @@ impl Etcd {
         }
     }
 
+    /// Its data directory (remove it while stopped to wipe etcd).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
     /// Stops the server (SIGKILL: an outage, not a goodbye). Its data stays.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
