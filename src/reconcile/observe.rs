@@ -218,11 +218,15 @@ impl Observer {
         mounts: Arc<MountTable>,
         scope: Option<&BTreeSet<String>>,
     ) -> Result<Actual, ObserveError> {
+        let stale = crate::reconcile::probe::current_stale(
+            &self.stale.lock().unwrap_or_else(|p| p.into_inner()),
+            &mounts,
+        );
         let whole = Actual {
             mounts,
             owned_mounts: ledger.mounts()?,
             owned_dirs: ledger.dirs()?,
-            stale: self.stale.lock().expect("stale lock").clone(),
+            stale,
             owned_tokens: ledger.tokens()?,
             ..Actual::default()
         };

@@ -561,11 +561,12 @@ impl Reconciler {
             self.measure_usage(want, actual, rescan);
         }
         if whole {
+            // With the id of the mount there now, so a verdict is about it.
             *self.volume_targets.lock().expect("targets lock") = actual
                 .owned_mounts
                 .values()
                 .filter(|m| m.kind == MountKind::Volume)
-                .map(|m| m.target.clone())
+                .filter_map(|m| Some((m.target.clone(), actual.mounts.top(&m.target)?.id)))
                 .collect();
         }
     }

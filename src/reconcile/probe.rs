@@ -33,10 +33,10 @@ pub fn classify(result: Result<(), Errno>) -> Health {
 
 /// The owned volume mount points, published by each pass (so probing never
 /// has to read the whole ledger).
-pub type VolumeTargets = Arc<Mutex<Vec<PathBuf>>>;
+pub type VolumeTargets = Arc<Mutex<Vec<(PathBuf, u32)>>>;
 
 /// Volume mount points currently seen stale, with the reason.
-pub type StaleMap = Arc<Mutex<BTreeMap<PathBuf, String>>>;
+pub type StaleMap = Arc<Mutex<BTreeMap<PathBuf, (u32, String)>>>;
 
 /// Probes every owned volume mount each `interval`, updating `stale` and
 /// calling `on_change` whenever the set changes.
@@ -50,13 +50,13 @@ pub async fn run_prober(
     let in_flight: Arc<Mutex<BTreeSet<PathBuf>>> = Arc::default();
     loop {
         tokio::time::sleep(interval).await;
-        let targets: Vec<PathBuf> = targets.lock().expect("targets lock").clone();
+        let targets: Vec<(PathBuf, u32)> = targets.lock().expect("targets lock").clone();
         let results = {
             let in_flight = in_flight.clone();
             tokio::task::spawn_blocking(move || {
                 targets
                     .into_iter()
-                    .map(|t| (t.clone(), probe(&t, timeout, &in_flight)))
+                    .map(|(t, id)| (t.clone(), id, probe(&t, timeout, &in_flight)))
                     .collect::<Vec<_>>()
             })
             .await
@@ -64,11 +64,13 @@ pub async fn run_prober(
         };
         let mut map = stale.lock().expect("stale lock");
         let before = map.clone();
-        map.retain(|t, _| results.iter().any(|(r, _)| r == t));
-        for (t, h) in results {
+        map.retain(|t, _| results.iter().any(|(r, _, _)| r == t));
+        for (t, id, h) in results {
             match h {
+                // Keyed by the mount probed: a verdict that returns after a
+                // heal is about the old mount and never marks the new one.
                 Some(Health::Stale(why)) => {
-                    map.insert(t, why);
+                    map.insert(t, (id, why));
                 }
                 Some(Health::Ok) => {
                     map.remove(&t);
@@ -77,7 +79,7 @@ pub async fn run_prober(
             }
         }
         if *map != before {
-            for (t, why) in map.iter().filter(|(t, _)| !before.contains_key(*t)) {
+            for (t, (_, why)) in map.iter().filter(|(t, _)| !before.contains_key(*t)) {
                 tracing::warn!(target = %t.display(), reason = %why, "stale volume mount");
             }
             drop(map);
@@ -111,6 +113,19 @@ pub fn probe(
     })
 }
 
+/// The verdicts that are about the mounts in `table` now: a verdict about a
+/// mount that has since been replaced (healed, remounted) is dropped.
+pub fn current_stale(
+    verdicts: &BTreeMap<PathBuf, (u32, String)>,
+    table: &crate::reconcile::actual::MountTable,
+) -> BTreeMap<PathBuf, String> {
+    verdicts
+        .iter()
+        .filter(|(t, (id, _))| table.top(t).is_some_and(|m| m.id == *id))
+        .map(|(t, (_, why))| (t.clone(), why.clone()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +137,28 @@ mod tests {
         }
         assert_eq!(classify(Err(Errno::ENOENT)), Health::Ok);
         assert_eq!(classify(Ok(())), Health::Ok);
+    }
+
+    /// Issue 11 item 7: a probe of the old mount that returned after a heal
+    /// marked the new mount stale (a second heal; under `heal: always` it
+    /// detached binds under running kernels).
+    #[test]
+    fn a_verdict_about_a_replaced_mount_is_not_about_the_new_one() {
+        use crate::reconcile::actual::MountTable;
+        let line =
+            |id: u32| format!("{id} 1 0:50 / /v/data rw,nosuid,nodev - fuse.rclone data: rw\n");
+        let verdicts = BTreeMap::from([(
+            PathBuf::from("/v/data"),
+            (40, "stale mount: ENOTCONN".to_string()),
+        )]);
+        let old = MountTable::from_text(line(40)).unwrap();
+        assert_eq!(current_stale(&verdicts, &old).len(), 1, "about this mount");
+        let healed = MountTable::from_text(line(41)).unwrap();
+        assert!(
+            current_stale(&verdicts, &healed).is_empty(),
+            "about the old mount"
+        );
+        assert!(current_stale(&verdicts, &MountTable::default()).is_empty());
     }
 
     #[test]
