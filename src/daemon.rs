@@ -29,6 +29,7 @@ use crate::reconcile::pass::{PassInput, PassOutcome, Reconciler, ReconcilerParts
 use crate::reconcile::plan::NodeView;
 use crate::reconcile::probe::{run_prober, StaleMap, VolumeTargets};
 use crate::reconcile::sys::{LinuxMounter, Mounter};
+use crate::reconcile::usagescan::{run_usage_scanner, UsageBoard};
 use crate::state::brake::ClusterFile;
 use crate::state::desired::{Desired, DesiredParser, PolicyHandle};
 use crate::state::ledger::{Ledger, LedgerError};
@@ -90,6 +91,10 @@ const MAX_CHAINED_PASSES: usize = 4;
 const VOLUME_PASS_DELAY: Duration = Duration::from_millis(500);
 /// A pass with this many actions is a burst worth trimming the heap after.
 const TRIM_AFTER_ACTIONS: usize = 1000;
+/// How long one vfolder's usage scan may take before it is given up (a
+/// million files take seconds; a scan still running after this is stuck in
+/// a hung volume).
+const USAGE_SCAN_TIMEOUT: Duration = Duration::from_secs(600);
 /// TTL of the node liveness lease.
 const NODE_LEASE_TTL: i64 = 15;
 
@@ -142,6 +147,10 @@ pub async fn run(
         rec.adopt_after_rebuild();
     }
 
+    // A pass may wait for two helpers (mount, then a retry) and a little
+    // more; one running longer is stuck, most likely in a hung volume.
+    *health.pass_limit.lock().unwrap_or_else(|p| p.into_inner()) =
+        cfg.mount_timeout * 2 + Duration::from_secs(30);
     health.alive.store(true, Ordering::Relaxed);
     tracing::info!(node = %cfg.node, roles = ?cfg.roles, "waiting for the first complete list of etcd");
     if wait_for_first_list(&cache, &metrics, &mut shutdown).await {
@@ -373,6 +382,7 @@ struct Background {
     mounts_changed: Arc<Notify>,
     stale: StaleMap,
     volume_targets: VolumeTargets,
+    usage: Arc<UsageBoard>,
     _tasks: Vec<AbortOnDrop<()>>,
 }
 
@@ -381,7 +391,9 @@ impl Background {
         let mounts_changed = Arc::new(Notify::new());
         let stale: StaleMap = Arc::default();
         let volume_targets: VolumeTargets = Arc::default();
+        let usage: Arc<UsageBoard> = Arc::default();
         let tasks = vec![
+            Self::usage_scanner(s, &usage),
             Self::credentials_watch(s),
             Self::policy_watch(s),
             Self::mount_watch(deps, mounts_changed.clone()),
@@ -391,8 +403,16 @@ impl Background {
             mounts_changed,
             stale,
             volume_targets,
+            usage,
             _tasks: tasks,
         }
+    }
+
+    fn usage_scanner(s: &Shared<'_>, board: &Arc<UsageBoard>) -> AbortOnDrop<()> {
+        let (board, cache, period) = (board.clone(), s.cache.clone(), s.cfg.resync);
+        AbortOnDrop(tokio::spawn(async move {
+            run_usage_scanner(board, period, USAGE_SCAN_TIMEOUT, || cache.touch()).await
+        }))
     }
 
     fn credentials_watch(s: &Shared<'_>) -> AbortOnDrop<()> {
@@ -478,6 +498,7 @@ fn reconciler(
         linger: Linger::new(cfg.linger),
         status_tx,
         volume_targets: tasks.volume_targets.clone(),
+        usage: tasks.usage.clone(),
     })
 }
 
@@ -486,7 +507,6 @@ struct Work {
     desired: Arc<Desired>,
     generation: u64,
     scope: Option<std::collections::BTreeSet<String>>,
-    rescan: bool,
     live: bool,
     policy: Arc<Policy>,
 }
@@ -589,8 +609,7 @@ impl<'a> PassLoop<'a> {
             self.pending.all = true;
             Arc::make_mut(&mut desired).enforce_limits(&policy);
         }
-        let rescan = Instant::now() >= self.next_resync;
-        if rescan {
+        if Instant::now() >= self.next_resync {
             self.next_resync = Instant::now() + self.s.cfg.resync;
             self.pending.all = true;
         }
@@ -605,7 +624,6 @@ impl<'a> PassLoop<'a> {
             desired,
             generation,
             scope: (!taken.all).then_some(taken.kernels),
-            rescan,
             live,
             policy,
         }
@@ -619,9 +637,15 @@ impl<'a> PassLoop<'a> {
         work: &Work,
     ) -> Result<(Reconciler, Option<PassOutcome>), DaemonError> {
         let started = std::time::Instant::now();
+        *self
+            .s
+            .health
+            .pass_started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(started);
         let span = tracing::info_span!("reconcile", revision = work.desired.revision);
         let mut last: Option<PassOutcome> = None;
-        for round in 0..MAX_CHAINED_PASSES {
+        for _ in 0..MAX_CHAINED_PASSES {
             rec.node.policy = work.policy.clone();
             // A chained pass looks again at what the last one looked at
             // (including kernels it found through mount-table changes).
@@ -630,7 +654,6 @@ impl<'a> PassLoop<'a> {
                 None => work.scope.clone(),
             };
             let (d, generation, live) = (work.desired.clone(), work.generation, work.live);
-            let rescan = work.rescan && round == 0;
             let span = span.clone();
             let (r, result) = tokio::task::spawn_blocking(move || {
                 let _e = span.enter();
@@ -638,7 +661,6 @@ impl<'a> PassLoop<'a> {
                     desired: &d,
                     generation,
                     scope,
-                    rescan,
                     live,
                 };
                 let res = rec.guarded_pass(input);
@@ -664,6 +686,12 @@ impl<'a> PassLoop<'a> {
                 }
             }
         }
+        *self
+            .s
+            .health
+            .pass_started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
         let m = self.s.metrics;
         m.pass_duration.observe(started.elapsed().as_secs_f64());
         if last.as_ref().map_or(0, |o| o.actions.len()) >= TRIM_AFTER_ACTIONS {

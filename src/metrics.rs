@@ -270,6 +270,10 @@ pub struct Health {
     pub tasks_down: std::sync::atomic::AtomicUsize,
     /// Why the safety brake holds the node, if it does.
     pub held: std::sync::Mutex<Option<String>>,
+    /// When the pass in flight started (none between passes).
+    pub pass_started: std::sync::Mutex<Option<std::time::Instant>>,
+    /// A pass running longer than this is stuck: `/healthz` says 503.
+    pub pass_limit: std::sync::Mutex<std::time::Duration>,
 }
 
 #[derive(Clone)]
@@ -299,13 +303,38 @@ async fn metrics_handler(State(s): State<AppState>) -> String {
     s.metrics.render()
 }
 
-async fn healthz(State(s): State<AppState>) -> (StatusCode, &'static str) {
-    if s.health.tasks_down.load(Ordering::Relaxed) > 0 {
+async fn healthz(State(s): State<AppState>) -> (StatusCode, String) {
+    let running = s
+        .health
+        .pass_started
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .map(|t| t.elapsed());
+    let limit = *s
+        .health
+        .pass_limit
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(for_) = running.filter(|d| !limit.is_zero() && *d > limit) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "a reconcile pass has run for {}s (a volume may be hung)\n",
+                for_.as_secs()
+            ),
+        );
+    }
+    let (code, text) = healthz_text(&s.health);
+    (code, text.to_string())
+}
+
+fn healthz_text(health: &Health) -> (StatusCode, &'static str) {
+    if health.tasks_down.load(Ordering::Relaxed) > 0 {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "a background task died and is being restarted\n",
         )
-    } else if s.health.alive.load(Ordering::Relaxed) {
+    } else if health.alive.load(Ordering::Relaxed) {
         (StatusCode::OK, "ok\n")
     } else {
         (

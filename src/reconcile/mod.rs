@@ -12,3 +12,4 @@ pub mod probe;
 pub mod report;
 pub mod scope;
 pub mod sys;
+pub mod usagescan;

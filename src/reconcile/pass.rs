@@ -20,9 +20,10 @@ use crate::reconcile::report::{
     report, Failure, KernelState, Report, ReportInputs, Summary, Usage,
 };
 use crate::reconcile::scope;
+use crate::reconcile::usagescan::UsageBoard;
 use crate::state::desired::Desired;
 use crate::state::ledger::{Ledger, MountKind, Owner};
-use crate::state::status::{chrono_now, StatusEntries};
+use crate::state::status::StatusEntries;
 use crate::state::watch::Changes;
 
 /// Errors of one pass (transient: the loop retries with backoff).
@@ -107,8 +108,6 @@ pub struct PassInput<'a> {
     pub generation: u64,
     /// `Some(kernels)`: look only at these kernels; `None`: the whole node.
     pub scope: Option<BTreeSet<String>>,
-    /// Measure vfolder usage again (the periodic resync).
-    pub rescan: bool,
     /// The desired state is from a live etcd list: teardown is allowed.
     /// Without it (the last good state from the store) nothing is taken away.
     pub live: bool,
@@ -132,6 +131,8 @@ pub struct ReconcilerParts {
     pub status_tx: tokio::sync::watch::Sender<StatusEntries>,
     /// Owned volume mount points, published for the prober.
     pub volume_targets: VolumeTargets,
+    /// Where vfolder directories are published for the usage scanner.
+    pub usage: Arc<UsageBoard>,
 }
 
 /// State carried from pass to pass (moved onto a blocking thread for each pass).
@@ -146,7 +147,10 @@ pub struct Reconciler {
     retries: Retries,
     failures: BTreeMap<Owner, Failure>,
     dir_failures: BTreeMap<PathBuf, String>,
-    usage: BTreeMap<Uuid, Usage>,
+    /// vfolder usage, measured off the loop ([`crate::reconcile::usagescan`]).
+    usage: Arc<UsageBoard>,
+    /// The measurements the current report uses.
+    usage_now: Arc<BTreeMap<Uuid, Usage>>,
     status_tx: tokio::sync::watch::Sender<StatusEntries>,
     volume_targets: VolumeTargets,
     /// The statuses last handed to the writer.
@@ -183,7 +187,8 @@ impl Reconciler {
             retries: Retries::default(),
             failures: BTreeMap::new(),
             dir_failures: BTreeMap::new(),
-            usage: BTreeMap::new(),
+            usage: p.usage,
+            usage_now: Arc::default(),
             status_tx: p.status_tx,
             volume_targets: p.volume_targets,
             entries: StatusEntries::default(),
@@ -296,13 +301,7 @@ impl Reconciler {
             (actual, executed.actions, followup)
         };
         let t_reobserved = t_start.elapsed();
-        self.remember(
-            input.desired,
-            &want,
-            &actual,
-            scope.is_none() && input.rescan,
-            scope.is_none(),
-        );
+        self.remember(input.desired, &want, &actual, scope.is_none());
         let outcome = self.report(
             report_desired,
             &want,
@@ -543,14 +542,7 @@ impl Reconciler {
 
     /// What the next pass needs to know: failures of objects that still
     /// exist, and (storage role, whole passes) vfolder usage.
-    fn remember(
-        &mut self,
-        desired: &Desired,
-        want: &Want,
-        actual: &Actual,
-        rescan: bool,
-        whole: bool,
-    ) {
+    fn remember(&mut self, desired: &Desired, want: &Want, actual: &Actual, whole: bool) {
         let exists = |o: &Owner| match o {
             Owner::Volume(v) => desired.volumes.contains_key(v),
             Owner::Kernel(k) => desired.kernels.contains_key(k),
@@ -558,7 +550,15 @@ impl Reconciler {
         self.failures.retain(|o, _| exists(o));
         self.retries.retain(exists);
         if self.node.storage && whole {
-            self.measure_usage(want, actual, rescan);
+            // Measured by the usage scanner, never here: a scan of a hung
+            // volume would hold every kernel of the node back.
+            let dirs = want
+                .vfolder_dirs
+                .iter()
+                .filter(|(_, (_, path))| actual.dirs.contains(path))
+                .map(|(id, (_, path))| (*id, path.clone()))
+                .collect();
+            self.usage.publish(dirs);
         }
         if whole {
             // With the id of the mount there now, so a verdict is about it.
@@ -568,28 +568,6 @@ impl Reconciler {
                 .filter(|m| m.kind == MountKind::Volume)
                 .filter_map(|m| Some((m.target.clone(), actual.mounts.top(&m.target)?.id)))
                 .collect();
-        }
-    }
-
-    /// Scans the vfolders whose directories exist and were never measured
-    /// (every one on `rescan`).
-    fn measure_usage(&mut self, want: &Want, actual: &Actual, rescan: bool) {
-        self.usage
-            .retain(|id, _| want.vfolder_dirs.contains_key(id));
-        for (id, (_, path)) in &want.vfolder_dirs {
-            if actual.dirs.contains(path) && (rescan || !self.usage.contains_key(id)) {
-                if let Ok((files, bytes)) = crate::usage::scan(path) {
-                    let scanned_at = chrono_now();
-                    self.usage.insert(
-                        *id,
-                        Usage {
-                            files,
-                            bytes,
-                            scanned_at,
-                        },
-                    );
-                }
-            }
         }
     }
 
@@ -659,13 +637,14 @@ impl Reconciler {
         renewal_deadline(expiries, unix_now(), now)
     }
 
-    fn report_inputs(&self) -> ReportInputs<'_> {
+    fn report_inputs(&mut self) -> ReportInputs<'_> {
+        self.usage_now = self.usage.measured();
         ReportInputs {
             keys: &self.keys,
             storage: self.node.storage,
             failures: &self.failures,
             dir_failures: &self.dir_failures,
-            usage: &self.usage,
+            usage: &self.usage_now,
         }
     }
 

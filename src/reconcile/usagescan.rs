@@ -1,0 +1,178 @@
+//! vfolder usage, measured off the reconcile loop. A scan walks a whole
+//! directory tree on a remote volume: seconds for a million files, forever on
+//! a hard NFS mount whose server is gone. Inside a pass it held every kernel
+//! of the node back; here it runs on its own thread, one directory at a time,
+//! and a scan that hangs only leaves that vfolder's numbers old.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::reconcile::report::Usage;
+use crate::state::status::chrono_now;
+
+/// What the pass asks to be measured, and what was measured.
+#[derive(Default)]
+pub struct UsageBoard {
+    /// vfolder → its directory (published by whole passes, storage role).
+    targets: Mutex<BTreeMap<Uuid, PathBuf>>,
+    /// The latest measurements (shared with passes without copying).
+    measured: Mutex<Arc<BTreeMap<Uuid, Usage>>>,
+    /// Woken when a directory appears that was never measured.
+    wake: Notify,
+}
+
+impl UsageBoard {
+    /// Sets the directories to measure; wakes the scanner if one is new.
+    pub fn publish(&self, targets: BTreeMap<Uuid, PathBuf>) {
+        let measured = self.measured();
+        let new = targets.keys().any(|id| !measured.contains_key(id));
+        *self.targets.lock().unwrap_or_else(|p| p.into_inner()) = targets;
+        if new {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The latest measurements.
+    pub fn measured(&self) -> Arc<BTreeMap<Uuid, Usage>> {
+        self.measured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn targets(&self) -> BTreeMap<Uuid, PathBuf> {
+        self.targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn store(&self, f: impl FnOnce(&mut BTreeMap<Uuid, Usage>)) {
+        let mut m = self.measured.lock().unwrap_or_else(|p| p.into_inner());
+        f(Arc::make_mut(&mut m));
+    }
+}
+
+/// Runs forever: measures every published directory each `period`, and the
+/// ones never measured as soon as they appear; `on_change` after a round
+/// that changed a number (the next pass reports them). A scan that takes
+/// longer than `timeout` is abandoned (its thread may be stuck in the
+/// kernel) and that directory is not scanned again until it returns.
+pub async fn run_usage_scanner(
+    board: Arc<UsageBoard>,
+    period: Duration,
+    timeout: Duration,
+    on_change: impl Fn(),
+) {
+    let stuck: Arc<Mutex<BTreeSet<Uuid>>> = Arc::default();
+    let mut full_round_at = tokio::time::Instant::now();
+    loop {
+        let full = tokio::time::Instant::now() >= full_round_at;
+        if full {
+            full_round_at = tokio::time::Instant::now() + period;
+        }
+        let measured = board.measured();
+        let due: Vec<(Uuid, PathBuf)> = board
+            .targets()
+            .into_iter()
+            .filter(|(id, _)| full || !measured.contains_key(id))
+            .collect();
+        let mut changed = false;
+        for (id, path) in due {
+            let Some(usage) = scan_with_timeout(id, path, timeout, &stuck).await else {
+                continue;
+            };
+            let differs = measured
+                .get(&id)
+                .is_none_or(|u| (u.files, u.bytes) != (usage.files, usage.bytes));
+            changed |= differs;
+            board.store(|m| {
+                m.insert(id, usage);
+            });
+        }
+        let targets = board.targets();
+        board.store(|m| m.retain(|id, _| targets.contains_key(id)));
+        if changed {
+            on_change();
+        }
+        tokio::select! {
+            _ = board.wake.notified() => {}
+            _ = tokio::time::sleep_until(full_round_at) => {}
+        }
+    }
+}
+
+/// Scans `path` on a thread of its own; `None` if it failed, or did not
+/// finish within `timeout` (then it is skipped until that thread returns).
+async fn scan_with_timeout(
+    id: Uuid,
+    path: PathBuf,
+    timeout: Duration,
+    stuck: &Arc<Mutex<BTreeSet<Uuid>>>,
+) -> Option<Usage> {
+    if !stuck.lock().unwrap_or_else(|p| p.into_inner()).insert(id) {
+        return None; // an earlier scan of it is still stuck
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let flight = stuck.clone();
+    std::thread::spawn(move || {
+        let r = crate::usage::scan(&path);
+        flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        let _ = tx.send(r);
+    });
+    match tokio::time::timeout(timeout, rx).await {
+        Ok(Ok(Ok((files, bytes)))) => Some(Usage {
+            files,
+            bytes,
+            scanned_at: chrono_now(),
+        }),
+        Ok(_) => None,
+        Err(_) => {
+            tracing::warn!(vfolder = %id, ?timeout, "usage scan did not finish; its volume may be hung");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_directory_is_measured_at_once_and_the_pass_is_told() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), b"12345").unwrap();
+        let board = Arc::new(UsageBoard::default());
+        let changes = Arc::new(AtomicUsize::new(0));
+        let c = changes.clone();
+        let task = tokio::spawn(run_usage_scanner(
+            board.clone(),
+            Duration::from_secs(3600),
+            Duration::from_secs(10),
+            move || {
+                c.fetch_add(1, Ordering::SeqCst);
+            },
+        ));
+        let id = Uuid::from_u128(1);
+        board.publish(BTreeMap::from([(id, dir.path().to_path_buf())]));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !board.measured().contains_key(&id) {
+            assert!(std::time::Instant::now() < deadline, "never measured");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            (board.measured()[&id].files, board.measured()[&id].bytes),
+            (1, 5)
+        );
+        assert!(changes.load(Ordering::SeqCst) >= 1);
+        // Gone from the targets: forgotten at the next round.
+        board.publish(BTreeMap::new());
+        task.abort();
+    }
+}
