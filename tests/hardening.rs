@@ -402,3 +402,70 @@ async fn a_wiped_etcd_tears_nothing_down_until_accept_reset() {
     })
     .await;
 }
+
+/// Resumes a stopped process when dropped, so a failing test never leaves a
+/// FUSE daemon frozen under the rest of the suite.
+struct Frozen(nix::unistd::Pid);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+/// Item 5 (part): a pass touching a hung volume blocked the loop while
+/// `/healthz` stayed 200, so a supervisor never learned the node was stuck.
+/// Now a pass running longer than 2 × mount_timeout + 30 s makes `/healthz`
+/// 503, and it recovers once the volume answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_stuck_in_a_hung_fuse_volume_makes_healthz_503_until_it_answers() {
+    require_private_mount_namespace();
+    within(180, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(
+            &etcd,
+            "n1",
+            NodeOpts {
+                helper_double: true,
+                mount_timeout: "2s",
+                extra_config: "probe_interval: 300ms\nprobe_timeout: 1s\n",
+                ..Default::default()
+            },
+        );
+        std::fs::write(node.dir.path().join("helper-fuse"), "").unwrap();
+        etcd.put(
+            &format!("{P}/volumes/nfs1"),
+            "mount: {at: requested, fstype: nfs, path: 'fuse.example:/data'}\n",
+        )
+        .await;
+        let id = uuid::Uuid::new_v4();
+        etcd.put(
+            &format!("{P}/vfolders/{id}"),
+            "{name: data, owner: alice, volume: nfs1}\n",
+        )
+        .await;
+        etcd.put(&node.kernel_key("k1"), &kernel_yaml(&id)).await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        assert_eq!(http_get(&node.listen, "/healthz").0, 200);
+
+        let target = node.volumes().join("nfs1");
+        let pid = rclone_for(&target).expect("rclone serves the volume").0;
+        let pid = nix::unistd::Pid::from_raw(pid);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        let frozen = Frozen(pid);
+        // The next whole pass (resync 1 s) stats the vfolder directory on it.
+        until("/healthz reports the stuck pass", 90, || {
+            let (code, body) = http_get(&node.listen, "/healthz");
+            code == 503 && body.contains("reconcile pass has run")
+        })
+        .await;
+        drop(frozen);
+        until("/healthz recovers once the volume answers", 60, || {
+            http_get(&node.listen, "/healthz").0 == 200
+        })
+        .await;
+        etcd.put(&node.kernel_key("k2"), &kernel_yaml(&id)).await;
+        etcd.wait_state(&node.kernel_status("k2"), "Ready").await;
+    })
+    .await;
+}
