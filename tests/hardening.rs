@@ -12,6 +12,22 @@ fn kernel_yaml(vfolder: &uuid::Uuid) -> String {
     format!("mounts: [{{vfolder: {vfolder}}}]\n")
 }
 
+/// A tmpfs volume `data`, a vfolder `mine` on it, and kernel `k` using it,
+/// Ready. Returns the vfolder's id.
+async fn ready_kernel_with_a_folder(etcd: &Etcd, node: &Node, k: &str) -> uuid::Uuid {
+    let id = uuid::Uuid::new_v4();
+    etcd.put(&format!("{P}/volumes/data"), &tmpfs_volume("requested"))
+        .await;
+    etcd.put(
+        &format!("{P}/vfolders/{id}"),
+        "{name: mine, owner: alice, volume: data}",
+    )
+    .await;
+    etcd.put(&node.kernel_key(k), &kernel_yaml(&id)).await;
+    etcd.wait_state(&node.kernel_status(k), "Ready").await;
+    id
+}
+
 /// Item 1: `fstype: "é="` made `redact` panic inside the desired-state lock;
 /// one `etcdctl put` took the daemon down, and after a restart the watcher
 /// died silently. Now the value is Rejected and everything else converges,
@@ -22,16 +38,7 @@ async fn one_put_with_a_multibyte_character_before_an_equals_sign_kills_no_node(
     within(120, async {
         let etcd = Etcd::start().await;
         let mut node = Node::start(&etcd, "n1", NodeOpts::default());
-        let id = uuid::Uuid::new_v4();
-        etcd.put(&format!("{P}/volumes/data"), &tmpfs_volume("requested"))
-            .await;
-        etcd.put(
-            &format!("{P}/vfolders/{id}"),
-            "{name: mine, owner: alice, volume: data}",
-        )
-        .await;
-        etcd.put(&node.kernel_key("k1"), &kernel_yaml(&id)).await;
-        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let id = ready_kernel_with_a_folder(&etcd, &node, "k1").await;
 
         let bad = "mount: {at: startup, fstype: \"é=\", path: \"ü=x password=hunter2\"}\n";
         etcd.put(&format!("{P}/volumes/bad"), bad).await;
@@ -128,16 +135,7 @@ async fn more_than_32_mib_of_desired_state_lists_watches_and_survives_a_mass_del
     within(300, async {
         let etcd = Etcd::start().await;
         let mut node = Node::start(&etcd, "n1", NodeOpts::default());
-        let id = uuid::Uuid::new_v4();
-        etcd.put(&format!("{P}/volumes/data"), &tmpfs_volume("requested"))
-            .await;
-        etcd.put(
-            &format!("{P}/vfolders/{id}"),
-            "{name: mine, owner: alice, volume: data}",
-        )
-        .await;
-        etcd.put(&node.kernel_key("k1"), &kernel_yaml(&id)).await;
-        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let id = ready_kernel_with_a_folder(&etcd, &node, "k1").await;
         assert!(node.stop());
 
         // 36 values of 1 MiB (each rejected as too large) and 20,000 small
@@ -228,16 +226,7 @@ async fn a_foreign_mount_with_a_non_utf8_path_stops_no_pass() {
             None::<&str>,
         )
         .unwrap();
-        let id = uuid::Uuid::new_v4();
-        etcd.put(&format!("{P}/volumes/data"), &tmpfs_volume("requested"))
-            .await;
-        etcd.put(
-            &format!("{P}/vfolders/{id}"),
-            "{name: mine, owner: alice, volume: data}",
-        )
-        .await;
-        etcd.put(&node.kernel_key("k1"), &kernel_yaml(&id)).await;
-        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        ready_kernel_with_a_folder(&etcd, &node, "k1").await;
         assert!(
             !node.log().contains("stream did not contain valid UTF-8"),
             "{}",
@@ -258,16 +247,7 @@ async fn a_damaged_store_is_moved_aside_and_rebuilt_and_a_locked_one_is_not() {
     within(180, async {
         let etcd = Etcd::start().await;
         let mut node = Node::start(&etcd, "n1", NodeOpts::default());
-        let id = uuid::Uuid::new_v4();
-        etcd.put(&format!("{P}/volumes/data"), &tmpfs_volume("requested"))
-            .await;
-        etcd.put(
-            &format!("{P}/vfolders/{id}"),
-            "{name: mine, owner: alice, volume: data}",
-        )
-        .await;
-        etcd.put(&node.kernel_key("k1"), &kernel_yaml(&id)).await;
-        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let id = ready_kernel_with_a_folder(&etcd, &node, "k1").await;
         let bind = node.home("k1").join("mine");
         std::fs::write(bind.join("notebook.ipynb"), "{}").unwrap();
         assert!(node.stop());
@@ -346,16 +326,7 @@ async fn a_wiped_etcd_tears_nothing_down_until_accept_reset() {
     within(180, async {
         let mut etcd = Etcd::start().await;
         let node = Node::start(&etcd, "n1", NodeOpts::default());
-        let id = uuid::Uuid::new_v4();
-        etcd.put(&format!("{P}/volumes/data"), &tmpfs_volume("requested"))
-            .await;
-        etcd.put(
-            &format!("{P}/vfolders/{id}"),
-            "{name: mine, owner: alice, volume: data}",
-        )
-        .await;
-        etcd.put(&node.kernel_key("k1"), &kernel_yaml(&id)).await;
-        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        ready_kernel_with_a_folder(&etcd, &node, "k1").await;
         // The storage role wrote the cluster id.
         let cluster = etcd
             .wait_for(&format!("{P}/cluster"), "a cluster id", |v| {

@@ -468,18 +468,11 @@ impl Executor {
 
     fn mount_volume(&self, v: &WantVolume) -> Result<(), ExecError> {
         let record = OwnedMount {
-            target: v.target.clone(),
-            kind: MountKind::Volume,
-            source: v.source.clone(),
-            fstype: v.fstype.to_string(),
-            volume: v.name.clone(),
-            kernel: None,
-            readonly: v.readonly,
-            expires_at: None,
             credentials_stamp: v
                 .credentials
                 .as_ref()
                 .and_then(|n| crate::secret::file_stamp(&self.cfg.credentials_dir.join(n))),
+            ..volume_record(v)
         };
         // Intent first: if we crash after mounting, the mount is still ours.
         self.ledger.put_mount(&record)?;
