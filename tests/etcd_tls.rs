@@ -136,7 +136,10 @@ async fn vfolderd_works_with_etcd_tls_client_certs_and_password_auth_and_fails_s
             node.mount_at(&bind).is_some()
         })
         .await;
-        assert!(node.log().contains("serving the stored desired state"));
+        until("the log says the stored state is served", 20, || {
+            node.log().contains("serving the stored desired state")
+        })
+        .await;
         assert!(!node.log().contains("rootpw"), "the etcd password is not logged");
     })
     .await;
