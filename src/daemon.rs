@@ -482,6 +482,7 @@ fn reconciler(
         credentials_dir: cfg.credentials.clone(),
         sas_lifetime: cfg.sas_lifetime,
         token_lifetime: cfg.token_lifetime,
+        stat_timeout: cfg.probe_timeout,
     });
     Reconciler::new(ReconcilerParts {
         node: NodeView {

@@ -376,3 +376,51 @@ fn readyz_text(health: &Health) -> (StatusCode, &'static str) {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> AppState {
+        AppState {
+            metrics: Arc::new(Metrics::new()),
+            health: Arc::new(Health::default()),
+        }
+    }
+
+    /// Issue 11 item 5: a pass stuck in a hung volume left `/healthz` at 200.
+    #[tokio::test]
+    async fn healthz_is_503_while_a_pass_runs_past_its_limit() {
+        let s = state();
+        s.health.alive.store(true, Ordering::Relaxed);
+        *s.health.pass_limit.lock().unwrap() = std::time::Duration::from_secs(50);
+        assert_eq!(healthz(State(s.clone())).await.0, StatusCode::OK);
+        let started = std::time::Instant::now() - std::time::Duration::from_secs(10);
+        *s.health.pass_started.lock().unwrap() = Some(started);
+        assert_eq!(
+            healthz(State(s.clone())).await.0,
+            StatusCode::OK,
+            "a slow pass is fine"
+        );
+        let started = std::time::Instant::now() - std::time::Duration::from_secs(51);
+        *s.health.pass_started.lock().unwrap() = Some(started);
+        let (code, body) = healthz(State(s.clone())).await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("has run for 51s"), "{body}");
+        *s.health.pass_started.lock().unwrap() = None;
+        assert_eq!(healthz(State(s)).await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn readyz_says_why_the_safety_brake_holds() {
+        let s = state();
+        s.health.ready.store(true, Ordering::Relaxed);
+        *s.health.held.lock().unwrap() = Some("etcd has no cluster id".into());
+        let (code, body) = readyz(State(s)).await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body.contains("safety brake") && body.contains("no cluster id"),
+            "{body}"
+        );
+    }
+}

@@ -128,6 +128,10 @@ pub struct Observer {
     sas_lifetime: Duration,
     /// Lifetime of per-user token files (renewed in their last third).
     token_lifetime: Duration,
+    /// How long a look below a volume's mount point may take.
+    stat_timeout: Duration,
+    /// Volume targets with a look still stuck in the kernel (a hung volume).
+    stuck: Arc<std::sync::Mutex<HashSet<PathBuf>>>,
 }
 
 /// Where the [`Observer`] looks.
@@ -144,6 +148,8 @@ pub struct ObserverConfig {
     pub sas_lifetime: Duration,
     /// Lifetime of per-user token files.
     pub token_lifetime: Duration,
+    /// How long a look below a volume's mount point may take (the prober's timeout).
+    pub stat_timeout: Duration,
 }
 
 impl Observer {
@@ -157,6 +163,8 @@ impl Observer {
             credentials_dir: c.credentials_dir,
             sas_lifetime: c.sas_lifetime,
             token_lifetime: c.token_lifetime,
+            stat_timeout: c.stat_timeout,
+            stuck: Arc::default(),
         }
     }
 
@@ -235,6 +243,9 @@ impl Observer {
             None => whole,
         };
         actual.dirs = observe_dirs(&want.paths_to_observe(), &actual.mounts);
+        let (dirs, hung) = self.observe_volume_dirs(want, &actual);
+        actual.dirs.extend(dirs);
+        actual.hung_volumes = hung;
         let now = crate::reconcile::pass::unix_now();
         actual.token_renew = actual
             .owned_tokens
@@ -253,6 +264,72 @@ impl Observer {
             .map(|m| m.target.clone())
             .collect();
         Ok(actual)
+    }
+
+    /// Which vfolder directories exist, volume by volume, each volume's
+    /// looks on a thread of their own with a timeout: a hard NFS mount or a
+    /// frozen FUSE daemon must not put the pass (and every kernel) to sleep.
+    /// A volume that does not answer, or that the prober found stale, is
+    /// hung: its directories count as present (nothing is made in it) and
+    /// nothing below it is touched this pass.
+    fn observe_volume_dirs(
+        &self,
+        want: &Want,
+        actual: &Actual,
+    ) -> (HashSet<PathBuf>, std::collections::BTreeSet<String>) {
+        let mut by_volume: std::collections::BTreeMap<&String, Vec<PathBuf>> = Default::default();
+        for (vol, path) in want.vfolder_dirs.values() {
+            by_volume.entry(vol).or_default().push(path.clone());
+        }
+        let (mut dirs, mut hung) = (HashSet::new(), std::collections::BTreeSet::new());
+        for (vol, paths) in by_volume {
+            let Some(target) = want.volumes.get(vol).map(|v| v.target.clone()) else {
+                continue;
+            };
+            let stuck = self
+                .stuck
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&target);
+            if stuck || actual.stale.contains_key(&target) {
+                hung.insert(vol.clone());
+                dirs.extend(paths);
+                continue;
+            }
+            match self.look_below(target, paths.clone()) {
+                Some(found) => dirs.extend(found),
+                None => {
+                    tracing::warn!(volume = %vol, timeout = ?self.stat_timeout, "volume does not answer; nothing below it is touched until it does");
+                    hung.insert(vol.clone());
+                    dirs.extend(paths);
+                }
+            }
+        }
+        (dirs, hung)
+    }
+
+    /// The `paths` below `target` that are directories, or `None` if the
+    /// look did not finish within the timeout (the thread stays marked as
+    /// stuck until the kernel lets it go).
+    fn look_below(&self, target: PathBuf, paths: Vec<PathBuf>) -> Option<Vec<PathBuf>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stuck = self.stuck.clone();
+        stuck
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(target.clone());
+        std::thread::spawn(move || {
+            let found: Vec<PathBuf> = paths
+                .into_iter()
+                .filter(|p| crate::reconcile::fsops::is_dir_nofollow(p))
+                .collect();
+            stuck
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&target);
+            let _ = tx.send(found);
+        });
+        rx.recv_timeout(self.stat_timeout).ok()
     }
 
     /// Whether the credentials file `m` was mounted with has changed since.

@@ -411,7 +411,49 @@ impl Reconciler {
         if !live {
             actions = scope::without_teardown(actions);
         }
-        actions
+        self.spare_hung_volumes(actions, want, actual)
+    }
+
+    /// Drops the actions that would touch a volume that does not answer (a
+    /// bind from it, a directory in it): they would put the pass to sleep
+    /// in the kernel. Their kernels wait, `Pending` with the reason.
+    fn spare_hung_volumes(
+        &mut self,
+        actions: Vec<Action>,
+        want: &Want,
+        actual: &Actual,
+    ) -> Vec<Action> {
+        if actual.hung_volumes.is_empty() {
+            return actions;
+        }
+        let roots: Vec<&Path> = actual
+            .hung_volumes
+            .iter()
+            .filter_map(|v| want.volumes.get(v).map(|w| w.target.as_path()))
+            .collect();
+        let mut waiting: Vec<(String, String)> = Vec::new();
+        let kept = actions
+            .into_iter()
+            .filter(|a| match a {
+                Action::Bind { bind } | Action::Remount { bind }
+                    if actual.hung_volumes.contains(&bind.volume) =>
+                {
+                    waiting.push((bind.kernel.clone(), bind.volume.clone()));
+                    false
+                }
+                Action::MakeDir { path, .. } => !roots.iter().any(|r| path.starts_with(r)),
+                _ => true,
+            })
+            .collect();
+        for (kernel, volume) in waiting {
+            let message = format!("volume {volume} does not answer; its binds wait until it does");
+            let failure = Failure {
+                message,
+                pending: true,
+            };
+            self.failures.insert(Owner::Kernel(kernel), failure);
+        }
+        kept
     }
 
     /// Says `Pending` for what is about to change before a possibly slow

@@ -53,6 +53,9 @@ pub struct Actual {
     pub owned_tokens: OwnedTokens,
     /// Token files to write again (in their last third, or gone from disk).
     pub token_renew: BTreeSet<PathBuf>,
+    /// Volumes that do not answer (a stat below them timed out, or the
+    /// prober found them stale): nothing below them is touched this pass.
+    pub hung_volumes: BTreeSet<String>,
 }
 
 /// A volume this node should have mounted.
@@ -181,9 +184,11 @@ pub struct WantToken {
 
 impl Want {
     /// The directories the planner asks about: observe these into [`Actual::dirs`].
+    /// The paths whose existence a pass needs that lie outside any volume
+    /// (vfolder directories, which lie inside one, are observed per volume
+    /// with a timeout: see [`crate::reconcile::observe`]).
     pub fn paths_to_observe(&self) -> Vec<PathBuf> {
         let mut out: Vec<PathBuf> = self.volumes.values().map(|v| v.target.clone()).collect();
-        out.extend(self.vfolder_dirs.values().map(|(_, p)| p.clone()));
         out.extend(self.kernels.values().filter_map(|k| k.home.clone()));
         out.extend(self.binds.keys().cloned());
         out

@@ -114,6 +114,7 @@ pub fn actual_of_kernels(actual: &Actual, kernels: &BTreeSet<String>) -> Actual 
                 .collect(),
         ),
         token_renew: actual.token_renew.clone(),
+        hung_volumes: actual.hung_volumes.clone(),
     }
 }
 
