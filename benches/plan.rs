@@ -102,6 +102,7 @@ fn converged(d: &Desired) -> Actual {
                 readonly: false,
                 expires_at: None,
                 credentials_stamp: None,
+                helper: None,
             },
         );
     }

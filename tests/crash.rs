@@ -269,3 +269,62 @@ async fn crash_loop_converges_with_no_leaked_stacked_or_doubled_mount() {
     })
     .await;
 }
+
+/// Issue "No single put..." item 6: the set of running mount helpers lived
+/// in memory only, so `kill -9` during a slow helper and a restart started a
+/// second helper on the same target: two stacked mounts. The helper's pid is
+/// now in the ownership record; the restarted daemon waits for it and adopts
+/// its mount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_during_a_slow_mount_helper_never_starts_a_second_one() {
+    require_private_mount_namespace();
+    within(120, async {
+        let etcd = Etcd::start().await;
+        let mut node = Node::start(
+            &etcd,
+            "n1",
+            NodeOpts {
+                roles: "[agent]",
+                helper_double: true,
+                mount_timeout: "30s",
+                ..Default::default()
+            },
+        );
+        std::fs::write(node.dir.path().join("helper-sleep"), "4").unwrap();
+        etcd.put(
+            &format!("{P}/volumes/ds"),
+            "mount: {at: startup, fstype: nfs, path: 'nfs.example:/datasets'}\n",
+        )
+        .await;
+        let log = node.dir.path().join("helper.log");
+        let helper_calls = || {
+            std::fs::read_to_string(&log)
+                .map(|t| t.lines().count())
+                .unwrap_or(0)
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while helper_calls() == 0 {
+            assert!(Instant::now() < deadline, "the helper never ran");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Mid-mount: the daemon dies, the helper (its own process group) lives on.
+        node.kill9();
+        node.spawn();
+        etcd.wait_state(&node.volume_status("ds"), "Mounted").await;
+        let target = node.volumes().join("ds");
+        let stacked = node
+            .mounts()
+            .iter()
+            .filter(|m| m.mount_point == target)
+            .count();
+        assert_eq!(stacked, 1, "mounts stacked at {}", target.display());
+        assert_eq!(helper_calls(), 1, "a second helper was started");
+        // The adopted mount is vfolderd's: deleting the volume takes it away.
+        etcd.delete(&format!("{P}/volumes/ds")).await;
+        until("the adopted mount is unmounted", 30, || {
+            !node.mounts().iter().any(|m| m.mount_point == target)
+        })
+        .await;
+    })
+    .await;
+}

@@ -169,6 +169,7 @@ pub fn bind_record(b: &WantBind) -> OwnedMount {
         readonly: b.readonly,
         expires_at: None,
         credentials_stamp: None,
+        helper: None,
     }
 }
 
@@ -184,6 +185,7 @@ pub fn volume_record(v: &WantVolume) -> OwnedMount {
         readonly: v.readonly,
         expires_at: None,
         credentials_stamp: None,
+        helper: None,
     }
 }
 
@@ -395,7 +397,7 @@ impl Executor {
                     errno,
                 }),
             },
-            Action::Forget { target } => Ok(self.ledger.remove_mount(target)?),
+            Action::Forget { target } => self.forget(target),
             Action::RemoveDir { path } => {
                 let root = if path.starts_with(&self.cfg.kernels_root) {
                     &self.cfg.kernels_root
@@ -455,6 +457,21 @@ impl Executor {
         }
     }
 
+    /// Drops the record of a mount that is not there, unless its helper
+    /// still runs (the volume was deleted or the daemon restarted during a
+    /// slow mount): then the record stays until the helper exits, so a late
+    /// mount is still known as ours.
+    fn forget(&self, target: &Path) -> Result<(), ExecError> {
+        let helper = self.ledger.mounts()?.get(target).and_then(|m| m.helper);
+        if helper.is_some_and(|h| h.alive()) {
+            return Err(ExecError::Helper {
+                target: target.to_path_buf(),
+                source: HelperError::StillRunning,
+            });
+        }
+        Ok(self.ledger.remove_mount(target)?)
+    }
+
     fn unmount(&self, target: &Path) -> Result<(), ExecError> {
         // UMOUNT_NOFOLLOW: never unmount through a symlink someone swapped in.
         match self.mounter.umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
@@ -474,17 +491,26 @@ impl Executor {
                 .and_then(|n| crate::secret::file_stamp(&self.cfg.credentials_dir.join(n))),
             ..volume_record(v)
         };
+        // A helper an earlier run of vfolderd started (before a crash or
+        // restart) may still be mounting: a second one would stack.
+        let earlier = self.ledger.mounts()?.get(&v.target).and_then(|m| m.helper);
+        if earlier.is_some_and(|h| h.alive()) {
+            return Err(ExecError::Helper {
+                target: v.target.clone(),
+                source: HelperError::StillRunning,
+            });
+        }
         // Intent first: if we crash after mounting, the mount is still ours.
         self.ledger.put_mount(&record)?;
         let result = if v.fstype == Fstype::AzureBlob {
             self.mount_blob(v).and_then(|expires_at| {
                 Ok(self.ledger.put_mount(&OwnedMount {
                     expires_at,
-                    ..record
+                    ..record.clone()
                 })?)
             })
         } else {
-            self.mount_volume_inner(v)
+            self.mount_volume_inner(v, &record)
         };
         match &result {
             // A timed-out helper may still finish: keep the record, so a late
@@ -494,12 +520,14 @@ impl Executor {
                 ..
             }) => {}
             Err(_) => self.ledger.remove_mount(&v.target)?,
+            // The helper is done: its pid no longer describes the mount.
+            Ok(()) if v.fstype != Fstype::AzureBlob => self.ledger.put_mount(&record)?,
             Ok(()) => {}
         }
         result
     }
 
-    fn mount_volume_inner(&self, v: &WantVolume) -> Result<(), ExecError> {
+    fn mount_volume_inner(&self, v: &WantVolume, record: &OwnedMount) -> Result<(), ExecError> {
         let (target_fd, _) = open_dir(&self.cfg.volumes_root, &v.target, None)?;
         let target = fd_path(&target_fd);
         let (flags, data) = split_flags(&v.options);
@@ -540,13 +568,13 @@ impl Executor {
                     )
                     .map_err(mount_err)
             }
-            _ => self.mount_with_helper(v),
+            _ => self.mount_with_helper(v, record),
         }
     }
 
     /// cifs, nfs and friends go through `mount -t`, whose argv is visible to
     /// every user in /proc: secrets move into a 0600 file first.
-    fn mount_with_helper(&self, v: &WantVolume) -> Result<(), ExecError> {
+    fn mount_with_helper(&self, v: &WantVolume, record: &OwnedMount) -> Result<(), ExecError> {
         let mut options: Vec<String> = Vec::new();
         let mut secrets: Vec<String> = Vec::new();
         // nosuid,nodev go last, once, whatever the policy put in the options.
@@ -609,7 +637,19 @@ impl Executor {
             options: options.join(","),
             timeout: self.cfg.mount_timeout,
         };
-        let result = self.mounter.run_helper(&req);
+        // The helper's pid goes into the ownership record (flushed) as soon
+        // as it runs, so a restart during a slow mount waits for it.
+        let mut spawned = |pid: u32| {
+            let helper = crate::state::ledger::HelperProcess::of(pid);
+            let with_pid = OwnedMount {
+                helper,
+                ..record.clone()
+            };
+            if let Err(e) = self.ledger.put_mount(&with_pid) {
+                tracing::warn!(error = %crate::error::error_chain(&e), "cannot record the mount helper's pid");
+            }
+        };
+        let result = self.mounter.run_helper_recorded(&req, &mut spawned);
         if let Some(p) = temp_file {
             let _ = std::fs::remove_file(p);
         }

@@ -1279,6 +1279,7 @@ mod tests {
             readonly: false,
             expires_at: None,
             credentials_stamp: None,
+            helper: None,
         }
     }
 

@@ -86,6 +86,17 @@ pub trait Mounter: Send + Sync {
     fn umount2(&self, target: &Path, flags: MntFlags) -> Result<(), Errno>;
     /// Runs `mount -t FSTYPE -o OPTIONS SOURCE TARGET`.
     fn run_helper(&self, req: &HelperRequest) -> Result<(), HelperError>;
+
+    /// [`Mounter::run_helper`], telling `spawned` the helper's pid as soon as
+    /// it runs (the caller records it, so a restart knows it is still running).
+    fn run_helper_recorded(
+        &self,
+        req: &HelperRequest,
+        spawned: &mut dyn FnMut(u32),
+    ) -> Result<(), HelperError> {
+        let _ = spawned;
+        self.run_helper(req)
+    }
     /// Starts a FUSE daemon that outlives vfolderd (its own session and
     /// process group), waiting until its foreground part exits.
     fn spawn_daemon(&self, req: &DaemonRequest) -> Result<(), HelperError>;
@@ -135,6 +146,14 @@ impl Mounter for LinuxMounter {
     }
 
     fn run_helper(&self, req: &HelperRequest) -> Result<(), HelperError> {
+        self.run_helper_recorded(req, &mut |_| {})
+    }
+
+    fn run_helper_recorded(
+        &self,
+        req: &HelperRequest,
+        spawned: &mut dyn FnMut(u32),
+    ) -> Result<(), HelperError> {
         let mut cmd = Command::new(&self.helper);
         cmd.arg("-t").arg(&req.fstype);
         if !req.options.is_empty() {
@@ -151,6 +170,7 @@ impl Mounter for LinuxMounter {
         // Its own process group, so a timeout kills the helper and its children.
         cmd.process_group(0);
         let child = cmd.spawn().map_err(|e| HelperError::Spawn(e.to_string()))?;
+        spawned(child.id());
         match wait_helper(child, req.timeout) {
             Waited::Exited(r) => r,
             Waited::TimedOut(mut child) => {
@@ -189,6 +209,16 @@ impl Mounter for LinuxMounter {
             }
         }
     }
+}
+
+/// When process `pid` started (clock ticks since boot, `/proc/<pid>/stat`
+/// field 22): with the pid, it names one process, whatever reuses the pid.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count
+    // fields after its closing parenthesis.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// How a helper run ended.

@@ -106,6 +106,42 @@ pub struct OwnedMount {
     /// size, mtime; never its content): a rotated file changes it.
     #[serde(default)]
     pub credentials_stamp: Option<String>,
+    /// The mount helper making this mount, while it runs: a restarted
+    /// vfolderd waits for it instead of starting a second one (which would
+    /// stack a second mount), and keeps the record until it exits.
+    #[serde(default)]
+    pub helper: Option<HelperProcess>,
+}
+
+/// A process, named by pid and start time (pids are reused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelperProcess {
+    /// Its pid.
+    pub pid: u32,
+    /// Its start time (`/proc/<pid>/stat` field 22).
+    pub started: u64,
+}
+
+impl HelperProcess {
+    /// The running process `pid`, if it runs.
+    pub fn of(pid: u32) -> Option<Self> {
+        crate::reconcile::sys::process_start_time(pid).map(|started| Self { pid, started })
+    }
+
+    /// Whether that very process still runs (not exited, not a zombie
+    /// of it, not another process that got its pid).
+    pub fn alive(&self) -> bool {
+        let zombie = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
+            .ok()
+            .and_then(|s| {
+                s[s.rfind(')')? + 1..]
+                    .split_whitespace()
+                    .next()
+                    .map(|st| st == "Z")
+            })
+            .unwrap_or(true);
+        !zombie && crate::reconcile::sys::process_start_time(self.pid) == Some(self.started)
+    }
 }
 
 /// A directory vfolderd created, removed again (only if empty) when its owner goes.
@@ -477,6 +513,7 @@ mod tests {
             readonly: false,
             expires_at: None,
             credentials_stamp: None,
+            helper: None,
         };
         {
             let l = reopen(dir.path());
