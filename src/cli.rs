@@ -131,11 +131,18 @@ pub async fn accept_reset(cfg: &NodeConfig) -> Result<String, CliError> {
         })
     };
     let path = ClusterFile::path(&cfg.state);
-    let before = ClusterFile::load(&path).map_err(|e| CliError::Invalid(e.to_string()))?;
+    // A damaged file is what accept-reset is for: overwrite it.
+    let before = ClusterFile::load(&path).ok().flatten();
     // Revision 0: the node remembers revisions afresh from this etcd on.
-    ClusterFile { id, revision: 0 }
-        .save(&path)
-        .map_err(|e| CliError::Invalid(crate::error::error_chain(&e)))?;
+    let accepted =
+        Some(crate::state::status::chrono_now() + &format!(" #{}", uuid::Uuid::new_v4()));
+    ClusterFile {
+        id,
+        revision: 0,
+        accepted,
+    }
+    .save(&path)
+    .map_err(|e| CliError::Invalid(crate::error::error_chain(&e)))?;
     let was = before.map_or("nothing".to_string(), |b| {
         let id = b.id.map_or("(none)".to_string(), |i| i.to_string());
         format!("cluster {id} at revision {}", b.revision)

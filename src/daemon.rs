@@ -553,8 +553,11 @@ impl<'a> PassLoop<'a> {
         let cache = self.s.cache;
         let b = cache.brake();
         if b.held.is_some() {
-            let now = ClusterFile::load(&self.cluster_file).ok().flatten();
-            if now == b.file_at_hold {
+            // Only a new acceptance releases: not a revision update, not a
+            // file that cannot be read.
+            let released = crate::state::brake::accepted(&self.cluster_file)
+                .is_some_and(|now| now.is_some() && now != b.accepted_at_hold);
+            if !released {
                 return b.held;
             }
             tracing::warn!(
@@ -599,10 +602,13 @@ impl<'a> PassLoop<'a> {
     /// limits, and the resync make a whole pass.
     fn take_work(&mut self) -> Work {
         let listed = self.s.cache.live.load(Ordering::Acquire);
+        // The state first, the brake after: a relist in between is judged
+        // (set_brake) before it replaces the state, so this never pairs a
+        // wiped state with "not held".
+        let (mut desired, generation, changes) = self.s.cache.take();
         // A held node serves the listed state like a stored one: repairs and
         // additions, nothing taken away.
         let live = listed && self.held(listed).is_none();
-        let (mut desired, generation, changes) = self.s.cache.take();
         self.pending.merge(changes);
         let policy = self.s.policy.read().expect("policy lock").clone();
         if policy.limits.any() {
@@ -647,6 +653,14 @@ impl<'a> PassLoop<'a> {
         let span = tracing::info_span!("reconcile", revision = work.desired.revision);
         let mut last: Option<PassOutcome> = None;
         for _ in 0..MAX_CHAINED_PASSES {
+            // The watchdog times each pass, not the chain.
+            let now = std::time::Instant::now();
+            *self
+                .s
+                .health
+                .pass_started
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(now);
             rec.node.policy = work.policy.clone();
             // A chained pass looks again at what the last one looked at
             // (including kernels it found through mount-table changes).

@@ -113,6 +113,9 @@ pub fn attribute(
     out
 }
 
+/// A mount: its mount point and the id of the mount there (none: not mounted).
+type MountKey = (PathBuf, Option<u32>);
+
 /// Reads the node's actual state for a pass.
 pub struct Observer {
     mountinfo: Arc<dyn MountInfoSource>,
@@ -130,8 +133,9 @@ pub struct Observer {
     token_lifetime: Duration,
     /// How long a look below a volume's mount point may take.
     stat_timeout: Duration,
-    /// Volume targets with a look still stuck in the kernel (a hung volume).
-    stuck: Arc<std::sync::Mutex<HashSet<PathBuf>>>,
+    /// Volume mounts (target, mount id) with a look still stuck in the
+    /// kernel (a hung volume).
+    stuck: Arc<std::sync::Mutex<HashSet<MountKey>>>,
 }
 
 /// Where the [`Observer`] looks.
@@ -282,21 +286,24 @@ impl Observer {
             by_volume.entry(vol).or_default().push(path.clone());
         }
         let (mut dirs, mut hung) = (HashSet::new(), std::collections::BTreeSet::new());
+        // Every wanted volume (agents bind from startup volumes and vfolders
+        // without looking at directories): stale, or a look still stuck in
+        // the mount that is there now, means hung.
+        for (vol, v) in &want.volumes {
+            if actual.stale.contains_key(&v.target) || self.is_stuck(&v.target, actual) {
+                hung.insert(vol.clone());
+            }
+        }
         for (vol, paths) in by_volume {
             let Some(target) = want.volumes.get(vol).map(|v| v.target.clone()) else {
                 continue;
             };
-            let stuck = self
-                .stuck
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&target);
-            if stuck || actual.stale.contains_key(&target) {
-                hung.insert(vol.clone());
+            if hung.contains(vol) {
                 dirs.extend(paths);
                 continue;
             }
-            match self.look_below(target, paths.clone()) {
+            let mount = actual.mounts.top(&target).map(|m| m.id);
+            match self.look_below((target, mount), paths.clone()) {
                 Some(found) => dirs.extend(found),
                 None => {
                     tracing::warn!(volume = %vol, timeout = ?self.stat_timeout, "volume does not answer; nothing below it is touched until it does");
@@ -308,25 +315,35 @@ impl Observer {
         (dirs, hung)
     }
 
+    /// Whether a look below the mount now at `target` is still stuck (a
+    /// look stuck in a mount that has since been replaced does not count).
+    fn is_stuck(&self, target: &Path, actual: &Actual) -> bool {
+        let key = (
+            target.to_path_buf(),
+            actual.mounts.top(target).map(|m| m.id),
+        );
+        self.stuck
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&key)
+    }
+
     /// The `paths` below `target` that are directories, or `None` if the
     /// look did not finish within the timeout (the thread stays marked as
     /// stuck until the kernel lets it go).
-    fn look_below(&self, target: PathBuf, paths: Vec<PathBuf>) -> Option<Vec<PathBuf>> {
+    fn look_below(&self, key: MountKey, paths: Vec<PathBuf>) -> Option<Vec<PathBuf>> {
         let (tx, rx) = std::sync::mpsc::channel();
         let stuck = self.stuck.clone();
         stuck
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(target.clone());
+            .insert(key.clone());
         std::thread::spawn(move || {
             let found: Vec<PathBuf> = paths
                 .into_iter()
                 .filter(|p| crate::reconcile::fsops::is_dir_nofollow(p))
                 .collect();
-            stuck
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&target);
+            stuck.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
             let _ = tx.send(found);
         });
         rx.recv_timeout(self.stat_timeout).ok()

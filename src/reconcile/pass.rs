@@ -441,7 +441,9 @@ impl Reconciler {
                     waiting.push((bind.kernel.clone(), bind.volume.clone()));
                     false
                 }
-                Action::MakeDir { path, .. } => !roots.iter().any(|r| path.starts_with(r)),
+                Action::MakeDir { path, .. } | Action::RemoveDir { path } => {
+                    !roots.iter().any(|r| path.starts_with(r))
+                }
                 _ => true,
             })
             .collect();

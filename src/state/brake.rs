@@ -44,6 +44,11 @@ pub struct ClusterFile {
     pub id: Option<Uuid>,
     /// The newest etcd revision this node has applied.
     pub revision: i64,
+    /// When an operator last ran `vfolderd accept-reset` here (RFC 3339): a
+    /// new value releases a held brake; nothing else does (not a revision
+    /// update, not a file that cannot be read).
+    #[serde(default)]
+    pub accepted: Option<String>,
 }
 
 /// `P/cluster`: written once by a storage node.
@@ -86,7 +91,11 @@ impl ClusterFile {
             path: path.to_path_buf(),
             source,
         };
-        let tmp = path.with_extension("json.tmp");
+        // A temporary name of its own per write: the daemon's writers and an
+        // operator's accept-reset never share one.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("json.tmp.{}.{seq}", std::process::id()));
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -124,6 +133,13 @@ pub fn evaluate(path: &Path, etcd_id: Option<Uuid>, revision: i64) -> Verdict {
         Ok(stored) => judge(stored.as_ref(), etcd_id, revision),
         Err(e) => Verdict::Held(crate::error::error_chain(&e)),
     }
+}
+
+/// The operator's acceptance in the file at `path`, if it can be read.
+pub fn accepted(path: &Path) -> Option<Option<String>> {
+    ClusterFile::load(path)
+        .ok()
+        .map(|f| f.and_then(|f| f.accepted))
 }
 
 /// Remembers `id` (when given) and that revision `revision` was applied
@@ -183,6 +199,7 @@ mod tests {
         ClusterFile {
             id: id.map(Uuid::from_u128),
             revision,
+            accepted: None,
         }
     }
 

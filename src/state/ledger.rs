@@ -128,9 +128,15 @@ impl HelperProcess {
         crate::reconcile::sys::process_start_time(pid).map(|started| Self { pid, started })
     }
 
-    /// Whether that very process still runs (not exited, not a zombie
-    /// of it, not another process that got its pid).
+    /// Whether that very process still runs (not exited, not a zombie of
+    /// it, not another process that got its pid), or any process of its
+    /// process group does (it ran in a group of its own: after a timeout
+    /// kills `mount(8)`, its `mount.nfs` child may still be in mount(2)).
     pub fn alive(&self) -> bool {
+        let group = nix::unistd::Pid::from_raw(self.pid as i32);
+        if nix::sys::signal::killpg(group, None).is_ok() {
+            return true;
+        }
         let zombie = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
             .ok()
             .and_then(|s| {
@@ -400,7 +406,9 @@ impl Ledger {
         revision: i64,
     ) -> Result<(), LedgerError> {
         // One batch (atomic in sled): the keys gone since, then every key
-        // of the listing. A crash leaves the old state or the new one.
+        // of the listing. A crash leaves the old state or the new one; the
+        // revision written after it may lag by one listing, which only labels
+        // a restart's stored state older than it is.
         let mut batch = sled::Batch::default();
         let new: std::collections::HashSet<&[u8]> = kvs.iter().map(|(k, _)| k.as_bytes()).collect();
         for old in self.desired.iter().keys() {

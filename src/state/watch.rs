@@ -163,9 +163,9 @@ pub struct BrakeState {
     pub etcd_id: Option<Uuid>,
     /// That list's revision.
     pub revision: i64,
-    /// The cluster file as it was when the brake engaged: an operator's
-    /// `accept-reset` rewrites it, which releases the brake.
-    pub file_at_hold: Option<crate::state::brake::ClusterFile>,
+    /// The operator's last acceptance when the brake engaged: a new one
+    /// (`vfolderd accept-reset`) releases the brake.
+    pub accepted_at_hold: Option<String>,
 }
 
 impl DesiredCache {
@@ -752,9 +752,7 @@ async fn judge_listing(
         }
         verdict = crate::state::brake::evaluate(&cfg.file, etcd_id, l.revision);
     }
-    let file_at_hold = crate::state::brake::ClusterFile::load(&cfg.file)
-        .ok()
-        .flatten();
+    let accepted_at_hold = crate::state::brake::accepted(&cfg.file).flatten();
     let held = match verdict {
         Verdict::Held(reason) => {
             tracing::error!(%reason, "safety brake: holding; nothing is torn down until `vfolderd accept-reset`");
@@ -772,13 +770,16 @@ async fn judge_listing(
         held,
         etcd_id,
         revision: l.revision,
-        file_at_hold,
+        accepted_at_hold,
     });
 }
 
 /// Swaps the cache for a fresh listing in one step (keys deleted meanwhile
 /// disappear) and stores it as the last good state.
 fn apply_listing(parser: &DesiredParser, cache: &DesiredCache, store: &Ledger, l: Listing) {
+    // A held node keeps its last good state in the store: the listing that
+    // held it (a wiped or foreign etcd) must not replace it.
+    let keep_store = cache.brake().held.is_some();
     let created = |i: usize| l.created.get(i).copied().unwrap_or(l.revision);
     let d = parser.from_listing(
         l.kvs
@@ -787,7 +788,9 @@ fn apply_listing(parser: &DesiredParser, cache: &DesiredCache, store: &Ledger, l
             .map(|(i, (k, v))| (k.as_str(), v.as_slice(), l.revision, created(i))),
         l.revision,
     );
-    if let Err(e) = store.store_desired(&l.kvs, l.revision) {
+    if keep_store {
+        tracing::warn!("safety brake holds: the stored last good desired state is kept");
+    } else if let Err(e) = store.store_desired(&l.kvs, l.revision) {
         tracing::warn!(error = %crate::error::error_chain(&e), "cannot store the desired state; a restart during an etcd outage would start empty");
     }
     tracing::info!(
@@ -811,6 +814,7 @@ fn apply_events(parser: &DesiredParser, cache: &DesiredCache, store: &Ledger, ev
     }
     tracing::trace!(events = events.len(), "watch events");
     // Parse first, outside the lock: parsing is the part that meets hostile input.
+    let held = cache.brake().held.is_some();
     let parsed: Vec<Option<Parsed>> = events
         .iter()
         .map(|ev| {
@@ -837,6 +841,9 @@ fn apply_events(parser: &DesiredParser, cache: &DesiredCache, store: &Ledger, ev
             match (&ev.value, parsed) {
                 (Some(v), Some(p)) => d.apply_parsed(&ev.key, v, ev.revision, p),
                 _ => parser.apply_delete(d, &ev.key, ev.revision),
+            }
+            if held {
+                continue;
             }
             if let Err(e) = store.apply_desired(&ev.key, ev.value.as_deref(), ev.revision) {
                 tracing::warn!(error = %crate::error::error_chain(&e), "cannot store a desired-state change");
