@@ -129,14 +129,10 @@ impl HelperProcess {
     }
 
     /// Whether that very process still runs (not exited, not a zombie of
-    /// it, not another process that got its pid), or any process of its
-    /// process group does (it ran in a group of its own: after a timeout
-    /// kills `mount(8)`, its `mount.nfs` child may still be in mount(2)).
+    /// it, not another process that got its pid). Its process group is not
+    /// asked: a killed group's orphans can linger as zombies where pid 1 does
+    /// not reap (containers), which would read as "running" forever.
     pub fn alive(&self) -> bool {
-        let group = nix::unistd::Pid::from_raw(self.pid as i32);
-        if nix::sys::signal::killpg(group, None).is_ok() {
-            return true;
-        }
         let zombie = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
             .ok()
             .and_then(|s| {
