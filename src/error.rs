@@ -19,12 +19,7 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// which may hold a password from a hostile value (invariant 5).
 pub fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
-        let payload = info.payload();
-        let msg = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
+        let msg = panic_message(info.payload());
         let location = info
             .location()
             .map(|l| format!("{}:{}", l.file(), l.line()));
@@ -34,4 +29,23 @@ pub fn install_panic_hook() {
             "panic (a bug)"
         );
     }));
+}
+
+/// A panic's message (panics carry a `&str` or a `String`).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Runs `f`; a panic inside it (a bug) becomes an error naming `what`, so
+/// one object's bad luck fails that object, not the node.
+pub fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let msg = panic_message(p.as_ref());
+        tracing::error!(object = what, panic = %crate::names::redact(&msg), "internal error (a bug) while handling one object");
+        format!("internal error while handling {what} (a bug; see the node's log)")
+    })
 }

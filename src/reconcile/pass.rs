@@ -240,7 +240,7 @@ impl Reconciler {
     /// One pass; a panic inside it (a bug) is an error of this pass, not
     /// the end of the daemon.
     pub fn guarded_pass(&mut self, input: PassInput<'_>) -> Result<PassOutcome, PassError> {
-        crate::state::desired::guarded("a reconcile pass", || self.pass(input))
+        crate::error::guarded("a reconcile pass", || self.pass(input))
             .map_err(PassError::Panicked)?
     }
 

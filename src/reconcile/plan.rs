@@ -334,7 +334,7 @@ fn resolve_kernel(
     k.uid = spec.uid;
     k.gid = spec.gid;
     // A bug while resolving one kernel's mounts fails that kernel, not the node.
-    let mounts = crate::state::desired::guarded(&format!("kernel {id}"), || {
+    let mounts = crate::error::guarded(&format!("kernel {id}"), || {
         kernel_mounts(node, d, startup, id, spec)
     });
     let (binds, tokens) = match mounts {

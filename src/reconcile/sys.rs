@@ -212,13 +212,17 @@ impl Mounter for LinuxMounter {
 }
 
 /// When process `pid` started (clock ticks since boot, `/proc/<pid>/stat`
-/// field 22): with the pid, it names one process, whatever reuses the pid.
-pub fn process_start_time(pid: u32) -> Option<u64> {
+/// field 22), if it runs (a zombie does not): with the pid, it names one
+/// process, whatever reuses the pid.
+pub fn running_since(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: count
-    // fields after its closing parenthesis.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    // fields after its closing parenthesis (field 3 is the state).
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    if fields.next()? == "Z" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// How a helper run ended.

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use uuid::Uuid;
 
+use crate::error::guarded;
 use crate::keys::{Classified, Keys, ObjectKey};
 use crate::policy::Policy;
 use crate::spec::{
@@ -69,20 +70,6 @@ pub enum Parsed {
     InvalidKey(String),
     /// Not a desired key (another node's kernel, a status key).
     Ignored,
-}
-
-/// Runs `f`; a panic inside it (a bug) becomes an error naming `what`, so
-/// one object's bad luck fails that object, not the node.
-pub fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
-        let msg = p
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
-        tracing::error!(object = what, panic = %crate::names::redact(&msg), "internal error (a bug) while handling one object");
-        format!("internal error while handling {what} (a bug; see the node's log)")
-    })
 }
 
 impl DesiredParser {

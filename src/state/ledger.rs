@@ -125,7 +125,7 @@ pub struct HelperProcess {
 impl HelperProcess {
     /// The running process `pid`, if it runs.
     pub fn of(pid: u32) -> Option<Self> {
-        crate::reconcile::sys::process_start_time(pid).map(|started| Self { pid, started })
+        crate::reconcile::sys::running_since(pid).map(|started| Self { pid, started })
     }
 
     /// Whether that very process still runs (not exited, not a zombie of
@@ -133,16 +133,7 @@ impl HelperProcess {
     /// asked: a killed group's orphans can linger as zombies where pid 1 does
     /// not reap (containers), which would read as "running" forever.
     pub fn alive(&self) -> bool {
-        let zombie = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
-            .ok()
-            .and_then(|s| {
-                s[s.rfind(')')? + 1..]
-                    .split_whitespace()
-                    .next()
-                    .map(|st| st == "Z")
-            })
-            .unwrap_or(true);
-        !zombie && crate::reconcile::sys::process_start_time(self.pid) == Some(self.started)
+        crate::reconcile::sys::running_since(self.pid) == Some(self.started)
     }
 }
 
