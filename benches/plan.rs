@@ -103,6 +103,7 @@ fn converged(d: &Desired) -> Actual {
                 expires_at: None,
                 credentials_stamp: None,
                 helper: None,
+                server: None,
             },
         );
     }

@@ -456,3 +456,62 @@ async fn vfolders_live_on_a_read_write_blob_volume_like_on_any_other() {
     })
     .await;
 }
+
+/// Issue 11 item 6: rclone ran with `--daemon`, whose server re-executes
+/// itself in a new session that no kill reaches and whose pid nobody knew.
+/// A frozen server was detached and replaced when its volume healed, and
+/// stayed behind forever holding its SAS. Now the server is vfolderd's own
+/// child, its pid in the ownership record, and it is killed before a retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_rclone_is_killed_when_its_volume_heals_and_none_is_left_behind() {
+    require_private_mount_namespace();
+    within(180, async {
+        let etcd = Etcd::start().await;
+        let azurite = Azurite::start().await;
+        let node = Node::start(
+            &etcd,
+            "n1",
+            NodeOpts {
+                extra_config: "probe_interval: 300ms\nprobe_timeout: 1s\n",
+                ..Default::default()
+            },
+        );
+        write_azurite_key(&node, "k");
+        let spec = format!(
+            "mount: {{at: startup, fstype: azureblob, path: {}, credentials: k}}\ncreate: true\n",
+            azurite.container_url("frozen")
+        );
+        etcd.put(&format!("{P}/volumes/frozen"), &spec).await;
+        etcd.wait_state(&node.volume_status("frozen"), "Mounted")
+            .await;
+        let target = node.volumes().join("frozen");
+        let old = rclones_for(&target);
+        assert_eq!(old.len(), 1, "one rclone serves the volume: {old:?}");
+        let old = nix::unistd::Pid::from_raw(old[0]);
+        nix::sys::signal::kill(old, nix::sys::signal::Signal::SIGSTOP).unwrap();
+
+        // The prober finds it stale; nobody uses it, so it heals at once.
+        until("the frozen rclone is gone", 60, || {
+            !rclones_for(&target).contains(&old.as_raw())
+        })
+        .await;
+        etcd.wait_state(&node.volume_status("frozen"), "Mounted")
+            .await;
+        let now = rclones_for(&target);
+        assert_eq!(
+            now.len(),
+            1,
+            "exactly one rclone serves the volume: {now:?}"
+        );
+        assert_eq!(
+            node.mounts()
+                .iter()
+                .filter(|m| m.mount_point == target)
+                .count(),
+            1,
+            "one mount at the target, nothing stacked"
+        );
+        assert!(std::fs::read_dir(&target).is_ok(), "the new server answers");
+    })
+    .await;
+}

@@ -328,3 +328,77 @@ async fn a_crash_during_a_slow_mount_helper_never_starts_a_second_one() {
     })
     .await;
 }
+
+/// Issue "No single put..." item 6, for FUSE volumes (real rclone, Azurite): `kill -9` of vfolderd
+/// while rclone is still starting (slowed by a wrapper) and a restart left
+/// the first rclone running unknown to the new vfolderd, which started a
+/// second: two servers with SASes, two stacked mounts. The first server's
+/// pid is in the ownership record before it mounts; the restarted vfolderd
+/// kills it and starts one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_while_rclone_starts_leaves_one_server_and_one_mount() {
+    require_private_mount_namespace();
+    within(180, async {
+        use std::os::unix::fs::PermissionsExt;
+        let etcd = Etcd::start().await;
+        let azurite = Azurite::start().await;
+        let scripts = tempfile::tempdir().unwrap();
+        let slow = scripts.path().join("slow-rclone");
+        std::fs::write(&slow, "#!/bin/sh\nsleep 4\nexec rclone \"$@\"\n").unwrap();
+        std::fs::set_permissions(&slow, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let extra: &'static str =
+            Box::leak(format!("rclone: {}\n", slow.display()).into_boxed_str());
+        let mut node = Node::start(
+            &etcd,
+            "n1",
+            NodeOpts {
+                mount_timeout: "30s",
+                extra_config: extra,
+                ..Default::default()
+            },
+        );
+        write_azurite_key(&node, "k");
+        let spec = format!(
+            "mount: {{at: startup, fstype: azureblob, path: {}, credentials: k}}\ncreate: true\n",
+            azurite.container_url("slow")
+        );
+        etcd.put(&format!("{P}/volumes/slow"), &spec).await;
+        let target = node.volumes().join("slow");
+        until("the slow rclone starts", 30, || {
+            !rclones_for(&target).is_empty()
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        node.kill9();
+        assert!(
+            node.mount_at(&target).is_none(),
+            "killed before the mount appeared"
+        );
+        node.spawn();
+
+        etcd.wait_state(&node.volume_status("slow"), "Mounted")
+            .await;
+        // Past the first server's sleep: had it survived, it would mount now.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let servers = rclones_for(&target);
+        assert_eq!(
+            servers.len(),
+            1,
+            "one rclone serves the volume: {servers:?}"
+        );
+        assert_eq!(
+            node.mounts()
+                .iter()
+                .filter(|m| m.mount_point == target)
+                .count(),
+            1,
+            "one mount at the target, nothing stacked"
+        );
+        assert_eq!(
+            etcd.get_json(&node.volume_status("slow")).await.unwrap()["state"],
+            "Mounted"
+        );
+        assert!(std::fs::read_dir(&target).is_ok(), "the server answers");
+    })
+    .await;
+}

@@ -21,10 +21,12 @@ use crate::reconcile::fsops::{
     self, fd_path, make_dir, open_dir, remove_dir_if_empty, Create, FsError,
 };
 use crate::reconcile::plan::{Action, WantBind, WantToken, WantVolume};
-use crate::reconcile::sys::{split_flags, DaemonRequest, HelperError, HelperRequest, Mounter};
+use crate::reconcile::sys::{
+    signal_process, split_flags, HelperError, HelperRequest, Mounter, ServerRequest,
+};
 use crate::spec::Fstype;
 use crate::state::ledger::{
-    Ledger, LedgerError, MountKind, OwnedDir, OwnedMount, OwnedToken, Owner,
+    HelperProcess, Ledger, LedgerError, MountKind, OwnedDir, OwnedMount, OwnedToken, Owner,
 };
 
 /// Why an action failed.
@@ -170,6 +172,7 @@ pub fn bind_record(b: &WantBind) -> OwnedMount {
         expires_at: None,
         credentials_stamp: None,
         helper: None,
+        server: None,
     }
 }
 
@@ -186,6 +189,7 @@ pub fn volume_record(v: &WantVolume) -> OwnedMount {
         expires_at: None,
         credentials_stamp: None,
         helper: None,
+        server: None,
     }
 }
 
@@ -461,26 +465,74 @@ impl Executor {
     /// still runs (the volume was deleted or the daemon restarted during a
     /// slow mount): then the record stays until the helper exits, so a late
     /// mount is still known as ours.
+    /// A FUSE server whose mount is gone serves nothing but still holds its
+    /// SAS: it is asked to stop (SIGTERM lets rclone finish its uploads).
     fn forget(&self, target: &Path) -> Result<(), ExecError> {
-        let helper = self.ledger.mounts()?.get(target).and_then(|m| m.helper);
-        if helper.is_some_and(|h| h.alive()) {
+        let record = self.ledger.mounts()?.get(target).cloned();
+        if record
+            .as_ref()
+            .and_then(|m| m.helper)
+            .is_some_and(|h| h.alive())
+        {
             return Err(ExecError::Helper {
                 target: target.to_path_buf(),
                 source: HelperError::StillRunning,
             });
         }
+        if let Some(server) = record.and_then(|m| m.server) {
+            signal_process(&server, rustix::process::Signal::TERM);
+        }
         Ok(self.ledger.remove_mount(target)?)
     }
 
     fn unmount(&self, target: &Path) -> Result<(), ExecError> {
+        let server = self.ledger.mounts()?.get(target).and_then(|m| m.server);
         // UMOUNT_NOFOLLOW: never unmount through a symlink someone swapped in.
         match self.mounter.umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
-            Ok(()) | Err(Errno::EINVAL | Errno::ENOENT) => Ok(self.ledger.remove_mount(target)?),
+            Ok(()) | Err(Errno::EINVAL | Errno::ENOENT) => {
+                // rclone exits once unmounted; one that does not would leak.
+                if let Some(server) = server {
+                    signal_process(&server, rustix::process::Signal::TERM);
+                }
+                Ok(self.ledger.remove_mount(target)?)
+            }
             Err(errno) => Err(ExecError::UnmountFailed {
                 target: target.to_path_buf(),
                 errno,
             }),
         }
+    }
+
+    /// Kills the FUSE server an earlier attempt started for `target`, if it
+    /// still runs without its mount there (frozen, timed out, or started by
+    /// a vfolderd killed mid-mount): a second one would stack a mount and
+    /// leak a process holding a SAS. Should its mount appear meanwhile, it
+    /// is left for the next pass to judge instead of being stacked on.
+    fn stop_earlier_server(
+        &self,
+        earlier: Option<HelperProcess>,
+        target: &Path,
+    ) -> Result<(), ExecError> {
+        let Some(server) = earlier.filter(HelperProcess::alive) else {
+            return Ok(());
+        };
+        tracing::warn!(target = %target.display(), pid = server.pid, "killing the FUSE server of an earlier attempt");
+        signal_process(&server, rustix::process::Signal::KILL);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while server.alive() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mounted = self
+            .mountinfo
+            .as_ref()
+            .is_some_and(|mi| mi.read().is_ok_and(|t| t.top(target).is_some()));
+        if server.alive() || mounted {
+            return Err(ExecError::Helper {
+                target: target.to_path_buf(),
+                source: HelperError::StillRunning,
+            });
+        }
+        Ok(())
     }
 
     fn mount_volume(&self, v: &WantVolume) -> Result<(), ExecError> {
@@ -493,22 +545,22 @@ impl Executor {
         };
         // A helper an earlier run of vfolderd started (before a crash or
         // restart) may still be mounting: a second one would stack.
-        let earlier = self.ledger.mounts()?.get(&v.target).and_then(|m| m.helper);
-        if earlier.is_some_and(|h| h.alive()) {
+        let earlier = self.ledger.mounts()?.get(&v.target).cloned();
+        if earlier
+            .as_ref()
+            .and_then(|m| m.helper)
+            .is_some_and(|h| h.alive())
+        {
             return Err(ExecError::Helper {
                 target: v.target.clone(),
                 source: HelperError::StillRunning,
             });
         }
+        self.stop_earlier_server(earlier.and_then(|m| m.server), &v.target)?;
         // Intent first: if we crash after mounting, the mount is still ours.
         self.ledger.put_mount(&record)?;
         let result = if v.fstype == Fstype::AzureBlob {
-            self.mount_blob(v).and_then(|expires_at| {
-                Ok(self.ledger.put_mount(&OwnedMount {
-                    expires_at,
-                    ..record.clone()
-                })?)
-            })
+            self.mount_blob(v, &record)
         } else {
             self.mount_volume_inner(v, &record)
         };
@@ -640,7 +692,7 @@ impl Executor {
         // The helper's pid goes into the ownership record (flushed) as soon
         // as it runs, so a restart during a slow mount waits for it.
         let mut spawned = |pid: u32| {
-            let helper = crate::state::ledger::HelperProcess::of(pid);
+            let helper = HelperProcess::of(pid);
             let with_pid = OwnedMount {
                 helper,
                 ..record.clone()
@@ -681,8 +733,9 @@ impl Executor {
 
     /// Mounts a blob container with `rclone mount`: a fresh container SAS
     /// (read+list for a read-only volume) goes to rclone in its environment,
-    /// never on its command line. Returns when the SAS expires (unix seconds).
-    fn mount_blob(&self, v: &WantVolume) -> Result<Option<u64>, ExecError> {
+    /// never on its command line. The server's pid goes into the ownership
+    /// record as soon as it runs, with the SAS's expiry once it is mounted.
+    fn mount_blob(&self, v: &WantVolume, record: &OwnedMount) -> Result<(), ExecError> {
         use crate::azure::{
             container_client, container_sas, ensure_container, read_account_key, Access,
             BlobLocation,
@@ -714,21 +767,17 @@ impl Executor {
                 name: v.name.clone(),
                 message: e.to_string(),
             })?;
+        let log = self.cfg.run_dir.join(format!("rclone-{}.log", v.name));
         let mut args: Vec<String> = vec![
             "mount".into(),
             // A container SAS is scoped to the account's root: name the container.
             format!("vfd:{}", loc.container),
             v.target.display().to_string(),
-            "--daemon".into(),
             "--allow-other".into(),
             "--dir-cache-time".into(),
             "10s".into(),
             "--log-file".into(),
-            self.cfg
-                .run_dir
-                .join(format!("rclone-{}.log", v.name))
-                .display()
-                .to_string(),
+            log.display().to_string(),
             "--cache-dir".into(),
             self.cfg
                 .run_dir
@@ -741,7 +790,7 @@ impl Executor {
         } else {
             args.extend(["--vfs-cache-mode".into(), "writes".into()]);
         }
-        let req = DaemonRequest {
+        let req = ServerRequest {
             program: self.cfg.rclone.clone(),
             args,
             env: vec![
@@ -752,20 +801,41 @@ impl Executor {
                 ("RCLONE_CONFIG_VFD_SAS_URL".into(), sas.url),
             ],
             target: v.target.clone(),
+            log,
             timeout: self.cfg.mount_timeout,
         };
+        let mut server = None;
+        let mut spawned = |pid: u32| {
+            server = HelperProcess::of(pid);
+            let with_pid = OwnedMount {
+                server,
+                ..record.clone()
+            };
+            if let Err(e) = self.ledger.put_mount(&with_pid) {
+                tracing::warn!(error = %crate::error::error_chain(&e), "cannot record the FUSE server's pid");
+            }
+        };
+        let mounted = || {
+            self.mountinfo
+                .as_ref()
+                .is_none_or(|mi| mi.read().is_ok_and(|t| t.top(&v.target).is_some()))
+        };
         self.mounter
-            .spawn_daemon(&req)
+            .start_server(&req, &mut spawned, &mounted)
             .map_err(|source| ExecError::Helper {
                 target: v.target.clone(),
                 source,
             })?;
-        self.wait_until_mounted(&v.target)?;
-        Ok(sas
+        let expires_at = sas
             .expires
             .duration_since(std::time::UNIX_EPOCH)
             .ok()
-            .map(|d| d.as_secs()))
+            .map(|d| d.as_secs());
+        Ok(self.ledger.put_mount(&OwnedMount {
+            expires_at,
+            server,
+            ..record.clone()
+        })?)
     }
 
     /// Writes a per-user SAS URL to `<home>/.vfolderd/sas/<volume>`: 0600,
@@ -1228,8 +1298,13 @@ mod tests {
             fn umount2(&self, t: &Path, fl: MntFlags) -> Result<(), Errno> {
                 self.0.umount2(t, fl)
             }
-            fn spawn_daemon(&self, req: &DaemonRequest) -> Result<(), HelperError> {
-                self.0.spawn_daemon(req)
+            fn start_server(
+                &self,
+                req: &ServerRequest,
+                spawned: &mut dyn FnMut(u32),
+                mounted: &dyn Fn() -> bool,
+            ) -> Result<(), HelperError> {
+                self.0.start_server(req, spawned, mounted)
             }
             fn run_helper(&self, req: &HelperRequest) -> Result<(), HelperError> {
                 let path = req

@@ -1280,6 +1280,7 @@ mod tests {
             expires_at: None,
             credentials_stamp: None,
             helper: None,
+            server: None,
         }
     }
 

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -33,10 +34,14 @@ pub struct HelperRequest {
     pub timeout: Duration,
 }
 
-/// A request to start a FUSE daemon that mounts `target` and detaches
-/// (`rclone mount --daemon`). Secrets travel only in `env`, never in `args`.
+/// A request to start a FUSE server (`rclone mount`) that serves `target`
+/// for as long as the mount lives. It runs in the foreground as our child in
+/// its own process group, not `--daemon`: a daemonizing server re-executes
+/// itself in a new session that no kill of ours reaches, and its pid is
+/// unknown, so a timed-out or retried start leaked a server holding a SAS.
+/// Secrets travel only in `env`, never in `args`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DaemonRequest {
+pub struct ServerRequest {
     /// The program.
     pub program: PathBuf,
     /// Its arguments (no secrets: argv is world-readable in /proc).
@@ -45,7 +50,11 @@ pub struct DaemonRequest {
     pub env: Vec<(String, Secret)>,
     /// The mount point it serves.
     pub target: PathBuf,
-    /// Kill it if it has not daemonized after this long.
+    /// Its stdout and stderr are appended here (a root-only file): a pipe
+    /// to vfolderd would break when vfolderd restarts, and a Go program
+    /// writing to a broken stderr dies of SIGPIPE.
+    pub log: PathBuf,
+    /// Kill it if its mount has not appeared after this long.
     pub timeout: Duration,
 }
 
@@ -97,9 +106,17 @@ pub trait Mounter: Send + Sync {
         let _ = spawned;
         self.run_helper(req)
     }
-    /// Starts a FUSE daemon that outlives vfolderd (its own session and
-    /// process group), waiting until its foreground part exits.
-    fn spawn_daemon(&self, req: &DaemonRequest) -> Result<(), HelperError>;
+    /// Starts a FUSE server that outlives vfolderd (its own process group),
+    /// telling `spawned` its pid as soon as it runs, and returns once
+    /// `mounted` says its mount is there. A server that exits first fails
+    /// with the tail of its log; one still not mounted after the timeout is
+    /// killed.
+    fn start_server(
+        &self,
+        req: &ServerRequest,
+        spawned: &mut dyn FnMut(u32),
+        mounted: &dyn Fn() -> bool,
+    ) -> Result<(), HelperError>;
 }
 
 /// The real thing: passes each call to the kernel.
@@ -188,26 +205,84 @@ impl Mounter for LinuxMounter {
         }
     }
 
-    fn spawn_daemon(&self, req: &DaemonRequest) -> Result<(), HelperError> {
+    fn start_server(
+        &self,
+        req: &ServerRequest,
+        spawned: &mut dyn FnMut(u32),
+        mounted: &dyn Fn() -> bool,
+    ) -> Result<(), HelperError> {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&req.log)
+            .map_err(|e| HelperError::Spawn(format!("{}: {e}", req.log.display())))?;
+        let err_log = log
+            .try_clone()
+            .map_err(|e| HelperError::Spawn(e.to_string()))?;
+        let start = log.metadata().map_or(0, |m| m.len());
         let mut cmd = Command::new(&req.program);
         cmd.args(&req.args)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .stdout(log)
+            .stderr(err_log);
         for (k, v) in &req.env {
             cmd.env(k, v.expose());
         }
         // Its own process group: vfolderd's signals and exit do not reach it,
         // so the mount survives a vfolderd restart and is adopted.
         cmd.process_group(0);
-        let child = cmd.spawn().map_err(|e| HelperError::Spawn(e.to_string()))?;
-        match wait_helper(child, req.timeout) {
-            Waited::Exited(r) => r,
-            Waited::TimedOut(mut child) => {
-                std::thread::spawn(move || child.wait());
-                Err(HelperError::Timeout(req.timeout))
+        let mut child = cmd.spawn().map_err(|e| HelperError::Spawn(e.to_string()))?;
+        spawned(child.id());
+        let deadline = std::time::Instant::now() + req.timeout;
+        let outcome = loop {
+            if mounted() {
+                break Ok(());
             }
-        }
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    return Err(HelperError::Failed {
+                        code: status.code().unwrap_or(-1),
+                        stderr: log_tail(&req.log, start),
+                    })
+                }
+                Ok(None) => {}
+                Err(e) => break Err(HelperError::Spawn(e.to_string())),
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+                break Err(HelperError::Timeout(req.timeout));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Reaped whenever it exits (unmounted, killed), so no zombie stays.
+        std::thread::spawn(move || child.wait());
+        outcome
+    }
+}
+
+/// What a server wrote to its log since byte `start`: its last 400
+/// characters, whitespace collapsed and secrets redacted (it goes into a
+/// status).
+fn log_tail(log: &Path, start: u64) -> String {
+    let text = std::fs::read(log).unwrap_or_default();
+    let text = String::from_utf8_lossy(text.get(start as usize..).unwrap_or_default());
+    let words = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let from = words.char_indices().rev().nth(399).map_or(0, |(i, _)| i);
+    redact(&words[from..])
+}
+
+/// Sends `signal` to process `p` if that very process still runs: the
+/// pidfd pins it, so a pid reused after the check is never signalled.
+pub fn signal_process(p: &crate::state::ledger::HelperProcess, signal: rustix::process::Signal) {
+    let Some(pid) = rustix::process::Pid::from_raw(p.pid as i32) else {
+        return;
+    };
+    let Ok(fd) = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) else {
+        return;
+    };
+    if p.alive() {
+        let _ = rustix::process::pidfd_send_signal(&fd, signal);
     }
 }
 
@@ -282,8 +357,8 @@ pub enum Call {
     },
     /// A helper run.
     Helper(HelperRequest),
-    /// A daemon start (env recorded by name only).
-    Daemon {
+    /// A FUSE server start (env recorded by name only).
+    Server {
         /// Program.
         program: PathBuf,
         /// Arguments.
@@ -376,8 +451,13 @@ impl Mounter for RecordingMounter {
         }
     }
 
-    fn spawn_daemon(&self, req: &DaemonRequest) -> Result<(), HelperError> {
-        self.calls.lock().expect("lock").push(Call::Daemon {
+    fn start_server(
+        &self,
+        req: &ServerRequest,
+        _spawned: &mut dyn FnMut(u32),
+        _mounted: &dyn Fn() -> bool,
+    ) -> Result<(), HelperError> {
+        self.calls.lock().expect("lock").push(Call::Server {
             program: req.program.clone(),
             args: req.args.clone(),
             env_keys: req.env.iter().map(|(k, _)| k.clone()).collect(),

@@ -111,6 +111,11 @@ pub struct OwnedMount {
     /// stack a second mount), and keeps the record until it exits.
     #[serde(default)]
     pub helper: Option<HelperProcess>,
+    /// The FUSE server (rclone) serving this mount for as long as it
+    /// lives: stopped when the mount goes, killed before a retry, so no
+    /// server (holding a SAS) outlives its mount or stacks a second one.
+    #[serde(default)]
+    pub server: Option<HelperProcess>,
 }
 
 /// A process, named by pid and start time (pids are reused).
@@ -509,6 +514,7 @@ mod tests {
             expires_at: None,
             credentials_stamp: None,
             helper: None,
+            server: None,
         };
         {
             let l = reopen(dir.path());

@@ -871,6 +871,24 @@ pub fn rclone_for(target: &Path) -> Option<(i32, String)> {
     None
 }
 
+/// Every running process that serves `target` with rclone (a zombie has no
+/// command line, so it is not counted).
+pub fn rclones_for(target: &Path) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd =
+            String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).unwrap_or_default())
+                .replace('\0', " ");
+        if cmd.contains("rclone") && cmd.contains(&*target.to_string_lossy()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
 /// Runs an async test body with a deadline, so a deadlock fails instead of hanging CI.
 pub async fn within<F: std::future::Future<Output = ()>>(secs: u64, f: F) {
     tokio::time::timeout(Duration::from_secs(secs), f)
