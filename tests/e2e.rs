@@ -756,7 +756,7 @@ async fn seed_cifs_volumes_mount_through_the_helper_with_the_password_only_in_a_
         let line = |vol: &str, share: &str| {
             format!(
                 "-t cifs -o vers=3.0,dir_mode=0777,file_mode=0777,sec=ntlmssp,actimeo=30,mfsymlinks,credentials={}/credentials-{vol},nosuid,nodev \
-                 //USERNAME.file.core.windows.net/{share} {}",
+                 -- //USERNAME.file.core.windows.net/{share} {}",
                 state.display(),
                 node.volumes().join(vol).display()
             )
@@ -830,7 +830,7 @@ async fn a_kernel_is_pending_while_its_volume_mounts_then_ready() {
         assert_eq!(
             argv,
             format!(
-                "-t nfs -o nosuid,nodev nfs.example:/export {}\n",
+                "-t nfs -o nosuid,nodev -- nfs.example:/export {}\n",
                 node.volumes().join("nfs1").display()
             )
         );

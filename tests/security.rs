@@ -537,3 +537,83 @@ async fn a_rotated_credentials_file_is_used_for_the_next_mount_and_remounts_once
     })
     .await;
 }
+
+/// Issue 12 item 1: sources were matched as strings by globs whose `*`
+/// crossed `/`, so each hostile source below passed the shipped policy, and a
+/// bind source was followed through symlinks. Now each part of a source is
+/// matched by its own glob, paths must be clean, a leading `-` is refused,
+/// and a bind source is opened beneath the policy's directory without
+/// following a symlink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_policy_holds_against_sources_that_walk_around_it() {
+    require_private_mount_namespace();
+    within(120, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(&etcd, "n1", NodeOpts::default());
+        let d = node.dir.path();
+        let policies = d.join("policies");
+        std::fs::create_dir_all(&policies).unwrap();
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/default.yaml");
+        std::fs::copy(shipped, policies.join("default.yaml")).unwrap();
+        // The shipped bind rule, moved under this test's directory.
+        let allowed = d.join("allowed");
+        std::fs::write(
+            policies.join("zz-local.yaml"),
+            format!(
+                "fstypes: {{bind: {{sources: [\"{}/**\"]}}}}\n",
+                allowed.display()
+            ),
+        )
+        .unwrap();
+        std::fs::create_dir_all(allowed.join("data")).unwrap();
+        std::fs::create_dir_all(d.join("secret")).unwrap();
+        std::fs::write(d.join("secret/key"), "host secret").unwrap();
+        std::os::unix::fs::symlink(d.join("secret"), allowed.join("link")).unwrap();
+        write_azurite_key(&node, "k");
+        tokio::time::sleep(Duration::from_millis(500)).await; // the policy watcher
+
+        let cases = [
+            ("evil-cifs", "cifs", "//evil.example/x.file.core.windows.net/y".to_string(), "", "policy fstypes.cifs.sources"),
+            ("dotdot", "bind", format!("{}/../../", allowed.display()), "", "'..'"),
+            ("dotdot-etc", "bind", format!("{}/data/../../secret", allowed.display()), "", "'..'"),
+            ("evil-blob", "azureblob", "https://acct.blob.evil/c#.blob.core.windows.net/x".into(), "", "fragment"),
+            ("lookalike-blob", "azureblob", "https://acct.blob.core.windows.net.evil/c".into(), "", "policy fstypes.azureblob.sources"),
+            ("dash-source", "nfs", "-oexec".into(), "", "'-'"),
+            ("dash-option", "nfs", "nfs.example:/x".into(), "-fake", "'-'"),
+        ];
+        for (name, fstype, path, options, _) in &cases {
+            let creds = if *fstype == "azureblob" { ", credentials: k" } else { "" };
+            etcd.put(
+                &format!("{P}/volumes/{name}"),
+                &format!("mount: {{at: startup, fstype: {fstype}, path: '{path}', options: '{options}'{creds}}}\n"),
+            )
+            .await;
+        }
+        etcd.put(
+            &format!("{P}/volumes/link"),
+            &format!("mount: {{at: startup, fstype: bind, path: '{}/link'}}\n", allowed.display()),
+        )
+        .await;
+        etcd.put(
+            &format!("{P}/volumes/good"),
+            &format!("mount: {{at: startup, fstype: bind, path: '{}/data'}}\n", allowed.display()),
+        )
+        .await;
+        // The control: a clean source below the allowed directory mounts.
+        etcd.wait_state(&node.volume_status("good"), "Mounted").await;
+        for (name, _, _, _, why) in &cases {
+            let st = etcd.wait_state(&node.volume_status(name), "Rejected").await;
+            assert!(
+                st["error"].as_str().unwrap_or("").contains(why),
+                "{name}: the reason should mention {why:?}: {st}"
+            );
+        }
+        // The symlink passes the glob but is not followed: Failed, not mounted.
+        let st = etcd.wait_state(&node.volume_status("link"), "Failed").await;
+        assert!(st["error"].as_str().unwrap_or("").contains("link"), "{st}");
+        assert!(!node.volumes().join("link/key").exists(), "the secret directory was bound");
+        let mounted: Vec<_> = node.mounts().into_iter().map(|m| m.mount_point).collect();
+        assert_eq!(mounted, vec![node.volumes().join("good")], "only the control is mounted");
+    })
+    .await;
+}

@@ -600,9 +600,12 @@ impl Executor {
                 )
                 .map_err(mount_err),
             Fstype::Bind => {
+                // Beneath the policy's directory nothing is followed: a
+                // symlink someone put there cannot take the bind out of it.
+                let (source, _) = open_dir(&v.anchor, Path::new(&v.source), None)?;
                 self.mounter
                     .mount(
-                        Some(Path::new(&v.source)),
+                        Some(&fd_path(&source)),
                         &target,
                         None,
                         MsFlags::MS_BIND,
@@ -770,9 +773,6 @@ impl Executor {
         let log = self.cfg.run_dir.join(format!("rclone-{}.log", v.name));
         let mut args: Vec<String> = vec![
             "mount".into(),
-            // A container SAS is scoped to the account's root: name the container.
-            format!("vfd:{}", loc.container),
-            v.target.display().to_string(),
             "--allow-other".into(),
             "--dir-cache-time".into(),
             "10s".into(),
@@ -790,6 +790,13 @@ impl Executor {
         } else {
             args.extend(["--vfs-cache-mode".into(), "writes".into()]);
         }
+        // `--`, then the positionals: none can be read as a flag. A container
+        // SAS is scoped to the account's root: name the container.
+        args.extend([
+            "--".into(),
+            format!("vfd:{}", loc.container),
+            v.target.display().to_string(),
+        ]);
         let req = ServerRequest {
             program: self.cfg.rclone.clone(),
             args,
@@ -1278,6 +1285,7 @@ mod tests {
             heal: Default::default(),
             readonly: false,
             create: false,
+            anchor: "/".into(),
         };
         // Capture the credentials file while the "helper" runs.
         struct Peek(
@@ -1424,6 +1432,7 @@ mod tests {
             heal: Default::default(),
             readonly: false,
             create: false,
+            anchor: "/".into(),
         };
         f.mounter.fail_next(CallKind::Mount, Errno::ENOSPC, 1);
         let b = bind(&f, false);

@@ -81,6 +81,10 @@ pub struct WantVolume {
     pub readonly: bool,
     /// Create its blob container if missing (storage role, `create: true`).
     pub create: bool,
+    /// For bind volumes: the directory the policy allows binds beneath. The
+    /// source is opened from it component by component without following
+    /// symlinks, so a symlink swapped in below it cannot lead out.
+    pub anchor: PathBuf,
 }
 
 /// A bind into a kernel home.
@@ -252,6 +256,7 @@ fn want_volume(node: &NodeView, d: &Desired, w: &mut Want, name: &str) {
             heal: spec.heal,
             readonly: spec.access == Permission::Ro && spec.mount.at == MountAt::Startup,
             create: spec.create && node.storage,
+            anchor: node.policy.bind_anchor(&spec.mount.path),
         },
     );
 }

@@ -176,7 +176,9 @@ impl Mounter for LinuxMounter {
         if !req.options.is_empty() {
             cmd.arg("-o").arg(&req.options);
         }
-        cmd.arg(&req.source)
+        // `--`: a source can never be read as an option.
+        cmd.arg("--")
+            .arg(&req.source)
             .arg(&req.target)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -534,10 +534,11 @@ const HELPER_DOUBLE: &str = r#"#!/bin/sh
 dir=__DIR__
 # Its argv as the kernel shows it to every user, not as the shell parsed it.
 tr '\0' ' ' < /proc/$$/cmdline | sed 's/ $//' | cut -d' ' -f3- >> "$dir/helper.log"
-while [ $# -gt 2 ]; do
+while [ $# -gt 1 ]; do
   case "$1" in
     -t) t=$2; shift 2 ;;
     -o) o=$2; shift 2 ;;
+    --) shift; break ;;
     *) break ;;
   esac
 done

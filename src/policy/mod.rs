@@ -8,8 +8,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::Deserialize;
+
+pub mod source;
+
+use source::{split_source, SourcePattern};
 
 /// Errors loading policy files (the last good policy stays in force).
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +49,8 @@ pub struct FsRuleSpec {
     /// Refused option keys.
     #[serde(default)]
     pub refused_options: Vec<String>,
-    /// If set, the mount source must match one of these glob patterns.
+    /// If set, the mount source must match one of these patterns, each
+    /// split like the source (see [`source`]).
     #[serde(default)]
     pub sources: Option<Vec<String>>,
     /// Whether `password=` may appear in `options` (else `credentials:` only).
@@ -109,7 +113,7 @@ pub struct PolicyFile {
 pub struct FsRule {
     /// As written.
     pub spec: FsRuleSpec,
-    sources: Option<GlobSet>,
+    sources: Option<Vec<SourcePattern>>,
 }
 
 /// The policy in force.
@@ -182,23 +186,19 @@ impl Policy {
             };
             let f: PolicyFile = serde_yaml::from_str(text).map_err(|e| invalid(e.to_string()))?;
             for (fstype, spec) in f.fstypes {
-                let sources = match &spec.sources {
-                    None => None,
-                    Some(pats) => {
-                        let mut b = GlobSetBuilder::new();
-                        for pat in pats {
-                            b.add(
-                                Glob::new(pat).map_err(|e| {
-                                    invalid(format!("fstypes.{fstype}.sources: {e}"))
-                                })?,
-                            );
-                        }
-                        Some(
-                            b.build()
-                                .map_err(|e| invalid(format!("fstypes.{fstype}.sources: {e}")))?,
-                        )
-                    }
-                };
+                let sources = spec
+                    .sources
+                    .as_ref()
+                    .map(|pats| {
+                        pats.iter()
+                            .map(|pat| {
+                                SourcePattern::compile(&fstype, pat).map_err(|e| {
+                                    invalid(format!("fstypes.{fstype}.sources: {pat:?}: {e}"))
+                                })
+                            })
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                    .transpose()?;
                 p.fstypes.insert(fstype, FsRule { spec, sources });
             }
             p.forced_options.extend(f.forced_options);
@@ -288,7 +288,14 @@ impl Policy {
                 allowed.join(", ")
             ));
         };
+        let parts = split_source(fstype, source).map_err(|e| format!("source: {e}"))?;
         for opt in options {
+            if opt.starts_with('-') {
+                return Err(format!(
+                    "mount option {:?} must not start with '-'",
+                    key_of(opt)
+                ));
+            }
             let key = key_of(opt);
             if self.refused_options.iter().any(|r| r == key) {
                 return Err(format!(
@@ -313,8 +320,8 @@ impl Policy {
                 return Err(format!("policy fstypes.{fstype}.inline_credentials: inline passwords are refused; use credentials:"));
             }
         }
-        if let Some(set) = &rule.sources {
-            if !set.is_match(source) {
+        if let Some(pats) = &rule.sources {
+            if !pats.iter().any(|p| p.matches(&parts)) {
                 let pats = rule.spec.sources.as_deref().unwrap_or_default().join(", ");
                 return Err(format!(
                     "policy fstypes.{fstype}.sources: source {source:?} matches none of [{pats}]"
@@ -328,6 +335,19 @@ impl Policy {
             }
         }
         Ok(out)
+    }
+
+    /// The directory a bind volume's source is opened beneath, without
+    /// following symlinks below it: the literal directories of the first
+    /// `fstypes.bind.sources` pattern that allows it (`/` without one).
+    pub fn bind_anchor(&self, source: &str) -> PathBuf {
+        let pats = self.fstypes.get("bind").and_then(|r| r.sources.as_ref());
+        let parts = split_source("bind", source).ok();
+        pats.and_then(|pats| {
+            pats.iter()
+                .find(|p| parts.as_ref().is_some_and(|s| p.matches(s)))
+        })
+        .map_or_else(|| PathBuf::from("/"), |p| p.anchor().to_path_buf())
     }
 
     /// Whether vfolders of `owner` on `volume` may be mounted read-write.
