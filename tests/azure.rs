@@ -515,3 +515,68 @@ async fn a_frozen_rclone_is_killed_when_its_volume_heals_and_none_is_left_behind
     })
     .await;
 }
+
+/// Issue 12 item 2: any kernel got `token: write` (create, write, delete
+/// every blob, other users' too) on any blob volume, an `access: ro` dataset
+/// included. A write token now needs an `access: rw` volume that the policy
+/// lists in `tokens.write`; a refused one is `Rejected`, naming the rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_token_needs_an_rw_volume_and_the_policy() {
+    require_private_mount_namespace();
+    within(180, async {
+        let etcd = Etcd::start().await;
+        let azurite = Azurite::start().await;
+        let node = Node::start(
+            &etcd,
+            "n1",
+            NodeOpts {
+                roles: "[agent]",
+                ..Default::default()
+            },
+        );
+        write_azurite_key(&node, "k");
+        for (name, access) in [("dataset", "ro"), ("shared", "rw")] {
+            let spec = format!(
+                "mount: {{at: requested, fstype: azureblob, path: {}, credentials: k}}\naccess: {access}\n",
+                azurite.container_url(name)
+            );
+            etcd.put(&format!("{P}/volumes/{name}"), &spec).await;
+            node.cli(&["dataset", "create-container", name]);
+        }
+        let token = |v: &str, kind: &str| format!("{{mounts: [{{volume: {v}, token: {kind}}}]}}\n");
+        etcd.put(&node.kernel_key("k-read"), &token("dataset", "read")).await;
+        etcd.put(&node.kernel_key("k-ro"), &token("dataset", "write")).await;
+        etcd.put(&node.kernel_key("k-rw"), &token("shared", "write")).await;
+        etcd.wait_state(&node.kernel_status("k-read"), "Ready").await;
+        let st = etcd.wait_state(&node.kernel_status("k-ro"), "Rejected").await;
+        assert!(st["error"].as_str().unwrap().contains("access: rw"), "{st}");
+        let st = etcd.wait_state(&node.kernel_status("k-rw"), "Rejected").await;
+        assert!(st["error"].as_str().unwrap().contains("policy tokens.write"), "{st}");
+        assert!(!node.home("k-rw").join(".vfolderd/sas/shared").exists());
+
+        // The operator allows write tokens on the rw volume: k-rw gets one that writes.
+        let policies = node.dir.path().join("policies");
+        std::fs::create_dir_all(&policies).unwrap();
+        std::fs::write(
+            policies.join("tokens.yaml"),
+            "fstypes: {azureblob: {}}\ntokens: {write: [shared, dataset]}\n",
+        )
+        .unwrap();
+        etcd.wait_state(&node.kernel_status("k-rw"), "Ready").await;
+        let st = etcd.get_json(&node.kernel_status("k-ro")).await.unwrap();
+        assert_eq!(st["state"], "Rejected", "an ro volume never gets a write token: {st}");
+        let url = std::fs::read_to_string(node.home("k-rw").join(".vfolderd/sas/shared")).unwrap();
+        let location = CloudLocation::Custom {
+            account: AZURITE_ACCOUNT.into(),
+            uri: azurite.endpoint.clone(),
+        };
+        let creds = StorageCredentials::sas_token(sas_token(url.trim())).unwrap();
+        ClientBuilder::with_location(location, creds)
+            .container_client("shared")
+            .blob_client("written.txt")
+            .put_block_blob(b"x".to_vec())
+            .await
+            .expect("the write token writes");
+    })
+    .await;
+}

@@ -86,6 +86,16 @@ impl Limits {
     }
 }
 
+/// Which kernels may hold which per-user SAS tokens.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenPolicy {
+    /// Volumes whose kernels may ask for `token: write` (create, write,
+    /// delete every blob in the container). Default: none, read tokens only.
+    #[serde(default)]
+    pub write: Vec<String>,
+}
+
 /// One policy file.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -106,6 +116,9 @@ pub struct PolicyFile {
     /// (a volume not listed: every owner).
     #[serde(default)]
     pub rw_owners: BTreeMap<String, Vec<String>>,
+    /// Token rules.
+    #[serde(default)]
+    pub tokens: TokenPolicy,
 }
 
 /// A compiled fstype rule.
@@ -129,6 +142,8 @@ pub struct Policy {
     pub limits: Limits,
     /// Read-write owners per volume.
     pub rw_owners: BTreeMap<String, Vec<String>>,
+    /// Token rules.
+    pub tokens: TokenPolicy,
     /// Where it came from (files, or "built-in default").
     pub origin: String,
 }
@@ -158,6 +173,7 @@ impl Default for Policy {
             refused_options: vec!["suid".into(), "dev".into()],
             limits: Limits::default(),
             rw_owners: BTreeMap::new(),
+            tokens: TokenPolicy::default(),
             origin: "built-in default".into(),
         }
     }
@@ -216,6 +232,7 @@ impl Policy {
                 }
             }
             p.rw_owners.extend(f.rw_owners);
+            p.tokens.write.extend(f.tokens.write);
             origins.push(path.display().to_string());
         }
         for (f, rule) in &p.fstypes {

@@ -389,7 +389,7 @@ fn kernel_mounts(
     let mut problem: Option<Resolution> = None;
     for m in &spec.mounts {
         let r = match m {
-            KernelMount::Token { volume, kind } => token_mount(d, id, spec, volume, *kind),
+            KernelMount::Token { volume, kind } => token_mount(node, d, id, spec, volume, *kind),
             KernelMount::Vfolder {
                 id: vid,
                 alias,
@@ -437,28 +437,39 @@ fn kernel_mounts(
     }
 }
 
-/// A per-user SAS token file for blob volume `volume`.
+/// A per-user SAS token file for blob volume `volume`. A write token can
+/// create, overwrite and delete every blob in the container, other users'
+/// included: it needs an `access: rw` volume the policy lists in
+/// `tokens.write`.
 fn token_mount(
+    node: &NodeView,
     d: &Desired,
     id: &str,
     spec: &crate::spec::KernelSpec,
     volume: &String,
     kind: crate::spec::TokenKind,
 ) -> MountResolution {
+    let write = kind == crate::spec::TokenKind::Write;
+    let refuse = |why: String| MountResolution::Rejected { why, stop: false };
     match d.volumes.get(volume).map(|e| &e.spec) {
         None => MountResolution::Pending(format!("token volume {volume} does not exist")),
         Some(Err(_)) => MountResolution::Pending(format!("token volume {volume} is rejected")),
-        Some(Ok(v)) if v.mount.fstype != Fstype::AzureBlob => MountResolution::Rejected {
-            why: format!("token: volume {volume} is not an azureblob volume"),
-            stop: false,
-        },
+        Some(Ok(v)) if v.mount.fstype != Fstype::AzureBlob => {
+            refuse(format!("token: volume {volume} is not an azureblob volume"))
+        }
+        Some(Ok(v)) if write && v.access != Permission::Rw => refuse(format!(
+            "token: write needs an access: rw volume; {volume} is access: ro"
+        )),
+        Some(Ok(_)) if write && !node.policy.tokens.write.iter().any(|w| w == volume) => refuse(
+            format!("policy tokens.write: write tokens for volume {volume} are not allowed"),
+        ),
         Some(Ok(v)) => MountResolution::Token(WantToken {
             path: spec.home.join(".vfolderd").join("sas").join(volume),
             kernel: id.to_string(),
             volume: volume.clone(),
             source: v.mount.path.clone(),
             credentials: v.mount.credentials.clone(),
-            write: kind == crate::spec::TokenKind::Write,
+            write,
             uid: spec.uid,
             gid: spec.gid,
         }),
