@@ -10,6 +10,9 @@ pub fn is_valid_object_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
 }
 
+/// Names in a kernel home that vfolderd keeps for itself.
+pub const RESERVED_PREFIX: &str = ".vfolderd";
+
 /// Checks a vfolder name or `as` alias: 1–255 bytes, no `/`, NUL or control
 /// character, not `.` or `..`. It becomes one path component in a kernel home,
 /// so this is what stops an alias from escaping the home (invariant 4).
@@ -22,6 +25,13 @@ pub fn check_component_name(s: &str) -> Result<(), String> {
     }
     if let Some(c) = s.chars().find(|c| *c == '/' || c.is_control()) {
         return Err(format!("name {s:?} contains forbidden character {c:?}"));
+    }
+    // `<home>/.vfolderd` holds the token files: a vfolder bound there would
+    // receive them and carry them to storage that others may read.
+    if s.starts_with(RESERVED_PREFIX) {
+        return Err(format!(
+            "name {s:?} is reserved: names starting with {RESERVED_PREFIX} hold vfolderd's own files"
+        ));
     }
     Ok(())
 }

@@ -266,6 +266,21 @@ async fn fifty_hostile_objects_are_rejected_naming_why_and_the_good_ones_converg
                 "not an azureblob",
             ),
             (
+                k("k-reserved"),
+                format!("mounts: [{{vfolder: {good}, as: .vfolderd}}]"),
+                "reserved",
+            ),
+            (
+                k("k-reserved-sas"),
+                format!("mounts: [{{vfolder: {good}, as: .vfolderd-sas}}]"),
+                "reserved",
+            ),
+            (
+                vf(&uuid::Uuid::new_v4().to_string()),
+                "{name: .vfolderd, owner: o, volume: good}".into(),
+                "reserved",
+            ),
+            (
                 k("k-perm"),
                 format!("mounts: [{{vfolder: {id}, permission: sudo}}]"),
                 "sudo",

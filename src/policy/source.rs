@@ -160,7 +160,7 @@ fn split_url_source(source: &str) -> Result<Parts, SourceError> {
             "an azureblob source must carry no user, query or fragment",
         ));
     }
-    let host = u.host_str().ok_or_else(|| shape("no host"))?;
+    let host = u.host_str().ok_or_else(|| shape("the URL has no host"))?;
     let host = match u.port() {
         Some(port) => format!("{host}:{port}"),
         None => host.to_string(),
