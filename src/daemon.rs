@@ -53,6 +53,9 @@ pub enum DaemonError {
     /// The sled store could not be opened.
     #[error("cannot open the state store")]
     Ledger(#[from] LedgerError),
+    /// The state directory or a root could not be made root-only.
+    #[error(transparent)]
+    NodeFiles(#[from] crate::state::nodefiles::NodeFilesError),
     /// An etcd endpoint is not a URL.
     #[error("etcd endpoint {0:?} is not a URL (http://host:port or https://host:port)")]
     BadEndpoint(String),
@@ -110,7 +113,11 @@ pub async fn run(
     let mut shutdown = std::pin::pin!(shutdown);
     let mut shutdown: Shutdown<'_> = shutdown.as_mut();
     let keys = Keys::new(&cfg.etcd.prefix, &cfg.node);
+    let node_dirs = [&cfg.state, &cfg.roots.volumes, &cfg.roots.kernels];
+    crate::state::nodefiles::secure_node(node_dirs[0], node_dirs[1], node_dirs[2])?;
     let (ledger, rebuilt) = open_ledger(&cfg).await?;
+    // sled made its files with the umask: close them too.
+    crate::state::nodefiles::secure_state(&cfg.state)?;
     let connect_options = connect_options(&cfg)?;
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
@@ -455,7 +462,7 @@ impl Background {
     }
 }
 
-/// The reconciler, with the roots created.
+/// The reconciler (the roots exist: made at start).
 fn reconciler(
     s: &Shared<'_>,
     deps: &Deps,
@@ -464,11 +471,6 @@ fn reconciler(
     tasks: &Background,
 ) -> Reconciler {
     let cfg = s.cfg;
-    for root in [&cfg.roots.volumes, &cfg.roots.kernels] {
-        if let Err(e) = std::fs::create_dir_all(root) {
-            tracing::error!(root = %root.display(), error = %e, "cannot create root");
-        }
-    }
     let exec = Executor::new(
         deps.mounter.clone(),
         ledger.clone(),

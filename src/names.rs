@@ -36,7 +36,8 @@ pub fn check_component_name(s: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Option keys whose values are secrets.
+/// Option keys whose values are secrets (and any key containing `pass` or
+/// `secret`: `password2=`, `passwd=`, `client_secret=`).
 const SECRET_KEYS: &[&str] = &[
     "password",
     "pass",
@@ -49,10 +50,25 @@ const SECRET_KEYS: &[&str] = &[
     "secret",
 ];
 
-/// Replaces the values of secret-looking `k=v` pairs (`password=..`, `sig=..`)
-/// in free text with `***`, so an error message that echoes user input never
-/// carries a secret into status, logs or metrics (invariant 5).
+/// Whether the value of option `key` (lowercase) is a secret.
+pub fn is_secret_key(key: &str) -> bool {
+    SECRET_KEYS.contains(&key) || key.contains("pass") || key.contains("secret")
+}
+
+/// Shortest run of base64 characters taken for a pasted key (an Azure
+/// account key is 88, a SAS signature 44, a GUID-free client secret 40).
+const KEY_LIKE_LEN: usize = 40;
+
+/// Replaces secrets in free text with `***`, so an error message that echoes
+/// user input never carries one into status, logs or metrics (invariant 5):
+/// the values of secret-looking `k=v` pairs (`password=..`, `sig=..`), and
+/// anything that looks like a pasted key — a run of at least 40 base64
+/// characters mixing upper case, lower case and digits.
 pub fn redact(text: &str) -> String {
+    redact_key_like(&redact_pairs(text))
+}
+
+fn redact_pairs(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(eq) = rest.find('=') {
@@ -68,19 +84,62 @@ pub fn redact(text: &str) -> String {
         out.push_str(before);
         out.push('=');
         let after = &after[1..];
-        if SECRET_KEYS.contains(&key.as_str()) {
-            let end = after
-                .find(|c: char| {
-                    c == ',' || c == '&' || c == '"' || c == '\'' || c == '`' || c.is_whitespace()
-                })
-                .unwrap_or(after.len());
+        if is_secret_key(&key) {
             out.push_str("***");
-            rest = &after[end..];
+            rest = &after[secret_end(after)..];
         } else {
             rest = after;
         }
     }
     out.push_str(rest);
+    out
+}
+
+/// Where a secret value ends: at a separator, except `,,`, which is a comma
+/// inside the value (mount.cifs's escape).
+fn secret_end(value: &str) -> usize {
+    let b = value.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b',' if b.get(i + 1) == Some(&b',') => i += 2,
+            b',' | b'&' | b'"' | b'\'' | b'`' => return i,
+            c if c.is_ascii_whitespace() => return i,
+            _ => i += 1,
+        }
+    }
+    b.len()
+}
+
+fn redact_key_like(text: &str) -> String {
+    let is_b64 = |c: char| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '=');
+    let mut out = String::with_capacity(text.len());
+    let mut run_start = None;
+    let flush = |out: &mut String, run: &str| {
+        let mixed = run.chars().any(|c| c.is_ascii_uppercase())
+            && run.chars().any(|c| c.is_ascii_lowercase())
+            && run.chars().any(|c| c.is_ascii_digit());
+        if run.len() >= KEY_LIKE_LEN && mixed {
+            out.push_str("***");
+        } else {
+            out.push_str(run);
+        }
+    };
+    for (i, c) in text.char_indices() {
+        match (is_b64(c), run_start) {
+            (true, None) => run_start = Some(i),
+            (false, Some(s)) => {
+                flush(&mut out, &text[s..i]);
+                run_start = None;
+                out.push(c);
+            }
+            (false, None) => out.push(c),
+            (true, Some(_)) => {}
+        }
+    }
+    if let Some(s) = run_start {
+        flush(&mut out, &text[s..]);
+    }
     out
 }
 
@@ -120,6 +179,26 @@ mod tests {
         for ok in ["my data", "..a", "ü-ñ", "x.y"] {
             assert!(check_component_name(ok).is_ok(), "{ok:?}");
         }
+    }
+
+    /// Issue 12 item 5: a base64 account key pasted into a field, a
+    /// `password2=` and a password with an escaped comma survived redaction.
+    #[test]
+    fn redact_hides_pasted_keys_password2_and_escaped_commas() {
+        let key = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+        assert_eq!(
+            redact(&format!("unknown field `{key}`")),
+            "unknown field `***`"
+        );
+        assert_eq!(
+            redact("password2=s3cret,vers=3.0"),
+            "password2=***,vers=3.0"
+        );
+        assert_eq!(redact("password=a,,b,vers=3.0"), "password=***,vers=3.0");
+        let path = "/tmp/vfolderd-e2eLDMnmU/volumes/a_hung_mount_helper_times_out";
+        assert_eq!(redact(path), path, "paths and names are not keys");
+        let uuid = "0b6b1f3e-55b1-4d7e-9a8c-2f3d4e5f6a7b";
+        assert_eq!(redact(uuid), uuid);
     }
 
     #[test]

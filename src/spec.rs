@@ -155,13 +155,140 @@ impl VolumeSpec {
     }
 }
 
-/// Splits `a,b=c,,d` into `["a", "b=c", "d"]`.
+/// Splits `a,b=c,,d` into `["a", "b=c,d"]`: as for mount.cifs, `,,` is a
+/// comma inside an option (a password may hold one), not an empty option.
 pub fn split_options(s: &str) -> Vec<String> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|o| !o.is_empty())
-        .map(String::from)
-        .collect()
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    let mut push = |cur: &mut String| {
+        let o = cur.trim();
+        if !o.is_empty() {
+            out.push(o.to_string());
+        }
+        cur.clear();
+    };
+    while let Some(c) = chars.next() {
+        match c {
+            ',' if chars.peek() == Some(&',') => {
+                chars.next();
+                cur.push(',');
+            }
+            ',' => push(&mut cur),
+            c => cur.push(c),
+        }
+    }
+    push(&mut cur);
+    out
+}
+
+/// Bare cifs flags (mount.cifs(8), mount(8)): anything else without `=`
+/// right after a password is most likely the password's tail, cut off at an
+/// unescaped comma, and must reach neither argv nor a status.
+const CIFS_FLAGS: &[&str] = &[
+    "ro",
+    "rw",
+    "exec",
+    "noexec",
+    "suid",
+    "nosuid",
+    "dev",
+    "nodev",
+    "atime",
+    "noatime",
+    "diratime",
+    "nodiratime",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "sync",
+    "async",
+    "dirsync",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "users",
+    "_netdev",
+    "nofail",
+    "defaults",
+    "setuids",
+    "nosetuids",
+    "perm",
+    "noperm",
+    "dynperm",
+    "nodfs",
+    "hard",
+    "soft",
+    "acl",
+    "noacl",
+    "cifsacl",
+    "nocase",
+    "ignorecase",
+    "nobrl",
+    "brl",
+    "forcemandatorylock",
+    "locallease",
+    "strictsync",
+    "nostrictsync",
+    "sharesock",
+    "nosharesock",
+    "serverino",
+    "noserverino",
+    "mapchars",
+    "nomapchars",
+    "mapposix",
+    "nomapposix",
+    "mfsymlinks",
+    "unix",
+    "nounix",
+    "linux",
+    "nolinux",
+    "posix",
+    "noposix",
+    "sfu",
+    "handlecache",
+    "nohandlecache",
+    "forceuid",
+    "noforceuid",
+    "forcegid",
+    "noforcegid",
+    "intr",
+    "nointr",
+    "rdma",
+    "resilienthandles",
+    "noresilienthandles",
+    "persistenthandles",
+    "nopersistenthandles",
+    "seal",
+    "sign",
+    "multiuser",
+    "fsc",
+    "guest",
+    "noblocksend",
+    "nolease",
+    "witness",
+];
+
+/// Refuses a cifs option list where a password seems cut at a comma.
+fn check_cifs_secret_tail(opts: &[String]) -> Result<(), String> {
+    for pair in opts.windows(2) {
+        let key = pair[0]
+            .split('=')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let next = pair[1].to_ascii_lowercase();
+        if crate::names::is_secret_key(&key)
+            && !next.contains('=')
+            && !CIFS_FLAGS.contains(&next.as_str())
+        {
+            return Err(format!(
+                "options: the option after {key}= is no cifs option; a comma inside a password is written ',,' (the value is not shown)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A vfolder record at `P/vfolders/<uuid>`.
@@ -340,6 +467,9 @@ fn check_volume(key_name: &str, value: &[u8], policy: &Policy) -> Result<VolumeS
         }
     }
     let opts = spec.option_list();
+    if spec.mount.fstype == Fstype::Cifs {
+        check_cifs_secret_tail(&opts)?;
+    }
     policy
         .check_volume(spec.mount.fstype.as_str(), &spec.mount.path, &opts)
         .map_err(Rejection::Policy)?;
@@ -387,7 +517,11 @@ fn check_volume(key_name: &str, value: &[u8], policy: &Policy) -> Result<VolumeS
     }
     if let Some(c) = &spec.mount.credentials {
         if !is_valid_object_name(c) {
-            return Err(format!("credentials {c:?} must be a plain file name").into());
+            // Not echoed: a key pasted here by mistake must not reach status.
+            return Err(
+                "credentials must name a file in the node's credentials directory (letters, digits, '.', '_', '-'; the value is not shown)"
+                    .into(),
+            );
         }
     }
     Ok(spec)

@@ -293,7 +293,7 @@ async fn a_crash_during_a_slow_mount_helper_never_starts_a_second_one() {
         std::fs::write(node.dir.path().join("helper-sleep"), "4").unwrap();
         etcd.put(
             &format!("{P}/volumes/ds"),
-            "mount: {at: startup, fstype: nfs, path: 'nfs.example:/datasets'}\n",
+            "mount: {at: startup, fstype: cifs, path: '//acct.file.core.windows.net/datasets', options: 'username=u,password=pw'}\n",
         )
         .await;
         let log = node.dir.path().join("helper.log");
@@ -319,6 +319,17 @@ async fn a_crash_during_a_slow_mount_helper_never_starts_a_second_one() {
             .count();
         assert_eq!(stacked, 1, "mounts stacked at {}", target.display());
         assert_eq!(helper_calls(), 1, "a second helper was started");
+        // Issue 12 item 5: the killed run's temporary credentials file is
+        // removed at start, not left in the run directory forever.
+        let run = node.dir.path().join("state/run");
+        let left: Vec<_> = std::fs::read_dir(&run)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("credentials-"))
+            .collect();
+        assert!(left.is_empty(), "left in {}: {left:?}", run.display());
         // The adopted mount is vfolderd's: deleting the volume takes it away.
         etcd.delete(&format!("{P}/volumes/ds")).await;
         until("the adopted mount is unmounted", 30, || {

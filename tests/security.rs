@@ -8,6 +8,22 @@ use std::time::Duration;
 
 use common::*;
 
+/// Every file (not directory) under `dir`, symlinks not followed.
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() => out.push(e.path()),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
 /// Every directory and file under `dir` (to prove nothing was created outside the roots).
 fn tree(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
@@ -463,11 +479,16 @@ async fn policy_hot_reload_tightens_loosens_and_survives_an_invalid_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_in_every_input_is_found_nowhere() {
     use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
     require_private_mount_namespace();
     within(120, async {
         const S: &str = "S3CR3T-MARKER";
+        // A pasted account key (88 base64 characters), found nowhere either.
+        const KEY: &str = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
         let etcd = Etcd::start().await;
         let node = Node::start(&etcd, "n1", NodeOpts { helper_double: true, ..Default::default() });
+        // As a node's /var/lib would be: other users may traverse it.
+        std::fs::set_permissions(node.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let creds = node.dir.path().join("credentials");
         std::fs::create_dir_all(&creds).unwrap();
         std::fs::write(creds.join("files"), format!("username=u\npassword={S}-file\n")).unwrap();
@@ -480,35 +501,71 @@ async fn a_secret_in_every_input_is_found_nowhere() {
             ("malformed", format!("mount: {{at: startup, options: 'password={S}-yaml'")),
             ("sasurl", format!("mount: {{at: startup, fstype: azureblob, path: 'https://a.blob.core.windows.net/c?sv=1&sig={S}-sas', credentials: k}}")),
             ("nfspass", format!("mount: {{at: startup, fstype: nfs, path: 'h:/x', options: 'password={S}-nfs'}}")),
+            // Issue 12 item 5: a comma in a password (escaped as mount.cifs does), one cut at
+            // an unescaped comma, password2=, and a pasted key in a name and in a value.
+            ("comma", format!("mount: {{at: startup, fstype: cifs, path: '//d.file.core.windows.net/s', options: 'username=u,password={S}-a,,{S}-comma'}}")),
+            ("cut", format!("mount: {{at: startup, fstype: cifs, path: '//e.file.core.windows.net/s', options: 'username=u,password={S}-x,{S}tail'}}")),
+            ("pw2", format!("mount: {{at: startup, fstype: cifs, path: '//f.file.core.windows.net/s', options: 'username=u,password={S}-p1,password2={S}-p2'}}")),
+            ("keyname", format!("mount: {{at: startup, fstype: azureblob, path: 'https://a.blob.core.windows.net/c', credentials: '{KEY}'}}")),
+            ("keyvalue", format!("mount: {{at: '{KEY}', fstype: tmpfs, path: t}}")),
         ];
         for (name, value) in &inputs {
             etcd.put(&format!("{P}/volumes/{name}"), value).await;
         }
-        etcd.wait_state(&node.volume_status("inline"), "Mounted").await;
-        etcd.wait_state(&node.volume_status("credfile"), "Mounted").await;
-        for name in ["unknownfield", "badenum", "malformed", "sasurl", "nfspass"] {
+        for name in ["inline", "credfile", "comma", "pw2"] {
+            etcd.wait_state(&node.volume_status(name), "Mounted").await;
+        }
+        for name in ["unknownfield", "badenum", "malformed", "sasurl", "nfspass", "cut", "keyname", "keyvalue"] {
             etcd.wait_state(&node.volume_status(name), "Rejected").await;
         }
         let mut found = Vec::new();
+        let leaks = |text: &str| text.contains(S) || text.contains(KEY);
         for (k, v) in etcd.dump(&format!("{P}/status/")).await {
-            if v.contains(S) {
+            if leaks(&v) {
                 found.push(format!("status {k}: {v}"));
             }
         }
-        if node.log().contains(S) {
+        if leaks(&node.log()) {
             found.push("the log".into());
         }
-        if node.metrics().contains(S) {
+        if leaks(&node.metrics()) {
             found.push("metrics".into());
         }
         let argv = std::fs::read_to_string(node.dir.path().join("helper.log")).unwrap();
-        if argv.contains(S) {
+        if leaks(&argv) {
             found.push(format!("a child's argv: {argv}"));
+        }
+        let env = std::fs::read_to_string(node.dir.path().join("helper-env.log")).unwrap();
+        if leaks(&env) {
+            found.push("a helper's environment".into());
+        }
+        // Every file under the state directory, read as another local user.
+        for f in files_under(&node.dir.path().join("state")) {
+            let read = std::process::Command::new("cat")
+                .arg(&f)
+                .uid(65534)
+                .gid(65534)
+                .output()
+                .unwrap();
+            if read.status.success() {
+                found.push(format!("{} is readable by nobody", f.display()));
+            }
+        }
+        let ls = std::process::Command::new("ls").arg(node.volumes()).uid(65534).gid(65534).output().unwrap();
+        if ls.status.success() {
+            found.push("the volumes root is listable by nobody".into());
         }
         assert!(found.is_empty(), "the secret leaked into: {found:#?}");
         // And it did reach where it belongs: the helper's 0600 credentials files.
         let seen = std::fs::read_to_string(node.dir.path().join("helper-creds.log")).unwrap();
-        assert!(seen.contains(&format!("{S}-inline")) && seen.contains(&format!("{S}-file")));
+        for want in [
+            format!("{S}-inline"),
+            format!("{S}-file"),
+            format!("password={S}-a,{S}-comma\n"),
+            format!("password2={S}-p2"),
+        ] {
+            assert!(seen.contains(&want), "{want} in {seen}");
+        }
     })
     .await;
 }

@@ -642,7 +642,7 @@ impl Executor {
             if v.fstype == Fstype::Cifs
                 && matches!(
                     key.as_str(),
-                    "username" | "user" | "password" | "pass" | "domain"
+                    "username" | "user" | "password" | "pass" | "password2" | "domain"
                 )
             {
                 let k = match key.as_str() {
@@ -685,6 +685,8 @@ impl Executor {
         }
         options.push("nosuid".into());
         options.push("nodev".into());
+        // A comma inside an option goes back to mount's `,,` escape.
+        let options: Vec<String> = options.iter().map(|o| o.replace(',', ",,")).collect();
         let req = HelperRequest {
             fstype: v.fstype.to_string(),
             source: v.source.clone(),

@@ -3,6 +3,7 @@
 pub mod brake;
 pub mod desired;
 pub mod ledger;
+pub mod nodefiles;
 pub mod policywatch;
 pub mod status;
 pub mod watch;
