@@ -72,16 +72,32 @@ pub struct Limits {
     /// Mount entries per kernel.
     #[serde(default)]
     pub mounts_per_kernel: Option<usize>,
+    /// vfolderd's own mounts on a node; the newest kernels beyond it are refused.
+    #[serde(default)]
+    pub mounts_per_node: Option<usize>,
     /// vfolder records per owner; the newest beyond it are refused.
     #[serde(default)]
     pub vfolders_per_owner: Option<usize>,
 }
 
 impl Limits {
-    /// Whether any limit is set (most nodes set none: then nothing is counted).
+    /// What applies where no policy file sets a limit: one 64 KiB kernel
+    /// value could otherwise ask for ~1,300 binds, and a few such kernels
+    /// exhaust the kernel's `fs.mount-max` (100,000) for the whole node.
+    pub fn builtin() -> Self {
+        Self {
+            kernels_per_node: None,
+            mounts_per_kernel: Some(64),
+            mounts_per_node: Some(20_000),
+            vfolders_per_owner: None,
+        }
+    }
+
+    /// Whether any limit is set (then the limits are counted).
     pub fn any(&self) -> bool {
         self.kernels_per_node.is_some()
             || self.mounts_per_kernel.is_some()
+            || self.mounts_per_node.is_some()
             || self.vfolders_per_owner.is_some()
     }
 }
@@ -171,7 +187,7 @@ impl Default for Policy {
             fstypes,
             forced_options: vec!["nosuid".into(), "nodev".into()],
             refused_options: vec!["suid".into(), "dev".into()],
-            limits: Limits::default(),
+            limits: Limits::builtin(),
             rw_owners: BTreeMap::new(),
             tokens: TokenPolicy::default(),
             origin: "built-in default".into(),
@@ -222,6 +238,7 @@ impl Policy {
             for (a, b) in [
                 (&mut p.limits.kernels_per_node, f.limits.kernels_per_node),
                 (&mut p.limits.mounts_per_kernel, f.limits.mounts_per_kernel),
+                (&mut p.limits.mounts_per_node, f.limits.mounts_per_node),
                 (
                     &mut p.limits.vfolders_per_owner,
                     f.limits.vfolders_per_owner,

@@ -233,6 +233,48 @@ impl Desired {
         self.revision = self.revision.max(revision);
     }
 
+    /// The kernels not refused, oldest (by creation revision) first.
+    fn kernels_oldest_first(&self) -> Vec<(i64, String)> {
+        let mut ok: Vec<(i64, String)> = self
+            .kernels
+            .iter()
+            .filter(|(_, e)| e.spec.is_ok())
+            .map(|(id, e)| (e.created, id.clone()))
+            .collect();
+        ok.sort();
+        ok
+    }
+
+    /// Past `max` mounts of vfolderd's own on this node (every startup
+    /// volume, and per kernel its entries plus one bind per startup volume),
+    /// the newest kernels are refused: each mount costs the kernel's mount
+    /// table (`fs.mount-max`) and every later mount on the node.
+    fn enforce_mounts_per_node(&mut self, max: usize) {
+        let startup = self
+            .volumes
+            .values()
+            .filter(|e| {
+                e.spec
+                    .as_ref()
+                    .is_ok_and(|v| v.mount.at == crate::spec::MountAt::Startup)
+            })
+            .count();
+        let mut used = startup;
+        for (_, id) in self.kernels_oldest_first() {
+            let Some(e) = self.kernels.get_mut(&id) else {
+                continue;
+            };
+            let cost = e.spec.as_ref().map_or(0, |k| k.mounts.len()) + startup;
+            if used + cost > max {
+                e.spec = Err(Rejection::Policy(format!(
+                    "policy limits.mounts_per_node: this kernel needs {cost} mounts; {used} of the node's {max} are taken"
+                )));
+            } else {
+                used += cost;
+            }
+        }
+    }
+
     /// Applies the policy's cross-object limits: kernels beyond
     /// `kernels_per_node`, kernels with more than `mounts_per_kernel` entries,
     /// and vfolders beyond `vfolders_per_owner` become `Rejected` (the newest
@@ -251,20 +293,16 @@ impl Desired {
             }
         }
         if let Some(max) = policy.limits.kernels_per_node {
-            let mut ok: Vec<(i64, String)> = self
-                .kernels
-                .iter()
-                .filter(|(_, e)| e.spec.is_ok())
-                .map(|(id, e)| (e.revision, id.clone()))
-                .collect();
-            ok.sort();
-            for (_, id) in ok.into_iter().skip(max) {
+            for (_, id) in self.kernels_oldest_first().into_iter().skip(max) {
                 if let Some(e) = self.kernels.get_mut(&id) {
                     e.spec = Err(Rejection::Policy(format!(
                         "policy limits.kernels_per_node: this node already has {max} kernels"
                     )));
                 }
             }
+        }
+        if let Some(max) = policy.limits.mounts_per_node {
+            self.enforce_mounts_per_node(max);
         }
         if let Some(max) = policy.limits.vfolders_per_owner {
             let mut by_owner: BTreeMap<String, Vec<(i64, Uuid)>> = BTreeMap::new();
@@ -384,6 +422,70 @@ mod tests {
         assert!(err(&d.kernels["k2"].spec).starts_with("policy limits.kernels_per_node"));
         assert!(d.vfolders[&id(0)].spec.is_ok() && d.vfolders[&id(1)].spec.is_ok());
         assert!(err(&d.vfolders[&id(2)].spec).starts_with("policy limits.vfolders_per_owner"));
+    }
+
+    /// Issue 12 item 6: without a policy file nothing limited a kernel's
+    /// mounts: one 64 KiB value asked for ~1,300 binds.
+    #[test]
+    fn built_in_limits_cap_mounts_per_kernel_and_per_node() {
+        let p = parser();
+        let id = uuid::Uuid::from_bytes([7; 16]);
+        let many: Vec<String> = (0..65)
+            .map(|i| format!("{{vfolder: {id}, as: a{i}}}"))
+            .collect();
+        let two = format!("mounts: [{{vfolder: {id}}}, {{vfolder: {id}, as: b}}]");
+        let kvs: Vec<(String, Vec<u8>, i64)> = vec![
+            (
+                "/v/volumes/ds".into(),
+                b"mount: {at: startup, fstype: tmpfs, path: t}".to_vec(),
+                1,
+            ),
+            (
+                "/v/nodes/n1/kernels/huge".into(),
+                format!("mounts: [{}]", many.join(", ")).into_bytes(),
+                2,
+            ),
+            (
+                "/v/nodes/n1/kernels/k-old".into(),
+                two.clone().into_bytes(),
+                3,
+            ),
+            ("/v/nodes/n1/kernels/k-new".into(), two.into_bytes(), 4),
+        ];
+        let load = || {
+            p.from_list(
+                kvs.iter().map(|(k, v, r)| (k.as_str(), v.as_slice(), *r)),
+                4,
+            )
+        };
+        let err = |d: &Desired, k: &str| {
+            d.kernels[k]
+                .spec
+                .as_ref()
+                .err()
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        };
+        let mut d = load();
+        d.enforce_limits(&Policy::default());
+        assert!(
+            err(&d, "huge").starts_with("policy limits.mounts_per_kernel: 65 mounts, at most 64")
+        );
+        assert!(d.kernels["k-old"].spec.is_ok() && d.kernels["k-new"].spec.is_ok());
+        // 1 startup volume, then 2 entries + 1 startup bind per kernel: the newest does not fit in 5.
+        let mut d = load();
+        let policy = Policy::from_files(&[(
+            "l.yaml".into(),
+            "fstypes: {tmpfs: {}}\nlimits: {mounts_per_node: 5}".into(),
+        )])
+        .unwrap();
+        d.enforce_limits(&policy);
+        assert!(d.kernels["k-old"].spec.is_ok(), "the oldest keeps running");
+        assert!(
+            err(&d, "k-new").starts_with("policy limits.mounts_per_node"),
+            "{}",
+            err(&d, "k-new")
+        );
     }
 
     #[test]
