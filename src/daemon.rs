@@ -530,6 +530,8 @@ struct PassLoop<'a> {
     cluster_file: std::path::PathBuf,
     /// When the applied revision was last remembered there.
     remembered_at: Option<Instant>,
+    /// What the policy's limits refused in the last state taken.
+    limits: crate::state::desired::LimitVerdicts,
 }
 
 impl<'a> PassLoop<'a> {
@@ -544,6 +546,7 @@ impl<'a> PassLoop<'a> {
             volume_pass_at: None,
             cluster_file: ClusterFile::path(&s.cfg.state),
             remembered_at: None,
+            limits: Default::default(),
         }
     }
 
@@ -613,11 +616,7 @@ impl<'a> PassLoop<'a> {
         let live = listed && self.held(listed).is_none();
         self.pending.merge(changes);
         let policy = self.s.policy.read().expect("policy lock").clone();
-        if policy.limits.any() {
-            // Limits count across kernels: one kernel's change can move another.
-            self.pending.all = true;
-            Arc::make_mut(&mut desired).enforce_limits(&policy);
-        }
+        self.apply_limits(&mut desired, &policy);
         if Instant::now() >= self.next_resync {
             self.next_resync = Instant::now() + self.s.cfg.resync;
             self.pending.all = true;
@@ -636,6 +635,26 @@ impl<'a> PassLoop<'a> {
             live,
             policy,
         }
+    }
+
+    /// Applies the policy's limits to `desired`. Limits count across
+    /// objects, so one kernel's change can move another's verdict: those
+    /// kernels join the pass; a vfolder's verdict moving makes a whole pass.
+    /// The state is copied only when something is refused.
+    fn apply_limits(&mut self, desired: &mut Arc<crate::state::desired::Desired>, policy: &Policy) {
+        let verdicts = desired.limit_verdicts(policy);
+        if verdicts.vfolders != self.limits.vfolders {
+            self.pending.all = true;
+        }
+        for (id, _) in verdicts.kernels.iter().chain(&self.limits.kernels) {
+            if verdicts.kernels.get(id) != self.limits.kernels.get(id) {
+                self.pending.kernels.insert(id.clone());
+            }
+        }
+        if !verdicts.kernels.is_empty() || !verdicts.vfolders.is_empty() {
+            Arc::make_mut(desired).apply_limits(&verdicts);
+        }
+        self.limits = verdicts;
     }
 
     /// One pass, and more while actions succeed and the state read after

@@ -36,8 +36,7 @@ pub fn check_component_name(s: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Option keys whose values are secrets (and any key containing `pass` or
-/// `secret`: `password2=`, `passwd=`, `client_secret=`).
+/// Option keys whose values are secrets (see [`is_secret_key`]).
 const SECRET_KEYS: &[&str] = &[
     "password",
     "pass",
@@ -50,9 +49,11 @@ const SECRET_KEYS: &[&str] = &[
     "secret",
 ];
 
-/// Whether the value of option `key` (lowercase) is a secret.
+/// Whether the value of option `key` (lowercase) is a secret: one of
+/// [`SECRET_KEYS`] or ending in one (`apikey`, `x-sig`: a word glued to the
+/// key must not hide it), or holding `pass` or `secret`.
 pub fn is_secret_key(key: &str) -> bool {
-    SECRET_KEYS.contains(&key) || key.contains("pass") || key.contains("secret")
+    SECRET_KEYS.iter().any(|k| key.ends_with(k)) || key.contains("pass") || key.contains("secret")
 }
 
 /// Shortest run of base64 characters taken for a pasted key (an Azure

@@ -527,8 +527,12 @@ fn check_volume(key_name: &str, value: &[u8], policy: &Policy) -> Result<VolumeS
     Ok(spec)
 }
 
-/// Parses and validates a vfolder record.
+/// Parses and validates a vfolder record (messages redacted).
 pub fn parse_vfolder(value: &[u8]) -> Result<VfolderSpec, String> {
+    check_vfolder(value).map_err(|e| redact(&e))
+}
+
+fn check_vfolder(value: &[u8]) -> Result<VfolderSpec, String> {
     check_size(value)?;
     let spec: VfolderSpec = serde_yaml::from_slice(value).map_err(|e| yaml_error(&e))?;
     check_component_name(&spec.name).map_err(|e| format!("vfolder {e}"))?;
@@ -545,7 +549,12 @@ pub fn parse_vfolder(value: &[u8]) -> Result<VfolderSpec, String> {
 }
 
 /// Parses and validates a kernel value; `kernels_root` is where homes must lie.
+/// Every message is redacted: names and paths in it are the user's input.
 pub fn parse_kernel(id: &str, value: &[u8], kernels_root: &Path) -> Result<KernelSpec, String> {
+    check_kernel(id, value, kernels_root).map_err(|e| redact(&e))
+}
+
+fn check_kernel(id: &str, value: &[u8], kernels_root: &Path) -> Result<KernelSpec, String> {
     check_size(value)?;
     let raw: RawKernelSpec = serde_yaml::from_slice(value).map_err(|e| yaml_error(&e))?;
     let home = match raw.home {

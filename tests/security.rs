@@ -689,3 +689,54 @@ async fn the_shipped_policy_holds_against_sources_that_walk_around_it() {
     })
     .await;
 }
+
+/// Limits count across kernels: a kernel refused by `kernels_per_node` runs
+/// once an older one goes (no resync in this test). Limits used to turn
+/// every event into a whole pass; with the built-in limits always on that
+/// would have been every event on every node (seen: `vfolderd_kernel_passes_total`
+/// stayed 0 here and in `a_new_kernel_is_a_kernel_pass...`). Now events stay
+/// kernel passes, and the kernels whose verdict moved join them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_refused_by_a_limit_runs_once_an_older_one_goes() {
+    require_private_mount_namespace();
+    within(60, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(
+            &etcd,
+            "n1",
+            NodeOpts {
+                resync: "1h",
+                ..Default::default()
+            },
+        );
+        let policies = node.dir.path().join("policies");
+        std::fs::create_dir_all(&policies).unwrap();
+        std::fs::write(
+            policies.join("limits.yaml"),
+            "fstypes: {tmpfs: {}}\nlimits: {kernels_per_node: 1}\n",
+        )
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await; // the policy watcher
+        etcd.put(&node.kernel_key("k1"), "mounts: []\n").await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        etcd.put(&node.kernel_key("k2"), "mounts: []\n").await;
+        let st = etcd.wait_state(&node.kernel_status("k2"), "Rejected").await;
+        assert!(
+            st["error"]
+                .as_str()
+                .unwrap()
+                .contains("policy limits.kernels_per_node"),
+            "{st}"
+        );
+        let kernel_passes = node
+            .metric_now("vfolderd_kernel_passes_total")
+            .unwrap_or(0.0);
+        assert!(
+            kernel_passes >= 1.0,
+            "events are kernel passes, not whole ones"
+        );
+        etcd.delete(&node.kernel_key("k1")).await;
+        etcd.wait_state(&node.kernel_status("k2"), "Ready").await;
+    })
+    .await;
+}

@@ -92,14 +92,6 @@ impl Limits {
             vfolders_per_owner: None,
         }
     }
-
-    /// Whether any limit is set (then the limits are counted).
-    pub fn any(&self) -> bool {
-        self.kernels_per_node.is_some()
-            || self.mounts_per_kernel.is_some()
-            || self.mounts_per_node.is_some()
-            || self.vfolders_per_owner.is_some()
-    }
 }
 
 /// Which kernels may hold which per-user SAS tokens.

@@ -25,6 +25,17 @@ pub struct Entry<T> {
     pub spec: Result<T, Rejection>,
 }
 
+/// The objects the policy's limits refuse, with the reason: one object's
+/// change can move another's verdict, and only then does more than that
+/// object need a pass.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LimitVerdicts {
+    /// Kernels refused by a limit.
+    pub kernels: BTreeMap<String, String>,
+    /// vfolders refused by a limit.
+    pub vfolders: BTreeMap<Uuid, String>,
+}
+
 /// Everything this node is asked to do, as of `revision`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
@@ -234,22 +245,82 @@ impl Desired {
     }
 
     /// The kernels not refused, oldest (by creation revision) first.
-    fn kernels_oldest_first(&self) -> Vec<(i64, String)> {
-        let mut ok: Vec<(i64, String)> = self
+    fn kernels_oldest_first(&self, refused: &BTreeMap<String, String>) -> Vec<String> {
+        let mut ok: Vec<(i64, &String)> = self
             .kernels
             .iter()
-            .filter(|(_, e)| e.spec.is_ok())
-            .map(|(id, e)| (e.created, id.clone()))
+            .filter(|(id, e)| e.spec.is_ok() && !refused.contains_key(*id))
+            .map(|(id, e)| (e.created, id))
             .collect();
         ok.sort();
-        ok
+        ok.into_iter().map(|(_, id)| id.clone()).collect()
+    }
+
+    /// Applies the policy's limits: kernels with more than
+    /// `mounts_per_kernel` entries, kernels beyond `kernels_per_node` or past
+    /// `mounts_per_node`, and vfolders beyond `vfolders_per_owner` become
+    /// `Rejected` (the newest ones, by creation revision, so what already
+    /// runs keeps running). Returns what it refused.
+    pub fn enforce_limits(&mut self, policy: &Policy) -> LimitVerdicts {
+        let v = self.limit_verdicts(policy);
+        self.apply_limits(&v);
+        v
+    }
+
+    /// What the limits refuse, without changing anything: most states break
+    /// no limit, and then nothing needs a copy.
+    pub fn limit_verdicts(&self, policy: &Policy) -> LimitVerdicts {
+        let limits = &policy.limits;
+        let mut v = LimitVerdicts::default();
+        if let Some(max) = limits.mounts_per_kernel {
+            for (id, e) in &self.kernels {
+                if let Ok(k) = &e.spec {
+                    if k.mounts.len() > max {
+                        let n = k.mounts.len();
+                        v.kernels.insert(
+                            id.clone(),
+                            format!("policy limits.mounts_per_kernel: {n} mounts, at most {max}"),
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(max) = limits.kernels_per_node {
+            for id in self.kernels_oldest_first(&v.kernels).into_iter().skip(max) {
+                v.kernels.insert(
+                    id,
+                    format!("policy limits.kernels_per_node: this node already has {max} kernels"),
+                );
+            }
+        }
+        if let Some(max) = limits.mounts_per_node {
+            self.mounts_per_node(max, &mut v.kernels);
+        }
+        if let Some(max) = limits.vfolders_per_owner {
+            self.vfolders_per_owner(max, &mut v.vfolders);
+        }
+        v
+    }
+
+    /// Marks the objects `v` names `Rejected` with its reasons.
+    pub fn apply_limits(&mut self, v: &LimitVerdicts) {
+        for (id, why) in &v.kernels {
+            if let Some(e) = self.kernels.get_mut(id) {
+                e.spec = Err(Rejection::Policy(why.clone()));
+            }
+        }
+        for (id, why) in &v.vfolders {
+            if let Some(e) = self.vfolders.get_mut(id) {
+                e.spec = Err(Rejection::Policy(why.clone()));
+            }
+        }
     }
 
     /// Past `max` mounts of vfolderd's own on this node (every startup
     /// volume, and per kernel its entries plus one bind per startup volume),
     /// the newest kernels are refused: each mount costs the kernel's mount
     /// table (`fs.mount-max`) and every later mount on the node.
-    fn enforce_mounts_per_node(&mut self, max: usize) {
+    fn mounts_per_node(&self, max: usize, refused: &mut BTreeMap<String, String>) {
         let startup = self
             .volumes
             .values()
@@ -260,69 +331,39 @@ impl Desired {
             })
             .count();
         let mut used = startup;
-        for (_, id) in self.kernels_oldest_first() {
-            let Some(e) = self.kernels.get_mut(&id) else {
-                continue;
-            };
-            let cost = e.spec.as_ref().map_or(0, |k| k.mounts.len()) + startup;
+        for id in self.kernels_oldest_first(refused) {
+            let cost = self.kernels[&id]
+                .spec
+                .as_ref()
+                .map_or(0, |k| k.mounts.len())
+                + startup;
             if used + cost > max {
-                e.spec = Err(Rejection::Policy(format!(
+                refused.insert(id, format!(
                     "policy limits.mounts_per_node: this kernel needs {cost} mounts; {used} of the node's {max} are taken"
-                )));
+                ));
             } else {
                 used += cost;
             }
         }
     }
 
-    /// Applies the policy's cross-object limits: kernels beyond
-    /// `kernels_per_node`, kernels with more than `mounts_per_kernel` entries,
-    /// and vfolders beyond `vfolders_per_owner` become `Rejected` (the newest
-    /// ones, by etcd revision, so what already runs keeps running).
-    pub fn enforce_limits(&mut self, policy: &Policy) {
-        if let Some(max) = policy.limits.mounts_per_kernel {
-            for e in self.kernels.values_mut() {
-                if let Ok(k) = &e.spec {
-                    if k.mounts.len() > max {
-                        e.spec = Err(Rejection::Policy(format!(
-                            "policy limits.mounts_per_kernel: {} mounts, at most {max}",
-                            k.mounts.len()
-                        )));
-                    }
-                }
+    fn vfolders_per_owner(&self, max: usize, refused: &mut BTreeMap<Uuid, String>) {
+        let mut by_owner: BTreeMap<&str, Vec<(i64, Uuid)>> = BTreeMap::new();
+        for (id, e) in &self.vfolders {
+            if let Ok(v) = &e.spec {
+                by_owner.entry(&v.owner).or_default().push((e.created, *id));
             }
         }
-        if let Some(max) = policy.limits.kernels_per_node {
-            for (_, id) in self.kernels_oldest_first().into_iter().skip(max) {
-                if let Some(e) = self.kernels.get_mut(&id) {
-                    e.spec = Err(Rejection::Policy(format!(
-                        "policy limits.kernels_per_node: this node already has {max} kernels"
-                    )));
-                }
+        for (owner, mut ids) in by_owner {
+            if ids.len() <= max {
+                continue;
             }
-        }
-        if let Some(max) = policy.limits.mounts_per_node {
-            self.enforce_mounts_per_node(max);
-        }
-        if let Some(max) = policy.limits.vfolders_per_owner {
-            let mut by_owner: BTreeMap<String, Vec<(i64, Uuid)>> = BTreeMap::new();
-            for (id, e) in &self.vfolders {
-                if let Ok(v) = &e.spec {
-                    by_owner
-                        .entry(v.owner.clone())
-                        .or_default()
-                        .push((e.revision, *id));
-                }
-            }
-            for (owner, mut ids) in by_owner {
-                ids.sort();
-                for (_, id) in ids.into_iter().skip(max) {
-                    if let Some(e) = self.vfolders.get_mut(&id) {
-                        e.spec = Err(Rejection::Policy(format!(
-                            "policy limits.vfolders_per_owner: {owner} already has {max} vfolders"
-                        )));
-                    }
-                }
+            ids.sort();
+            for (_, id) in ids.into_iter().skip(max) {
+                refused.insert(
+                    id,
+                    format!("policy limits.vfolders_per_owner: {owner} already has {max} vfolders"),
+                );
             }
         }
     }
