@@ -24,6 +24,7 @@ fn node() -> NodeView {
         volumes_root: "/v".into(),
         kernels_root: "/k".into(),
         policy: Default::default(),
+        identity: Default::default(),
     }
 }
 

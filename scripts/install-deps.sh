@@ -10,7 +10,8 @@
 #            for etcd-client's build script), ca-certificates (crates.io over TLS)
 #   tests    etcd-server etcd-client (a real etcd), rclone fuse3 (FUSE mounts of
 #            blob containers), util-linux (unshare, findmnt), procps, iproute2,
-#            npm + azurite (the Azure Blob emulator)
+#            npm + azurite (the Azure Blob emulator), runc + busybox-static
+#            (tests/kernel.rs starts real containers on a busybox root)
 set -euo pipefail
 
 packages=(
@@ -19,6 +20,7 @@ packages=(
   etcd-server etcd-client
   rclone fuse3
   util-linux procps
+  runc busybox-static
 )
 
 # Installed packages and what they provide, one name per line: nodesource's

@@ -281,6 +281,10 @@ pub async fn drain(cfg: &NodeConfig, force: bool) -> Result<DrainReport, CliErro
         volumes_root: cfg.roots.volumes.clone(),
         kernels_root: cfg.roots.kernels.clone(),
         policy: std::sync::Arc::new(crate::policy::Policy::default()),
+        identity: crate::reconcile::plan::Identity {
+            uid: cfg.kernel_uid,
+            gid: cfg.kernel_gid,
+        },
     };
     // Planning against an empty desired state yields exactly the teardown, in order.
     let actions = plan(&node, &Want::default(), &actual, &Default::default());

@@ -93,6 +93,13 @@ pub struct NodeConfig {
     /// The rclone binary that FUSE-mounts blob containers.
     #[serde(default = "default_rclone")]
     pub rclone: PathBuf,
+    /// The uid kernels run as unless their value says (Backend.AI's `work`
+    /// user); also who owns a volume's files unless its spec says.
+    #[serde(default = "default_kernel_id")]
+    pub kernel_uid: u32,
+    /// The gid kernels run as unless their value says.
+    #[serde(default = "default_kernel_id")]
+    pub kernel_gid: u32,
     /// How often each owned volume mount is probed for staleness.
     #[serde(default = "default_probe_interval", with = "humantime_serde")]
     pub probe_interval: Duration,
@@ -218,6 +225,9 @@ fn default_sas_lifetime() -> Duration {
 }
 fn default_token_lifetime() -> Duration {
     Duration::from_secs(3600)
+}
+fn default_kernel_id() -> u32 {
+    1000
 }
 fn default_rclone() -> PathBuf {
     "rclone".into()

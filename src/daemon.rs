@@ -493,6 +493,10 @@ fn reconciler(
             volumes_root: cfg.roots.volumes.clone(),
             kernels_root: cfg.roots.kernels.clone(),
             policy: s.policy.read().expect("policy lock").clone(),
+            identity: crate::reconcile::plan::Identity {
+                uid: cfg.kernel_uid,
+                gid: cfg.kernel_gid,
+            },
         },
         keys: s.keys.clone(),
         exec,

@@ -134,6 +134,13 @@ pub struct VolumeSpec {
     /// When a stale mount of this volume is healed (lazy unmount, remount).
     #[serde(default)]
     pub heal: HealPolicy,
+    /// Who owns the vfolder directories and files on it (default: the
+    /// node's `kernel_uid`); cifs and rclone present files as them.
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// Their group (default: the node's `kernel_gid`).
+    #[serde(default)]
+    pub gid: Option<u32>,
 }
 
 /// When vfolderd heals a stale volume mount.

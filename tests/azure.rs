@@ -388,7 +388,7 @@ async fn azure_files_cifs_with_a_credentials_file_gets_csi_defaults_and_no_secre
 
         let argv = std::fs::read_to_string(node.dir.path().join("helper.log")).unwrap();
         let want = format!(
-            "-t cifs -o vers=3.0,actimeo=30,mfsymlinks,credentials={},nosuid,nodev -- //acct2.file.core.windows.net/vfolder {}\n",
+            "-t cifs -o vers=3.0,actimeo=30,mfsymlinks,uid=1000,gid=1000,forceuid,forcegid,dir_mode=0755,file_mode=0644,credentials={},nosuid,nodev -- //acct2.file.core.windows.net/vfolder {}\n",
             creds.join("shard-2").display(),
             node.volumes().join("shard2").display()
         );

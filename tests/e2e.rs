@@ -755,7 +755,7 @@ async fn seed_cifs_volumes_mount_through_the_helper_with_the_password_only_in_a_
         let state = node.dir.path().join("state/run");
         let line = |vol: &str, share: &str| {
             format!(
-                "-t cifs -o vers=3.0,dir_mode=0777,file_mode=0777,sec=ntlmssp,actimeo=30,mfsymlinks,credentials={}/credentials-{vol},nosuid,nodev \
+                "-t cifs -o vers=3.0,dir_mode=0777,file_mode=0777,sec=ntlmssp,actimeo=30,mfsymlinks,uid=1000,gid=1000,forceuid,forcegid,credentials={}/credentials-{vol},nosuid,nodev \
                  -- //USERNAME.file.core.windows.net/{share} {}",
                 state.display(),
                 node.volumes().join(vol).display()

@@ -659,10 +659,22 @@ impl Executor {
         if v.fstype == Fstype::Cifs {
             // What the Azure Files CSI driver sets when the options do not:
             // SMB 3.0, 30 s attribute cache, symlinks emulated (Azure Files has none).
+            // And the volume's owner, so the kernel's user can write: files
+            // appear as theirs, whoever the server says owns them.
+            let (uid, gid) = (
+                format!("uid={}", v.owner.uid),
+                format!("gid={}", v.owner.gid),
+            );
             for (key, default) in [
                 ("vers", "vers=3.0"),
                 ("actimeo", "actimeo=30"),
                 ("mfsymlinks", "mfsymlinks"),
+                ("uid", uid.as_str()),
+                ("gid", gid.as_str()),
+                ("forceuid", "forceuid"),
+                ("forcegid", "forcegid"),
+                ("dir_mode", "dir_mode=0755"),
+                ("file_mode", "file_mode=0644"),
             ] {
                 if !options.iter().any(|o| o.split('=').next() == Some(key)) {
                     options.push(default.to_string());
@@ -776,6 +788,13 @@ impl Executor {
         let mut args: Vec<String> = vec![
             "mount".into(),
             "--allow-other".into(),
+            // Files appear as the volume's owner, writable by them.
+            "--uid".into(),
+            v.owner.uid.to_string(),
+            "--gid".into(),
+            v.owner.gid.to_string(),
+            "--umask".into(),
+            "022".into(),
             "--dir-cache-time".into(),
             "10s".into(),
             "--log-file".into(),
@@ -1288,6 +1307,7 @@ mod tests {
             readonly: false,
             create: false,
             anchor: "/".into(),
+            owner: Default::default(),
         };
         // Capture the credentials file while the "helper" runs.
         struct Peek(
@@ -1346,7 +1366,7 @@ mod tests {
         assert_eq!(
             req.options,
             format!(
-                "vers=3.0,dir_mode=0777,actimeo=30,mfsymlinks,credentials={},nosuid,nodev",
+                "vers=3.0,dir_mode=0777,actimeo=30,mfsymlinks,uid=1000,gid=1000,forceuid,forcegid,file_mode=0644,credentials={},nosuid,nodev",
                 creds.display()
             )
         );
@@ -1435,6 +1455,7 @@ mod tests {
             readonly: false,
             create: false,
             anchor: "/".into(),
+            owner: Default::default(),
         };
         f.mounter.fail_next(CallKind::Mount, Errno::ENOSPC, 1);
         let b = bind(&f, false);

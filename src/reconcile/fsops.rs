@@ -2,7 +2,7 @@
 //! (invariant 4): every component is opened with `O_NOFOLLOW`, relative to
 //! its parent's descriptor, the way runc and youki resolve mount targets.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
@@ -155,23 +155,22 @@ fn walk(
                     path: cur.clone(),
                     message,
                 })?;
-                match mkdirat(fd.as_fd(), c, Mode::from_bits_truncate(cr.mode)) {
-                    Ok(()) => {
+                match mkdir_owned(fd.as_fd(), c, cr) {
+                    Ok(Made::AsOwner) => made.push(cur.clone()),
+                    Ok(Made::AsRoot) => {
                         made.push(cur.clone());
-                        if cr.uid.is_some() || cr.gid.is_some() {
-                            fchownat(
-                                fd.as_fd(),
-                                c,
-                                cr.uid.map(Uid::from_raw),
-                                cr.gid.map(Gid::from_raw),
-                                AtFlags::AT_SYMLINK_NOFOLLOW,
-                            )
-                            .map_err(|errno| FsError::Sys {
-                                op: "chown",
-                                path: cur.clone(),
-                                errno,
-                            })?;
-                        }
+                        fchownat(
+                            fd.as_fd(),
+                            c,
+                            cr.uid.map(Uid::from_raw),
+                            cr.gid.map(Gid::from_raw),
+                            AtFlags::AT_SYMLINK_NOFOLLOW,
+                        )
+                        .map_err(|errno| FsError::Sys {
+                            op: "chown",
+                            path: cur.clone(),
+                            errno,
+                        })?;
                     }
                     Err(Errno::EEXIST) => {}
                     Err(errno) => {
@@ -189,6 +188,64 @@ fn walk(
         fd = next;
     }
     Ok((fd, made))
+}
+
+/// How [`mkdir_owned`] made a directory.
+enum Made {
+    /// As its owner: nothing left to do.
+    AsOwner,
+    /// As root (no owner asked, or the owner may not write there): a chown follows when one was asked.
+    AsRoot,
+}
+
+/// Makes directory `name` in `dir` as the owner `cr` names, with the
+/// thread's filesystem uid and gid switched to them (setfsuid/setfsgid act
+/// on this thread only): on NFS with root_squash and on CIFS root may not
+/// chown, and there the owner's own mkdir is the only way. Where the owner
+/// may not write the parent (a root-owned 0711 root), root makes it and the
+/// caller chowns.
+fn mkdir_owned(dir: BorrowedFd<'_>, name: &std::ffi::OsStr, cr: &Create) -> Result<Made, Errno> {
+    let mode = Mode::from_bits_truncate(cr.mode);
+    if cr.uid.is_none() && cr.gid.is_none() {
+        return mkdirat(dir, name, mode).map(|()| Made::AsRoot);
+    }
+    let as_owner = {
+        let _ids = FsIds::assume(cr.uid, cr.gid);
+        mkdirat(dir, name, mode)
+    };
+    match as_owner {
+        Ok(()) => Ok(Made::AsOwner),
+        Err(Errno::EACCES | Errno::EPERM) => mkdirat(dir, name, mode).map(|()| Made::AsRoot),
+        Err(e) => Err(e),
+    }
+}
+
+/// This thread's filesystem ids switched to an owner's, restored on drop.
+struct FsIds {
+    uid: Option<Uid>,
+    gid: Option<Gid>,
+}
+
+impl FsIds {
+    fn assume(uid: Option<u32>, gid: Option<u32>) -> Self {
+        // The group first: a fsuid other than 0 takes the capabilities that
+        // bypass file permissions, not the one to change the fsgid, but the
+        // order keeps that question away.
+        let gid = gid.map(|g| nix::unistd::setfsgid(Gid::from_raw(g)));
+        let uid = uid.map(|u| nix::unistd::setfsuid(Uid::from_raw(u)));
+        Self { uid, gid }
+    }
+}
+
+impl Drop for FsIds {
+    fn drop(&mut self) {
+        if let Some(u) = self.uid {
+            nix::unistd::setfsuid(u);
+        }
+        if let Some(g) = self.gid {
+            nix::unistd::setfsgid(g);
+        }
+    }
 }
 
 fn walk_error(errno: Errno, path: &Path) -> FsError {

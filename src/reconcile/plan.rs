@@ -31,6 +31,27 @@ pub struct NodeView {
     pub kernels_root: PathBuf,
     /// The policy in force (forced options, limits, rw owners).
     pub policy: std::sync::Arc<crate::policy::Policy>,
+    /// Who kernels run as, and who owns volume files, unless their values say.
+    pub identity: Identity,
+}
+
+/// A uid and gid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    /// User.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+}
+
+impl Default for Identity {
+    /// Backend.AI's `work` user.
+    fn default() -> Self {
+        Self {
+            uid: 1000,
+            gid: 1000,
+        }
+    }
 }
 
 /// Observed state.
@@ -81,6 +102,8 @@ pub struct WantVolume {
     pub readonly: bool,
     /// Create its blob container if missing (storage role, `create: true`).
     pub create: bool,
+    /// Who owns its vfolder directories and files.
+    pub owner: Identity,
     /// For bind volumes: the directory the policy allows binds beneath. The
     /// source is opened from it component by component without following
     /// symlinks, so a symlink swapped in below it cannot lead out.
@@ -257,6 +280,10 @@ fn want_volume(node: &NodeView, d: &Desired, w: &mut Want, name: &str) {
             readonly: spec.access == Permission::Ro && spec.mount.at == MountAt::Startup,
             create: spec.create && node.storage,
             anchor: node.policy.bind_anchor(&spec.mount.path),
+            owner: Identity {
+                uid: spec.uid.unwrap_or(node.identity.uid),
+                gid: spec.gid.unwrap_or(node.identity.gid),
+            },
         },
     );
 }
@@ -336,8 +363,8 @@ fn resolve_kernel(
     }
     homes.insert(spec.home.clone(), id.to_string());
     k.home = Some(spec.home.clone());
-    k.uid = spec.uid;
-    k.gid = spec.gid;
+    k.uid = Some(spec.uid.unwrap_or(node.identity.uid));
+    k.gid = Some(spec.gid.unwrap_or(node.identity.gid));
     // A bug while resolving one kernel's mounts fails that kernel, not the node.
     let mounts = crate::error::guarded(&format!("kernel {id}"), || {
         kernel_mounts(node, d, startup, id, spec)
@@ -470,8 +497,8 @@ fn token_mount(
             source: v.mount.path.clone(),
             credentials: v.mount.credentials.clone(),
             write,
-            uid: spec.uid,
-            gid: spec.gid,
+            uid: Some(spec.uid.unwrap_or(node.identity.uid)),
+            gid: Some(spec.gid.unwrap_or(node.identity.gid)),
         }),
     }
 }
@@ -939,9 +966,10 @@ impl<'a> Planner<'a> {
     /// Step 5: vfolder directories (storage role).
     fn make_vfolder_dirs(&mut self) {
         for (vol, path) in self.want.vfolder_dirs.values() {
-            let root = &self.want.volumes[vol].target;
-            if !self.occupied(root) {
-                self.mkdir(path, root, None, None, None);
+            let v = &self.want.volumes[vol];
+            if !self.occupied(&v.target) {
+                let o = v.owner;
+                self.mkdir(path, &v.target, Some(o.uid), Some(o.gid), None);
             }
         }
     }
@@ -1093,6 +1121,7 @@ mod tests {
             volumes_root: "/v".into(),
             kernels_root: "/k".into(),
             policy: Default::default(),
+            identity: Default::default(),
         }
     }
 
@@ -1109,6 +1138,8 @@ mod tests {
             access: Permission::Ro,
             create: false,
             heal: HealPolicy::Unused,
+            uid: None,
+            gid: None,
         }
     }
 

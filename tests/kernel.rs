@@ -1,0 +1,178 @@
+//! Kernels as their users see them: real containers (Debian's `runc`, a
+//! busybox root), started the way a platform starts them once the kernel is
+//! `Ready` — the home bound at `/home/work` with `rbind,rslave`, the process
+//! running as the kernel's uid — doing what a notebook does.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::*;
+
+/// Busybox applets the scripts use.
+const APPLETS: &[&str] = &[
+    "sh", "ls", "cat", "touch", "mv", "rm", "id", "stat", "echo", "mkdir", "sleep", "df", "dd",
+];
+
+/// A container bundle: a busybox root and a runc `config.json`.
+struct Container {
+    dir: tempfile::TempDir,
+    id: String,
+    started: bool,
+}
+
+impl Container {
+    /// A bundle whose process runs `args` as `uid:gid`, with `home` bound at
+    /// `/home/work` (`rbind,rslave`, as a platform binds a kernel's home).
+    fn new(id: &str, home: &Path, uid: u32, gid: u32, args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = dir.path().join("rootfs");
+        for d in ["bin", "proc", "dev", "tmp", "home/work"] {
+            std::fs::create_dir_all(rootfs.join(d)).unwrap();
+        }
+        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+        for a in APPLETS {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(a)).unwrap();
+        }
+        let spec = Command::new("runc")
+            .arg("spec")
+            .current_dir(dir.path())
+            .status()
+            .unwrap();
+        assert!(spec.success(), "runc spec");
+        let path = dir.path().join("config.json");
+        let mut c: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        c["process"]["terminal"] = false.into();
+        c["process"]["args"] = args.iter().map(|a| serde_json::json!(a)).collect();
+        c["process"]["user"] = serde_json::json!({"uid": uid, "gid": gid});
+        c["process"]["cwd"] = "/home/work".into();
+        c["root"]["readonly"] = false.into();
+        c["mounts"].as_array_mut().unwrap().push(serde_json::json!({
+            "destination": "/home/work",
+            "type": "bind",
+            "source": home,
+            "options": ["rbind", "rslave"],
+        }));
+        std::fs::write(&path, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
+        Self {
+            dir,
+            id: format!("{id}-{}", std::process::id()),
+            started: false,
+        }
+    }
+
+    fn runc(&self) -> Command {
+        let mut cmd = Command::new("runc");
+        cmd.arg("--root").arg(self.dir.path().join("state"));
+        cmd
+    }
+
+    /// Runs the process to its end: (exit code, stdout + stderr).
+    fn run(mut self) -> (i32, String) {
+        let out = self
+            .runc()
+            .args(["run", "--bundle"])
+            .arg(self.dir.path())
+            .arg(&self.id)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        self.started = true;
+        output(out)
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        if self.started {
+            let _ = self
+                .runc()
+                .args(["delete", "--force", &self.id])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn output(out: Output) -> (i32, String) {
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// Runs `script` in a container as `uid:gid` with `home` as `/home/work`.
+async fn run_as(home: &Path, uid: u32, gid: u32, script: &str) -> (i32, String) {
+    let home = home.to_path_buf();
+    let script = script.to_string();
+    tokio::task::spawn_blocking(move || {
+        Container::new("k", &home, uid, gid, &["sh", "-c", &script]).run()
+    })
+    .await
+    .unwrap()
+}
+
+fn vfolder_dir(node: &Node, volume: &str, id: &uuid::Uuid) -> PathBuf {
+    node.volumes().join(volume).join(shard(&id.to_string()))
+}
+
+/// Issue 13: vfolder directories were created `root:root 0755` and every
+/// test wrote as root, so a kernel running as uid 1000 (Backend.AI's `work`
+/// user) could not create a file in its own read-write folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_as_uid_1000_uses_its_folders_like_plain_directories() {
+    require_private_mount_namespace();
+    within(120, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(&etcd, "n1", NodeOpts::default());
+        etcd.put(&format!("{P}/volumes/shard1"), &tmpfs_volume("requested"))
+            .await;
+        etcd.put(&format!("{P}/volumes/dataset"), &tmpfs_volume("startup"))
+            .await;
+        let (rw, ro) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        etcd.put(
+            &format!("{P}/vfolders/{rw}"),
+            "{name: mine, owner: alice, volume: shard1}\n",
+        )
+        .await;
+        etcd.put(
+            &format!("{P}/vfolders/{ro}"),
+            "{name: shared, owner: bob, volume: shard1, permission: ro}\n",
+        )
+        .await;
+        etcd.wait_state(&node.volume_status("dataset"), "Mounted").await;
+        std::fs::write(node.volumes().join("dataset/README"), "a dataset\n").unwrap();
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {rw}}}, {{vfolder: {ro}}}]\n"),
+        )
+        .await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+
+        let script = "id -u; \
+            echo hello > mine/a.txt && mv mine/a.txt mine/b.txt && cat mine/b.txt && rm mine/b.txt && \
+            mkdir mine/results && echo 0.93 > mine/results/acc.txt && echo WROTE; \
+            touch shared/x; touch dataset/x; cat dataset/README";
+        let (code, out) = run_as(&node.home("k1"), 1000, 1000, script).await;
+        assert_eq!(code, 0, "{out}");
+        assert!(out.starts_with("1000\n"), "runs as 1000: {out}");
+        assert!(out.contains("hello\n") && out.contains("WROTE"), "writes its folder: {out}");
+        assert_eq!(
+            out.matches("Read-only file system").count(),
+            2,
+            "EROFS on the ro vfolder and the ro dataset: {out}"
+        );
+        assert!(out.contains("a dataset"), "reads the dataset: {out}");
+        // On the volume the files are the user's.
+        let dir = vfolder_dir(&node, "shard1", &rw);
+        for p in [dir.clone(), dir.join("results"), dir.join("results/acc.txt")] {
+            let md = std::fs::metadata(&p).unwrap();
+            assert_eq!((md.uid(), md.gid()), (1000, 1000), "{}", p.display());
+        }
+        let home = std::fs::metadata(node.home("k1")).unwrap();
+        assert_eq!((home.uid(), home.gid()), (1000, 1000), "the home is the user's");
+    })
+    .await;
+}
