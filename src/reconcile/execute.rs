@@ -1034,6 +1034,25 @@ impl Executor {
         if !recorded {
             self.ledger.put_mount(&self.bind_record(b))?;
         }
+        let attrs = crate::reconcile::newmount::BindAttrs {
+            readonly: b.readonly,
+            idmap: None,
+        };
+        match self.mounter.bind_atomic(
+            std::os::fd::AsFd::as_fd(&src),
+            std::os::fd::AsFd::as_fd(&tgt),
+            attrs,
+        ) {
+            Ok(()) => return Ok(()),
+            Err(Errno::ENOSYS) => {} // before Linux 5.12: the old way below
+            Err(errno) => {
+                self.ledger.remove_mount(&b.target)?;
+                return Err(ExecError::MountFailed {
+                    target: b.target.clone(),
+                    errno,
+                });
+            }
+        }
         // MS_BIND ignores every other flag, so the bind is made first and its
         // per-mount flags set by a second MS_REMOUNT|MS_BIND call (mount(2),
         // "Creating a bind mount" / "Remounting an existing mount").
@@ -1184,6 +1203,34 @@ mod tests {
         }
     }
 
+    /// Issue 13 item 2: a read-only bind was made rw (MS_BIND) and then
+    /// remounted ro: writable, and without nosuid, in between. With the new
+    /// mount API it is one call that attaches a finished read-only bind.
+    #[test]
+    fn with_the_new_mount_api_a_read_only_bind_is_one_atomic_call() {
+        let mut f = fixture();
+        let mounter = Arc::new(RecordingMounter::with_atomic_binds());
+        f.exec = Executor::new(mounter.clone(), f.ledger.clone(), f.exec.cfg.clone());
+        let out = f.exec.execute(
+            vec![Action::Bind {
+                bind: bind(&f, true),
+            }],
+            &HashMap::new(),
+            &BTreeMap::new(),
+        );
+        assert!(out[0].result.is_ok(), "{:?}", out[0].result);
+        assert_eq!(
+            mounter.calls(),
+            vec![Call::AtomicBind {
+                readonly: true,
+                idmap: false
+            }],
+            "no MS_BIND, no remount"
+        );
+        assert!(f.ledger.mounts().unwrap().contains_key(&f.root.join("k/k1/work/data")));
+    }
+
+    /// Before Linux 5.12 (no `mount_setattr`): bind, then remount.
     #[test]
     fn bind_is_ms_bind_then_a_remount_with_nosuid_nodev_ro() {
         let f = fixture();

@@ -5,6 +5,7 @@ pub mod bookkeeping;
 pub mod execute;
 pub mod fsops;
 pub mod mountwatch;
+pub mod newmount;
 pub mod observe;
 pub mod pass;
 pub mod plan;

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::io::Read;
+use std::os::fd::BorrowedFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use nix::unistd::Pid;
 use wait_timeout::ChildExt;
 
 use crate::names::redact;
+use crate::reconcile::newmount::BindAttrs;
 use crate::secret::Secret;
 
 /// A request to run the system's `mount -t FSTYPE` helper (cifs, nfs, FUSE).
@@ -106,6 +108,21 @@ pub trait Mounter: Send + Sync {
         let _ = spawned;
         self.run_helper(req)
     }
+    /// Binds directory `source` onto directory `target` (`O_PATH`
+    /// descriptors) with nosuid, nodev and `attrs` set before the bind is
+    /// attached ([`crate::reconcile::newmount::bind`]). `ENOSYS` where the
+    /// kernel (or a double) lacks the new mount API: the caller then binds
+    /// and remounts the old way.
+    fn bind_atomic(
+        &self,
+        source: BorrowedFd<'_>,
+        target: BorrowedFd<'_>,
+        attrs: BindAttrs<'_>,
+    ) -> Result<(), Errno> {
+        let _ = (source, target, attrs);
+        Err(Errno::ENOSYS)
+    }
+
     /// Starts a FUSE server that outlives vfolderd (its own process group),
     /// telling `spawned` its pid as soon as it runs, and returns once
     /// `mounted` says its mount is there. A server that exits first fails
@@ -160,6 +177,15 @@ impl Mounter for LinuxMounter {
 
     fn umount2(&self, target: &Path, flags: MntFlags) -> Result<(), Errno> {
         nix::mount::umount2(target, flags)
+    }
+
+    fn bind_atomic(
+        &self,
+        source: BorrowedFd<'_>,
+        target: BorrowedFd<'_>,
+        attrs: BindAttrs<'_>,
+    ) -> Result<(), Errno> {
+        crate::reconcile::newmount::bind(source, target, attrs)
     }
 
     fn run_helper(&self, req: &HelperRequest) -> Result<(), HelperError> {
@@ -359,6 +385,13 @@ pub enum Call {
     },
     /// A helper run.
     Helper(HelperRequest),
+    /// A bind made whole before it is attached (new mount API).
+    AtomicBind {
+        /// Read-only from its first moment.
+        readonly: bool,
+        /// Idmapped.
+        idmap: bool,
+    },
     /// A FUSE server start (env recorded by name only).
     Server {
         /// Program.
@@ -386,11 +419,22 @@ pub enum CallKind {
 #[derive(Debug, Default)]
 pub struct RecordingMounter {
     calls: Mutex<Vec<Call>>,
+    /// Whether it has the new mount API (else `bind_atomic` is `ENOSYS`,
+    /// as on a kernel before 5.12).
+    atomic_binds: std::sync::atomic::AtomicBool,
     /// Scripted results per call kind: `None` lets a call succeed, `Some` fails it.
     script: Mutex<VecDeque<(CallKind, Option<Errno>)>>,
 }
 
 impl RecordingMounter {
+    /// A double with the new mount API.
+    pub fn with_atomic_binds() -> Self {
+        let m = Self::default();
+        m.atomic_binds
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        m
+    }
+
     /// Every call so far.
     pub fn calls(&self) -> Vec<Call> {
         self.calls.lock().expect("lock").clone()
@@ -427,6 +471,22 @@ impl Mounter for RecordingMounter {
             fstype: fstype.map(String::from),
             flags,
             data: data.map(String::from),
+        });
+        self.scripted(CallKind::Mount).map_or(Ok(()), Err)
+    }
+
+    fn bind_atomic(
+        &self,
+        _source: BorrowedFd<'_>,
+        _target: BorrowedFd<'_>,
+        attrs: BindAttrs<'_>,
+    ) -> Result<(), Errno> {
+        if !self.atomic_binds.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Errno::ENOSYS);
+        }
+        self.calls.lock().expect("lock").push(Call::AtomicBind {
+            readonly: attrs.readonly,
+            idmap: attrs.idmap.is_some(),
         });
         self.scripted(CallKind::Mount).map_or(Ok(()), Err)
     }
