@@ -176,3 +176,102 @@ async fn a_kernel_as_uid_1000_uses_its_folders_like_plain_directories() {
     })
     .await;
 }
+
+/// Issue 13: a kernel whose uid differs from its vfolder's volume owner sees
+/// the folder through an idmapped bind: the files are its own, and what it
+/// writes lands as the volume owner's; nothing is chowned. A volume that
+/// cannot be idmapped (cifs here) fails the kernel, naming the fstype.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_as_another_uid_sees_the_folder_as_its_own_through_an_idmapped_bind() {
+    require_private_mount_namespace();
+    within(120, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(
+            &etcd,
+            "n1",
+            NodeOpts {
+                helper_double: true,
+                ..Default::default()
+            },
+        );
+        etcd.put(&format!("{P}/volumes/shard1"), &tmpfs_volume("requested"))
+            .await;
+        etcd.put(
+            &format!("{P}/volumes/smb"),
+            "mount: {at: requested, fstype: cifs, path: '//acct.file.core.windows.net/s'}\n",
+        )
+        .await;
+        let (vf, on_smb) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        etcd.put(
+            &format!("{P}/vfolders/{vf}"),
+            "{name: mine, owner: alice, volume: shard1}\n",
+        )
+        .await;
+        etcd.put(
+            &format!("{P}/vfolders/{on_smb}"),
+            "{name: smb, owner: alice, volume: smb}\n",
+        )
+        .await;
+        // The owner's kernel (1000) writes a file; another kernel runs as 2000.
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {vf}}}]\n"),
+        )
+        .await;
+        etcd.put(
+            &node.kernel_key("k2"),
+            &format!("uid: 2000\ngid: 2000\nmounts: [{{vfolder: {vf}}}]\n"),
+        )
+        .await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        etcd.wait_state(&node.kernel_status("k2"), "Ready").await;
+        let (code, out) = run_as(
+            &node.home("k1"),
+            1000,
+            1000,
+            "echo by-1000 > mine/first.txt",
+        )
+        .await;
+        assert_eq!(code, 0, "{out}");
+
+        let script = "id -u; stat -c '%u:%g' mine mine/first.txt; cat mine/first.txt; \
+                      echo by-2000 > mine/second.txt && mkdir mine/d && echo WROTE";
+        let (code, out) = run_as(&node.home("k2"), 2000, 2000, script).await;
+        assert_eq!(code, 0, "{out}");
+        assert_eq!(
+            out.lines().take(3).collect::<Vec<_>>(),
+            ["2000", "2000:2000", "2000:2000"],
+            "the folder and its files are the kernel's own: {out}"
+        );
+        assert!(out.contains("by-1000") && out.contains("WROTE"), "{out}");
+        let dir = node.volumes().join("shard1").join(shard(&vf.to_string()));
+        for p in ["second.txt", "d", "first.txt"] {
+            let md = std::fs::metadata(dir.join(p)).unwrap();
+            assert_eq!(
+                (md.uid(), md.gid()),
+                (1000, 1000),
+                "{p} lands as the volume owner's"
+            );
+        }
+        let bind = node
+            .mount_at(&node.home("k2").join("mine"))
+            .expect("k2's bind");
+        assert!(bind.has_option("idmapped"), "{bind:?}");
+
+        // cifs cannot be idmapped: the kernel fails, naming the fstype.
+        etcd.put(
+            &node.kernel_key("k3"),
+            &format!("uid: 2000\ngid: 2000\nmounts: [{{vfolder: {on_smb}}}]\n"),
+        )
+        .await;
+        let st = etcd.wait_state(&node.kernel_status("k3"), "Failed").await;
+        assert!(
+            st["error"]
+                .as_str()
+                .unwrap()
+                .contains("cifs volumes cannot be idmapped"),
+            "{st}"
+        );
+    })
+    .await;
+}

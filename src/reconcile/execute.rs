@@ -1036,7 +1036,7 @@ impl Executor {
         }
         let attrs = crate::reconcile::newmount::BindAttrs {
             readonly: b.readonly,
-            idmap: None,
+            idmap: b.idmap,
         };
         match self.mounter.bind_atomic(
             std::os::fd::AsFd::as_fd(&src),
@@ -1044,6 +1044,12 @@ impl Executor {
             attrs,
         ) {
             Ok(()) => return Ok(()),
+            Err(Errno::ENOSYS) if b.idmap.is_some() => {
+                self.ledger.remove_mount(&b.target)?;
+                return Err(ExecError::Unsupported(
+                    "an idmapped bind (the kernel runs as another uid than the volume's owner) needs Linux 5.12+ (mount_setattr)".into(),
+                ));
+            }
             Err(Errno::ENOSYS) => {} // before Linux 5.12: the old way below
             Err(errno) => {
                 self.ledger.remove_mount(&b.target)?;
@@ -1200,6 +1206,7 @@ mod tests {
             readonly,
             label: "vfolder:x".into(),
             required: true,
+            idmap: None,
         }
     }
 
@@ -1227,7 +1234,11 @@ mod tests {
             }],
             "no MS_BIND, no remount"
         );
-        assert!(f.ledger.mounts().unwrap().contains_key(&f.root.join("k/k1/work/data")));
+        assert!(f
+            .ledger
+            .mounts()
+            .unwrap()
+            .contains_key(&f.root.join("k/k1/work/data")));
     }
 
     /// Before Linux 5.12 (no `mount_setattr`): bind, then remount.

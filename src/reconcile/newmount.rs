@@ -19,12 +19,68 @@ use nix::errno::Errno;
 use rustix::mount::{move_mount, open_tree, MoveMountFlags, OpenTreeFlags};
 
 /// What a new bind is before anyone can see it.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct BindAttrs<'a> {
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BindAttrs {
     /// Read-only.
     pub readonly: bool,
-    /// A user namespace whose mapping the bind applies (an idmapped bind).
-    pub idmap: Option<BorrowedFd<'a>>,
+    /// Ids to show differently through this bind (an idmapped bind).
+    pub idmap: Option<IdMap>,
+}
+
+/// One uid and one gid seen through a bind as another: files the volume's
+/// owner owns appear as the kernel's, and what the kernel writes lands as
+/// the volume owner's. No file is chowned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IdMap {
+    /// (on disk, as the kernel sees it).
+    pub uid: (u32, u32),
+    /// (on disk, as the kernel sees it).
+    pub gid: (u32, u32),
+}
+
+/// A user namespace holding `map` (an `O_RDONLY` descriptor of its
+/// `/proc/<pid>/ns/user`), for `MOUNT_ATTR_IDMAP`. `unshare(CLONE_NEWUSER)`
+/// fails in a threaded process, so a child is cloned into a new user
+/// namespace; it only waits while its maps are written and its namespace is
+/// opened, then it is killed. The mapping line is "on-disk id, kernel id, 1":
+/// an idmapped mount reads on-disk ids as ids inside the namespace and shows
+/// them as the ids outside (Documentation/filesystems/idmappings.rst).
+pub fn userns_for(map: IdMap) -> Result<std::os::fd::OwnedFd, Errno> {
+    use nix::sched::CloneFlags;
+    use nix::sys::signal::{kill, Signal};
+    let mut stack = vec![0u8; 64 * 1024];
+    // SAFETY: the child runs only `pause` (async-signal-safe) until it is
+    // killed, touching nothing the parent's other threads may hold.
+    let pid = unsafe {
+        nix::sched::clone(
+            Box::new(|| loop {
+                nix::unistd::pause();
+            }),
+            &mut stack,
+            CloneFlags::CLONE_NEWUSER,
+            Some(libc::SIGCHLD),
+        )
+    }?;
+    let io = |e: std::io::Error| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
+    let opened = (|| {
+        let (u, g) = (map.uid, map.gid);
+        std::fs::write(
+            format!("/proc/{pid}/uid_map"),
+            format!("{} {} 1\n", u.0, u.1),
+        )
+        .map_err(io)?;
+        std::fs::write(
+            format!("/proc/{pid}/gid_map"),
+            format!("{} {} 1\n", g.0, g.1),
+        )
+        .map_err(io)?;
+        std::fs::File::open(format!("/proc/{pid}/ns/user"))
+            .map(std::os::fd::OwnedFd::from)
+            .map_err(io)
+    })();
+    let _ = kill(pid, Signal::SIGKILL);
+    let _ = nix::sys::wait::waitpid(pid, None);
+    opened
 }
 
 /// `mount_setattr(fd, "", AT_EMPTY_PATH, attr)`: sets `set` and clears
@@ -61,12 +117,14 @@ pub fn mount_setattr(
 }
 
 /// Binds the directory `source` onto the directory `target` (both `O_PATH`
-/// descriptors), nosuid, nodev and as `attrs` say from its first moment.
-/// `ENOSYS` where the kernel lacks the calls.
+/// descriptors), nosuid, nodev and read-only if asked from its first moment;
+/// `userns` carries the mapping of an idmapped bind. `ENOSYS` where the
+/// kernel lacks the calls.
 pub fn bind(
     source: BorrowedFd<'_>,
     target: BorrowedFd<'_>,
-    attrs: BindAttrs<'_>,
+    readonly: bool,
+    userns: Option<BorrowedFd<'_>>,
 ) -> Result<(), Errno> {
     let errno = |e: rustix::io::Errno| Errno::from_raw(e.raw_os_error());
     // Not AT_RECURSIVE: like MS_BIND without MS_REC, mounts below the
@@ -80,14 +138,14 @@ pub fn bind(
     )
     .map_err(errno)?;
     let mut set = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
-    if attrs.readonly {
+    if readonly {
         set |= libc::MOUNT_ATTR_RDONLY;
     }
-    if attrs.idmap.is_some() {
+    if userns.is_some() {
         set |= libc::MOUNT_ATTR_IDMAP;
     }
     use std::os::fd::AsFd;
-    mount_setattr(tree.as_fd(), set, 0, attrs.idmap)?;
+    mount_setattr(tree.as_fd(), set, 0, userns)?;
     move_mount(
         tree.as_fd(),
         "",

@@ -125,6 +125,9 @@ pub struct WantBind {
     pub readonly: bool,
     /// What it is, for status: `vfolder:<uuid>` or `volume:<name>`.
     pub label: String,
+    /// For a kernel whose uid/gid differ from the volume owner's: the ids
+    /// the bind shows differently (an idmapped bind).
+    pub idmap: Option<crate::reconcile::newmount::IdMap>,
     /// A vfolder the kernel asked for (its failure fails the kernel), or a
     /// startup volume bound into every home (best effort: a broken shared
     /// dataset must not stop every kernel on the node; its volume status and
@@ -400,6 +403,8 @@ enum MountResolution {
         why: String,
         stop: bool,
     },
+    /// Valid, but this node cannot serve it.
+    Failed(String),
 }
 
 /// A kernel's binds (its vfolders, then every startup volume) and token
@@ -435,6 +440,11 @@ fn kernel_mounts(
                     break;
                 }
             }
+            MountResolution::Failed(why) => {
+                if !matches!(problem, Some(Resolution::Rejected(_))) {
+                    problem = Some(Resolution::Failed(why));
+                }
+            }
         }
     }
     for (vol, readonly) in startup {
@@ -446,6 +456,7 @@ fn kernel_mounts(
             readonly: *readonly,
             label: format!("volume:{vol}"),
             required: false,
+            idmap: None,
         });
     }
     let mut seen = BTreeSet::new();
@@ -520,7 +531,7 @@ fn vfolder_bind(
         }
         Some(Ok(vf)) => vf,
     };
-    match d.volumes.get(&vf.volume).map(|e| &e.spec) {
+    let volume = match d.volumes.get(&vf.volume).map(|e| &e.spec) {
         None => {
             let why = format!("volume {} of vfolder {vid} does not exist", vf.volume);
             return MountResolution::Pending(why);
@@ -529,8 +540,12 @@ fn vfolder_bind(
             let why = format!("volume {} of vfolder {vid} is rejected", vf.volume);
             return MountResolution::Pending(why);
         }
-        Some(Ok(_)) => {}
-    }
+        Some(Ok(v)) => v,
+    };
+    let idmap = match idmap_for(node, spec, volume, &vf.volume) {
+        Ok(m) => m,
+        Err(why) => return MountResolution::Failed(why),
+    };
     let perm = permission.unwrap_or(vf.permission);
     if perm == Permission::Rw && vf.permission == Permission::Ro {
         let why = format!("vfolder {vid} is read-only; rw cannot be granted");
@@ -555,7 +570,45 @@ fn vfolder_bind(
         readonly: perm == Permission::Ro,
         label: format!("vfolder:{vid}"),
         required: true,
+        idmap,
     })
+}
+
+/// The idmapping a kernel needs to use its folders on `volume` as its own:
+/// none when it runs as the volume's owner. cifs, nfs and FUSE servers that
+/// do not opt in (rclone 1.60) cannot be idmapped: the kernel fails, naming
+/// the fstype, rather than seeing files it cannot write.
+fn idmap_for(
+    node: &NodeView,
+    kernel: &crate::spec::KernelSpec,
+    volume: &crate::spec::VolumeSpec,
+    name: &str,
+) -> Result<Option<crate::reconcile::newmount::IdMap>, String> {
+    let owner = (
+        volume.uid.unwrap_or(node.identity.uid),
+        volume.gid.unwrap_or(node.identity.gid),
+    );
+    let runs_as = (
+        kernel.uid.unwrap_or(node.identity.uid),
+        kernel.gid.unwrap_or(node.identity.gid),
+    );
+    if owner == runs_as {
+        return Ok(None);
+    }
+    match &volume.mount.fstype {
+        Fstype::Cifs | Fstype::Nfs | Fstype::AzureBlob => Err(format!(
+            "kernel runs as {}:{} but volume {name} belongs to {}:{}, and {} volumes cannot be idmapped",
+            runs_as.0, runs_as.1, owner.0, owner.1, volume.mount.fstype
+        )),
+        Fstype::Other(f) if f.starts_with("nfs") || f.starts_with("fuse") => Err(format!(
+            "kernel runs as {}:{} but volume {name} belongs to {}:{}, and {f} volumes cannot be idmapped",
+            runs_as.0, runs_as.1, owner.0, owner.1
+        )),
+        _ => Ok(Some(crate::reconcile::newmount::IdMap {
+            uid: (owner.0, runs_as.0),
+            gid: (owner.1, runs_as.1),
+        })),
+    }
 }
 
 /// The kernel whose home equals, contains or lies inside `home`, if any.

@@ -18,7 +18,7 @@ use nix::unistd::Pid;
 use wait_timeout::ChildExt;
 
 use crate::names::redact;
-use crate::reconcile::newmount::BindAttrs;
+use crate::reconcile::newmount::{BindAttrs, IdMap};
 use crate::secret::Secret;
 
 /// A request to run the system's `mount -t FSTYPE` helper (cifs, nfs, FUSE).
@@ -117,7 +117,7 @@ pub trait Mounter: Send + Sync {
         &self,
         source: BorrowedFd<'_>,
         target: BorrowedFd<'_>,
-        attrs: BindAttrs<'_>,
+        attrs: BindAttrs,
     ) -> Result<(), Errno> {
         let _ = (source, target, attrs);
         Err(Errno::ENOSYS)
@@ -145,6 +145,8 @@ pub struct LinuxMounter {
     /// the kernel cannot die at once): no second mount is started on them,
     /// so a late-finishing mount is never stacked under a new one.
     pending: Arc<Mutex<BTreeSet<PathBuf>>>,
+    /// User namespaces for idmapped binds, by mapping.
+    userns: Arc<Mutex<std::collections::HashMap<IdMap, Arc<std::os::fd::OwnedFd>>>>,
 }
 
 impl LinuxMounter {
@@ -153,7 +155,20 @@ impl LinuxMounter {
         Self {
             helper: helper.into(),
             pending: Arc::default(),
+            userns: Arc::default(),
         }
+    }
+
+    /// The user namespace for `map`, made once and kept (few distinct
+    /// mappings exist on a node: one per kernel uid and volume owner).
+    fn userns(&self, map: IdMap) -> Result<Arc<std::os::fd::OwnedFd>, Errno> {
+        let mut cache = self.userns.lock().expect("userns lock");
+        if let Some(fd) = cache.get(&map) {
+            return Ok(fd.clone());
+        }
+        let fd = Arc::new(crate::reconcile::newmount::userns_for(map)?);
+        cache.insert(map, fd.clone());
+        Ok(fd)
     }
 }
 
@@ -183,9 +198,15 @@ impl Mounter for LinuxMounter {
         &self,
         source: BorrowedFd<'_>,
         target: BorrowedFd<'_>,
-        attrs: BindAttrs<'_>,
+        attrs: BindAttrs,
     ) -> Result<(), Errno> {
-        crate::reconcile::newmount::bind(source, target, attrs)
+        use std::os::fd::AsFd;
+        let userns = match attrs.idmap {
+            None => None,
+            Some(map) => Some(self.userns(map)?),
+        };
+        let userns = userns.as_ref().map(|u| u.as_fd());
+        crate::reconcile::newmount::bind(source, target, attrs.readonly, userns)
     }
 
     fn run_helper(&self, req: &HelperRequest) -> Result<(), HelperError> {
@@ -479,7 +500,7 @@ impl Mounter for RecordingMounter {
         &self,
         _source: BorrowedFd<'_>,
         _target: BorrowedFd<'_>,
-        attrs: BindAttrs<'_>,
+        attrs: BindAttrs,
     ) -> Result<(), Errno> {
         if !self.atomic_binds.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(Errno::ENOSYS);
