@@ -105,6 +105,7 @@ fn converged(d: &Desired) -> Actual {
                 credentials_stamp: None,
                 helper: None,
                 server: None,
+                options: None,
             },
         );
     }

@@ -275,3 +275,130 @@ async fn a_kernel_as_another_uid_sees_the_folder_as_its_own_through_an_idmapped_
     })
     .await;
 }
+
+/// Issue 13 item 4: a changed volume spec did nothing while the status kept
+/// saying `Mounted`. A tmpfs volume's size grows under a running kernel —
+/// same mount, same binds, data intact, the new size seen inside the
+/// container; a tmpfs option that would need a new mount is not applied and
+/// the status says why; a bind volume's new path waits for its kernels
+/// (`change: pending`) and is mounted anew once they are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_spec_changes_apply_in_place_or_wait_for_the_kernels() {
+    require_private_mount_namespace();
+    within(120, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(&etcd, "n1", NodeOpts::default());
+        let spec = |opts: &str| {
+            format!(
+                "mount: {{at: requested, fstype: tmpfs, path: vfolderd-test, options: '{opts}'}}\n"
+            )
+        };
+        etcd.put(&format!("{P}/volumes/shard1"), &spec("size=16m"))
+            .await;
+        let (a, b) = (
+            node.dir.path().join("dataset-a"),
+            node.dir.path().join("dataset-b"),
+        );
+        for (d, text) in [(&a, "version a"), (&b, "version b")] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join("VERSION"), text).unwrap();
+        }
+        let dataset = |d: &Path| {
+            format!(
+                "mount: {{at: startup, fstype: bind, path: '{}'}}\n",
+                d.display()
+            )
+        };
+        etcd.put(&format!("{P}/volumes/dataset"), &dataset(&a))
+            .await;
+        let vf = uuid::Uuid::new_v4();
+        etcd.put(
+            &format!("{P}/vfolders/{vf}"),
+            "{name: mine, owner: alice, volume: shard1}\n",
+        )
+        .await;
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {vf}}}]\n"),
+        )
+        .await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let (code, out) = run_as(&node.home("k1"), 1000, 1000, "echo kept > mine/data.txt").await;
+        assert_eq!(code, 0, "{out}");
+        let volume = node.volumes().join("shard1");
+        let bind = node.home("k1").join("mine");
+        let ids = |node: &Node| {
+            (
+                node.mount_at(&volume).unwrap().id,
+                node.mount_at(&bind).unwrap().id,
+            )
+        };
+        let before = ids(&node);
+        let size = |p: &Path| {
+            let st = nix::sys::statvfs::statvfs(p).unwrap();
+            st.blocks() as u64 * st.fragment_size() as u64
+        };
+        assert_eq!(size(&volume), 16 << 20);
+
+        etcd.put(&format!("{P}/volumes/shard1"), &spec("size=32m"))
+            .await;
+        until("the volume grows to 32 MiB", 30, || {
+            size(&volume) == 32 << 20
+        })
+        .await;
+        assert_eq!(ids(&node), before, "the same mount and the same bind");
+        let (code, out) = run_as(
+            &node.home("k1"),
+            1000,
+            1000,
+            "cat mine/data.txt; df -k mine",
+        )
+        .await;
+        assert_eq!(code, 0, "{out}");
+        assert!(
+            out.starts_with("kept\n") && out.contains("32768"),
+            "data kept, new size inside: {out}"
+        );
+        let m = node.mount_at(&volume).unwrap();
+        assert!(m.has_option("nosuid") && m.has_option("nodev"), "{m:?}");
+
+        // A tmpfs option that needs a new mount: not applied, and said so.
+        etcd.put(&format!("{P}/volumes/shard1"), &spec("size=32m,mode=0700"))
+            .await;
+        let st = etcd
+            .wait_for(&node.volume_status("shard1"), "change not applied", |v| {
+                v.get("change").is_some()
+            })
+            .await;
+        assert_eq!(st["state"], "Mounted");
+        assert!(st["change"].as_str().unwrap().contains("\"mode\""), "{st}");
+        assert_eq!(ids(&node), before);
+
+        // A bind volume's new path: pending while k1 uses it, applied once k1 is gone.
+        etcd.put(&format!("{P}/volumes/dataset"), &dataset(&b))
+            .await;
+        let st = etcd
+            .wait_for(&node.volume_status("dataset"), "change pending", |v| {
+                v.get("change").is_some()
+            })
+            .await;
+        assert!(
+            st["change"].as_str().unwrap().starts_with("pending"),
+            "{st}"
+        );
+        let version = node.volumes().join("dataset/VERSION");
+        assert_eq!(std::fs::read_to_string(&version).unwrap(), "version a");
+        etcd.delete(&node.kernel_key("k1")).await;
+        until("the dataset is mounted from its new path", 30, || {
+            std::fs::read_to_string(&version).ok().as_deref() == Some("version b")
+        })
+        .await;
+        let st = etcd
+            .wait_for(&node.volume_status("dataset"), "no change pending", |v| {
+                v.get("change").is_none()
+            })
+            .await;
+        assert_eq!(st["state"], "Mounted");
+    })
+    .await;
+}

@@ -173,6 +173,7 @@ pub fn bind_record(b: &WantBind) -> OwnedMount {
         credentials_stamp: None,
         helper: None,
         server: None,
+        options: None,
     }
 }
 
@@ -190,13 +191,16 @@ pub fn volume_record(v: &WantVolume) -> OwnedMount {
         credentials_stamp: None,
         helper: None,
         server: None,
+        options: Some(v.options.clone()),
     }
 }
 
 /// The object an action serves, for status and dependency skipping.
 pub fn owner_of(a: &Action, owned: &HashMap<PathBuf, OwnedMount>) -> Option<Owner> {
     match a {
-        Action::MountVolume { volume } => Some(Owner::Volume(volume.name.clone())),
+        Action::MountVolume { volume } | Action::Reconfigure { volume } => {
+            Some(Owner::Volume(volume.name.clone()))
+        }
         // Best-effort binds (startup volumes) never fail or block their kernel.
         Action::Bind { bind } | Action::Remount { bind } => {
             bind.required.then(|| Owner::Kernel(bind.kernel.clone()))
@@ -446,6 +450,7 @@ impl Executor {
                 Ok(())
             }
             Action::MountVolume { volume } => self.mount_volume(volume),
+            Action::Reconfigure { volume } => self.reconfigure(volume),
             Action::WriteToken { token } => self.write_token(token),
             Action::RemoveToken { path } => self.remove_token(path),
             Action::Bind { bind } => {
@@ -533,6 +538,37 @@ impl Executor {
             });
         }
         Ok(())
+    }
+
+    /// Applies changed tmpfs options to the live mount: `MS_REMOUNT` with
+    /// the mount's flags (a bare remount would clear nosuid and nodev) and
+    /// the new data; the mount, its binds and its files stay.
+    fn reconfigure(&self, v: &WantVolume) -> Result<(), ExecError> {
+        let (fd, _) = open_dir(&self.cfg.volumes_root, &v.target, None)?;
+        let (mut flags, data) = split_flags(&v.options);
+        if v.readonly {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        self.mounter
+            .mount(
+                None::<&Path>,
+                &fd_path(&fd),
+                None,
+                flags | MsFlags::MS_REMOUNT,
+                (!data.is_empty()).then_some(data.as_str()),
+            )
+            .map_err(|errno| ExecError::MountFailed {
+                target: v.target.clone(),
+                errno,
+            })?;
+        let mut record = self
+            .ledger
+            .mounts()?
+            .get(&v.target)
+            .cloned()
+            .unwrap_or_else(|| volume_record(v));
+        record.options = Some(v.options.clone());
+        Ok(self.ledger.put_mount(&record)?)
     }
 
     fn mount_volume(&self, v: &WantVolume) -> Result<(), ExecError> {

@@ -625,6 +625,59 @@ fn overlapping_home<'a>(homes: &'a BTreeMap<PathBuf, String>, home: &Path) -> Op
         .map(|(_, k)| k)
 }
 
+/// How a mounted volume's spec differs from what it was mounted with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpecChange {
+    /// Only options the filesystem changes on a live mount (tmpfs `size`,
+    /// `nr_inodes`, `nr_blocks`): reconfigured at once, under running kernels.
+    InPlace,
+    /// Needs a new mount: made once no kernel uses the volume.
+    Remount,
+    /// Cannot be applied without losing the data (a tmpfs's type, name or
+    /// other options): left alone, the status says why.
+    Kept(String),
+}
+
+/// Options tmpfs applies on a live mount (`mode`, `uid`, `gid` it ignores
+/// on remount: mm/shmem.c `shmem_reconfigure`).
+const TMPFS_LIVE_OPTIONS: [&str; 3] = ["size", "nr_inodes", "nr_blocks"];
+
+/// What changed between the mount `m` (its ownership record) and volume
+/// `v` as now wanted; `None` when nothing did, or when the record predates
+/// recording options.
+pub fn spec_change(m: &crate::state::ledger::OwnedMount, v: &WantVolume) -> Option<SpecChange> {
+    let was = m.options.as_ref()?;
+    let tmpfs = v.fstype == Fstype::Tmpfs;
+    if m.source != v.source || m.fstype != v.fstype.as_str() || m.readonly != v.readonly {
+        return Some(if tmpfs {
+            SpecChange::Kept(
+                "not applied: a tmpfs volume cannot change its path, fstype or access without losing its data".into(),
+            )
+        } else {
+            SpecChange::Remount
+        });
+    }
+    if *was == v.options {
+        return None;
+    }
+    let key = |o: &String| o.split('=').next().unwrap_or_default().to_string();
+    let differ: BTreeSet<String> = was
+        .iter()
+        .filter(|o| !v.options.contains(o))
+        .chain(v.options.iter().filter(|o| !was.contains(o)))
+        .map(key)
+        .collect();
+    if !tmpfs {
+        return Some(SpecChange::Remount);
+    }
+    match differ.iter().find(|k| !TMPFS_LIVE_OPTIONS.contains(&k.as_str())) {
+        None => Some(SpecChange::InPlace),
+        Some(k) => Some(SpecChange::Kept(format!(
+            "not applied: tmpfs option {k:?} cannot change on a live mount, and a new mount would lose the data"
+        ))),
+    }
+}
+
 /// One step the executor takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -680,6 +733,12 @@ pub enum Action {
         /// The bind as it should be.
         bind: WantBind,
     },
+    /// Apply a volume's changed options to its mount in place (tmpfs
+    /// `size`, `nr_inodes`): same mount, same binds, data kept.
+    Reconfigure {
+        /// The volume as it should be.
+        volume: WantVolume,
+    },
     /// Mint a SAS and (re)write a kernel's token file, 0600, its uid/gid.
     WriteToken {
         /// The token file.
@@ -711,6 +770,8 @@ pub enum ActionKind {
     Bind,
     /// [`Action::Remount`].
     Remount,
+    /// [`Action::Reconfigure`].
+    Reconfigure,
     /// [`Action::WriteToken`].
     WriteToken,
     /// [`Action::RemoveToken`].
@@ -729,6 +790,7 @@ impl ActionKind {
             ActionKind::Mount => "mount",
             ActionKind::Bind => "bind",
             ActionKind::Remount => "remount",
+            ActionKind::Reconfigure => "reconfigure",
             ActionKind::WriteToken => "token",
             ActionKind::RemoveToken => "untoken",
         }
@@ -753,6 +815,7 @@ impl Action {
             Action::MountVolume { .. } => ActionKind::Mount,
             Action::Bind { .. } => ActionKind::Bind,
             Action::Remount { .. } => ActionKind::Remount,
+            Action::Reconfigure { .. } => ActionKind::Reconfigure,
             Action::WriteToken { .. } => ActionKind::WriteToken,
             Action::RemoveToken { .. } => ActionKind::RemoveToken,
         }
@@ -844,7 +907,12 @@ impl<'a> Planner<'a> {
                 let stale = actual.stale.contains_key(&v.target)
                     && (v.heal == HealPolicy::Always || !self.has_users(&v.name));
                 let renew = actual.renew.contains(&v.target) && !self.has_users(&v.name);
-                stale || renew
+                let changed = actual
+                    .owned_mounts
+                    .get(&v.target)
+                    .and_then(|m| spec_change(m, v))
+                    == Some(SpecChange::Remount);
+                stale || renew || (changed && !self.has_users(&v.name))
             })
             .map(|v| (v.target.as_path(), v))
             .collect()
@@ -1007,7 +1075,14 @@ impl<'a> Planner<'a> {
                 self.out.push(Action::MountVolume { volume: v.clone() });
                 continue;
             }
-            if self.occupied(&v.target) || self.mounted(&v.target) {
+            if self.occupied(&v.target) {
+                continue;
+            }
+            if self.mounted(&v.target) {
+                let m = self.actual.owned_mounts.get(&v.target);
+                if m.and_then(|m| spec_change(m, v)) == Some(SpecChange::InPlace) {
+                    self.out.push(Action::Reconfigure { volume: v.clone() });
+                }
                 continue;
             }
             let owner = Some(Owner::Volume(v.name.clone()));
@@ -1088,7 +1163,7 @@ impl Action {
         match self {
             Action::Unmount { target, .. } | Action::Detach { target } => Some(target),
             Action::Bind { bind } | Action::Remount { bind } => Some(&bind.target),
-            Action::MountVolume { volume } => Some(&volume.target),
+            Action::MountVolume { volume } | Action::Reconfigure { volume } => Some(&volume.target),
             Action::Forget { .. }
             | Action::RemoveDir { .. }
             | Action::MakeDir { .. }
@@ -1251,6 +1326,13 @@ mod tests {
                     std::sync::Arc::make_mut(&mut a.mounts).remove_top(target);
                     a.stale.remove(target);
                 }
+                Action::Reconfigure { volume } => {
+                    if let Some(m) =
+                        std::sync::Arc::make_mut(&mut a.owned_mounts).get_mut(&volume.target)
+                    {
+                        m.options = Some(volume.options.clone());
+                    }
+                }
                 Action::WriteToken { token } => {
                     std::sync::Arc::make_mut(&mut a.owned_tokens).insert(
                         token.path.clone(),
@@ -1381,6 +1463,7 @@ mod tests {
             credentials_stamp: None,
             helper: None,
             server: None,
+            options: None,
         }
     }
 

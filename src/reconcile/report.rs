@@ -118,6 +118,10 @@ pub struct VolumeStatus {
     /// A renewal (fresh SAS, rotated credentials) waiting for its kernels to go.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub renewal: Option<&'static str>,
+    /// A changed spec not yet applied to the mount: pending until no kernel
+    /// uses it, or not applied (a tmpfs change that would lose the data).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub change: Option<String>,
 }
 
 /// One mount (or token file) of a kernel, as its status lists it.
@@ -346,6 +350,7 @@ fn volume_status(
         error,
         kept: None,
         renewal: None,
+        change: None,
     };
     let owned_volume = || {
         actual
@@ -378,7 +383,21 @@ fn volume_status(
                 Some("pending: remounted with a fresh SAS or rotated credentials once unused");
             s
         }
-        (Ok(_), Some(t)) if owned_mounted(actual, &t) => status(VolumeState::Mounted, None),
+        (Ok(_), Some(t)) if owned_mounted(actual, &t) => {
+            let mut s = status(VolumeState::Mounted, None);
+            let change = want
+                .volumes
+                .get(name)
+                .and_then(|v| crate::reconcile::plan::spec_change(&actual.owned_mounts[&t], v));
+            s.change = match change {
+                Some(crate::reconcile::plan::SpecChange::Remount) if users > 0 => Some(
+                    "pending: mounted anew with the changed spec once no kernel uses it".into(),
+                ),
+                Some(crate::reconcile::plan::SpecChange::Kept(why)) => Some(why),
+                _ => None,
+            };
+            s
+        }
         (Ok(_), Some(t)) if occupied(actual, &t) => {
             summary.converged = false;
             status(VolumeState::Failed, Some(occupied_message(&t)))

@@ -30,7 +30,9 @@ pub fn without_teardown(actions: Vec<Action>) -> Vec<Action> {
             Action::Detach { .. } | Action::WriteToken { .. } => true,
             Action::RemoveToken { .. } => false,
             Action::Bind { bind } | Action::Remount { bind } => !blocked.contains(&bind.target),
-            Action::MountVolume { volume } => !blocked.contains(&volume.target),
+            Action::MountVolume { volume } | Action::Reconfigure { volume } => {
+                !blocked.contains(&volume.target)
+            }
             Action::MakeDir { path, .. } => !blocked.contains(path),
         })
         .collect()
@@ -149,7 +151,9 @@ pub fn kernel_scoped(actions: Vec<Action>, actual: &Actual) -> Vec<Action> {
                 .get(path)
                 .is_some_and(|d| matches!(d.owner, Owner::Kernel(_))),
             Action::Bind { bind } | Action::Remount { bind } => !blocked.contains(&bind.target),
-            Action::MountVolume { volume } => !blocked.contains(&volume.target),
+            Action::MountVolume { volume } | Action::Reconfigure { volume } => {
+                !blocked.contains(&volume.target)
+            }
             Action::MakeDir { path, .. } => !blocked.contains(path),
             Action::WriteToken { .. } | Action::RemoveToken { .. } => true,
         })

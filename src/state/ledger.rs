@@ -116,6 +116,11 @@ pub struct OwnedMount {
     /// server (holding a SAS) outlives its mount or stacks a second one.
     #[serde(default)]
     pub server: Option<HelperProcess>,
+    /// For volumes: the options it was mounted with (inline secrets
+    /// included: the store is root-only), so a changed spec is noticed.
+    /// `None` in records older than this field: no change is assumed.
+    #[serde(default)]
+    pub options: Option<Vec<String>>,
 }
 
 /// A process, named by pid and start time (pids are reused).
@@ -515,6 +520,7 @@ mod tests {
             credentials_stamp: None,
             helper: None,
             server: None,
+            options: None,
         };
         {
             let l = reopen(dir.path());
