@@ -3,8 +3,8 @@
 # has nothing but the Rust toolchain: builds a minimal Debian root with
 # debootstrap (Debian's packages only), binds the host's Rust toolchain in
 # (read-only; CARGO_HOME is a fresh writable directory inside), puts a fresh
-# clone of this repository's HEAD inside, and runs, as root in a chroot within
-# a private mount namespace:
+# clone of this repository's HEAD inside, and runs, as root with that tree as
+# its root (pivot_root) within a private mount namespace:
 #
 #     scripts/demo.sh </dev/null     (README "Run it")
 #     scripts/test.sh                (README "Run the tests")
@@ -75,6 +75,8 @@ step="prepare chroot"
 mount --bind "$root" "$root"
 mount -t proc proc "$root/proc"
 mount -t sysfs sys "$root/sys"
+# runc finds its cgroups through mountinfo.
+mount --rbind /sys/fs/cgroup "$root/sys/fs/cgroup"
 mount --rbind /dev "$root/dev"
 mount -t tmpfs -o mode=1777 tmp "$root/tmp"
 mount -t tmpfs run "$root/run"
@@ -103,12 +105,25 @@ step="fresh clone"
 git clone --quiet --no-local "$repo" "$root/root/vfolderd"
 say "cloned HEAD $(git -C "$repo" rev-parse --short HEAD) into /root/vfolderd"
 
+# Runs $1 in the fresh root as its real root: pivot_root in a mount namespace
+# of its own, then the host's tree is detached. Not chroot: a chrooted process
+# may not create user namespaces (clone(2): EPERM), which idmapped binds need,
+# and a real machine is not chrooted either.
 in_root() {
-  chroot "$root" /usr/bin/env -i HOME=/root TERM=dumb LANG=C.UTF-8 \
-    PATH=/root/.cargo/bin:/opt/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    RUSTUP_HOME=/opt/rustup CARGO_HOME=/root/.cargo RUSTUP_TOOLCHAIN="$toolchain" \
-    "${passthrough[@]}" \
-    bash -c "cd /root/vfolderd && $1"
+  unshare --mount --propagation private -- /bin/sh -s "$root" "$1" "$toolchain" "${passthrough[@]}" <<'PIVOT'
+set -e
+root=$1; cmd=$2; toolchain=$3; shift 3
+cd "$root"
+mkdir -p .oldroot
+pivot_root . .oldroot
+cd /
+umount -l /.oldroot
+rmdir /.oldroot
+exec /usr/bin/env -i HOME=/root TERM=dumb LANG=C.UTF-8 \
+  PATH=/root/.cargo/bin:/opt/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+  RUSTUP_HOME=/opt/rustup CARGO_HOME=/root/.cargo RUSTUP_TOOLCHAIN="$toolchain" \
+  "$@" bash -c "cd /root/vfolderd && $cmd" </dev/null
+PIVOT
 }
 
 step="sanity: a fresh machine lacks protoc"

@@ -118,6 +118,7 @@ pub async fn run(
     let (ledger, rebuilt) = open_ledger(&cfg).await?;
     // sled made its files with the umask: close them too.
     crate::state::nodefiles::secure_state(&cfg.state)?;
+    private_kernels_root(&deps, &cfg.roots.kernels);
     let connect_options = connect_options(&cfg)?;
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
@@ -170,6 +171,43 @@ pub async fn run(
     }
     server.stop(&health).await;
     Ok(())
+}
+
+/// Makes the kernels root a private mount of its own (a bind of itself
+/// unless it is a mount point already), as kubelet does with its root dir:
+/// each home below it is then shared in a peer group of its own, and no
+/// mount made there propagates to the host's other namespaces. Without it
+/// homes still work; a failure is logged.
+fn private_kernels_root(deps: &Deps, root: &std::path::Path) {
+    use nix::mount::MsFlags;
+    let is_mount_point = deps
+        .mountinfo
+        .read()
+        .is_ok_and(|t| t.top(root).is_some_and(|m| m.mount_point == root));
+    let bound = if is_mount_point {
+        Ok(())
+    } else {
+        let remount =
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        deps.mounter
+            .mount(Some(root), root, None, MsFlags::MS_BIND, None)
+            .and_then(|()| {
+                deps.mounter
+                    .mount(None::<&std::path::Path>, root, None, remount, None)
+            })
+    };
+    let private = bound.and_then(|()| {
+        deps.mounter.mount(
+            None::<&std::path::Path>,
+            root,
+            None,
+            MsFlags::MS_PRIVATE,
+            None,
+        )
+    });
+    if let Err(errno) = private {
+        tracing::error!(root = %root.display(), %errno, "cannot make the kernels root a private mount; mounts in homes may propagate to other namespaces");
+    }
 }
 
 /// Opens the sled store (off the runtime: it reads the whole log); a

@@ -43,6 +43,7 @@ fn expected_targets(node: &Node, present: &BTreeSet<usize>) -> Vec<PathBuf> {
         .iter()
         .flat_map(|k| kernel_vfolders(*k).into_iter().map(move |v| (*k, v)))
         .map(|(k, v)| node.home(&format!("k{k:03}")).join(format!("d{v}")))
+        .chain(present.iter().map(|k| node.home(&format!("k{k:03}"))))
         .collect();
     if !present.is_empty() {
         t.push(node.volumes().join("shard1"));
@@ -51,8 +52,14 @@ fn expected_targets(node: &Node, present: &BTreeSet<usize>) -> Vec<PathBuf> {
     t
 }
 
+/// Every mount vfolderd keeps under the node's roots — volumes, binds and
+/// each home's own shared mount — but the kernels root's bind of itself.
 fn actual_targets(node: &Node) -> Vec<PathBuf> {
-    let mut t: Vec<PathBuf> = node.mounts().into_iter().map(|m| m.mount_point).collect();
+    let mut t: Vec<PathBuf> = mounts_under(node.dir.path())
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|p| *p != node.kernels())
+        .collect();
     t.sort();
     t
 }

@@ -70,6 +70,41 @@ impl Container {
         cmd
     }
 
+    /// Starts the process detached (a long-running kernel).
+    fn start(&mut self) {
+        let status = self
+            .runc()
+            .args(["run", "--detach", "--bundle"])
+            .arg(self.dir.path())
+            .arg(&self.id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "runc run --detach");
+        self.started = true;
+    }
+
+    /// Runs `script` inside the running container as `uid:gid`.
+    fn exec(&self, uid: u32, gid: u32, script: &str) -> (i32, String) {
+        let out = self
+            .runc()
+            .args([
+                "exec",
+                "--user",
+                &format!("{uid}:{gid}"),
+                &self.id,
+                "sh",
+                "-c",
+                script,
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        output(out)
+    }
+
     /// Runs the process to its end: (exit code, stdout + stderr).
     fn run(mut self) -> (i32, String) {
         let out = self
@@ -399,6 +434,90 @@ async fn volume_spec_changes_apply_in_place_or_wait_for_the_kernels() {
             })
             .await;
         assert_eq!(st["state"], "Mounted");
+    })
+    .await;
+}
+
+/// Issue 13 item 3: each home is its own shared mount, so a container that
+/// binds it `rbind,rslave` sees what happens to it later, without a restart:
+/// a vfolder attached to a running kernel appears inside (hot attach), an
+/// external unmount repaired on the host comes back inside, and a detached
+/// vfolder is gone inside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_container_sees_hot_attach_repair_and_detach() {
+    require_private_mount_namespace();
+    within(120, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(&etcd, "n1", NodeOpts::default());
+        etcd.put(&format!("{P}/volumes/shard1"), &tmpfs_volume("requested"))
+            .await;
+        let (first, later) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        for (id, name) in [(first, "first"), (later, "later")] {
+            etcd.put(
+                &format!("{P}/vfolders/{id}"),
+                &format!("{{name: {name}, owner: alice, volume: shard1}}\n"),
+            )
+            .await;
+        }
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {first}}}]\n"),
+        )
+        .await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let home = node.home("k1");
+        let mut c = Container::new("hot", &home, 1000, 1000, &["sleep", "100000"]);
+        tokio::task::block_in_place(|| c.start());
+        let inside = |script: &str| tokio::task::block_in_place(|| c.exec(1000, 1000, script));
+        let (code, out) = inside("echo one > first/f && ls");
+        assert_eq!(code, 0, "{out}");
+        assert!(!out.contains("later"), "{out}");
+
+        // Hot attach: the running kernel asks for a second vfolder.
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {first}}}, {{vfolder: {later}}}]\n"),
+        )
+        .await;
+        etcd.wait_for(&node.kernel_status("k1"), "Ready with two mounts", |v| {
+            v["state"] == "Ready" && v["mounts"].as_array().is_some_and(|m| m.len() == 2)
+        })
+        .await;
+        let (code, out) = inside("echo two > later/g && cat later/g");
+        assert_eq!(
+            (code, out.as_str()),
+            (0, "two\n"),
+            "the new vfolder is usable inside"
+        );
+
+        // Someone unmounts a bind on the host: repaired, and back inside.
+        nix::mount::umount2(&home.join("first"), nix::mount::MntFlags::MNT_DETACH).unwrap();
+        until("the bind is repaired on the host", 30, || {
+            node.mount_at(&home.join("first")).is_some()
+        })
+        .await;
+        let (code, out) = inside("cat first/f");
+        assert_eq!(
+            (code, out.as_str()),
+            (0, "one\n"),
+            "the repaired bind is seen inside"
+        );
+
+        // Detach: the kernel no longer asks for `later`.
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {first}}}]\n"),
+        )
+        .await;
+        until("the bind is gone on the host", 30, || {
+            node.mount_at(&home.join("later")).is_none()
+        })
+        .await;
+        let (_, out) = inside("cat later/g 2>&1; ls");
+        assert!(
+            !out.contains("two"),
+            "the detached vfolder is gone inside: {out}"
+        );
     })
     .await;
 }

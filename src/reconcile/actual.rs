@@ -39,6 +39,9 @@ pub struct MountEntry {
     pub source: String,
     /// Per-superblock options.
     pub super_options: Vec<String>,
+    /// In a shared peer group (an optional field `shared:N`): mounts made
+    /// below it propagate to its peers and slaves.
+    pub shared: bool,
 }
 
 impl MountEntry {
@@ -134,6 +137,7 @@ fn parse_line(line: &[u8]) -> Result<MountEntry, String> {
         fstype: text_field(fields[sep + 1]),
         source: text_field(fields[sep + 2]),
         super_options: fields.get(sep + 3).map(|s| list(s)).unwrap_or_default(),
+        shared: fields[6..sep].iter().any(|f| f.starts_with(b"shared:")),
     })
 }
 

@@ -18,7 +18,7 @@ use nix::mount::{MntFlags, MsFlags};
 use crate::names::redact;
 use crate::reconcile::actual::MountInfoSource;
 use crate::reconcile::fsops::{
-    self, fd_path, make_dir, open_dir, remove_dir_if_empty, Create, FsError,
+    self, fd_path, fd_path_of, make_dir, open_dir, remove_dir_if_empty, Create, FsError,
 };
 use crate::reconcile::plan::{Action, WantBind, WantToken, WantVolume};
 use crate::reconcile::sys::{
@@ -195,6 +195,24 @@ pub fn volume_record(v: &WantVolume) -> OwnedMount {
     }
 }
 
+/// The ownership record of a kernel's home mount.
+pub fn home_record(home: &Path, kernel: &str) -> OwnedMount {
+    OwnedMount {
+        target: home.to_path_buf(),
+        kind: MountKind::Home,
+        source: home.to_string_lossy().into_owned(),
+        fstype: "bind".into(),
+        volume: String::new(),
+        kernel: Some(kernel.to_string()),
+        readonly: false,
+        expires_at: None,
+        credentials_stamp: None,
+        helper: None,
+        server: None,
+        options: None,
+    }
+}
+
 /// The object an action serves, for status and dependency skipping.
 pub fn owner_of(a: &Action, owned: &HashMap<PathBuf, OwnedMount>) -> Option<Owner> {
     match a {
@@ -206,6 +224,7 @@ pub fn owner_of(a: &Action, owned: &HashMap<PathBuf, OwnedMount>) -> Option<Owne
             bind.required.then(|| Owner::Kernel(bind.kernel.clone()))
         }
         Action::MakeDir { owner, .. } => owner.clone(),
+        Action::ShareHome { kernel, .. } => Some(Owner::Kernel(kernel.clone())),
         Action::Unmount { target, .. } | Action::Forget { target } | Action::Detach { target } => {
             owned.get(target).map(|m| match &m.kernel {
                 Some(k) => Owner::Kernel(k.clone()),
@@ -451,6 +470,7 @@ impl Executor {
             }
             Action::MountVolume { volume } => self.mount_volume(volume),
             Action::Reconfigure { volume } => self.reconfigure(volume),
+            Action::ShareHome { home, kernel } => self.share_home(home, kernel),
             Action::WriteToken { token } => self.write_token(token),
             Action::RemoveToken { path } => self.remove_token(path),
             Action::Bind { bind } => {
@@ -536,6 +556,81 @@ impl Executor {
                 target: target.to_path_buf(),
                 source: HelperError::StillRunning,
             });
+        }
+        Ok(())
+    }
+
+    /// Binds `home` onto itself (nosuid, nodev) and makes it shared: the
+    /// new mount comes from the private kernels root, so it starts private
+    /// and `MS_SHARED` puts it in a peer group of its own — one kernel's
+    /// mounts never reach another's home or an unrelated namespace.
+    fn share_home(&self, home: &Path, kernel: &str) -> Result<(), ExecError> {
+        let ours = self
+            .ledger
+            .mounts()?
+            .get(home)
+            .is_some_and(|m| m.kind == MountKind::Home);
+        let mounted = self
+            .mountinfo
+            .as_ref()
+            .is_some_and(|mi| mi.read().is_ok_and(|t| t.top(home).is_some()));
+        if !(ours && mounted) {
+            self.bind_home(home, kernel)?;
+        }
+        // The path now resolves to the new mount's root.
+        let (again, _) = open_dir(&self.cfg.kernels_root, home, None)?;
+        self.mounter
+            .mount(
+                None::<&Path>,
+                &fd_path(&again),
+                None,
+                MsFlags::MS_SHARED,
+                None,
+            )
+            .map_err(|errno| ExecError::MountFailed {
+                target: home.to_path_buf(),
+                errno,
+            })
+    }
+
+    /// The bind of [`Executor::share_home`], its record written first.
+    fn bind_home(&self, home: &Path, kernel: &str) -> Result<(), ExecError> {
+        let failed = |errno| ExecError::MountFailed {
+            target: home.to_path_buf(),
+            errno,
+        };
+        let (fd, _) = open_dir(&self.cfg.kernels_root, home, None)?;
+        self.ledger.put_mount(&home_record(home, kernel))?;
+        let fd = std::os::fd::AsFd::as_fd(&fd);
+        let bound = match self.mounter.bind_atomic(fd, fd, Default::default()) {
+            Err(Errno::ENOSYS) => self
+                .mounter
+                .mount(
+                    Some(&fd_path_of(fd)),
+                    &fd_path_of(fd),
+                    None,
+                    MsFlags::MS_BIND,
+                    None,
+                )
+                .and_then(|()| {
+                    let (again, _) =
+                        open_dir(&self.cfg.kernels_root, home, None).map_err(|_| Errno::ENOENT)?;
+                    self.mounter.mount(
+                        None::<&Path>,
+                        &fd_path(&again),
+                        None,
+                        MsFlags::MS_REMOUNT
+                            | MsFlags::MS_BIND
+                            | MsFlags::MS_NOSUID
+                            | MsFlags::MS_NODEV,
+                        None,
+                    )
+                }),
+            other => other,
+        };
+        if let Err(errno) = bound {
+            self.ledger.remove_mount(home)?;
+            return Err(failed(errno));
         }
         Ok(())
     }

@@ -733,6 +733,15 @@ pub enum Action {
         /// The bind as it should be.
         bind: WantBind,
     },
+    /// Bind a kernel home onto itself and make it shared, in a peer group
+    /// of its own: a container that binds it `rbind,rslave` sees every later
+    /// bind, detach and heal inside it.
+    ShareHome {
+        /// The home.
+        home: PathBuf,
+        /// Its kernel.
+        kernel: String,
+    },
     /// Apply a volume's changed options to its mount in place (tmpfs
     /// `size`, `nr_inodes`): same mount, same binds, data kept.
     Reconfigure {
@@ -772,6 +781,8 @@ pub enum ActionKind {
     Remount,
     /// [`Action::Reconfigure`].
     Reconfigure,
+    /// [`Action::ShareHome`].
+    ShareHome,
     /// [`Action::WriteToken`].
     WriteToken,
     /// [`Action::RemoveToken`].
@@ -791,6 +802,7 @@ impl ActionKind {
             ActionKind::Bind => "bind",
             ActionKind::Remount => "remount",
             ActionKind::Reconfigure => "reconfigure",
+            ActionKind::ShareHome => "home",
             ActionKind::WriteToken => "token",
             ActionKind::RemoveToken => "untoken",
         }
@@ -816,6 +828,7 @@ impl Action {
             Action::Bind { .. } => ActionKind::Bind,
             Action::Remount { .. } => ActionKind::Remount,
             Action::Reconfigure { .. } => ActionKind::Reconfigure,
+            Action::ShareHome { .. } => ActionKind::ShareHome,
             Action::WriteToken { .. } => ActionKind::WriteToken,
             Action::RemoveToken { .. } => ActionKind::RemoveToken,
         }
@@ -846,6 +859,7 @@ pub fn plan(node: &NodeView, want: &Want, actual: &Actual, keep: &BTreeSet<Strin
     p.heal = p.volumes_to_heal();
     p.remove_unwanted_tokens();
     p.teardown_binds();
+    p.teardown_homes();
     p.teardown_volumes();
     p.teardown_dirs();
     p.mount_volumes();
@@ -977,6 +991,31 @@ impl<'a> Planner<'a> {
             if !keep_it {
                 self.take_away(t, MountKind::Bind);
             }
+        }
+    }
+
+    /// Step 1b: home mounts of kernels that are gone (their binds went above).
+    fn teardown_homes(&mut self) {
+        let (want, actual) = (self.want, self.actual);
+        let mut homes: Vec<PathBuf> = actual
+            .owned_mounts
+            .values()
+            .filter(|m| m.kind == MountKind::Home)
+            .filter(|m| {
+                let wanted = m.kernel.as_ref().is_some_and(|k| {
+                    want.held_kernels.contains(k)
+                        || want
+                            .kernels
+                            .get(k)
+                            .is_some_and(|w| w.home.as_deref() == Some(m.target.as_path()))
+                });
+                !wanted
+            })
+            .map(|m| m.target.clone())
+            .collect();
+        deep_first(&mut homes);
+        for t in homes {
+            self.take_away(t, MountKind::Home);
         }
     }
 
@@ -1112,8 +1151,22 @@ impl<'a> Planner<'a> {
                 continue;
             }
             let owner = || Some(Owner::Kernel(id.clone()));
-            if !self.mounted(home) {
+            let share = Action::ShareHome {
+                home: home.clone(),
+                kernel: id.clone(),
+            };
+            if !self.mounted(home) || self.removed.contains(home.as_path()) {
                 self.mkdir(home, &self.node.kernels_root, k.uid, k.gid, owner());
+                self.out.push(share);
+            } else if self
+                .actual
+                .owned_mounts
+                .get(home)
+                .is_some_and(|m| m.kind == MountKind::Home)
+                && !self.actual.mounts.top(home).is_some_and(|m| m.shared)
+            {
+                // Bound but not yet shared (a crash between the two): share it.
+                self.out.push(share);
             }
             for t in &k.binds {
                 self.attach_bind(&self.want.binds[t], k, owner());
@@ -1164,6 +1217,7 @@ impl Action {
             Action::Unmount { target, .. } | Action::Detach { target } => Some(target),
             Action::Bind { bind } | Action::Remount { bind } => Some(&bind.target),
             Action::MountVolume { volume } | Action::Reconfigure { volume } => Some(&volume.target),
+            Action::ShareHome { home, .. } => Some(home),
             Action::Forget { .. }
             | Action::RemoveDir { .. }
             | Action::MakeDir { .. }
@@ -1326,6 +1380,16 @@ mod tests {
                     std::sync::Arc::make_mut(&mut a.mounts).remove_top(target);
                     a.stale.remove(target);
                 }
+                Action::ShareHome { home, kernel } => {
+                    next_id += 1;
+                    let mut shared = entry(next_id, home, false);
+                    shared.shared = true;
+                    std::sync::Arc::make_mut(&mut a.mounts).insert(shared);
+                    std::sync::Arc::make_mut(&mut a.owned_mounts).insert(
+                        home.clone(),
+                        crate::reconcile::execute::home_record(home, kernel),
+                    );
+                }
                 Action::Reconfigure { volume } => {
                     if let Some(m) =
                         std::sync::Arc::make_mut(&mut a.owned_mounts).get_mut(&volume.target)
@@ -1437,6 +1501,7 @@ mod tests {
             fstype: "tmpfs".into(),
             source: "t".into(),
             super_options: vec![],
+            shared: false,
         }
     }
 
@@ -1491,7 +1556,11 @@ mod tests {
             .iter()
             .map(|a| a.kind().as_str())
             .collect();
-        assert_eq!(kinds, ["mkdir", "mount", "mkdir", "mkdir", "mkdir", "bind"]);
+        assert_eq!(
+            kinds,
+            ["mkdir", "mount", "mkdir", "mkdir", "home", "mkdir", "bind"],
+            "the home is its own shared mount before anything is bound into it"
+        );
     }
 
     #[test]
@@ -1510,6 +1579,10 @@ mod tests {
                 &Action::Unmount {
                     target: "/k/k1/work/data".into(),
                     kind: MountKind::Bind
+                },
+                &Action::Unmount {
+                    target: "/k/k1/work".into(),
+                    kind: MountKind::Home
                 },
                 &Action::Unmount {
                     target: "/v/vol".into(),
@@ -1728,7 +1801,7 @@ mod tests {
         let kinds: Vec<&str> = acts.iter().map(|a| a.kind().as_str()).collect();
         assert_eq!(
             kinds,
-            ["unmount", "rmdir", "rmdir", "rmdir", "detach", "mount"],
+            ["unmount", "unmount", "rmdir", "rmdir", "rmdir", "detach", "mount"],
             "{acts:?}"
         );
         // `heal: always`: the bind is detached and made again on the new mount.
@@ -1960,6 +2033,11 @@ mod tests {
                         MountKind::Bind => {
                             let vol = &a.owned_mounts[target].volume;
                             prop_assert!(!unmounted_volumes.contains(vol), "bind {target:?} after its volume");
+                        }
+                        MountKind::Home => {
+                            let k = a.owned_mounts[target].kernel.clone().unwrap_or_default();
+                            let same = w2.kernels.get(&k).and_then(|w| w.home.as_ref()) == Some(target);
+                            prop_assert!(!same && !w2.held_kernels.contains(&k), "home of a wanted kernel {k} unmounted");
                         }
                     }
                 }

@@ -34,6 +34,7 @@ pub fn without_teardown(actions: Vec<Action>) -> Vec<Action> {
                 !blocked.contains(&volume.target)
             }
             Action::MakeDir { path, .. } => !blocked.contains(path),
+            Action::ShareHome { home, .. } => !blocked.contains(home),
         })
         .collect()
 }
@@ -155,6 +156,7 @@ pub fn kernel_scoped(actions: Vec<Action>, actual: &Actual) -> Vec<Action> {
                 !blocked.contains(&volume.target)
             }
             Action::MakeDir { path, .. } => !blocked.contains(path),
+            Action::ShareHome { home, .. } => !blocked.contains(home),
             Action::WriteToken { .. } | Action::RemoveToken { .. } => true,
         })
         .collect()

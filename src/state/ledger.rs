@@ -68,6 +68,9 @@ pub enum MountKind {
     Volume,
     /// A bind into a kernel home.
     Bind,
+    /// A kernel home bound onto itself and made shared, so a container that
+    /// binds it `rslave` sees every later bind into it.
+    Home,
 }
 
 impl MountKind {
@@ -76,6 +79,7 @@ impl MountKind {
         match self {
             MountKind::Volume => "volume",
             MountKind::Bind => "bind",
+            MountKind::Home => "home",
         }
     }
 }

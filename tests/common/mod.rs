@@ -736,9 +736,25 @@ impl Node {
         format!("{P}/nodes/{}/kernels/{k}", self.name)
     }
 
-    /// Mounts of this node's roots, from the real mount table.
+    /// vfolderd's volume mounts and binds under this node's roots, from the
+    /// real mount table. The structure it also mounts is left out: the
+    /// kernels root's private bind of itself and each home's shared bind of
+    /// itself ([`Node::structure_mounts`]).
     pub fn mounts(&self) -> Vec<MountEntry> {
+        let kernels = self.kernels();
         mounts_under(self.dir.path())
+            .into_iter()
+            .filter(|m| !is_structure(m, &kernels))
+            .collect()
+    }
+
+    /// The kernels root's bind of itself and the homes' binds of themselves.
+    pub fn structure_mounts(&self) -> Vec<MountEntry> {
+        let kernels = self.kernels();
+        mounts_under(self.dir.path())
+            .into_iter()
+            .filter(|m| is_structure(m, &kernels))
+            .collect()
     }
 
     /// The visible mount at `target`.
@@ -799,6 +815,13 @@ impl Drop for Node {
             let _ = nix::mount::umount2(&m.mount_point, nix::mount::MntFlags::MNT_DETACH);
         }
     }
+}
+
+/// A bind of a directory under the kernels root onto itself (the root's
+/// private mount, a home's shared one): the test directories live on the
+/// root filesystem, so such a mount's root path is its mount point.
+fn is_structure(m: &MountEntry, kernels: &Path) -> bool {
+    m.mount_point.starts_with(kernels) && m.root == m.mount_point
 }
 
 /// Mounts whose mount point lies under `dir`, in mountinfo order.
