@@ -339,6 +339,7 @@ async fn drain_refuses_while_kernels_are_desired_then_unmounts_binds_first() {
         let mut node = Node::start(&etcd, "n1", NodeOpts::default());
         two_kernels(&etcd, &node).await;
         let converged = targets(&node);
+        let homes = node.structure_mounts().len() - 1; // each home; not the kernels root
 
         let out = node.cli_output(&["drain", "--force"]);
         assert!(!out.status.success(), "refused while the daemon runs");
@@ -369,7 +370,8 @@ async fn drain_refuses_while_kernels_are_desired_then_unmounts_binds_first() {
             .lines()
             .filter(|l| l.starts_with("unmounted "))
             .collect();
-        assert_eq!(lines.len(), converged.len(), "{stdout}");
+        // Every bind and volume, and each kernel's home mount.
+        assert_eq!(lines.len(), converged.len() + homes, "{stdout}");
         let first_volume = lines.iter().position(|l| l.contains("/volumes/")).unwrap();
         assert!(
             lines[first_volume..]

@@ -521,3 +521,66 @@ async fn a_running_container_sees_hot_attach_repair_and_detach() {
     })
     .await;
 }
+
+/// Issue 13: a rw vfolder on a blob volume, written by uid 1000 through
+/// rclone from inside a running container; then the rclone server dies and
+/// the volume, `heal: always`, is healed under the running kernel — and the
+/// container reads its file again without a restart (Kubernetes users wait
+/// for a pod restart there: kubernetes/kubernetes#75918).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_vfolder_is_written_as_uid_1000_and_a_killed_rclone_heals_inside_the_container() {
+    require_private_mount_namespace();
+    within(180, async {
+        let etcd = Etcd::start().await;
+        let azurite = Azurite::start().await;
+        let node = Node::start(
+            &etcd,
+            "n1",
+            NodeOpts {
+                extra_config: "probe_interval: 300ms\nprobe_timeout: 2s\n",
+                ..Default::default()
+            },
+        );
+        write_azurite_key(&node, "k");
+        let spec = format!(
+            "mount: {{at: requested, fstype: azureblob, path: {}, credentials: k}}\ncreate: true\nheal: always\n",
+            azurite.container_url("userdata")
+        );
+        etcd.put(&format!("{P}/volumes/userdata"), &spec).await;
+        let vf = uuid::Uuid::new_v4();
+        etcd.put(&format!("{P}/vfolders/{vf}"), "{name: mine, owner: alice, volume: userdata}\n")
+            .await;
+        etcd.put(&node.kernel_key("k1"), &format!("mounts: [{{vfolder: {vf}}}]\n"))
+            .await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let mut c = Container::new("blob", &node.home("k1"), 1000, 1000, &["sleep", "100000"]);
+        tokio::task::block_in_place(|| c.start());
+        let inside = |script: &str| tokio::task::block_in_place(|| c.exec(1000, 1000, script));
+        let (code, out) = inside("id -u && echo results > mine/run1.txt && cat mine/run1.txt");
+        assert_eq!((code, out.as_str()), (0, "1000\nresults\n"), "uid 1000 writes through rclone");
+        // rclone uploads written files a few seconds later: wait for the blob.
+        until("the file reaches the container", 60, || {
+            node.cli(&["dataset", "ls", "userdata"]).contains("run1.txt")
+        })
+        .await;
+
+        let target = node.volumes().join("userdata");
+        let (pid, _) = rclone_for(&target).expect("rclone serves the volume");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)
+            .unwrap();
+        until("a new rclone serves the volume", 60, || {
+            rclone_for(&target).is_some_and(|(p, _)| p != pid)
+        })
+        .await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let mut last = String::new();
+        until("the file reads again inside the running container", 60, || {
+            let (code, out) = inside("cat mine/run1.txt");
+            last = out.clone();
+            code == 0 && out == "results\n"
+        })
+        .await;
+        assert_eq!(last, "results\n");
+    })
+    .await;
+}
