@@ -818,10 +818,15 @@ impl Drop for Node {
 }
 
 /// A bind of a directory under the kernels root onto itself (the root's
-/// private mount, a home's shared one): the test directories live on the
-/// root filesystem, so such a mount's root path is its mount point.
+/// private mount, a home's shared one): its root, the path inside its
+/// filesystem, is the tail of its own mount point (`/tmp` may be a
+/// filesystem of its own, as in the fresh-machine root). A bind of a
+/// volume's directory ends elsewhere, and one of a volume's root is `/`.
 fn is_structure(m: &MountEntry, kernels: &Path) -> bool {
-    m.mount_point.starts_with(kernels) && m.root == m.mount_point
+    let tail = m.root.strip_prefix("/").unwrap_or(&m.root);
+    m.mount_point.starts_with(kernels)
+        && !tail.as_os_str().is_empty()
+        && m.mount_point.ends_with(tail)
 }
 
 /// Mounts whose mount point lies under `dir`, in mountinfo order.
