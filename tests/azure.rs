@@ -495,6 +495,11 @@ async fn a_frozen_rclone_is_killed_when_its_volume_heals_and_none_is_left_behind
             !rclones_for(&target).contains(&old.as_raw())
         })
         .await;
+        // The status may still say Mounted from before: wait for the new server's mount.
+        until("a new rclone serves the volume", 60, || {
+            !rclones_for(&target).is_empty() && node.mount_at(&target).is_some()
+        })
+        .await;
         etcd.wait_state(&node.volume_status("frozen"), "Mounted")
             .await;
         let now = rclones_for(&target);
