@@ -180,10 +180,17 @@ pub async fn run(
 /// homes still work; a failure is logged.
 fn private_kernels_root(deps: &Deps, root: &std::path::Path) {
     use nix::mount::MsFlags;
-    let is_mount_point = deps
-        .mountinfo
-        .read()
-        .is_ok_and(|t| t.top(root).is_some_and(|m| m.mount_point == root));
+    let Ok(table) = deps.mountinfo.read() else {
+        tracing::error!(root = %root.display(), "cannot read the mount table; the kernels root is left as it is");
+        return;
+    };
+    let is_mount_point = table.top(root).is_some();
+    // Binds made before this vfolderd (an upgrade with kernels running)
+    // would be covered by a new bind of the root: leave it until they go.
+    if !is_mount_point && table.iter().any(|m| m.mount_point.starts_with(root)) {
+        tracing::warn!(root = %root.display(), "mounts exist below the kernels root: it becomes a private mount of its own once they are gone (restart vfolderd then)");
+        return;
+    }
     let bound = if is_mount_point {
         Ok(())
     } else {

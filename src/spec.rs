@@ -277,6 +277,58 @@ const CIFS_FLAGS: &[&str] = &[
     "witness",
 ];
 
+/// cifs option keys taking a value (mount.cifs(8)): after a password,
+/// anything else is taken for the password's tail.
+const CIFS_KEYS: &[&str] = &[
+    "username",
+    "user",
+    "password",
+    "pass",
+    "password2",
+    "domain",
+    "dom",
+    "workgroup",
+    "credentials",
+    "cred",
+    "uid",
+    "gid",
+    "cruid",
+    "backupuid",
+    "backupgid",
+    "file_mode",
+    "dir_mode",
+    "vers",
+    "sec",
+    "cache",
+    "actimeo",
+    "acregmax",
+    "acdirmax",
+    "closetimeo",
+    "rsize",
+    "wsize",
+    "bsize",
+    "rasize",
+    "esize",
+    "port",
+    "netbiosname",
+    "servern",
+    "ip",
+    "addr",
+    "iocharset",
+    "echo_interval",
+    "max_credits",
+    "handletimeout",
+    "snapshot",
+    "max_channels",
+    "multichannel",
+    "upcall_target",
+    "noperm",
+    "context",
+    "fscontext",
+    "defcontext",
+    "rootcontext",
+];
+
 /// Refuses a cifs option list where a password seems cut at a comma.
 fn check_cifs_secret_tail(opts: &[String]) -> Result<(), String> {
     for pair in opts.windows(2) {
@@ -286,12 +338,15 @@ fn check_cifs_secret_tail(opts: &[String]) -> Result<(), String> {
             .unwrap_or_default()
             .to_ascii_lowercase();
         let next = pair[1].to_ascii_lowercase();
-        if crate::names::is_secret_key(&key)
-            && !next.contains('=')
-            && !CIFS_FLAGS.contains(&next.as_str())
-        {
+        let next_key = next.split('=').next().unwrap_or_default();
+        let known = if next.contains('=') {
+            CIFS_KEYS.contains(&next_key)
+        } else {
+            CIFS_FLAGS.contains(&next.as_str())
+        };
+        if crate::names::is_secret_key(&key) && !known {
             return Err(format!(
-                "options: the option after {key}= is no cifs option; a comma inside a password is written ',,' (the value is not shown)"
+                "options: the option after {key}= is no cifs option; a comma inside a password is written ',,' (the option is not shown)"
             ));
         }
     }
@@ -476,6 +531,17 @@ fn check_volume(key_name: &str, value: &[u8], policy: &Policy) -> Result<VolumeS
     let opts = spec.option_list();
     if spec.mount.fstype == Fstype::Cifs {
         check_cifs_secret_tail(&opts)?;
+    }
+    // `,,` is a comma inside a password only: anywhere else it would smuggle
+    // an option past the policy (`vers=3.0,,ip=...` is checked as `vers`).
+    if let Some(o) = opts.iter().find(|o| {
+        let key = o.split('=').next().unwrap_or_default().to_ascii_lowercase();
+        o.contains(',') && !crate::names::is_secret_key(&key)
+    }) {
+        let key = o.split('=').next().unwrap_or_default();
+        return Err(
+            format!("options: option {key:?} holds a comma (',,'); only a password may").into(),
+        );
     }
     policy
         .check_volume(spec.mount.fstype.as_str(), &spec.mount.path, &opts)
@@ -748,6 +814,23 @@ volumes:
         .unwrap_err()
         .to_string();
         assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    /// Review findings: `,,` smuggled an option past the policy, and a
+    /// password's tail holding `=` passed as an option (and was echoed).
+    #[test]
+    fn escaped_commas_and_cut_password_tails_are_refused_unseen() {
+        let err = |opts: &str| {
+            let v = format!("mount: {{at: startup, fstype: cifs, path: '//a.file.core.windows.net/s', options: '{opts}'}}\n");
+            parse_volume("v", v.as_bytes(), &Policy::default())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("vers=3.0,,ip=203.0.113.7").contains("holds a comma"));
+        let e = err("username=u,password=Tr0ub,x9Q=z");
+        assert!(e.contains("no cifs option") && !e.contains("x9Q"), "{e}");
+        let ok = "mount: {at: startup, fstype: cifs, path: '//a.file.core.windows.net/s', options: 'username=u,password=a,,b,vers=3.0'}\n";
+        assert!(parse_volume("v", ok.as_bytes(), &Policy::default()).is_ok());
     }
 
     #[test]

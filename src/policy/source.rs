@@ -81,10 +81,15 @@ pub fn split_source(fstype: &str, source: &str) -> Result<Parts, SourceError> {
         check_host(host)?;
     }
     match parts.form {
-        Form::Unc => check_clean(&parts.path, "share path")?,
-        Form::HostPath | Form::Path => {
-            check_clean(parts.path.strip_prefix('/').unwrap_or(&parts.path), "path")?
+        Form::Unc => {
+            check_clean(&parts.path, "share path")?;
+            check_no_option_chars(&parts.path, "share path")?;
         }
+        Form::HostPath => {
+            check_clean(parts.path.strip_prefix('/').unwrap_or(&parts.path), "path")?;
+            check_no_option_chars(&parts.path, "export path")?;
+        }
+        Form::Path => check_clean(parts.path.strip_prefix('/').unwrap_or(&parts.path), "path")?,
         Form::Url | Form::Name => {}
     }
     Ok(parts)
@@ -203,6 +208,20 @@ fn check_clean(path: &str, what: &str) -> Result<(), SourceError> {
     }
 }
 
+/// No comma, whitespace or control character: mount.cifs and mount.nfs put
+/// the share or export path into the kernel's comma-separated option string
+/// unescaped, so `//acct.file.core.windows.net/share,ip=203.0.113.7` would
+/// mount (and send credentials to) another server.
+fn check_no_option_chars(path: &str, what: &str) -> Result<(), SourceError> {
+    match path
+        .chars()
+        .find(|c| *c == ',' || c.is_whitespace() || c.is_control())
+    {
+        Some(c) => Err(shape(format!("{what} must not contain {c:?}"))),
+        None => Ok(()),
+    }
+}
+
 /// One `sources:` entry of a policy file, split like the sources it judges.
 #[derive(Debug, Clone)]
 pub struct SourcePattern {
@@ -295,6 +314,13 @@ mod tests {
             cifs,
             "//acct.file.core.windows.net/share/../other"
         ));
+        // Review finding: mount.cifs and mount.nfs put the path into the option string.
+        assert!(!allowed(
+            "cifs",
+            cifs,
+            "//acct.file.core.windows.net/share,ip=203.0.113.7"
+        ));
+        assert!(!allowed("nfs", "*:/**", "nfs.example:/x,addr=203.0.113.7"));
         let bind = "/srv/vfolderd/**";
         assert!(allowed("bind", bind, "/srv/vfolderd/datasets/a"));
         assert!(!allowed("bind", bind, "/srv/vfolderd/../../"));

@@ -570,10 +570,11 @@ impl Executor {
             .mounts()?
             .get(home)
             .is_some_and(|m| m.kind == MountKind::Home);
+        // A table that cannot be read counts as mounted: never stack a home.
         let mounted = self
             .mountinfo
             .as_ref()
-            .is_some_and(|mi| mi.read().is_ok_and(|t| t.top(home).is_some()));
+            .is_some_and(|mi| mi.read().map_or(true, |t| t.top(home).is_some()));
         if !(ours && mounted) {
             self.bind_home(home, kernel)?;
         }
@@ -603,29 +604,36 @@ impl Executor {
         self.ledger.put_mount(&home_record(home, kernel))?;
         let fd = std::os::fd::AsFd::as_fd(&fd);
         let bound = match self.mounter.bind_atomic(fd, fd, Default::default()) {
-            Err(Errno::ENOSYS) => self
-                .mounter
-                .mount(
-                    Some(&fd_path_of(fd)),
-                    &fd_path_of(fd),
-                    None,
-                    MsFlags::MS_BIND,
-                    None,
-                )
-                .and_then(|()| {
-                    let (again, _) =
-                        open_dir(&self.cfg.kernels_root, home, None).map_err(|_| Errno::ENOENT)?;
-                    self.mounter.mount(
-                        None::<&Path>,
-                        &fd_path(&again),
+            Err(Errno::ENOSYS) => {
+                self.mounter
+                    .mount(
+                        Some(&fd_path_of(fd)),
+                        &fd_path_of(fd),
                         None,
-                        MsFlags::MS_REMOUNT
-                            | MsFlags::MS_BIND
-                            | MsFlags::MS_NOSUID
-                            | MsFlags::MS_NODEV,
+                        MsFlags::MS_BIND,
                         None,
                     )
-                }),
+                    .map_err(failed)?;
+                let flags =
+                    MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+                let remounted = open_dir(&self.cfg.kernels_root, home, None)
+                    .map_err(|_| Errno::ENOENT)
+                    .and_then(|(again, _)| {
+                        self.mounter
+                            .mount(None::<&Path>, &fd_path(&again), None, flags, None)
+                    });
+                if remounted.is_err() {
+                    // Never leave a mount without nosuid,nodev (invariant 6).
+                    if self
+                        .mounter
+                        .umount2(home, MntFlags::UMOUNT_NOFOLLOW)
+                        .is_err()
+                    {
+                        return remounted.map_err(failed);
+                    }
+                }
+                remounted
+            }
             other => other,
         };
         if let Err(errno) = bound {

@@ -667,6 +667,9 @@ pub fn spec_change(m: &crate::state::ledger::OwnedMount, v: &WantVolume) -> Opti
         .chain(v.options.iter().filter(|o| !was.contains(o)))
         .map(key)
         .collect();
+    if differ.is_empty() {
+        return None; // the same options in another order
+    }
     if !tmpfs {
         return Some(SpecChange::Remount);
     }
@@ -1157,7 +1160,15 @@ impl<'a> Planner<'a> {
             };
             if !self.mounted(home) || self.removed.contains(home.as_path()) {
                 self.mkdir(home, &self.node.kernels_root, k.uid, k.gid, owner());
-                self.out.push(share);
+                // A kernel bound before homes were shared (an upgrade) keeps
+                // its plain home: a bind of it would cover its binds.
+                let bound = k
+                    .binds
+                    .iter()
+                    .any(|t| self.mounted(t) && !self.removed.contains(t));
+                if !bound {
+                    self.out.push(share);
+                }
             } else if self
                 .actual
                 .owned_mounts

@@ -296,7 +296,10 @@ impl Mounter for LinuxMounter {
                     })
                 }
                 Ok(None) => {}
-                Err(e) => break Err(HelperError::Spawn(e.to_string())),
+                Err(e) => {
+                    let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+                    break Err(HelperError::Spawn(e.to_string()));
+                }
             }
             if std::time::Instant::now() >= deadline {
                 let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
@@ -316,9 +319,10 @@ impl Mounter for LinuxMounter {
 fn log_tail(log: &Path, start: u64) -> String {
     let text = std::fs::read(log).unwrap_or_default();
     let text = String::from_utf8_lossy(text.get(start as usize..).unwrap_or_default());
-    let words = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    // Redact first: a cut could split `sig=` from its value.
+    let words = redact(&text.split_whitespace().collect::<Vec<_>>().join(" "));
     let from = words.char_indices().rev().nth(399).map_or(0, |(i, _)| i);
-    redact(&words[from..])
+    words[from..].to_string()
 }
 
 /// Sends `signal` to process `p` if that very process still runs: the
