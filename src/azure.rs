@@ -105,6 +105,18 @@ impl BlobLocation {
         if !is_container_name(&container) {
             return Err(bad("container names are 3-63 characters of lowercase letters, digits and single hyphens"));
         }
+        // One account, named as Azure names them: `victim.blob.x.blob.core.windows.net`
+        // would sign for `victim` and send the SAS to another host.
+        if !(3..=24).contains(&account.len())
+            || !account
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            || host.matches(".blob.").count() > 1
+        {
+            return Err(bad(
+                "the account name is 3-24 lowercase letters and digits, named once in the host",
+            ));
+        }
         Ok(Self {
             account,
             container,
@@ -351,6 +363,8 @@ mod tests {
             "ftp://a/b/c",
             "https://acct.blob.core.windows.net/",
             "https://u:p@acct.blob.core.windows.net/ccc",
+            "https://victim.blob.x.blob.core.windows.net/ccc",
+            "https://Acct-1.blob.core.windows.net/ccc",
         ] {
             assert!(BlobLocation::parse(bad).is_err(), "{bad}");
         }
