@@ -64,12 +64,19 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Binds below `dir`, not counting the structure vfolderd also mounts there:
+/// the kernels root's bind of itself and each home's (a bind of a directory
+/// onto itself: its root is the tail of its mount point).
 fn bind_targets_under(dir: &Path) -> usize {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     vfolderd::reconcile::actual::parse_mountinfo(&text)
         .unwrap()
         .iter()
         .filter(|m| m.mount_point.starts_with(dir))
+        .filter(|m| {
+            let tail = m.root.strip_prefix("/").unwrap_or(&m.root);
+            tail.as_os_str().is_empty() || !m.mount_point.ends_with(tail)
+        })
         .count()
 }
 
