@@ -470,7 +470,7 @@ impl Executor {
             }
             Action::MountVolume { volume } => self.mount_volume(volume),
             Action::Reconfigure { volume } => self.reconfigure(volume),
-            Action::ShareHome { home, kernel } => self.share_home(home, kernel),
+            Action::ShareHome { home, kernel, bind } => self.share_home(home, kernel, *bind),
             Action::WriteToken { token } => self.write_token(token),
             Action::RemoveToken { path } => self.remove_token(path),
             Action::Bind { bind } => {
@@ -564,18 +564,10 @@ impl Executor {
     /// new mount comes from the private kernels root, so it starts private
     /// and `MS_SHARED` puts it in a peer group of its own — one kernel's
     /// mounts never reach another's home or an unrelated namespace.
-    fn share_home(&self, home: &Path, kernel: &str) -> Result<(), ExecError> {
-        let ours = self
-            .ledger
-            .mounts()?
-            .get(home)
-            .is_some_and(|m| m.kind == MountKind::Home);
-        // A table that cannot be read counts as mounted: never stack a home.
-        let mounted = self
-            .mountinfo
-            .as_ref()
-            .is_some_and(|mi| mi.read().map_or(true, |t| t.top(home).is_some()));
-        if !(ours && mounted) {
+    fn share_home(&self, home: &Path, kernel: &str, bind: bool) -> Result<(), ExecError> {
+        // Reading the mount table here, once per home, cost a whole
+        // mountinfo read per kernel (2000 attachments: 3,689/s → 71/s).
+        if bind {
             self.bind_home(home, kernel)?;
         }
         // The path now resolves to the new mount's root.

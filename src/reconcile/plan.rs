@@ -744,6 +744,9 @@ pub enum Action {
         home: PathBuf,
         /// Its kernel.
         kernel: String,
+        /// Bind it first (else it is ours already and only needs sharing):
+        /// decided here, so the executor never re-reads the mount table.
+        bind: bool,
     },
     /// Apply a volume's changed options to its mount in place (tmpfs
     /// `size`, `nr_inodes`): same mount, same binds, data kept.
@@ -1154,9 +1157,10 @@ impl<'a> Planner<'a> {
                 continue;
             }
             let owner = || Some(Owner::Kernel(id.clone()));
-            let share = Action::ShareHome {
+            let share = |bind| Action::ShareHome {
                 home: home.clone(),
                 kernel: id.clone(),
+                bind,
             };
             if !self.mounted(home) || self.removed.contains(home.as_path()) {
                 self.mkdir(home, &self.node.kernels_root, k.uid, k.gid, owner());
@@ -1167,7 +1171,7 @@ impl<'a> Planner<'a> {
                     .iter()
                     .any(|t| self.mounted(t) && !self.removed.contains(t));
                 if !bound {
-                    self.out.push(share);
+                    self.out.push(share(true));
                 }
             } else if self
                 .actual
@@ -1177,7 +1181,7 @@ impl<'a> Planner<'a> {
                 && !self.actual.mounts.top(home).is_some_and(|m| m.shared)
             {
                 // Bound but not yet shared (a crash between the two): share it.
-                self.out.push(share);
+                self.out.push(share(false));
             }
             for t in &k.binds {
                 self.attach_bind(&self.want.binds[t], k, owner());
@@ -1391,7 +1395,7 @@ mod tests {
                     std::sync::Arc::make_mut(&mut a.mounts).remove_top(target);
                     a.stale.remove(target);
                 }
-                Action::ShareHome { home, kernel } => {
+                Action::ShareHome { home, kernel, .. } => {
                     next_id += 1;
                     let mut shared = entry(next_id, home, false);
                     shared.shared = true;
