@@ -18,7 +18,7 @@ use nix::mount::{MntFlags, MsFlags};
 use crate::names::redact;
 use crate::reconcile::actual::MountInfoSource;
 use crate::reconcile::fsops::{
-    self, fd_path, fd_path_of, make_dir, open_dir, remove_dir_if_empty, Create, FsError,
+    self, fd_path, make_dir, open_dir, remove_dir_if_empty, Create, FsError,
 };
 use crate::reconcile::plan::{Action, WantBind, WantToken, WantVolume};
 use crate::reconcile::sys::{
@@ -599,8 +599,8 @@ impl Executor {
             Err(Errno::ENOSYS) => {
                 self.mounter
                     .mount(
-                        Some(&fd_path_of(fd)),
-                        &fd_path_of(fd),
+                        Some(&fd_path(fd)),
+                        &fd_path(fd),
                         None,
                         MsFlags::MS_BIND,
                         None,

@@ -266,15 +266,9 @@ fn walk_error(errno: Errno, path: &Path) -> FsError {
 
 /// The `/proc/self/fd/N` path of a descriptor: mount(2) on it acts on the
 /// very directory that was opened, closing the symlink-swap race.
-pub fn fd_path(fd: &OwnedFd) -> PathBuf {
+pub fn fd_path(fd: impl AsFd) -> PathBuf {
     use std::os::fd::AsRawFd;
-    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-}
-
-/// [`fd_path`] of a borrowed descriptor.
-pub fn fd_path_of(fd: BorrowedFd<'_>) -> PathBuf {
-    use std::os::fd::AsRawFd;
-    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd()))
 }
 
 /// Whether `path` exists as a real directory (not a symlink).
