@@ -292,12 +292,21 @@ async fn a_damaged_store_is_moved_aside_and_rebuilt_and_a_locked_one_is_not() {
             .count();
         assert_eq!(at_bind, 1, "a second bind was stacked on k1's folder");
         assert!(bind.join("notebook.ipynb").exists());
-        // The adopted bind is vfolderd's again: deleting k1 takes it away.
+        // The adopted bind and home are vfolderd's again: deleting k1 takes
+        // both away (an unowned home mount would stay forever).
+        let home = node.home("k1");
+        let home_mounted = || {
+            node.structure_mounts()
+                .iter()
+                .any(|m| m.mount_point == home)
+        };
+        assert!(home_mounted(), "k1's home is its own mount");
         etcd.delete(&node.kernel_key("k1")).await;
         until("k1's adopted bind is unmounted", 20, || {
             !node.mounts().iter().any(|m| m.mount_point == bind)
         })
         .await;
+        until("k1's adopted home is unmounted", 20, || !home_mounted()).await;
     })
     .await;
 }

@@ -14,7 +14,9 @@ use crate::keys::Keys;
 use crate::reconcile::bookkeeping::{renewal_deadline, Linger, Retries};
 use crate::reconcile::execute::{status_message, Executor, Outcome};
 use crate::reconcile::observe::{attribute, MountChanges, ObserveError, Observer};
-use crate::reconcile::plan::{plan, resolve, Action, ActionKind, Actual, NodeView, Want};
+use crate::reconcile::plan::{
+    plan, resolve, Action, ActionKind, Actual, NodeView, Want, WantKernel,
+};
 use crate::reconcile::probe::VolumeTargets;
 use crate::reconcile::report::{
     report, Failure, KernelState, Report, ReportInputs, Summary, Usage,
@@ -210,9 +212,15 @@ impl Reconciler {
 
     /// Records wanted volume and bind targets that are mounted but unowned.
     fn adopt_wanted_mounts(&mut self, want: &Want, actual: &Actual) -> Result<usize, PassError> {
-        use crate::reconcile::execute::{bind_record, volume_record};
+        use crate::reconcile::execute::{bind_record, home_record, volume_record};
         let unowned =
             |t: &Path| actual.mounts.top(t).is_some() && !actual.owned_mounts.contains_key(t);
+        // A home is ours if it is shared, as vfolderd leaves every home.
+        let home = |(id, k): (&String, &WantKernel)| {
+            let h = k.home.as_ref()?;
+            let shared = actual.mounts.top(h).is_some_and(|m| m.shared);
+            (unowned(h) && shared).then(|| home_record(h, id))
+        };
         let records: Vec<_> = want
             .volumes
             .values()
@@ -224,6 +232,7 @@ impl Reconciler {
                     .filter(|b| unowned(&b.target))
                     .map(bind_record),
             )
+            .chain(want.kernels.iter().filter_map(home))
             .collect();
         for r in &records {
             self.ledger.put_mount(r)?;
