@@ -786,6 +786,62 @@ async fn seed_cifs_volumes_mount_through_the_helper_with_the_password_only_in_a_
     .await;
 }
 
+/// Issue 13 item 4: a cifs volume's cache and size options change on the
+/// live mount (`mount -o remount,...` with every option of the first mount,
+/// the same mount and binds after); a change cifs cannot make live waits
+/// for its kernels, and the status says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cifs_options_change_in_place_under_a_running_kernel() {
+    require_private_mount_namespace();
+    within(90, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(&etcd, "n1", NodeOpts { helper_double: true, ..Default::default() });
+        let spec = |opts: &str| {
+            format!("mount: {{at: requested, fstype: cifs, path: '//acct.file.core.windows.net/share', options: '{opts}'}}\n")
+        };
+        etcd.put(&format!("{P}/volumes/files"), &spec("vers=3.0,actimeo=30")).await;
+        let vf = uuid::Uuid::new_v4();
+        etcd.put(&format!("{P}/vfolders/{vf}"), "{name: mine, owner: alice, volume: files}\n").await;
+        etcd.put(&node.kernel_key("k1"), &format!("mounts: [{{vfolder: {vf}}}]\n")).await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let volume = node.volumes().join("files");
+        let bind = node.home("k1").join("mine");
+        let ids = || (node.mount_at(&volume).unwrap().id, node.mount_at(&bind).unwrap().id);
+        let before = ids();
+        let log = node.dir.path().join("helper.log");
+        let calls = || std::fs::read_to_string(&log).unwrap();
+        let target = volume.display();
+        let tail = "mfsymlinks,uid=1000,gid=1000,forceuid,forcegid,dir_mode=0755,file_mode=0644,nosuid,nodev";
+        assert_eq!(
+            calls(),
+            format!("-t cifs -o vers=3.0,actimeo=30,{tail} -- //acct.file.core.windows.net/share {target}\n")
+        );
+
+        etcd.put(&format!("{P}/volumes/files"), &spec("vers=3.0,actimeo=5,cache=none")).await;
+        until("the helper remounts", 30, || calls().lines().count() == 2).await;
+        assert_eq!(
+            calls().lines().nth(1).unwrap(),
+            format!("-t cifs -o remount,vers=3.0,actimeo=5,cache=none,{tail} -- //acct.file.core.windows.net/share {target}"),
+            "every option again, with the new ones"
+        );
+        assert_eq!(ids(), before, "the same mount and the same bind");
+        let st = etcd
+            .wait_for(&node.volume_status("files"), "options recorded", |v| v["state"] == "Mounted")
+            .await;
+        assert!(st.get("change").is_none(), "{st}");
+
+        // Another protocol version needs a new mount: pending while k1 runs.
+        etcd.put(&format!("{P}/volumes/files"), &spec("vers=3.1.1,actimeo=5,cache=none")).await;
+        let st = etcd
+            .wait_for(&node.volume_status("files"), "change pending", |v| v.get("change").is_some())
+            .await;
+        assert!(st["change"].as_str().unwrap().starts_with("pending"), "{st}");
+        assert_eq!(calls().lines().count(), 2, "no remount tried");
+        assert_eq!(ids(), before);
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kernel_is_pending_while_its_volume_mounts_then_ready() {
     require_private_mount_namespace();

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use nix::mount::{MntFlags, MsFlags};
 use crate::names::redact;
 use crate::reconcile::actual::MountInfoSource;
 use crate::reconcile::fsops::{
-    self, fd_path, make_dir, open_dir, remove_dir_if_empty, Create, FsError,
+    self, fd_path, make_dir, open_dir, open_dir_below, remove_dir_if_empty, Create, FsError,
 };
 use crate::reconcile::plan::{Action, WantBind, WantToken, WantVolume};
 use crate::reconcile::sys::{
@@ -157,6 +158,10 @@ pub struct Executor {
     /// Where to watch for a helper's mount to appear (FUSE daemons may return
     /// before their mount is visible); `None` with a recording double.
     mountinfo: Option<Arc<dyn MountInfoSource>>,
+    /// A detached copy of the kernels root's mount, that homes are bound
+    /// from (see [`crate::reconcile::newmount::detached_copy`]); made at
+    /// the first home, `None` inside until then or where it cannot be.
+    kernels_copy: std::sync::OnceLock<Option<OwnedFd>>,
 }
 
 /// The ownership record of a bind (what the executor writes before binding).
@@ -251,6 +256,7 @@ impl Executor {
             ledger,
             cfg,
             mountinfo: None,
+            kernels_copy: std::sync::OnceLock::new(),
         }
     }
 
@@ -353,6 +359,16 @@ impl Executor {
                         staged.mounts.insert(bind.target.clone());
                     })
                 }
+                Action::ShareHome {
+                    home,
+                    kernel,
+                    bind: true,
+                } => self
+                    .ledger
+                    .stage_mount(&home_record(home, kernel))
+                    .map(|()| {
+                        staged.mounts.insert(home.clone());
+                    }),
                 Action::MakeDir {
                     path,
                     root,
@@ -395,6 +411,9 @@ impl Executor {
         let r = match action {
             Action::Bind { bind } if staged.mounts.remove(&bind.target) => {
                 self.ledger.remove_mount(&bind.target)
+            }
+            Action::ShareHome { home, .. } if staged.mounts.remove(home) => {
+                self.ledger.remove_mount(home)
             }
             Action::MakeDir { path, root, .. } => path
                 .ancestors()
@@ -470,7 +489,10 @@ impl Executor {
             }
             Action::MountVolume { volume } => self.mount_volume(volume),
             Action::Reconfigure { volume } => self.reconfigure(volume),
-            Action::ShareHome { home, kernel, bind } => self.share_home(home, kernel, *bind),
+            Action::ShareHome { home, kernel, bind } => {
+                let recorded = staged.mounts.remove(home);
+                self.share_home(home, kernel, *bind, recorded)
+            }
             Action::WriteToken { token } => self.write_token(token),
             Action::RemoveToken { path } => self.remove_token(path),
             Action::Bind { bind } => {
@@ -563,12 +585,19 @@ impl Executor {
     /// Binds `home` onto itself (nosuid, nodev) and makes it shared: the
     /// new mount comes from the private kernels root, so it starts private
     /// and `MS_SHARED` puts it in a peer group of its own — one kernel's
-    /// mounts never reach another's home or an unrelated namespace.
-    fn share_home(&self, home: &Path, kernel: &str, bind: bool) -> Result<(), ExecError> {
+    /// mounts never reach another's home or an unrelated namespace. With
+    /// the new mount API the copy is shared before it is attached.
+    fn share_home(
+        &self,
+        home: &Path,
+        kernel: &str,
+        bind: bool,
+        recorded: bool,
+    ) -> Result<(), ExecError> {
         // Reading the mount table here, once per home, cost a whole
         // mountinfo read per kernel (2000 attachments: 3,689/s → 71/s).
-        if bind {
-            self.bind_home(home, kernel)?;
+        if bind && self.bind_home(home, kernel, recorded)? {
+            return Ok(());
         }
         // The path now resolves to the new mount's root.
         let (again, _) = open_dir(&self.cfg.kernels_root, home, None)?;
@@ -586,59 +615,144 @@ impl Executor {
             })
     }
 
-    /// The bind of [`Executor::share_home`], its record written first.
-    fn bind_home(&self, home: &Path, kernel: &str) -> Result<(), ExecError> {
+    /// The bind of [`Executor::share_home`], its record written first
+    /// (unless flushed with the batch, `recorded`); whether it is shared
+    /// already (made whole with the new mount API).
+    fn bind_home(&self, home: &Path, kernel: &str, recorded: bool) -> Result<bool, ExecError> {
         let failed = |errno| ExecError::MountFailed {
             target: home.to_path_buf(),
             errno,
         };
-        let (fd, _) = open_dir(&self.cfg.kernels_root, home, None)?;
-        self.ledger.put_mount(&home_record(home, kernel))?;
-        let fd = std::os::fd::AsFd::as_fd(&fd);
-        let bound = match self.mounter.bind_atomic(fd, fd, Default::default()) {
-            Err(Errno::ENOSYS) => {
-                self.mounter
-                    .mount(
-                        Some(&fd_path(fd)),
-                        &fd_path(fd),
-                        None,
-                        MsFlags::MS_BIND,
-                        None,
-                    )
-                    .map_err(failed)?;
-                let flags =
-                    MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-                let remounted = open_dir(&self.cfg.kernels_root, home, None)
-                    .map_err(|_| Errno::ENOENT)
-                    .and_then(|(again, _)| {
-                        self.mounter
-                            .mount(None::<&Path>, &fd_path(&again), None, flags, None)
-                    });
-                if remounted.is_err() {
-                    // Never leave a mount without nosuid,nodev (invariant 6).
-                    if self
-                        .mounter
-                        .umount2(home, MntFlags::UMOUNT_NOFOLLOW)
-                        .is_err()
-                    {
-                        return remounted.map_err(failed);
-                    }
+        let opened = open_dir(&self.cfg.kernels_root, home, None)
+            .map(|(target, _)| target)
+            .and_then(|target| Ok((self.home_source(home)?, target)));
+        let (source, target) = match opened {
+            Ok(fds) => fds,
+            Err(e) => {
+                if recorded {
+                    self.ledger.remove_mount(home)?;
                 }
-                remounted
+                return Err(e.into());
             }
-            other => other,
+        };
+        if !recorded {
+            self.ledger.put_mount(&home_record(home, kernel))?;
+        }
+        let shared = crate::reconcile::newmount::BindAttrs {
+            shared: true,
+            ..Default::default()
+        };
+        let bound = match self
+            .mounter
+            .bind_atomic(source.as_fd(), target.as_fd(), shared)
+        {
+            Ok(()) => return Ok(true),
+            Err(Errno::ENOSYS) => match self.bind_home_old_way(home, target.as_fd()) {
+                // A bind without nosuid,nodev that could not be undone: the
+                // record stays, so the next pass unmounts it.
+                Err((errno, true)) => return Err(failed(errno)),
+                r => r.map_err(|(errno, _)| errno),
+            },
+            Err(errno) => Err(errno),
         };
         if let Err(errno) = bound {
             self.ledger.remove_mount(home)?;
             return Err(failed(errno));
         }
+        Ok(false)
+    }
+
+    /// Where a home is bound from: the home inside a detached copy of the
+    /// kernels root's mount, which has no mounts below it (see
+    /// [`crate::reconcile::newmount::detached_copy`]; binding from the kernels
+    /// root itself made each new home cost a walk over every home); the
+    /// home itself where no copy can be made.
+    fn home_source(&self, home: &Path) -> Result<OwnedFd, FsError> {
+        let copy = self.kernels_copy.get_or_init(|| {
+            self.mounter
+                .detached_copy(&self.cfg.kernels_root)
+                .inspect_err(|errno| {
+                    tracing::debug!(%errno, "no detached copy of the kernels root; homes are bound from it directly");
+                })
+                .ok()
+        });
+        match copy {
+            Some(copy) => open_dir_below(copy.as_fd(), &self.cfg.kernels_root, home),
+            None => open_dir(&self.cfg.kernels_root, home, None).map(|(fd, _)| fd),
+        }
+    }
+
+    /// `MS_BIND` of `home` onto itself, then a remount for nosuid,nodev
+    /// (kernels before 5.12); undone if the remount fails. The error says
+    /// whether the bind is still there (the undo failed too).
+    fn bind_home_old_way(&self, home: &Path, fd: BorrowedFd<'_>) -> Result<(), (Errno, bool)> {
+        self.mounter
+            .mount(
+                Some(&fd_path(fd)),
+                &fd_path(fd),
+                None,
+                MsFlags::MS_BIND,
+                None,
+            )
+            .map_err(|errno| (errno, false))?;
+        let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        let remounted = open_dir(&self.cfg.kernels_root, home, None)
+            .map_err(|_| Errno::ENOENT)
+            .and_then(|(again, _)| {
+                self.mounter
+                    .mount(None::<&Path>, &fd_path(&again), None, flags, None)
+            });
+        if let Err(errno) = remounted {
+            // Never leave a mount without nosuid,nodev (invariant 6).
+            let undone = self.mounter.umount2(home, MntFlags::UMOUNT_NOFOLLOW);
+            return Err((errno, undone.is_err()));
+        }
         Ok(())
     }
 
-    /// Applies changed tmpfs options to the live mount: `MS_REMOUNT` with
-    /// the mount's flags (a bare remount would clear nosuid and nodev) and
-    /// the new data; the mount, its binds and its files stay.
+    /// Applies changed options to the live mount (tmpfs: `MS_REMOUNT` with
+    /// the mount's flags, as a bare remount would clear nosuid and nodev;
+    /// cifs: its helper's remount); the mount, its binds and files stay.
     fn reconfigure(&self, v: &WantVolume) -> Result<(), ExecError> {
+        if v.fstype == Fstype::Cifs {
+            self.reconfigure_with_helper(v)?;
+        } else {
+            self.remount_in_place(v)?;
+        }
+        let mut record = self
+            .ledger
+            .mounts()?
+            .get(&v.target)
+            .cloned()
+            .unwrap_or_else(|| volume_record(v));
+        record.options = Some(v.options.clone());
+        Ok(self.ledger.put_mount(&record)?)
+    }
+
+    /// `mount -t cifs -o remount,...` with every option of a first mount
+    /// (credentials included: the kernel refuses another user or password
+    /// on a live session, and takes the cache and size options).
+    fn reconfigure_with_helper(&self, v: &WantVolume) -> Result<(), ExecError> {
+        let (options, temp_file) = self.helper_options(v)?;
+        let req = HelperRequest {
+            fstype: v.fstype.to_string(),
+            source: v.source.clone(),
+            target: v.target.clone(),
+            options: format!("remount,{options}"),
+            timeout: self.cfg.mount_timeout,
+        };
+        let result = self.mounter.run_helper(&req);
+        if let Some(p) = temp_file {
+            let _ = std::fs::remove_file(p);
+        }
+        result.map_err(|source| ExecError::Helper {
+            target: v.target.clone(),
+            source,
+        })
+    }
+
+    /// The tmpfs way: `MS_REMOUNT` with the mount's flags and the new data.
+    fn remount_in_place(&self, v: &WantVolume) -> Result<(), ExecError> {
         let (fd, _) = open_dir(&self.cfg.volumes_root, &v.target, None)?;
         let (mut flags, data) = split_flags(&v.options);
         if v.readonly {
@@ -655,15 +769,7 @@ impl Executor {
             .map_err(|errno| ExecError::MountFailed {
                 target: v.target.clone(),
                 errno,
-            })?;
-        let mut record = self
-            .ledger
-            .mounts()?
-            .get(&v.target)
-            .cloned()
-            .unwrap_or_else(|| volume_record(v));
-        record.options = Some(v.options.clone());
-        Ok(self.ledger.put_mount(&record)?)
+            })
     }
 
     fn mount_volume(&self, v: &WantVolume) -> Result<(), ExecError> {
@@ -761,6 +867,41 @@ impl Executor {
     /// cifs, nfs and friends go through `mount -t`, whose argv is visible to
     /// every user in /proc: secrets move into a 0600 file first.
     fn mount_with_helper(&self, v: &WantVolume, record: &OwnedMount) -> Result<(), ExecError> {
+        let (options, temp_file) = self.helper_options(v)?;
+        let req = HelperRequest {
+            fstype: v.fstype.to_string(),
+            source: v.source.clone(),
+            target: v.target.clone(),
+            options,
+            timeout: self.cfg.mount_timeout,
+        };
+        // The helper's pid goes into the ownership record (flushed) as soon
+        // as it runs, so a restart during a slow mount waits for it.
+        let mut spawned = |pid: u32| {
+            let helper = HelperProcess::of(pid);
+            let with_pid = OwnedMount {
+                helper,
+                ..record.clone()
+            };
+            if let Err(e) = self.ledger.put_mount(&with_pid) {
+                tracing::warn!(error = %crate::error::error_chain(&e), "cannot record the mount helper's pid");
+            }
+        };
+        let result = self.mounter.run_helper_recorded(&req, &mut spawned);
+        if let Some(p) = temp_file {
+            let _ = std::fs::remove_file(p);
+        }
+        result.map_err(|source| ExecError::Helper {
+            target: v.target.clone(),
+            source,
+        })?;
+        self.wait_until_mounted(&v.target)
+    }
+
+    /// The `-o` string of a helper mount of `v` (secrets moved to a file,
+    /// cifs defaults added, nosuid,nodev last), and the temporary
+    /// credentials file to remove once the helper is done.
+    fn helper_options(&self, v: &WantVolume) -> Result<(String, Option<PathBuf>), ExecError> {
         let mut options: Vec<String> = Vec::new();
         let mut secrets: Vec<String> = Vec::new();
         // nosuid,nodev go last, once, whatever the policy put in the options.
@@ -830,34 +971,7 @@ impl Executor {
         options.push("nodev".into());
         // A comma inside an option goes back to mount's `,,` escape.
         let options: Vec<String> = options.iter().map(|o| o.replace(',', ",,")).collect();
-        let req = HelperRequest {
-            fstype: v.fstype.to_string(),
-            source: v.source.clone(),
-            target: v.target.clone(),
-            options: options.join(","),
-            timeout: self.cfg.mount_timeout,
-        };
-        // The helper's pid goes into the ownership record (flushed) as soon
-        // as it runs, so a restart during a slow mount waits for it.
-        let mut spawned = |pid: u32| {
-            let helper = HelperProcess::of(pid);
-            let with_pid = OwnedMount {
-                helper,
-                ..record.clone()
-            };
-            if let Err(e) = self.ledger.put_mount(&with_pid) {
-                tracing::warn!(error = %crate::error::error_chain(&e), "cannot record the mount helper's pid");
-            }
-        };
-        let result = self.mounter.run_helper_recorded(&req, &mut spawned);
-        if let Some(p) = temp_file {
-            let _ = std::fs::remove_file(p);
-        }
-        result.map_err(|source| ExecError::Helper {
-            target: v.target.clone(),
-            source,
-        })?;
-        self.wait_until_mounted(&v.target)
+        Ok((options.join(","), temp_file))
     }
 
     fn wait_until_mounted(&self, target: &Path) -> Result<(), ExecError> {
@@ -1168,6 +1282,7 @@ impl Executor {
         let attrs = crate::reconcile::newmount::BindAttrs {
             readonly: b.readonly,
             idmap: b.idmap,
+            shared: false,
         };
         match self.mounter.bind_atomic(
             std::os::fd::AsFd::as_fd(&src),
@@ -1361,7 +1476,8 @@ mod tests {
             mounter.calls(),
             vec![Call::AtomicBind {
                 readonly: true,
-                idmap: false
+                idmap: false,
+                shared: false,
             }],
             "no MS_BIND, no remount"
         );

@@ -121,6 +121,30 @@ pub fn open_dir(
     )
 }
 
+/// Opens `path` (inside `root`) below `root_fd`, a descriptor of `root`
+/// (or of a detached copy of its mount), without following symlinks.
+pub fn open_dir_below(
+    root_fd: BorrowedFd<'_>,
+    root: &Path,
+    path: &Path,
+) -> Result<OwnedFd, FsError> {
+    let mut cur = root.to_path_buf();
+    let mut fd: Option<OwnedFd> = None;
+    for c in rel_components(root, path)? {
+        cur.push(c);
+        let at = fd.as_ref().map_or(root_fd, |f| f.as_fd());
+        fd = Some(openat(at, c, WALK, Mode::empty()).map_err(|e| walk_error(e, &cur))?);
+    }
+    match fd {
+        Some(fd) => Ok(fd),
+        None => root_fd.try_clone_to_owned().map_err(|e| FsError::Sys {
+            op: "dup",
+            path: root.to_path_buf(),
+            errno: Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+        }),
+    }
+}
+
 /// Called with each directory's path just before it is created; an error
 /// stops the walk. The executor records ownership here *before* mkdir, so a
 /// crash between the two never leaks a directory nobody owns.
@@ -210,7 +234,13 @@ fn mkdir_owned(dir: BorrowedFd<'_>, name: &std::ffi::OsStr, cr: &Create) -> Resu
         return mkdirat(dir, name, mode).map(|()| Made::AsRoot);
     }
     let as_owner = {
-        let _ids = FsIds::assume(cr.uid, cr.gid);
+        let ids = FsIds::assume(cr.uid, cr.gid);
+        if !ids.taken(cr.uid, cr.gid) {
+            // setfsuid reports no failure but its effect: never make the
+            // directory as root believing it is the owner's.
+            drop(ids);
+            return mkdirat(dir, name, mode).map(|()| Made::AsRoot);
+        }
         mkdirat(dir, name, mode)
     };
     match as_owner {
@@ -234,6 +264,15 @@ impl FsIds {
         let gid = gid.map(|g| nix::unistd::setfsgid(Gid::from_raw(g)));
         let uid = uid.map(|u| nix::unistd::setfsuid(Uid::from_raw(u)));
         Self { uid, gid }
+    }
+
+    /// Whether the thread's filesystem ids are now `uid` and `gid`: an
+    /// invalid id (-1) changes nothing and returns the current one
+    /// (setfsuid(2)).
+    fn taken(&self, uid: Option<u32>, gid: Option<u32>) -> bool {
+        let now_uid = nix::unistd::setfsuid(Uid::from_raw(u32::MAX));
+        let now_gid = nix::unistd::setfsgid(Gid::from_raw(u32::MAX));
+        uid.is_none_or(|u| now_uid.as_raw() == u) && gid.is_none_or(|g| now_gid.as_raw() == g)
     }
 }
 

@@ -25,6 +25,9 @@ pub struct BindAttrs {
     pub readonly: bool,
     /// Ids to show differently through this bind (an idmapped bind).
     pub idmap: Option<IdMap>,
+    /// In a peer group of its own (`MS_SHARED`) from its first moment: a
+    /// kernel home, whose later binds reach the containers that bind it.
+    pub shared: bool,
 }
 
 /// One uid and one gid seen through a bind as another: files the volume's
@@ -49,12 +52,18 @@ pub fn userns_for(map: IdMap) -> Result<std::os::fd::OwnedFd, Errno> {
     use nix::sched::CloneFlags;
     use nix::sys::signal::{kill, Signal};
     let mut stack = vec![0u8; 64 * 1024];
-    // SAFETY: the child runs only `pause` (async-signal-safe) until it is
-    // killed, touching nothing the parent's other threads may hold.
+    // SAFETY: the child runs only `prctl` and `pause` (async-signal-safe
+    // system calls) until it is killed, touching nothing the parent's other
+    // threads may hold.
     let pid = unsafe {
         nix::sched::clone(
-            Box::new(|| loop {
-                nix::unistd::pause();
+            Box::new(|| {
+                // Never outlives vfolderd: killed with it if it dies before
+                // it kills the child.
+                let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+                loop {
+                    nix::unistd::pause();
+                }
             }),
             &mut stack,
             CloneFlags::CLONE_NEWUSER,
@@ -84,17 +93,19 @@ pub fn userns_for(map: IdMap) -> Result<std::os::fd::OwnedFd, Errno> {
 }
 
 /// `mount_setattr(fd, "", AT_EMPTY_PATH, attr)`: sets `set` and clears
-/// `clear` on the mount `fd` refers to (not recursively).
+/// `clear` on the mount `fd` refers to (not recursively), and its
+/// propagation type when `propagation` is one (`MS_SHARED`; 0 keeps it).
 pub fn mount_setattr(
     fd: BorrowedFd<'_>,
     set: u64,
     clear: u64,
+    propagation: u64,
     userns: Option<BorrowedFd<'_>>,
 ) -> Result<(), Errno> {
     let attr = libc::mount_attr {
         attr_set: set,
         attr_clr: clear,
-        propagation: 0,
+        propagation,
         userns_fd: userns.map_or(0, |u| u.as_raw_fd() as u64),
     };
     // SAFETY: the path is a NUL-terminated empty string, `attr` lives across
@@ -116,14 +127,28 @@ pub fn mount_setattr(
     }
 }
 
+/// A detached copy of the mount at `dir` (`open_tree(OPEN_TREE_CLONE)`),
+/// without the mounts below it. Binding a directory from it costs no walk
+/// over the original's submounts: `open_tree` of a subdirectory looks at
+/// every mount below the source mount (`has_locked_children`, fs/namespace.c),
+/// and below the kernels root sits every kernel's home.
+pub fn detached_copy(dir: &std::path::Path) -> Result<std::os::fd::OwnedFd, Errno> {
+    open_tree(
+        rustix::fs::CWD,
+        dir,
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+    )
+    .map_err(|e| Errno::from_raw(e.raw_os_error()))
+}
+
 /// Binds the directory `source` onto the directory `target` (both `O_PATH`
-/// descriptors), nosuid, nodev and read-only if asked from its first moment;
-/// `userns` carries the mapping of an idmapped bind. `ENOSYS` where the
-/// kernel lacks the calls.
+/// descriptors), nosuid, nodev, and read-only and shared if asked, from its
+/// first moment; `userns` carries the mapping of an idmapped bind. `ENOSYS`
+/// where the kernel lacks the calls.
 pub fn bind(
     source: BorrowedFd<'_>,
     target: BorrowedFd<'_>,
-    readonly: bool,
+    attrs: &BindAttrs,
     userns: Option<BorrowedFd<'_>>,
 ) -> Result<(), Errno> {
     let errno = |e: rustix::io::Errno| Errno::from_raw(e.raw_os_error());
@@ -138,14 +163,17 @@ pub fn bind(
     )
     .map_err(errno)?;
     let mut set = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
-    if readonly {
+    if attrs.readonly {
         set |= libc::MOUNT_ATTR_RDONLY;
     }
     if userns.is_some() {
         set |= libc::MOUNT_ATTR_IDMAP;
     }
+    // A fresh peer group, made on the detached copy: one call fewer per
+    // home than a mount(MS_SHARED) after the attach, and no moment unshared.
+    let propagation = if attrs.shared { libc::MS_SHARED } else { 0 };
     use std::os::fd::AsFd;
-    mount_setattr(tree.as_fd(), set, 0, userns)?;
+    mount_setattr(tree.as_fd(), set, 0, propagation, userns)?;
     move_mount(
         tree.as_fd(),
         "",

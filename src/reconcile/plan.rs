@@ -629,7 +629,8 @@ fn overlapping_home<'a>(homes: &'a BTreeMap<PathBuf, String>, home: &Path) -> Op
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SpecChange {
     /// Only options the filesystem changes on a live mount (tmpfs `size`,
-    /// `nr_inodes`, `nr_blocks`): reconfigured at once, under running kernels.
+    /// `nr_inodes`, `nr_blocks`; cifs cache and size options): reconfigured
+    /// at once, under running kernels.
     InPlace,
     /// Needs a new mount: made once no kernel uses the volume.
     Remount,
@@ -641,6 +642,46 @@ pub enum SpecChange {
 /// Options tmpfs applies on a live mount (`mode`, `uid`, `gid` it ignores
 /// on remount: mm/shmem.c `shmem_reconfigure`).
 const TMPFS_LIVE_OPTIONS: [&str; 3] = ["size", "nr_inodes", "nr_blocks"];
+
+/// cifs options a remount applies to the live mount: `smb3_reconfigure`
+/// (fs/smb/client/fs_context.c, Linux 5.11+) takes the new context whole
+/// but refuses another user, password, domain, share or `sec`, and the
+/// connection keeps what it negotiated at mount (`vers`, `echo_interval`);
+/// `cache=ro` and `cache=singleclient` are read only at mount time.
+const CIFS_LIVE_OPTIONS: [&str; 7] = [
+    "actimeo",
+    "acregmax",
+    "acdirmax",
+    "closetimeo",
+    "rsize",
+    "wsize",
+    "cache",
+];
+
+/// Whether every changed option of an `fstype` mount can be applied to it
+/// live (`both`: the options before and after); else the first that cannot. NFS has none: `nfs_reconfigure`
+/// (fs/nfs/super.c) refuses any change of its options with `EINVAL`.
+fn live_change(
+    fstype: &Fstype,
+    changed: &BTreeSet<String>,
+    both: &[&String],
+) -> Result<(), String> {
+    let live: &[&str] = match fstype {
+        Fstype::Tmpfs => &TMPFS_LIVE_OPTIONS,
+        Fstype::Cifs => &CIFS_LIVE_OPTIONS,
+        _ => &[],
+    };
+    let cache_at_mount = both
+        .iter()
+        .any(|o| matches!(o.as_str(), "cache=ro" | "cache=singleclient"));
+    match changed.iter().find(|k| !live.contains(&k.as_str())) {
+        Some(k) => Err(k.clone()),
+        None if *fstype == Fstype::Cifs && changed.contains("cache") && cache_at_mount => {
+            Err("cache".into())
+        }
+        None => Ok(()),
+    }
+}
 
 /// What changed between the mount `m` (its ownership record) and volume
 /// `v` as now wanted; `None` when nothing did, or when the record predates
@@ -670,12 +711,11 @@ pub fn spec_change(m: &crate::state::ledger::OwnedMount, v: &WantVolume) -> Opti
     if differ.is_empty() {
         return None; // the same options in another order
     }
-    if !tmpfs {
-        return Some(SpecChange::Remount);
-    }
-    match differ.iter().find(|k| !TMPFS_LIVE_OPTIONS.contains(&k.as_str())) {
-        None => Some(SpecChange::InPlace),
-        Some(k) => Some(SpecChange::Kept(format!(
+    let both: Vec<&String> = was.iter().chain(&v.options).collect();
+    match live_change(&v.fstype, &differ, &both) {
+        Ok(()) => Some(SpecChange::InPlace),
+        Err(_) if !tmpfs => Some(SpecChange::Remount),
+        Err(k) => Some(SpecChange::Kept(format!(
             "not applied: tmpfs option {k:?} cannot change on a live mount, and a new mount would lose the data"
         ))),
     }
@@ -2071,5 +2111,63 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// What a changed option does to a mounted volume, by fstype: cifs
+    /// applies its cache and size options live, nfs none (issue 13 item 4).
+    #[test]
+    fn cifs_cache_and_size_options_change_in_place_and_nfs_options_need_a_new_mount() {
+        let want = |fstype: Fstype, opts: &str| WantVolume {
+            name: "v".into(),
+            target: "/v/v".into(),
+            fstype,
+            source: "//a.file.core.windows.net/s".into(),
+            options: opts.split(',').map(String::from).collect(),
+            credentials: None,
+            at: MountAt::Requested,
+            heal: Default::default(),
+            readonly: false,
+            create: false,
+            owner: Identity {
+                uid: 1000,
+                gid: 1000,
+            },
+            anchor: "/".into(),
+        };
+        let change = |fstype: Fstype, was: &str, now: &str| {
+            let m = crate::reconcile::execute::volume_record(&want(fstype.clone(), was));
+            spec_change(&m, &want(fstype, now))
+        };
+        let cifs = |was, now| change(Fstype::Cifs, was, now);
+        assert_eq!(cifs("vers=3.0,actimeo=30", "vers=3.0,actimeo=30"), None);
+        assert_eq!(
+            cifs(
+                "vers=3.0,actimeo=30",
+                "actimeo=5,vers=3.0,cache=none,rsize=65536"
+            ),
+            Some(SpecChange::InPlace)
+        );
+        assert_eq!(cifs("vers=3.0", "vers=3.1.1"), Some(SpecChange::Remount));
+        assert_eq!(
+            cifs("vers=3.0", "vers=3.0,sec=krb5"),
+            Some(SpecChange::Remount)
+        );
+        assert_eq!(
+            cifs("cache=strict", "cache=ro"),
+            Some(SpecChange::Remount),
+            "cache=ro is read at mount only"
+        );
+        assert_eq!(
+            cifs("cache=singleclient", "cache=none"),
+            Some(SpecChange::Remount)
+        );
+        assert_eq!(
+            change(Fstype::Nfs, "vers=4.1,actimeo=30", "vers=4.1,actimeo=5"),
+            Some(SpecChange::Remount)
+        );
+        assert_eq!(
+            change(Fstype::Tmpfs, "size=1g", "size=2g"),
+            Some(SpecChange::InPlace)
+        );
     }
 }

@@ -394,6 +394,11 @@ fn volume_status(
                     "pending: mounted anew with the changed spec once no kernel uses it".into(),
                 ),
                 Some(crate::reconcile::plan::SpecChange::Kept(why)) => Some(why),
+                // The mount stays as it was; the remount is retried.
+                Some(crate::reconcile::plan::SpecChange::InPlace) => inp
+                    .failures
+                    .get(&Owner::Volume(name.clone()))
+                    .map(|f| format!("not applied yet: {}", f.message)),
                 _ => None,
             };
             s

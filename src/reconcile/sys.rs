@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::io::Read;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -123,6 +123,14 @@ pub trait Mounter: Send + Sync {
         Err(Errno::ENOSYS)
     }
 
+    /// A detached copy of the mount at `dir`, without the mounts below it
+    /// ([`crate::reconcile::newmount::detached_copy`]); `ENOSYS` where the
+    /// kernel (or a double) lacks the new mount API.
+    fn detached_copy(&self, dir: &Path) -> Result<OwnedFd, Errno> {
+        let _ = dir;
+        Err(Errno::ENOSYS)
+    }
+
     /// Starts a FUSE server that outlives vfolderd (its own process group),
     /// telling `spawned` its pid as soon as it runs, and returns once
     /// `mounted` says its mount is there. A server that exits first fails
@@ -206,7 +214,11 @@ impl Mounter for LinuxMounter {
             Some(map) => Some(self.userns(map)?),
         };
         let userns = userns.as_ref().map(|u| u.as_fd());
-        crate::reconcile::newmount::bind(source, target, attrs.readonly, userns)
+        crate::reconcile::newmount::bind(source, target, &attrs, userns)
+    }
+
+    fn detached_copy(&self, dir: &Path) -> Result<OwnedFd, Errno> {
+        crate::reconcile::newmount::detached_copy(dir)
     }
 
     fn run_helper(&self, req: &HelperRequest) -> Result<(), HelperError> {
@@ -416,6 +428,8 @@ pub enum Call {
         readonly: bool,
         /// Idmapped.
         idmap: bool,
+        /// In a peer group of its own.
+        shared: bool,
     },
     /// A FUSE server start (env recorded by name only).
     Server {
@@ -512,6 +526,7 @@ impl Mounter for RecordingMounter {
         self.calls.lock().expect("lock").push(Call::AtomicBind {
             readonly: attrs.readonly,
             idmap: attrs.idmap.is_some(),
+            shared: attrs.shared,
         });
         self.scripted(CallKind::Mount).map_or(Ok(()), Err)
     }

@@ -527,7 +527,7 @@ impl Default for NodeOpts {
 /// A mount(8) stand-in for fstypes this kernel has no client for. It logs its
 /// argv (one call per line) and the mode and content of any `credentials=`
 /// file, sleeps for the seconds in `helper-sleep` (if present), fails while
-/// `helper-fail` exists, serves `shares/fuse` through a real `rclone mount`
+/// `helper-fail` exists, does nothing more for a `remount`, serves `shares/fuse` through a real `rclone mount`
 /// FUSE daemon while `helper-fuse` exists, and otherwise
 /// bind-mounts a local directory standing in for the share at the target.
 const HELPER_DOUBLE: &str = r#"#!/bin/sh
@@ -551,6 +551,8 @@ fi
 env >> "$dir/helper-env.log"
 [ -f "$dir/helper-sleep" ] && sleep "$(cat "$dir/helper-sleep")"
 if [ -f "$dir/helper-fail" ]; then echo "mount error(112): Host is down" >&2; exit 32; fi
+# A remount changes options of the mount that is there: nothing to bind.
+case ",$o," in *,remount,*) exit 0 ;; esac
 if [ -f "$dir/helper-fuse" ]; then
   mkdir -p "$dir/shares/fuse"
   exec rclone mount "$dir/shares/fuse" "$tgt" --daemon --log-file "$dir/rclone.log"
