@@ -432,6 +432,8 @@ struct Background {
     /// Woken by mount-table events (their own channel: one that only reports
     /// vfolderd's own mounts, already read, runs no pass).
     mounts_changed: Arc<Notify>,
+    /// Closes the mount-table watch while a pass mounts.
+    mount_gate: crate::reconcile::mountwatch::WatchGate,
     stale: StaleMap,
     volume_targets: VolumeTargets,
     usage: Arc<UsageBoard>,
@@ -441,6 +443,8 @@ struct Background {
 impl Background {
     fn start(s: &Shared<'_>, deps: &Deps) -> Self {
         let mounts_changed = Arc::new(Notify::new());
+        let (mount_gate, gate_rx) =
+            crate::reconcile::mountwatch::WatchGate::new(&deps.mountinfo_path);
         let stale: StaleMap = Arc::default();
         let volume_targets: VolumeTargets = Arc::default();
         let usage: Arc<UsageBoard> = Arc::default();
@@ -448,11 +452,12 @@ impl Background {
             Self::usage_scanner(s, &usage),
             Self::credentials_watch(s),
             Self::policy_watch(s),
-            Self::mount_watch(deps, mounts_changed.clone()),
+            Self::mount_watch(deps, mounts_changed.clone(), gate_rx),
             Self::prober(s, &volume_targets, &stale),
         ];
         Self {
             mounts_changed,
+            mount_gate,
             stale,
             volume_targets,
             usage,
@@ -487,11 +492,16 @@ impl Background {
         }))
     }
 
-    fn mount_watch(deps: &Deps, changed: Arc<Notify>) -> AbortOnDrop<()> {
+    fn mount_watch(
+        deps: &Deps,
+        changed: Arc<Notify>,
+        gate: crate::reconcile::mountwatch::GateReceiver,
+    ) -> AbortOnDrop<()> {
         let path = deps.mountinfo_path.clone();
         AbortOnDrop(tokio::spawn(async move {
             let wake = || changed.notify_one();
-            if let Err(e) = crate::reconcile::mountwatch::watch_mountinfo(&path, wake).await {
+            let watch = crate::reconcile::mountwatch::watch_mountinfo(&path, Some(gate), wake);
+            if let Err(e) = watch.await {
                 tracing::warn!(error = %e, "mount table events unavailable; relying on resync");
             }
         }))
@@ -530,7 +540,8 @@ fn reconciler(
         sas_lifetime: cfg.sas_lifetime,
         token_lifetime: cfg.token_lifetime,
         stat_timeout: cfg.probe_timeout,
-    });
+    })
+    .with_watch_gate(tasks.mount_gate.clone());
     Reconciler::new(ReconcilerParts {
         node: NodeView {
             agent: cfg.has_role(Role::Agent),

@@ -136,6 +136,8 @@ pub struct Observer {
     /// Volume mounts (target, mount id) with a look still stuck in the
     /// kernel (a hung volume).
     stuck: Arc<std::sync::Mutex<HashSet<MountKey>>>,
+    /// The mount-table watch, closed while a pass mounts.
+    watch: Option<crate::reconcile::mountwatch::WatchGate>,
 }
 
 /// Where the [`Observer`] looks.
@@ -169,6 +171,27 @@ impl Observer {
             token_lifetime: c.token_lifetime,
             stat_timeout: c.stat_timeout,
             stuck: Arc::default(),
+            watch: None,
+        }
+    }
+
+    /// Closes `gate`'s watch while a pass acts ([`Observer::acting`]).
+    pub fn with_watch_gate(mut self, gate: crate::reconcile::mountwatch::WatchGate) -> Self {
+        self.watch = Some(gate);
+        self
+    }
+
+    /// A pass is about to act: its own mounts need not wake anyone.
+    pub fn acting(&self) {
+        if let Some(w) = &self.watch {
+            w.pause();
+        }
+    }
+
+    /// The pass is done acting and reads the table next: watch again first.
+    pub fn acted(&self) {
+        if let Some(w) = &self.watch {
+            w.resume();
         }
     }
 

@@ -304,7 +304,9 @@ impl Reconciler {
         let (actual, executed, followup) = if actions.is_empty() {
             (actual, Vec::new(), Changes::default())
         } else {
+            self.observer.acting();
             let executed = self.execute(actions, &actual, now);
+            self.observer.acted();
             drop(actual);
             let (actual, followup) = self.reobserve(&whole, &want, scope.as_ref(), &executed)?;
             (actual, executed.actions, followup)
