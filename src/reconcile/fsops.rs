@@ -128,9 +128,13 @@ pub fn open_dir_below(
     root: &Path,
     path: &Path,
 ) -> Result<OwnedFd, FsError> {
+    let comps = rel_components(root, path)?;
+    if let Some(found) = open_beneath(root_fd, &comps) {
+        return Ok(found);
+    }
     let mut cur = root.to_path_buf();
     let mut fd: Option<OwnedFd> = None;
-    for c in rel_components(root, path)? {
+    for c in comps {
         cur.push(c);
         let at = fd.as_ref().map_or(root_fd, |f| f.as_fd());
         fd = Some(openat(at, c, WALK, Mode::empty()).map_err(|e| walk_error(e, &cur))?);
@@ -160,6 +164,26 @@ pub fn make_dir(
     walk(root, path, Some((create, before))).map(|(_, made)| made)
 }
 
+/// The whole walk in one call (`openat2`, Linux 5.6+): beneath `at`, no
+/// symlink followed anywhere on the way, as the walk component by component
+/// does (which takes two calls per component). `None` where it cannot say:
+/// the caller walks, which also names the component at fault on an error.
+fn open_beneath(at: BorrowedFd<'_>, comps: &[&std::ffi::OsStr]) -> Option<OwnedFd> {
+    use rustix::fs::{OFlags, ResolveFlags};
+    if comps.is_empty() {
+        return None;
+    }
+    let rel: PathBuf = comps.iter().collect();
+    rustix::fs::openat2(
+        at,
+        &rel,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+    .ok()
+}
+
 fn walk(
     root: &Path,
     path: &Path,
@@ -167,6 +191,11 @@ fn walk(
 ) -> Result<(OwnedFd, Vec<PathBuf>), FsError> {
     let comps = rel_components(root, path)?;
     let mut fd = open_root(root, create.is_some())?;
+    if create.is_none() {
+        if let Some(found) = open_beneath(fd.as_fd(), &comps) {
+            return Ok((found, Vec::new()));
+        }
+    }
     let mut cur = root.to_path_buf();
     let mut made = Vec::new();
     for c in comps {
@@ -230,7 +259,7 @@ enum Made {
 /// caller chowns.
 fn mkdir_owned(dir: BorrowedFd<'_>, name: &std::ffi::OsStr, cr: &Create) -> Result<Made, Errno> {
     let mode = Mode::from_bits_truncate(cr.mode);
-    if cr.uid.is_none() && cr.gid.is_none() {
+    if (cr.uid.is_none() && cr.gid.is_none()) || !may_write(dir, cr) {
         return mkdirat(dir, name, mode).map(|()| Made::AsRoot);
     }
     let as_owner = {
@@ -248,6 +277,17 @@ fn mkdir_owned(dir: BorrowedFd<'_>, name: &std::ffi::OsStr, cr: &Create) -> Resu
         Err(Errno::EACCES | Errno::EPERM) => mkdirat(dir, name, mode).map(|()| Made::AsRoot),
         Err(e) => Err(e),
     }
+}
+
+/// Whether the owner `cr` names may make a directory in `dir` by its mode
+/// bits: where it may not (a root-owned kernels root), trying costs six
+/// system calls and a refused mkdir per directory. Unknown: try.
+fn may_write(dir: BorrowedFd<'_>, cr: &Create) -> bool {
+    let Ok(st) = nix::sys::stat::fstat(dir) else {
+        return true;
+    };
+    let (uid, gid) = (cr.uid.unwrap_or(0), cr.gid.unwrap_or(0));
+    st.st_uid == uid || st.st_mode & 0o002 != 0 || (st.st_gid == gid && st.st_mode & 0o020 != 0)
 }
 
 /// This thread's filesystem ids switched to an owner's, restored on drop.
