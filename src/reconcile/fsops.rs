@@ -262,18 +262,14 @@ fn mkdir_owned(dir: BorrowedFd<'_>, name: &std::ffi::OsStr, cr: &Create) -> Resu
     if (cr.uid.is_none() && cr.gid.is_none()) || !may_write(dir, cr) {
         return mkdirat(dir, name, mode).map(|()| Made::AsRoot);
     }
-    let as_owner = {
-        let ids = FsIds::assume(cr.uid, cr.gid);
-        if !ids.taken(cr.uid, cr.gid) {
-            // setfsuid reports no failure but its effect: never make the
-            // directory as root believing it is the owner's.
-            drop(ids);
-            return mkdirat(dir, name, mode).map(|()| Made::AsRoot);
-        }
-        mkdirat(dir, name, mode)
-    };
+    let mut ids = FsIds::assume(cr.uid, cr.gid);
+    let as_owner = mkdirat(dir, name, mode);
+    // setfsuid reports no failure, only its effect, read back here: a
+    // directory made while the ids did not take was made as root.
+    let took = ids.restore();
     match as_owner {
-        Ok(()) => Ok(Made::AsOwner),
+        Ok(()) if took => Ok(Made::AsOwner),
+        Ok(()) => Ok(Made::AsRoot),
         Err(Errno::EACCES | Errno::EPERM) => mkdirat(dir, name, mode).map(|()| Made::AsRoot),
         Err(e) => Err(e),
     }
@@ -292,8 +288,10 @@ fn may_write(dir: BorrowedFd<'_>, cr: &Create) -> bool {
 
 /// This thread's filesystem ids switched to an owner's, restored on drop.
 struct FsIds {
-    uid: Option<Uid>,
-    gid: Option<Gid>,
+    /// (the owner's, the thread's before), per id switched.
+    uid: Option<(u32, Uid)>,
+    gid: Option<(u32, Gid)>,
+    restored: bool,
 }
 
 impl FsIds {
@@ -301,28 +299,33 @@ impl FsIds {
         // The group first: a fsuid other than 0 takes the capabilities that
         // bypass file permissions, not the one to change the fsgid, but the
         // order keeps that question away.
-        let gid = gid.map(|g| nix::unistd::setfsgid(Gid::from_raw(g)));
-        let uid = uid.map(|u| nix::unistd::setfsuid(Uid::from_raw(u)));
-        Self { uid, gid }
+        let gid = gid.map(|g| (g, nix::unistd::setfsgid(Gid::from_raw(g))));
+        let uid = uid.map(|u| (u, nix::unistd::setfsuid(Uid::from_raw(u))));
+        Self {
+            uid,
+            gid,
+            restored: false,
+        }
     }
 
-    /// Whether the thread's filesystem ids are now `uid` and `gid`: an
-    /// invalid id (-1) changes nothing and returns the current one
-    /// (setfsuid(2)).
-    fn taken(&self, uid: Option<u32>, gid: Option<u32>) -> bool {
-        let now_uid = nix::unistd::setfsuid(Uid::from_raw(u32::MAX));
-        let now_gid = nix::unistd::setfsgid(Gid::from_raw(u32::MAX));
-        uid.is_none_or(|u| now_uid.as_raw() == u) && gid.is_none_or(|g| now_gid.as_raw() == g)
+    /// Puts the thread's ids back; whether they were the owner's until
+    /// then (each call returns the id it replaces, setfsuid(2)).
+    fn restore(&mut self) -> bool {
+        self.restored = true;
+        let uid = self
+            .uid
+            .is_none_or(|(u, old)| nix::unistd::setfsuid(old).as_raw() == u);
+        let gid = self
+            .gid
+            .is_none_or(|(g, old)| nix::unistd::setfsgid(old).as_raw() == g);
+        uid && gid
     }
 }
 
 impl Drop for FsIds {
     fn drop(&mut self) {
-        if let Some(u) = self.uid {
-            nix::unistd::setfsuid(u);
-        }
-        if let Some(g) = self.gid {
-            nix::unistd::setfsgid(g);
+        if !self.restored {
+            self.restore();
         }
     }
 }
