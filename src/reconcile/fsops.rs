@@ -197,8 +197,19 @@ fn walk(
         }
     }
     let mut cur = root.to_path_buf();
+    // Making a directory whose parent exists (the usual case): the parent
+    // in one call, then the walk for the last component only.
+    let mut start = 0;
+    if create.is_some() && comps.len() > 1 {
+        let parent = &comps[..comps.len() - 1];
+        if let Some(found) = open_beneath(fd.as_fd(), parent) {
+            fd = found;
+            cur.extend(parent);
+            start = parent.len();
+        }
+    }
     let mut made = Vec::new();
-    for c in comps {
+    for c in comps.into_iter().skip(start) {
         cur.push(c);
         let next = match openat(fd.as_fd(), c, WALK, Mode::empty()) {
             Ok(f) => f,
