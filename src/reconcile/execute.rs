@@ -160,8 +160,11 @@ pub struct Executor {
     mountinfo: Option<Arc<dyn MountInfoSource>>,
     /// A detached copy of the kernels root's mount, that homes are bound
     /// from (see [`crate::reconcile::newmount::detached_copy`]); made at
-    /// the first home, `None` inside until then or where it cannot be.
-    kernels_copy: std::sync::OnceLock<Option<OwnedFd>>,
+    /// the first home, again after a failure that may pass.
+    kernels_copy: std::sync::Mutex<Option<OwnedFd>>,
+    /// No copy can be made here (the kernel lacks the calls or refuses a
+    /// copy from a detached mount): homes are bound from the live path.
+    no_kernels_copy: std::sync::atomic::AtomicBool,
 }
 
 /// The ownership record of a bind (what the executor writes before binding).
@@ -256,7 +259,8 @@ impl Executor {
             ledger,
             cfg,
             mountinfo: None,
-            kernels_copy: std::sync::OnceLock::new(),
+            kernels_copy: std::sync::Mutex::new(None),
+            no_kernels_copy: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -349,8 +353,25 @@ impl Executor {
         deferred: &BTreeMap<Owner, String>,
     ) -> Staged {
         let mut staged = Staged::default();
+        // A record staged now for a target that an earlier action of the
+        // batch unmounts or forgets would be erased by it, and the mount
+        // made after would have none: those are recorded one by one.
+        let released: std::collections::HashSet<&Path> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Unmount { target, .. }
+                | Action::Forget { target }
+                | Action::Detach { target } => Some(target.as_path()),
+                Action::RemoveDir { path } => Some(path.as_path()),
+                _ => None,
+            })
+            .collect();
+        let made_again = |a: &Action| match a {
+            Action::MakeDir { path, .. } => path.ancestors().any(|p| released.contains(p)),
+            a => a.target().is_some_and(|t| released.contains(t)),
+        };
         for a in actions {
-            if owner_of(a, owned).is_some_and(|o| deferred.contains_key(&o)) {
+            if owner_of(a, owned).is_some_and(|o| deferred.contains_key(&o)) || made_again(a) {
                 continue;
             }
             let r = match a {
@@ -582,11 +603,11 @@ impl Executor {
         Ok(())
     }
 
-    /// Binds `home` onto itself (nosuid, nodev) and makes it shared: the
-    /// new mount comes from the private kernels root, so it starts private
-    /// and `MS_SHARED` puts it in a peer group of its own — one kernel's
-    /// mounts never reach another's home or an unrelated namespace. With
-    /// the new mount API the copy is shared before it is attached.
+    /// Binds `home` onto itself (nosuid, nodev) and makes it shared, in a
+    /// peer group of its own — one kernel's mounts never reach another's
+    /// home or an unrelated namespace. With the new mount API the detached
+    /// copy is made shared before it is attached; the old way binds from the
+    /// private kernels root (a private mount) and `MS_SHARED` follows.
     fn share_home(
         &self,
         home: &Path,
@@ -623,11 +644,8 @@ impl Executor {
             target: home.to_path_buf(),
             errno,
         };
-        let opened = open_dir(&self.cfg.kernels_root, home, None)
-            .map(|(target, _)| target)
-            .and_then(|target| Ok((self.home_source(home)?, target)));
-        let (source, target) = match opened {
-            Ok(fds) => fds,
+        let target = match open_dir(&self.cfg.kernels_root, home, None) {
+            Ok((target, _)) => target,
             Err(e) => {
                 if recorded {
                     self.ledger.remove_mount(home)?;
@@ -635,6 +653,8 @@ impl Executor {
                 return Err(e.into());
             }
         };
+        let copied = self.home_in_copy(home, target.as_fd());
+        let source = copied.as_ref().map_or(target.as_fd(), |c| c.as_fd());
         if !recorded {
             self.ledger.put_mount(&home_record(home, kernel))?;
         }
@@ -642,14 +662,11 @@ impl Executor {
             shared: true,
             ..Default::default()
         };
-        let bound = match self
-            .mounter
-            .bind_atomic(source.as_fd(), target.as_fd(), shared)
-        {
+        let bound = match self.mounter.bind_atomic(source, target.as_fd(), shared) {
             Ok(()) => return Ok(true),
             Err(Errno::ENOSYS) => match self.bind_home_old_way(home, target.as_fd()) {
                 // A bind without nosuid,nodev that could not be undone: the
-                // record stays, so the next pass unmounts it.
+                // record stays (the mount is ours, and goes with its kernel).
                 Err((errno, true)) => return Err(failed(errno)),
                 r => r.map_err(|(errno, _)| errno),
             },
@@ -662,23 +679,39 @@ impl Executor {
         Ok(false)
     }
 
-    /// Where a home is bound from: the home inside a detached copy of the
-    /// kernels root's mount, which has no mounts below it (see
-    /// [`crate::reconcile::newmount::detached_copy`]; binding from the kernels
-    /// root itself made each new home cost a walk over every home); the
-    /// home itself where no copy can be made.
-    fn home_source(&self, home: &Path) -> Result<OwnedFd, FsError> {
-        let copy = self.kernels_copy.get_or_init(|| {
-            self.mounter
-                .detached_copy(&self.cfg.kernels_root)
-                .inspect_err(|errno| {
-                    tracing::debug!(%errno, "no detached copy of the kernels root; homes are bound from it directly");
-                })
-                .ok()
-        });
-        match copy {
-            Some(copy) => open_dir_below(copy.as_fd(), &self.cfg.kernels_root, home),
-            None => open_dir(&self.cfg.kernels_root, home, None).map(|(fd, _)| fd),
+    /// The home inside a detached copy of the kernels root's mount, which
+    /// has no mounts below it, to bind it from (binding from the kernels
+    /// root itself made each new home cost a walk over every home mounted
+    /// before, see [`crate::reconcile::newmount::detached_copy`]); `None`
+    /// where no copy can be made or it is not the directory at `target`
+    /// (the home bound from its live path then).
+    fn home_in_copy(&self, home: &Path, target: BorrowedFd<'_>) -> Option<OwnedFd> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.no_kernels_copy.load(Relaxed) {
+            return None;
+        }
+        let mut slot = self.kernels_copy.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            match self.mounter.detached_copy(&self.cfg.kernels_root) {
+                Ok(copy) => *slot = Some(copy),
+                Err(errno) => {
+                    if matches!(errno, Errno::ENOSYS | Errno::EINVAL | Errno::EPERM) {
+                        self.no_kernels_copy.store(true, Relaxed);
+                    }
+                    tracing::debug!(%errno, "no detached copy of the kernels root; homes are bound from their live path");
+                    return None;
+                }
+            }
+        }
+        let copy = slot.as_ref()?;
+        let found = open_dir_below(copy.as_fd(), &self.cfg.kernels_root, home).ok();
+        match found.filter(|fd| fsops::same_dir(fd.as_fd(), target)) {
+            Some(fd) => Some(fd),
+            None => {
+                // Another filesystem or a mount on the way: made anew next time.
+                *slot = None;
+                None
+            }
         }
     }
 
@@ -1486,6 +1519,39 @@ mod tests {
             .mounts()
             .unwrap()
             .contains_key(&f.root.join("k/k1/work/data")));
+    }
+
+    /// Review finding: a batch that unmounts a target and binds it again
+    /// (a bind whose source changed) staged the new record first, the
+    /// unmount erased it, and the new bind was left with no record.
+    #[test]
+    fn a_target_unmounted_and_bound_again_in_one_batch_keeps_its_record() {
+        let f = fixture();
+        let b = bind(&f, false);
+        let old = OwnedMount {
+            source: "/elsewhere".into(),
+            ..bind_record(&b)
+        };
+        f.ledger.put_mount(&old).unwrap();
+        let owned = f.ledger.mounts().unwrap();
+        let out = f.exec.execute(
+            vec![
+                Action::Unmount {
+                    target: b.target.clone(),
+                    kind: MountKind::Bind,
+                },
+                Action::Bind { bind: b.clone() },
+            ],
+            &owned,
+            &BTreeMap::new(),
+        );
+        assert!(out.iter().all(|o| o.result.is_ok()), "{out:?}");
+        let now = f.ledger.mounts().unwrap();
+        assert_eq!(
+            now.get(&b.target),
+            Some(&bind_record(&b)),
+            "the new bind is recorded"
+        );
     }
 
     /// Before Linux 5.12 (no `mount_setattr`): bind, then remount.

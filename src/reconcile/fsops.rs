@@ -1,6 +1,9 @@
 //! Directory operations that never follow a symlink below a configured root
-//! (invariant 4): every component is opened with `O_NOFOLLOW`, relative to
-//! its parent's descriptor, the way runc and youki resolve mount targets.
+//! (invariant 4): a path is opened in one `openat2` beneath the root with
+//! `RESOLVE_NO_SYMLINKS` (Linux 5.6+), or component by component with
+//! `O_NOFOLLOW` relative to its parent's descriptor, the way runc and youki
+//! resolve mount targets (to create, to name the component at fault, and
+//! where `openat2` is missing).
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
@@ -170,7 +173,7 @@ pub fn make_dir(
 /// the caller walks, which also names the component at fault on an error.
 fn open_beneath(at: BorrowedFd<'_>, comps: &[&std::ffi::OsStr]) -> Option<OwnedFd> {
     use rustix::fs::{OFlags, ResolveFlags};
-    if comps.is_empty() {
+    if comps.is_empty() || NO_OPENAT2.load(std::sync::atomic::Ordering::Relaxed) {
         return None;
     }
     let rel: PathBuf = comps.iter().collect();
@@ -181,8 +184,16 @@ fn open_beneath(at: BorrowedFd<'_>, comps: &[&std::ffi::OsStr]) -> Option<OwnedF
         rustix::fs::Mode::empty(),
         ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
     )
+    .inspect_err(|e| {
+        if *e == rustix::io::Errno::NOSYS {
+            NO_OPENAT2.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    })
     .ok()
 }
+
+/// `openat2` is missing here (before Linux 5.6): not tried again.
+static NO_OPENAT2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn walk(
     root: &Path,
@@ -270,20 +281,37 @@ enum Made {
 /// caller chowns.
 fn mkdir_owned(dir: BorrowedFd<'_>, name: &std::ffi::OsStr, cr: &Create) -> Result<Made, Errno> {
     let mode = Mode::from_bits_truncate(cr.mode);
-    if (cr.uid.is_none() && cr.gid.is_none()) || !may_write(dir, cr) {
-        return mkdirat(dir, name, mode).map(|()| Made::AsRoot);
+    let as_root = || mkdirat(dir, name, mode).map(|()| Made::AsRoot);
+    if cr.uid.is_none() && cr.gid.is_none() {
+        return as_root();
     }
+    if !may_write(dir, cr) {
+        // Mode bits do not tell ACLs, or NFS's root_squash, where only the
+        // owner's own mkdir gets through: root first, then the owner.
+        return match as_root() {
+            Err(Errno::EACCES | Errno::EPERM) => as_owner(dir, name, mode, cr),
+            r => r,
+        };
+    }
+    match as_owner(dir, name, mode, cr) {
+        Err(Errno::EACCES | Errno::EPERM) => as_root(),
+        r => r,
+    }
+}
+
+/// mkdir with the thread's filesystem ids switched to the owner's.
+fn as_owner(
+    dir: BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+    mode: Mode,
+    cr: &Create,
+) -> Result<Made, Errno> {
     let mut ids = FsIds::assume(cr.uid, cr.gid);
-    let as_owner = mkdirat(dir, name, mode);
+    let made = mkdirat(dir, name, mode);
     // setfsuid reports no failure, only its effect, read back here: a
     // directory made while the ids did not take was made as root.
     let took = ids.restore();
-    match as_owner {
-        Ok(()) if took => Ok(Made::AsOwner),
-        Ok(()) => Ok(Made::AsRoot),
-        Err(Errno::EACCES | Errno::EPERM) => mkdirat(dir, name, mode).map(|()| Made::AsRoot),
-        Err(e) => Err(e),
-    }
+    made.map(|()| if took { Made::AsOwner } else { Made::AsRoot })
 }
 
 /// Whether the owner `cr` names may make a directory in `dir` by its mode
@@ -354,6 +382,14 @@ fn walk_error(errno: Errno, path: &Path) -> FsError {
             path: path.to_path_buf(),
             errno,
         },
+    }
+}
+
+/// Whether two descriptors name the same directory (device and inode).
+pub fn same_dir(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
+    match (nix::sys::stat::fstat(a), nix::sys::stat::fstat(b)) {
+        (Ok(x), Ok(y)) => x.st_dev == y.st_dev && x.st_ino == y.st_ino,
+        _ => false,
     }
 }
 

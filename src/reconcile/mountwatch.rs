@@ -100,7 +100,10 @@ pub async fn watch_mountinfo(
                     Some(GateMsg::Resume(f)) => break f,
                     Some(GateMsg::Pause) => {
                         drop(fd);
-                        break paused(gate.as_mut().expect("a message came")).await?;
+                        match paused(gate.as_mut().expect("a message came")).await {
+                            Some(f) => break f,
+                            None => return Ok(()),
+                        }
                     }
                 },
             }
@@ -112,13 +115,13 @@ pub async fn watch_mountinfo(
     }
 }
 
-/// Waits, watching nothing, until the pass resumes the watch.
-async fn paused(gate: &mut GateReceiver) -> std::io::Result<Option<std::fs::File>> {
+/// Waits, watching nothing, until the pass resumes the watch (`Some`, with
+/// the file it opened if it could); `None` once the reconciler is gone.
+async fn paused(gate: &mut GateReceiver) -> Option<Option<std::fs::File>> {
     loop {
-        match gate.0.recv().await {
-            Some(GateMsg::Resume(f)) => return Ok(f),
-            Some(GateMsg::Pause) => continue,
-            None => return Err(std::io::Error::other("the reconciler is gone")),
+        match gate.0.recv().await? {
+            GateMsg::Resume(f) => return Some(f),
+            GateMsg::Pause => continue,
         }
     }
 }

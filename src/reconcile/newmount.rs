@@ -52,15 +52,19 @@ pub fn userns_for(map: IdMap) -> Result<std::os::fd::OwnedFd, Errno> {
     use nix::sched::CloneFlags;
     use nix::sys::signal::{kill, Signal};
     let mut stack = vec![0u8; 64 * 1024];
-    // SAFETY: the child runs only `prctl` and `pause` (async-signal-safe
-    // system calls) until it is killed, touching nothing the parent's other
-    // threads may hold.
+    let parent = nix::unistd::getpid();
+    // SAFETY: the child runs only `prctl`, `getppid` and `pause`
+    // (async-signal-safe system calls) until it is killed or returns,
+    // touching nothing the parent's other threads may hold.
     let pid = unsafe {
         nix::sched::clone(
             Box::new(|| {
                 // Never outlives vfolderd: killed with it if it dies before
-                // it kills the child.
+                // it kills the child (or gone already if it died before).
                 let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+                if nix::unistd::getppid() != parent {
+                    return 0;
+                }
                 loop {
                     nix::unistd::pause();
                 }
@@ -132,13 +136,28 @@ pub fn mount_setattr(
 /// over the original's submounts: `open_tree` of a subdirectory looks at
 /// every mount below the source mount (`has_locked_children`, fs/namespace.c),
 /// and below the kernels root sits every kernel's home.
+///
+/// `EINVAL` where the kernel cannot copy from a detached mount (before
+/// Linux 6.15 `open_tree` clones only from the caller's own namespace):
+/// tried once here, so a copy returned is one binds can be made from.
 pub fn detached_copy(dir: &std::path::Path) -> Result<std::os::fd::OwnedFd, Errno> {
-    open_tree(
+    let errno = |e: rustix::io::Errno| Errno::from_raw(e.raw_os_error());
+    let copy = open_tree(
         rustix::fs::CWD,
         dir,
         OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
     )
-    .map_err(|e| Errno::from_raw(e.raw_os_error()))
+    .map_err(errno)?;
+    use std::os::fd::AsFd;
+    open_tree(
+        copy.as_fd(),
+        "",
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_EMPTY_PATH,
+    )
+    .map_err(errno)?;
+    Ok(copy)
 }
 
 /// Binds the directory `source` onto the directory `target` (both `O_PATH`

@@ -140,6 +140,18 @@ pub struct Observer {
     watch: Option<crate::reconcile::mountwatch::WatchGate>,
 }
 
+/// The mount-table watch closed while a pass acts; opened again on drop.
+#[must_use = "the watch opens again when this is dropped"]
+pub struct WatchPaused(Option<crate::reconcile::mountwatch::WatchGate>);
+
+impl Drop for WatchPaused {
+    fn drop(&mut self) {
+        if let Some(w) = &self.0 {
+            w.resume();
+        }
+    }
+}
+
 /// Where the [`Observer`] looks.
 pub struct ObserverConfig {
     /// The mount table.
@@ -181,18 +193,14 @@ impl Observer {
         self
     }
 
-    /// A pass is about to act: its own mounts need not wake anyone.
-    pub fn acting(&self) {
+    /// A pass is about to act: its own mounts need not wake anyone. The
+    /// watch opens again when the guard is dropped (also if the pass
+    /// panics): drop it before reading the table back.
+    pub fn acting(&self) -> WatchPaused {
         if let Some(w) = &self.watch {
             w.pause();
         }
-    }
-
-    /// The pass is done acting and reads the table next: watch again first.
-    pub fn acted(&self) {
-        if let Some(w) = &self.watch {
-            w.resume();
-        }
+        WatchPaused(self.watch.clone())
     }
 
     /// The lifetimes credentials are renewed against (SAS, token files).

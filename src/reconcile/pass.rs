@@ -215,11 +215,15 @@ impl Reconciler {
         use crate::reconcile::execute::{bind_record, home_record, volume_record};
         let unowned =
             |t: &Path| actual.mounts.top(t).is_some() && !actual.owned_mounts.contains_key(t);
-        // A home is ours if it is shared, as vfolderd leaves every home.
+        // A home is ours if it is a shared bind of itself, as vfolderd
+        // leaves every home (its mount root is the tail of its path).
         let home = |(id, k): (&String, &WantKernel)| {
             let h = k.home.as_ref()?;
-            let shared = actual.mounts.top(h).is_some_and(|m| m.shared);
-            (unowned(h) && shared).then(|| home_record(h, id))
+            let own = actual.mounts.top(h).is_some_and(|m| {
+                let rel = m.root.strip_prefix("/").unwrap_or(&m.root);
+                m.shared && !rel.as_os_str().is_empty() && h.ends_with(rel)
+            });
+            (unowned(h) && own).then(|| home_record(h, id))
         };
         let records: Vec<_> = want
             .volumes
@@ -304,9 +308,9 @@ impl Reconciler {
         let (actual, executed, followup) = if actions.is_empty() {
             (actual, Vec::new(), Changes::default())
         } else {
-            self.observer.acting();
+            let paused = self.observer.acting();
             let executed = self.execute(actions, &actual, now);
-            self.observer.acted();
+            drop(paused);
             drop(actual);
             let (actual, followup) = self.reobserve(&whole, &want, scope.as_ref(), &executed)?;
             (actual, executed.actions, followup)
