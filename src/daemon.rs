@@ -27,7 +27,7 @@ use crate::reconcile::execute::{ExecConfig, Executor};
 use crate::reconcile::observe::{Observer, ObserverConfig};
 use crate::reconcile::pass::{PassInput, PassOutcome, Reconciler, ReconcilerParts};
 use crate::reconcile::plan::NodeView;
-use crate::reconcile::probe::{run_prober, StaleMap, VolumeTargets};
+use crate::reconcile::probe::{run_prober, CapacityMap, StaleMap, VolumeTargets};
 use crate::reconcile::sys::{LinuxMounter, Mounter};
 use crate::reconcile::usagescan::{run_usage_scanner, UsageBoard};
 use crate::state::brake::ClusterFile;
@@ -435,6 +435,7 @@ struct Background {
     /// Closes the mount-table watch while a pass mounts.
     mount_gate: crate::reconcile::mountwatch::WatchGate,
     stale: StaleMap,
+    capacity: CapacityMap,
     volume_targets: VolumeTargets,
     usage: Arc<UsageBoard>,
     _tasks: Vec<AbortOnDrop<()>>,
@@ -446,6 +447,7 @@ impl Background {
         let (mount_gate, gate_rx) =
             crate::reconcile::mountwatch::WatchGate::new(&deps.mountinfo_path);
         let stale: StaleMap = Arc::default();
+        let capacity: CapacityMap = Arc::default();
         let volume_targets: VolumeTargets = Arc::default();
         let usage: Arc<UsageBoard> = Arc::default();
         let tasks = vec![
@@ -453,12 +455,13 @@ impl Background {
             Self::credentials_watch(s),
             Self::policy_watch(s),
             Self::mount_watch(deps, mounts_changed.clone(), gate_rx),
-            Self::prober(s, &volume_targets, &stale),
+            Self::prober(s, &volume_targets, (&stale, &capacity)),
         ];
         Self {
             mounts_changed,
             mount_gate,
             stale,
+            capacity,
             volume_targets,
             usage,
             _tasks: tasks,
@@ -507,12 +510,18 @@ impl Background {
         }))
     }
 
-    fn prober(s: &Shared<'_>, targets: &VolumeTargets, stale: &StaleMap) -> AbortOnDrop<()> {
-        let (cache, targets, stale) = (s.cache.clone(), targets.clone(), stale.clone());
+    fn prober(
+        s: &Shared<'_>,
+        targets: &VolumeTargets,
+        found: (&StaleMap, &CapacityMap),
+    ) -> AbortOnDrop<()> {
+        let (cache, targets) = (s.cache.clone(), targets.clone());
+        let (stale, capacity) = (found.0.clone(), found.1.clone());
         let (interval, timeout) = (s.cfg.probe_interval, s.cfg.probe_timeout);
         supervised("prober", s.health.clone(), s.metrics.clone(), move || {
-            let (cache, targets, stale) = (cache.clone(), targets.clone(), stale.clone());
-            async move { run_prober(targets, interval, timeout, stale, || cache.touch()).await }
+            let (cache, targets) = (cache.clone(), targets.clone());
+            let found = (stale.clone(), capacity.clone());
+            async move { run_prober(targets, interval, timeout, found, || cache.touch()).await }
         })
     }
 }
@@ -536,6 +545,7 @@ fn reconciler(
         mountinfo: deps.mountinfo.clone(),
         mountinfo_path: deps.mountinfo_path.clone(),
         stale: tasks.stale.clone(),
+        capacity: tasks.capacity.clone(),
         credentials_dir: cfg.credentials.clone(),
         sas_lifetime: cfg.sas_lifetime,
         token_lifetime: cfg.token_lifetime,

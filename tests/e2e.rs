@@ -786,6 +786,66 @@ async fn seed_cifs_volumes_mount_through_the_helper_with_the_password_only_in_a_
     .await;
 }
 
+/// Issue 14 item 3 (capacity): a mounted volume's status says how big it is
+/// and what is left, measured by the prober off the loop, and follows what
+/// a user writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mounted_volume_reports_its_capacity_and_free_bytes() {
+    require_private_mount_namespace();
+    within(60, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(
+            &etcd,
+            "n1",
+            NodeOpts {
+                extra_config: "probe_interval: 200ms\n",
+                ..Default::default()
+            },
+        );
+        etcd.put(
+            &format!("{P}/volumes/shard1"),
+            "mount: {at: requested, fstype: tmpfs, path: t, options: 'size=16m'}\n",
+        )
+        .await;
+        let vf = uuid::Uuid::new_v4();
+        etcd.put(
+            &format!("{P}/vfolders/{vf}"),
+            "{name: mine, owner: alice, volume: shard1}\n",
+        )
+        .await;
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {vf}}}]\n"),
+        )
+        .await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        const MIB: u64 = 1 << 20;
+        let st = etcd
+            .wait_for(&node.volume_status("shard1"), "capacity reported", |v| {
+                v.get("capacity_bytes").is_some()
+            })
+            .await;
+        assert_eq!(st["capacity_bytes"], 16 * MIB, "{st}");
+        assert!(st["free_bytes"].as_u64().unwrap() > 15 * MIB, "{st}");
+
+        std::fs::write(
+            node.home("k1").join("mine/big"),
+            vec![7u8; 4 * MIB as usize],
+        )
+        .unwrap();
+        let st = etcd
+            .wait_for(
+                &node.volume_status("shard1"),
+                "free bytes follow the write",
+                |v| v["free_bytes"].as_u64().is_some_and(|f| f <= 12 * MIB),
+            )
+            .await;
+        assert_eq!(st["capacity_bytes"], 16 * MIB, "{st}");
+        assert_eq!(st["state"], "Mounted");
+    })
+    .await;
+}
+
 /// Issue 13 item 4: a cifs volume's cache and size options change on the
 /// live mount (`mount -o remount,...` with every option of the first mount,
 /// the same mount and binds after); a change cifs cannot make live waits

@@ -125,6 +125,8 @@ pub struct Observer {
     cache: Option<MountCache>,
     /// Stale volume mounts, as the prober last saw them.
     stale: StaleMap,
+    /// Volume capacities, as the prober last saw them.
+    capacity: crate::reconcile::probe::CapacityMap,
     /// Node-local secrets (a rotated file makes its mounts due for renewal).
     credentials_dir: PathBuf,
     /// Lifetime of blob mount SASes (renewed in their last third).
@@ -160,6 +162,8 @@ pub struct ObserverConfig {
     pub mountinfo_path: PathBuf,
     /// The prober's findings.
     pub stale: StaleMap,
+    /// The prober's capacity readings.
+    pub capacity: crate::reconcile::probe::CapacityMap,
     /// Node-local secrets.
     pub credentials_dir: PathBuf,
     /// Lifetime of blob mount SASes.
@@ -178,6 +182,7 @@ impl Observer {
             mountinfo_path: c.mountinfo_path,
             cache: None,
             stale: c.stale,
+            capacity: c.capacity,
             credentials_dir: c.credentials_dir,
             sas_lifetime: c.sas_lifetime,
             token_lifetime: c.token_lifetime,
@@ -265,7 +270,12 @@ impl Observer {
             &self.stale.lock().unwrap_or_else(|p| p.into_inner()),
             &mounts,
         );
+        let capacity = crate::reconcile::probe::current_capacity(
+            &self.capacity.lock().unwrap_or_else(|p| p.into_inner()),
+            &mounts,
+        );
         let whole = Actual {
+            capacity,
             mounts,
             owned_mounts: ledger.mounts()?,
             owned_dirs: ledger.dirs()?,

@@ -67,6 +67,8 @@ pub struct Actual {
     pub dirs: HashSet<PathBuf>,
     /// Volume mount points the prober found stale, with the reason.
     pub stale: BTreeMap<PathBuf, String>,
+    /// Volume mount points with their capacity, as the prober last saw them.
+    pub capacity: BTreeMap<PathBuf, crate::reconcile::probe::Capacity>,
     /// Blob volume mount points whose SAS is in its last third: remounted
     /// with a fresh one as soon as no kernel uses them.
     pub renew: BTreeSet<PathBuf>,

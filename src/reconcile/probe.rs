@@ -24,7 +24,7 @@ pub enum Health {
 }
 
 /// Classifies a `statfs` result.
-pub fn classify(result: Result<(), Errno>) -> Health {
+pub fn classify<T>(result: Result<T, Errno>) -> Health {
     match result {
         Err(e) if STALE_ERRNOS.contains(&e) => Health::Stale(format!("stale mount: {e}")),
         _ => Health::Ok,
@@ -38,13 +38,25 @@ pub type VolumeTargets = Arc<Mutex<Vec<(PathBuf, u32)>>>;
 /// Volume mount points currently seen stale, with the reason.
 pub type StaleMap = Arc<Mutex<BTreeMap<PathBuf, (u32, String)>>>;
 
+/// What a volume holds and has left, as its last probe's `statfs` said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    /// Size of the filesystem.
+    pub capacity_bytes: u64,
+    /// What an unprivileged user can still write (`f_bavail`).
+    pub free_bytes: u64,
+}
+
+/// Volume mount points with their capacity, keyed by the mount probed.
+pub type CapacityMap = Arc<Mutex<BTreeMap<PathBuf, (u32, Capacity)>>>;
+
 /// Probes every owned volume mount each `interval`, updating `stale` and
 /// calling `on_change` whenever the set changes.
 pub async fn run_prober(
     targets: VolumeTargets,
     interval: Duration,
     timeout: Duration,
-    stale: StaleMap,
+    (stale, capacity): (StaleMap, CapacityMap),
     on_change: impl Fn(),
 ) {
     let in_flight: Arc<Mutex<BTreeSet<PathBuf>>> = Arc::default();
@@ -62,11 +74,12 @@ pub async fn run_prober(
             .await
             .unwrap_or_default()
         };
+        store_capacity(&capacity, &results);
         let mut map = stale.lock().expect("stale lock");
         let before = map.clone();
         map.retain(|t, _| results.iter().any(|(r, _, _)| r == t));
-        for (t, id, h) in results {
-            match h {
+        for (t, id, p) in results {
+            match p.map(|(h, _)| h) {
                 // Keyed by the mount probed: a verdict that returns after a
                 // heal is about the old mount and never marks the new one.
                 Some(Health::Stale(why)) => {
@@ -88,29 +101,72 @@ pub async fn run_prober(
     }
 }
 
+/// Keeps each probed mount's capacity (a stuck probe keeps the last).
+fn store_capacity(capacity: &CapacityMap, results: &[(PathBuf, u32, Option<Probed>)]) {
+    let mut map = capacity.lock().unwrap_or_else(|p| p.into_inner());
+    map.retain(|t, _| results.iter().any(|(r, _, _)| r == t));
+    for (t, id, p) in results {
+        match p {
+            Some((_, Some(c))) => {
+                map.insert(t.clone(), (*id, *c));
+            }
+            Some((_, None)) => {
+                map.remove(t);
+            }
+            None => {}
+        }
+    }
+}
+
+/// A probe's verdict, and the capacity if `statfs` answered.
+pub type Probed = (Health, Option<Capacity>);
+
 /// One probe of `target`: `statfs` on a thread, waited for at most `timeout`.
 /// `None` when an earlier probe of it is still stuck.
 pub fn probe(
     target: &Path,
     timeout: Duration,
     in_flight: &Arc<Mutex<BTreeSet<PathBuf>>>,
-) -> Option<Health> {
+) -> Option<Probed> {
     if !in_flight.lock().expect("lock").insert(target.to_path_buf()) {
         return None;
     }
     let (tx, rx) = mpsc::channel();
     let (t, flight) = (target.to_path_buf(), in_flight.clone());
     std::thread::spawn(move || {
-        let r = nix::sys::statfs::statfs(&t).map(drop);
+        // fsblkcnt_t is 32 bits on some targets: the casts are not idle there.
+        #[allow(clippy::unnecessary_cast)]
+        let r = nix::sys::statfs::statfs(&t).map(|st| {
+            let size = st.block_size() as u64;
+            Capacity {
+                capacity_bytes: st.blocks() as u64 * size,
+                free_bytes: st.blocks_available() as u64 * size,
+            }
+        });
         flight.lock().expect("lock").remove(&t);
         let _ = tx.send(r);
     });
     Some(match rx.recv_timeout(timeout) {
-        Ok(r) => classify(r),
-        Err(_) => Health::Stale(format!(
-            "stale mount: no answer to statfs within {timeout:?}"
-        )),
+        Ok(r) => (classify(r), r.ok()),
+        Err(_) => (
+            Health::Stale(format!(
+                "stale mount: no answer to statfs within {timeout:?}"
+            )),
+            None,
+        ),
     })
+}
+
+/// The capacities that are about the mounts in `table` now.
+pub fn current_capacity(
+    measured: &BTreeMap<PathBuf, (u32, Capacity)>,
+    table: &crate::reconcile::actual::MountTable,
+) -> BTreeMap<PathBuf, Capacity> {
+    measured
+        .iter()
+        .filter(|(t, (id, _))| table.top(t).is_some_and(|m| m.id == *id))
+        .map(|(t, (_, c))| (t.clone(), *c))
+        .collect()
 }
 
 /// The verdicts that are about the mounts in `table` now: a verdict about a
@@ -133,9 +189,9 @@ mod tests {
     #[test]
     fn corrupted_mount_errnos_are_stale_others_are_not() {
         for e in STALE_ERRNOS {
-            assert!(matches!(classify(Err(e)), Health::Stale(_)), "{e}");
+            assert!(matches!(classify::<()>(Err(e)), Health::Stale(_)), "{e}");
         }
-        assert_eq!(classify(Err(Errno::ENOENT)), Health::Ok);
+        assert_eq!(classify::<()>(Err(Errno::ENOENT)), Health::Ok);
         assert_eq!(classify(Ok(())), Health::Ok);
     }
 
@@ -164,9 +220,12 @@ mod tests {
     #[test]
     fn probe_of_a_live_directory_is_ok() {
         let t = tempfile::tempdir().unwrap();
-        assert_eq!(
-            probe(t.path(), Duration::from_secs(5), &Arc::default()),
-            Some(Health::Ok)
+        let (health, capacity) = probe(t.path(), Duration::from_secs(5), &Arc::default()).unwrap();
+        assert_eq!(health, Health::Ok);
+        let c = capacity.expect("statfs answered");
+        assert!(
+            c.capacity_bytes > 0 && c.free_bytes <= c.capacity_bytes,
+            "{c:?}"
         );
     }
 }

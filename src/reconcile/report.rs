@@ -122,6 +122,13 @@ pub struct VolumeStatus {
     /// uses it, or not applied (a tmpfs change that would lose the data).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub change: Option<String>,
+    /// Size of a mounted volume's filesystem (`statfs`, by the prober, off
+    /// the loop: as of its last probe before this pass).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capacity_bytes: Option<u64>,
+    /// What an unprivileged user can still write there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub free_bytes: Option<u64>,
 }
 
 /// One mount (or token file) of a kernel, as its status lists it.
@@ -343,6 +350,25 @@ fn volume_status(
     actual: &Actual,
     summary: &mut Summary,
 ) -> VolumeStatus {
+    let mut s = volume_state(inp, name, e, want, actual, summary);
+    let target = want.volumes.get(name).map(|v| &v.target);
+    if s.state == VolumeState::Mounted {
+        if let Some(c) = target.and_then(|t| actual.capacity.get(t)) {
+            s.capacity_bytes = Some(c.capacity_bytes);
+            s.free_bytes = Some(c.free_bytes);
+        }
+    }
+    s
+}
+
+fn volume_state(
+    inp: &ReportInputs<'_>,
+    name: &String,
+    e: &crate::state::desired::Entry<crate::spec::VolumeSpec>,
+    want: &Want,
+    actual: &Actual,
+    summary: &mut Summary,
+) -> VolumeStatus {
     let users = want.users.get(name).map_or(0, |u| u.len());
     let status = |state, error: Option<String>| VolumeStatus {
         state,
@@ -351,6 +377,8 @@ fn volume_status(
         kept: None,
         renewal: None,
         change: None,
+        capacity_bytes: None,
+        free_bytes: None,
     };
     let owned_volume = || {
         actual

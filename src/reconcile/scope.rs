@@ -107,6 +107,7 @@ pub fn actual_of_kernels(actual: &Actual, kernels: &BTreeSet<String>) -> Actual 
         ),
         dirs: HashSet::new(),
         stale: actual.stale.clone(),
+        capacity: actual.capacity.clone(),
         renew: actual.renew.clone(),
         owned_tokens: std::sync::Arc::new(
             actual
