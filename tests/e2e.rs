@@ -846,6 +846,57 @@ async fn a_mounted_volume_reports_its_capacity_and_free_bytes() {
     .await;
 }
 
+/// Issue 14 item 3 (quotas): `quota_bytes` was parsed and ignored. A
+/// vfolder whose scan finds more than its quota is `OverQuota` (saying by
+/// how much), and `Ready` again once its user deletes enough.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vfolder_over_its_quota_says_so_and_recovers() {
+    require_private_mount_namespace();
+    within(60, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(&etcd, "n1", NodeOpts::default());
+        etcd.put(
+            &format!("{P}/volumes/shard1"),
+            "mount: {at: requested, fstype: tmpfs, path: t, options: 'size=16m'}\n",
+        )
+        .await;
+        let vf = uuid::Uuid::new_v4();
+        etcd.put(
+            &format!("{P}/vfolders/{vf}"),
+            "{name: mine, owner: alice, volume: shard1, quota_bytes: 1048576}\n",
+        )
+        .await;
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {vf}}}]\n"),
+        )
+        .await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let key = format!("{P}/status/vfolders/{vf}");
+        let st = etcd.wait_state(&key, "Ready").await;
+        assert_eq!(st["quota_bytes"], 1048576, "{st}");
+
+        let big = node.home("k1").join("mine/big");
+        std::fs::write(&big, vec![7u8; 2 << 20]).unwrap();
+        let st = etcd.wait_state(&key, "OverQuota").await;
+        assert_eq!(st["bytes"], 2 << 20, "{st}");
+        assert!(
+            st["error"]
+                .as_str()
+                .unwrap()
+                .contains("over its quota of 1048576"),
+            "{st}"
+        );
+        let k = etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        assert!(k["error"].is_null(), "the kernel keeps its folder: {k}");
+
+        std::fs::remove_file(&big).unwrap();
+        let st = etcd.wait_state(&key, "Ready").await;
+        assert!(st["error"].is_null(), "{st}");
+    })
+    .await;
+}
+
 /// Issue 13 item 4: a cifs volume's cache and size options change on the
 /// live mount (`mount -o remount,...` with every option of the first mount,
 /// the same mount and binds after); a change cifs cannot make live waits

@@ -94,6 +94,9 @@ impl KernelState {
 pub enum VfolderState {
     /// Its directory exists on its volume.
     Ready,
+    /// Ready, but its last scan found more bytes than its `quota_bytes`
+    /// (not enforced: writes still succeed).
+    OverQuota,
     /// Its directory is being created, or its volume is not mounted here.
     Pending,
     /// Its directory could not be created.
@@ -172,6 +175,9 @@ pub struct VfolderStatus {
     /// Bytes in it, as last scanned.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes: Option<u64>,
+    /// Its record's quota.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota_bytes: Option<u64>,
     /// When it was scanned (`null` for a Ready vfolder not scanned yet).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scanned_at: Option<Option<String>>,
@@ -305,7 +311,10 @@ pub fn report(inp: &ReportInputs<'_>, d: &Desired, want: &Want, actual: &Actual)
             let status = vfolder_status(inp, id, e, want, actual);
             // A directory still to make (or that failed) is not converged; a
             // volume not mounted here is another node's business.
-            let settled = matches!(status.state, VfolderState::Ready | VfolderState::Rejected);
+            let settled = matches!(
+                status.state,
+                VfolderState::Ready | VfolderState::OverQuota | VfolderState::Rejected
+            );
             if !settled && status.path.is_some() {
                 r.summary.converged = false;
             }
@@ -529,6 +538,7 @@ fn vfolder_status(
         path: path.cloned(),
         files: None,
         bytes: None,
+        quota_bytes: None,
         scanned_at: None,
         error,
         node: node.clone(),
@@ -540,11 +550,20 @@ fn vfolder_status(
     match want.vfolder_dirs.get(id) {
         Some((_, path)) if actual.dirs.contains(path) => {
             let u = inp.usage.get(id);
+            let bytes = u.map_or(0, |u| u.bytes);
+            let (state, error) = match vf.quota_bytes {
+                Some(q) if bytes > q => (
+                    VfolderState::OverQuota,
+                    Some(format!("{bytes} bytes, over its quota of {q}")),
+                ),
+                _ => (VfolderState::Ready, None),
+            };
             VfolderStatus {
                 files: Some(u.map_or(0, |u| u.files)),
-                bytes: Some(u.map_or(0, |u| u.bytes)),
+                bytes: Some(bytes),
+                quota_bytes: vf.quota_bytes,
                 scanned_at: Some(u.map(|u| u.scanned_at.clone())),
-                ..status(VfolderState::Ready, Some(path), None)
+                ..status(state, Some(path), error)
             }
         }
         Some((_, path)) => match inp.dir_failures.get(path) {
