@@ -65,13 +65,78 @@ pub async fn apply(cfg: &NodeConfig, file: &Path) -> Result<Vec<String>, CliErro
     Ok(names)
 }
 
-/// `vfolderd vfolder create`: writes a record with a fresh uuid v4 and returns it.
+/// What `vfolderd vfolder create` is asked for.
+#[derive(Debug, Clone)]
+pub struct NewVfolder {
+    /// Its volume; `None`: the requested volume with the most free space.
+    pub volume: Option<String>,
+    /// Its name.
+    pub name: String,
+    /// Its owner.
+    pub owner: String,
+    /// ro or rw.
+    pub permission: Permission,
+    /// Its quota (reported as `OverQuota` when exceeded).
+    pub quota_bytes: Option<u64>,
+}
+
+/// `vfolderd vfolder create`: writes a record with a fresh uuid v4 and
+/// returns it, and the volume it was placed on.
 pub async fn vfolder_create(
     cfg: &NodeConfig,
+    new: &NewVfolder,
+) -> Result<(Uuid, String), CliError> {
+    let keys = Keys::new(&cfg.etcd.prefix, &cfg.node);
+    let mut client = connect(cfg).await?;
+    let volume = match &new.volume {
+        Some(v) => v.clone(),
+        None => place(&mut client, &keys).await?,
+    };
+    let id = put_vfolder(&mut client, &keys, new, &volume).await?;
+    Ok((id, volume))
+}
+
+/// The volume a vfolder goes to when none is named: of the `at: requested`
+/// volumes, the one a storage node reports `Mounted` with the most free
+/// bytes (a volume the policy refuses is `Rejected` there, never `Mounted`).
+async fn place(client: &mut Client, keys: &Keys) -> Result<String, CliError> {
+    let prefix = Some(GetOptions::new().with_prefix());
+    let specs = client.get(keys.volumes_prefix(), prefix.clone()).await?;
+    let requested: std::collections::BTreeSet<String> = specs
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            let name = kv.key_str().ok()?.strip_prefix(&keys.volumes_prefix())?;
+            let v: serde_yaml::Value = serde_yaml::from_slice(kv.value()).ok()?;
+            (v["mount"]["at"].as_str() == Some("requested")).then(|| name.to_string())
+        })
+        .collect();
+    let statuses = format!("{}/status/nodes/", keys.prefix);
+    let status = client.get(statuses.as_str(), prefix).await?;
+    let free = status.kvs().iter().filter_map(|kv| {
+        let (_, volume) = kv.key_str().ok()?.rsplit_once("/volumes/")?;
+        let v: serde_json::Value = serde_json::from_slice(kv.value()).ok()?;
+        let mounted = v["state"].as_str() == Some("Mounted");
+        let free = v["free_bytes"].as_u64().filter(|_| mounted)?;
+        requested
+            .contains(volume)
+            .then(|| (free, volume.to_string()))
+    });
+    // Most free first; of equals, the first name.
+    free.max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)))
+        .map(|(_, v)| v)
+        .ok_or_else(|| {
+            CliError::Invalid(
+                "no requested volume is reported Mounted with its free space: name one with --volume".into(),
+            )
+        })
+}
+
+async fn put_vfolder(
+    client: &mut Client,
+    keys: &Keys,
+    new: &NewVfolder,
     volume: &str,
-    name: &str,
-    owner: &str,
-    permission: Permission,
 ) -> Result<Uuid, CliError> {
     if !is_valid_object_name(volume) {
         return Err(CliError::Invalid(format!(
@@ -79,18 +144,16 @@ pub async fn vfolder_create(
         )));
     }
     let spec = VfolderSpec {
-        name: name.to_string(),
-        owner: owner.to_string(),
+        name: new.name.clone(),
+        owner: new.owner.clone(),
         volume: volume.to_string(),
-        permission,
-        quota_bytes: None,
+        permission: new.permission,
+        quota_bytes: new.quota_bytes,
     };
     let body = serde_yaml::to_string(&spec).expect("yaml");
     parse_vfolder(body.as_bytes()).map_err(CliError::Invalid)?;
-    let keys = Keys::new(&cfg.etcd.prefix, &cfg.node);
     let id = Uuid::new_v4();
-    connect(cfg)
-        .await?
+    client
         .put(format!("{}{id}", keys.vfolders_prefix()), body, None)
         .await?;
     Ok(id)

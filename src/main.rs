@@ -130,9 +130,10 @@ enum VfolderCmd {
         /// Node config file.
         #[arg(long)]
         config: PathBuf,
-        /// The volume it lives on.
+        /// The volume it lives on; without it, the `at: requested` volume a
+        /// storage node reports Mounted with the most free space.
         #[arg(long)]
-        volume: String,
+        volume: Option<String>,
         /// Its name.
         #[arg(long)]
         name: String,
@@ -142,6 +143,9 @@ enum VfolderCmd {
         /// ro or rw.
         #[arg(long, default_value = "rw", value_parser = parse_permission)]
         permission: Permission,
+        /// Its quota in bytes (the status says OverQuota past it).
+        #[arg(long)]
+        quota_bytes: Option<u64>,
     },
 }
 
@@ -191,11 +195,20 @@ async fn main() -> anyhow::Result<()> {
                     name,
                     owner,
                     permission,
+                    quota_bytes,
                 },
         } => {
-            let id =
-                vfolderd::cli::vfolder_create(&load(&config)?, &volume, &name, &owner, permission)
-                    .await?;
+            let new = vfolderd::cli::NewVfolder {
+                volume: volume.clone(),
+                name,
+                owner,
+                permission,
+                quota_bytes,
+            };
+            let (id, placed) = vfolderd::cli::vfolder_create(&load(&config)?, &new).await?;
+            if volume.is_none() {
+                eprintln!("placed on volume {placed}");
+            }
             println!("{id}");
         }
         Cmd::Drain { config, force } => {

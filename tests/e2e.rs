@@ -846,6 +846,98 @@ async fn a_mounted_volume_reports_its_capacity_and_free_bytes() {
     .await;
 }
 
+/// Issue 14 item 3 (placement): `vfolder create` needed `--volume`. Without
+/// it the record goes to the requested volume a storage node reports
+/// Mounted with the most free space, and a fuller volume loses that place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vfolder_create_without_a_volume_places_it_where_most_space_is_free() {
+    require_private_mount_namespace();
+    within(60, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(
+            &etcd,
+            "n1",
+            NodeOpts {
+                extra_config: "probe_interval: 200ms\n",
+                ..Default::default()
+            },
+        );
+        let tmpfs = |size: &str| {
+            format!("mount: {{at: requested, fstype: tmpfs, path: t, options: 'size={size}'}}\n")
+        };
+        etcd.put(&format!("{P}/volumes/small"), &tmpfs("16m")).await;
+        etcd.put(&format!("{P}/volumes/large"), &tmpfs("32m")).await;
+        // A startup dataset with more room is not a place for vfolders.
+        let dataset = node.dir.path().join("dataset");
+        std::fs::create_dir_all(&dataset).unwrap();
+        etcd.put(
+            &format!("{P}/volumes/dataset"),
+            &format!(
+                "mount: {{at: startup, fstype: bind, path: '{}'}}\n",
+                dataset.display()
+            ),
+        )
+        .await;
+        for v in ["small", "large"] {
+            etcd.wait_for(&node.volume_status(v), "capacity reported", |s| {
+                s.get("free_bytes").is_some()
+            })
+            .await;
+        }
+        let create = |name: &str| {
+            let out = node.cli_output(&[
+                "vfolder",
+                "create",
+                "--name",
+                name,
+                "--owner",
+                "alice",
+                "--quota-bytes",
+                "4096",
+            ]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        let record = |id: &str| {
+            let key = format!("{P}/vfolders/{id}");
+            let etcd = &etcd;
+            async move {
+                let (_, v) = etcd
+                    .dump(&key)
+                    .await
+                    .into_iter()
+                    .find(|(k, _)| *k == key)
+                    .expect("record written");
+                serde_yaml::from_str::<serde_yaml::Value>(&v).unwrap()
+            }
+        };
+        let first = create("one");
+        let r = record(&first).await;
+        assert_eq!(r["volume"].as_str(), Some("large"), "{r:?}");
+        assert_eq!(r["quota_bytes"].as_u64(), Some(4096), "{r:?}");
+
+        // Fill the large volume past the small one's free space.
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {first}}}]\n"),
+        )
+        .await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        std::fs::write(node.home("k1").join("one/fill"), vec![1u8; 24 << 20]).unwrap();
+        etcd.wait_for(&node.volume_status("large"), "the fill seen", |s| {
+            s["free_bytes"].as_u64().is_some_and(|f| f < 10 << 20)
+        })
+        .await;
+        let second = create("two");
+        assert_eq!(record(&second).await["volume"].as_str(), Some("small"));
+    })
+    .await;
+}
+
 /// Issue 14 item 3 (quotas): `quota_bytes` was parsed and ignored. A
 /// vfolder whose scan finds more than its quota is `OverQuota` (saying by
 /// how much), and `Ready` again once its user deletes enough.
