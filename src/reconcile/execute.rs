@@ -664,12 +664,14 @@ impl Executor {
         };
         let bound = match self.mounter.bind_atomic(source, target.as_fd(), shared) {
             Ok(()) => return Ok(true),
-            Err(Errno::ENOSYS) => match self.bind_home_old_way(home, target.as_fd()) {
-                // A bind without nosuid,nodev that could not be undone: the
-                // record stays (the mount is ours, and goes with its kernel).
-                Err((errno, true)) => return Err(failed(errno)),
-                r => r.map_err(|(errno, _)| errno),
-            },
+            Err(Errno::ENOSYS) => {
+                match self.bind_old_way(target.as_fd(), target.as_fd(), home, MsFlags::empty()) {
+                    // A bind without nosuid,nodev that could not be undone: the
+                    // record stays (the mount is ours, and goes with its kernel).
+                    Err((errno, true)) => return Err(failed(errno)),
+                    r => r.map_err(|(errno, _)| errno),
+                }
+            }
             Err(errno) => Err(errno),
         };
         if let Err(errno) = bound {
@@ -715,21 +717,31 @@ impl Executor {
         }
     }
 
-    /// `MS_BIND` of `home` onto itself, then a remount for nosuid,nodev
-    /// (kernels before 5.12); undone if the remount fails. The error says
-    /// whether the bind is still there (the undo failed too).
-    fn bind_home_old_way(&self, home: &Path, fd: BorrowedFd<'_>) -> Result<(), (Errno, bool)> {
+    /// The bind the old way (kernels before 5.12): `MS_BIND` of `source`
+    /// onto `target` (ignoring every other flag, mount(2) "Creating a bind
+    /// mount"), then `MS_REMOUNT|MS_BIND` with nosuid, nodev and `extra` on
+    /// `path` opened again (it now resolves to the bind's root); undone if
+    /// the remount fails. The error says whether the bind is still there
+    /// (the undo failed too).
+    fn bind_old_way(
+        &self,
+        source: BorrowedFd<'_>,
+        target: BorrowedFd<'_>,
+        path: &Path,
+        extra: MsFlags,
+    ) -> Result<(), (Errno, bool)> {
         self.mounter
             .mount(
-                Some(&fd_path(fd)),
-                &fd_path(fd),
+                Some(&fd_path(source)),
+                &fd_path(target),
                 None,
                 MsFlags::MS_BIND,
                 None,
             )
             .map_err(|errno| (errno, false))?;
-        let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-        let remounted = open_dir(&self.cfg.kernels_root, home, None)
+        let flags =
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | extra;
+        let remounted = open_dir(&self.cfg.kernels_root, path, None)
             .map_err(|_| Errno::ENOENT)
             .and_then(|(again, _)| {
                 self.mounter
@@ -737,7 +749,7 @@ impl Executor {
             });
         if let Err(errno) = remounted {
             // Never leave a mount without nosuid,nodev (invariant 6).
-            let undone = self.mounter.umount2(home, MntFlags::UMOUNT_NOFOLLOW);
+            let undone = self.mounter.umount2(path, MntFlags::UMOUNT_NOFOLLOW);
             return Err((errno, undone.is_err()));
         }
         Ok(())
@@ -1338,34 +1350,26 @@ impl Executor {
                 });
             }
         }
-        // MS_BIND ignores every other flag, so the bind is made first and its
-        // per-mount flags set by a second MS_REMOUNT|MS_BIND call (mount(2),
-        // "Creating a bind mount" / "Remounting an existing mount").
-        if let Err(errno) = self.mounter.mount(
-            Some(&fd_path(&src)),
-            &fd_path(&tgt),
-            None,
-            MsFlags::MS_BIND,
-            None,
-        ) {
-            self.ledger.remove_mount(&b.target)?;
-            return Err(ExecError::MountFailed {
+        let ro = if b.readonly {
+            MsFlags::MS_RDONLY
+        } else {
+            MsFlags::empty()
+        };
+        match self.bind_old_way(src.as_fd(), tgt.as_fd(), &b.target, ro) {
+            Ok(()) => Ok(()),
+            // Still bound (the undo failed): the record stays with it.
+            Err((errno, true)) => Err(ExecError::MountFailed {
                 target: b.target.clone(),
                 errno,
-            });
-        }
-        if let Err(e) = self.remount_bind(b) {
-            // Never leave a bind without nosuid,nodev (invariant 6): undo it.
-            if self
-                .mounter
-                .umount2(&b.target, MntFlags::UMOUNT_NOFOLLOW)
-                .is_ok()
-            {
+            }),
+            Err((errno, false)) => {
                 self.ledger.remove_mount(&b.target)?;
+                Err(ExecError::MountFailed {
+                    target: b.target.clone(),
+                    errno,
+                })
             }
-            return Err(e);
         }
-        Ok(())
     }
 
     fn remount_bind(&self, b: &WantBind) -> Result<(), ExecError> {
