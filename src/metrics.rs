@@ -28,6 +28,9 @@ pub struct Metrics {
     /// `vfolderd_kernel_passes_total`: passes that looked at only the
     /// kernels named by events (the rest are whole-node passes).
     pub kernel_passes: IntCounter,
+    /// `vfolderd_whole_passes_total`: passes that looked at the whole node
+    /// (a round of `passes` may hold several passes of either kind).
+    pub whole_passes: IntCounter,
     /// `vfolderd_actions_total{kind,result}`: executed actions.
     pub actions: IntCounterVec,
     /// `vfolderd_owned_mounts{kind}`: mounts in the ledger.
@@ -71,6 +74,11 @@ impl Metrics {
         let kernel_passes = IntCounter::new(
             "vfolderd_kernel_passes_total",
             "Reconcile passes that looked only at the kernels events named",
+        )
+        .expect("metric");
+        let whole_passes = IntCounter::new(
+            "vfolderd_whole_passes_total",
+            "Reconcile passes that looked at the whole node",
         )
         .expect("metric");
         let pass_duration = Histogram::with_opts(
@@ -161,6 +169,7 @@ impl Metrics {
             Box::new(passes.clone()),
             Box::new(pass_duration.clone()),
             Box::new(kernel_passes.clone()),
+            Box::new(whole_passes.clone()),
             Box::new(actions.clone()),
             Box::new(owned_mounts.clone()),
             Box::new(kernels.clone()),
@@ -181,6 +190,7 @@ impl Metrics {
             passes,
             pass_duration,
             kernel_passes,
+            whole_passes,
             actions,
             owned_mounts,
             kernels,
@@ -212,6 +222,8 @@ impl Metrics {
     pub fn record_pass(&self, o: &PassOutcome) {
         if o.scope.is_some() {
             self.kernel_passes.inc();
+        } else {
+            self.whole_passes.inc();
         }
         for a in &o.actions {
             let result = if a.ok { "ok" } else { "error" };
