@@ -787,6 +787,29 @@ async fn seed_cifs_volumes_mount_through_the_helper_with_the_password_only_in_a_
     .await;
 }
 
+/// Kernel k1 Ready with vfolder `mine` (record fields `extra` added) on a
+/// 16 MiB tmpfs volume `shard1`; the vfolder's uuid.
+async fn ready_on_a_16m_volume(etcd: &Etcd, node: &Node, extra: &str) -> uuid::Uuid {
+    etcd.put(
+        &format!("{P}/volumes/shard1"),
+        "mount: {at: requested, fstype: tmpfs, path: t, options: 'size=16m'}\n",
+    )
+    .await;
+    let vf = uuid::Uuid::new_v4();
+    etcd.put(
+        &format!("{P}/vfolders/{vf}"),
+        &format!("{{name: mine, owner: alice, volume: shard1{extra}}}\n"),
+    )
+    .await;
+    etcd.put(
+        &node.kernel_key("k1"),
+        &format!("mounts: [{{vfolder: {vf}}}]\n"),
+    )
+    .await;
+    etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+    vf
+}
+
 /// Issue 14 item 3 (capacity): a mounted volume's status says how big it is
 /// and what is left, measured by the prober off the loop, and follows what
 /// a user writes.
@@ -803,23 +826,7 @@ async fn a_mounted_volume_reports_its_capacity_and_free_bytes() {
                 ..Default::default()
             },
         );
-        etcd.put(
-            &format!("{P}/volumes/shard1"),
-            "mount: {at: requested, fstype: tmpfs, path: t, options: 'size=16m'}\n",
-        )
-        .await;
-        let vf = uuid::Uuid::new_v4();
-        etcd.put(
-            &format!("{P}/vfolders/{vf}"),
-            "{name: mine, owner: alice, volume: shard1}\n",
-        )
-        .await;
-        etcd.put(
-            &node.kernel_key("k1"),
-            &format!("mounts: [{{vfolder: {vf}}}]\n"),
-        )
-        .await;
-        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        ready_on_a_16m_volume(&etcd, &node, "").await;
         const MIB: u64 = 1 << 20;
         let st = etcd
             .wait_for(&node.volume_status("shard1"), "capacity reported", |v| {
@@ -948,23 +955,7 @@ async fn a_vfolder_over_its_quota_says_so_and_recovers() {
     within(60, async {
         let etcd = Etcd::start().await;
         let node = Node::start(&etcd, "n1", NodeOpts::default());
-        etcd.put(
-            &format!("{P}/volumes/shard1"),
-            "mount: {at: requested, fstype: tmpfs, path: t, options: 'size=16m'}\n",
-        )
-        .await;
-        let vf = uuid::Uuid::new_v4();
-        etcd.put(
-            &format!("{P}/vfolders/{vf}"),
-            "{name: mine, owner: alice, volume: shard1, quota_bytes: 1048576}\n",
-        )
-        .await;
-        etcd.put(
-            &node.kernel_key("k1"),
-            &format!("mounts: [{{vfolder: {vf}}}]\n"),
-        )
-        .await;
-        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let vf = ready_on_a_16m_volume(&etcd, &node, ", quota_bytes: 1048576").await;
         let key = format!("{P}/status/vfolders/{vf}");
         let st = etcd.wait_state(&key, "Ready").await;
         assert_eq!(st["quota_bytes"], 1048576, "{st}");

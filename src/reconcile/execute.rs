@@ -778,22 +778,7 @@ impl Executor {
     /// (credentials included: the kernel refuses another user or password
     /// on a live session, and takes the cache and size options).
     fn reconfigure_with_helper(&self, v: &WantVolume) -> Result<(), ExecError> {
-        let (options, temp_file) = self.helper_options(v)?;
-        let req = HelperRequest {
-            fstype: v.fstype.to_string(),
-            source: v.source.clone(),
-            target: v.target.clone(),
-            options: format!("remount,{options}"),
-            timeout: self.cfg.mount_timeout,
-        };
-        let result = self.mounter.run_helper(&req);
-        if let Some(p) = temp_file {
-            let _ = std::fs::remove_file(p);
-        }
-        result.map_err(|source| ExecError::Helper {
-            target: v.target.clone(),
-            source,
-        })
+        self.run_mount_helper(v, "remount,", &mut |_| {})
     }
 
     /// The tmpfs way: `MS_REMOUNT` with the mount's flags and the new data.
@@ -912,14 +897,6 @@ impl Executor {
     /// cifs, nfs and friends go through `mount -t`, whose argv is visible to
     /// every user in /proc: secrets move into a 0600 file first.
     fn mount_with_helper(&self, v: &WantVolume, record: &OwnedMount) -> Result<(), ExecError> {
-        let (options, temp_file) = self.helper_options(v)?;
-        let req = HelperRequest {
-            fstype: v.fstype.to_string(),
-            source: v.source.clone(),
-            target: v.target.clone(),
-            options,
-            timeout: self.cfg.mount_timeout,
-        };
         // The helper's pid goes into the ownership record (flushed) as soon
         // as it runs, so a restart during a slow mount waits for it.
         let mut spawned = |pid: u32| {
@@ -932,15 +909,34 @@ impl Executor {
                 tracing::warn!(error = %crate::error::error_chain(&e), "cannot record the mount helper's pid");
             }
         };
-        let result = self.mounter.run_helper_recorded(&req, &mut spawned);
+        self.run_mount_helper(v, "", &mut spawned)?;
+        self.wait_until_mounted(&v.target)
+    }
+
+    /// `mount -t <fstype> -o <first><options> -- source target`, its
+    /// temporary credentials file removed once it is done.
+    fn run_mount_helper(
+        &self,
+        v: &WantVolume,
+        first: &str,
+        spawned: &mut dyn FnMut(u32),
+    ) -> Result<(), ExecError> {
+        let (options, temp_file) = self.helper_options(v)?;
+        let req = HelperRequest {
+            fstype: v.fstype.to_string(),
+            source: v.source.clone(),
+            target: v.target.clone(),
+            options: format!("{first}{options}"),
+            timeout: self.cfg.mount_timeout,
+        };
+        let result = self.mounter.run_helper_recorded(&req, spawned);
         if let Some(p) = temp_file {
             let _ = std::fs::remove_file(p);
         }
         result.map_err(|source| ExecError::Helper {
             target: v.target.clone(),
             source,
-        })?;
-        self.wait_until_mounted(&v.target)
+        })
     }
 
     /// The `-o` string of a helper mount of `v` (secrets moved to a file,

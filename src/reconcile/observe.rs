@@ -266,11 +266,11 @@ impl Observer {
         mounts: Arc<MountTable>,
         scope: Option<&BTreeSet<String>>,
     ) -> Result<Actual, ObserveError> {
-        let stale = crate::reconcile::probe::current_stale(
+        let stale = crate::reconcile::probe::current(
             &self.stale.lock().unwrap_or_else(|p| p.into_inner()),
             &mounts,
         );
-        let capacity = crate::reconcile::probe::current_capacity(
+        let capacity = crate::reconcile::probe::current(
             &self.capacity.lock().unwrap_or_else(|p| p.into_inner()),
             &mounts,
         );

@@ -157,28 +157,17 @@ pub fn probe(
     })
 }
 
-/// The capacities that are about the mounts in `table` now.
-pub fn current_capacity(
-    measured: &BTreeMap<PathBuf, (u32, Capacity)>,
+/// The findings (stale verdicts, capacities) that are about the mounts in
+/// `table` now: one about a mount that has since been replaced (healed,
+/// remounted) is dropped.
+pub fn current<T: Clone>(
+    found: &BTreeMap<PathBuf, (u32, T)>,
     table: &crate::reconcile::actual::MountTable,
-) -> BTreeMap<PathBuf, Capacity> {
-    measured
+) -> BTreeMap<PathBuf, T> {
+    found
         .iter()
         .filter(|(t, (id, _))| table.top(t).is_some_and(|m| m.id == *id))
-        .map(|(t, (_, c))| (t.clone(), *c))
-        .collect()
-}
-
-/// The verdicts that are about the mounts in `table` now: a verdict about a
-/// mount that has since been replaced (healed, remounted) is dropped.
-pub fn current_stale(
-    verdicts: &BTreeMap<PathBuf, (u32, String)>,
-    table: &crate::reconcile::actual::MountTable,
-) -> BTreeMap<PathBuf, String> {
-    verdicts
-        .iter()
-        .filter(|(t, (id, _))| table.top(t).is_some_and(|m| m.id == *id))
-        .map(|(t, (_, why))| (t.clone(), why.clone()))
+        .map(|(t, (_, v))| (t.clone(), v.clone()))
         .collect()
 }
 
@@ -208,13 +197,13 @@ mod tests {
             (40, "stale mount: ENOTCONN".to_string()),
         )]);
         let old = MountTable::from_text(line(40)).unwrap();
-        assert_eq!(current_stale(&verdicts, &old).len(), 1, "about this mount");
+        assert_eq!(current(&verdicts, &old).len(), 1, "about this mount");
         let healed = MountTable::from_text(line(41)).unwrap();
         assert!(
-            current_stale(&verdicts, &healed).is_empty(),
+            current(&verdicts, &healed).is_empty(),
             "about the old mount"
         );
-        assert!(current_stale(&verdicts, &MountTable::default()).is_empty());
+        assert!(current(&verdicts, &MountTable::default()).is_empty());
     }
 
     #[test]
