@@ -149,6 +149,7 @@ async fn put_vfolder(
         volume: volume.to_string(),
         permission: new.permission,
         quota_bytes: new.quota_bytes,
+        trash: false,
     };
     let body = serde_yaml::to_string(&spec).expect("yaml");
     parse_vfolder(body.as_bytes()).map_err(CliError::Invalid)?;

@@ -100,6 +100,10 @@ pub struct NodeConfig {
     /// The gid kernels run as unless their value says.
     #[serde(default = "default_kernel_id")]
     pub kernel_gid: u32,
+    /// How long a vfolder whose record was deleted stays in its volume's
+    /// trash before it is purged (`0s`: at once).
+    #[serde(default = "default_trash_retention", with = "humantime_serde")]
+    pub trash_retention: Duration,
     /// How often each owned volume mount is probed for staleness.
     #[serde(default = "default_probe_interval", with = "humantime_serde")]
     pub probe_interval: Duration,
@@ -213,6 +217,9 @@ fn default_policies() -> PathBuf {
 }
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+fn default_trash_retention() -> Duration {
+    Duration::from_secs(168 * 3600)
 }
 fn default_resync() -> Duration {
     Duration::from_secs(30)

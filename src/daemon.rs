@@ -19,6 +19,7 @@ use tokio::time::{sleep_until, Instant};
 
 use crate::config::{NodeConfig, Role};
 use crate::keys::Keys;
+use crate::lifecycle::{run_lifecycle, LifecycleBoard};
 use crate::metrics::{Health, Metrics};
 use crate::policy::Policy;
 use crate::reconcile::actual::{MountInfoSource, ProcMountInfo};
@@ -112,7 +113,8 @@ pub async fn run(
 ) -> Result<(), DaemonError> {
     let mut shutdown = std::pin::pin!(shutdown);
     let mut shutdown: Shutdown<'_> = shutdown.as_mut();
-    let keys = Keys::new(&cfg.etcd.prefix, &cfg.node);
+    let keys =
+        Keys::new(&cfg.etcd.prefix, &cfg.node).watching_all_kernels(cfg.has_role(Role::Storage));
     let node_dirs = [&cfg.state, &cfg.roots.volumes, &cfg.roots.kernels];
     crate::state::nodefiles::secure_node(node_dirs[0], node_dirs[1], node_dirs[2])?;
     let (ledger, rebuilt) = open_ledger(&cfg).await?;
@@ -438,6 +440,7 @@ struct Background {
     capacity: CapacityMap,
     volume_targets: VolumeTargets,
     usage: Arc<UsageBoard>,
+    lifecycle: Arc<LifecycleBoard>,
     _tasks: Vec<AbortOnDrop<()>>,
 }
 
@@ -450,13 +453,17 @@ impl Background {
         let capacity: CapacityMap = Arc::default();
         let volume_targets: VolumeTargets = Arc::default();
         let usage: Arc<UsageBoard> = Arc::default();
-        let tasks = vec![
+        let lifecycle: Arc<LifecycleBoard> = Arc::default();
+        let mut tasks = vec![
             Self::usage_scanner(s, &usage),
             Self::credentials_watch(s),
             Self::policy_watch(s),
             Self::mount_watch(deps, mounts_changed.clone(), gate_rx),
             Self::prober(s, &volume_targets, (&stale, &capacity)),
         ];
+        if s.cfg.has_role(Role::Storage) {
+            tasks.push(Self::lifecycle(s, &lifecycle));
+        }
         Self {
             mounts_changed,
             mount_gate,
@@ -464,6 +471,7 @@ impl Background {
             capacity,
             volume_targets,
             usage,
+            lifecycle,
             _tasks: tasks,
         }
     }
@@ -472,6 +480,14 @@ impl Background {
         let (board, cache, period) = (board.clone(), s.cache.clone(), s.cfg.resync);
         AbortOnDrop(tokio::spawn(async move {
             run_usage_scanner(board, period, USAGE_SCAN_TIMEOUT, || cache.touch()).await
+        }))
+    }
+
+    fn lifecycle(s: &Shared<'_>, board: &Arc<LifecycleBoard>) -> AbortOnDrop<()> {
+        let (board, cache, retention) = (board.clone(), s.cache.clone(), s.cfg.trash_retention);
+        AbortOnDrop(tokio::spawn(async move {
+            let c = cache.clone();
+            run_lifecycle(board, cache, retention, move || c.touch()).await
         }))
     }
 
@@ -572,6 +588,7 @@ fn reconciler(
         status_tx,
         volume_targets: tasks.volume_targets.clone(),
         usage: tasks.usage.clone(),
+        lifecycle: tasks.lifecycle.clone(),
     })
 }
 

@@ -11,6 +11,9 @@ pub struct Keys {
     pub prefix: String,
     /// This node's name.
     pub node: String,
+    /// Watch every node's kernels, not only this node's (storage role: the
+    /// in-use guard of trash and purge reads who wants each vfolder).
+    pub all_kernels: bool,
 }
 
 /// What a desired key names.
@@ -22,6 +25,9 @@ pub enum ObjectKey {
     Vfolder(Uuid),
     /// `P/nodes/<this node>/kernels/<id>`.
     Kernel(String),
+    /// `P/nodes/<another node>/kernels/<id>` (storage role only), as
+    /// `<node>/<id>`.
+    ForeignKernel(String),
 }
 
 /// The result of classifying a key seen in a desired range.
@@ -45,7 +51,14 @@ impl Keys {
         Self {
             prefix: prefix.trim_end_matches('/').to_string(),
             node: node.to_string(),
+            all_kernels: false,
         }
+    }
+
+    /// The layout of a storage node, which watches every node's kernels.
+    pub fn watching_all_kernels(mut self, yes: bool) -> Self {
+        self.all_kernels = yes;
+        self
     }
 
     /// `P/volumes/`.
@@ -64,13 +77,19 @@ impl Keys {
     pub fn cluster(&self) -> String {
         format!("{}/cluster", self.prefix)
     }
-    /// The three ranges this node watches, as prefixes.
+    /// `P/nodes/`: every node's kernels.
+    pub fn nodes_prefix(&self) -> String {
+        format!("{}/nodes/", self.prefix)
+    }
+    /// The three ranges this node watches, as prefixes (the third covers
+    /// every node's kernels on a storage node).
     pub fn desired_prefixes(&self) -> [String; 3] {
-        [
-            self.volumes_prefix(),
-            self.vfolders_prefix(),
-            self.kernels_prefix(),
-        ]
+        let kernels = if self.all_kernels {
+            self.nodes_prefix()
+        } else {
+            self.kernels_prefix()
+        };
+        [self.volumes_prefix(), self.vfolders_prefix(), kernels]
     }
 
     /// Classifies a key from one of the desired ranges.
@@ -100,7 +119,25 @@ impl Keys {
                 ))
             };
         }
+        if self.all_kernels {
+            return self.classify_foreign(key);
+        }
         Classified::Ignored
+    }
+
+    /// Another node's kernel (`P/nodes/<node>/kernels/<id>`); anything else
+    /// under `P/nodes/` is not ours. An invalid name there is that node's
+    /// to reject, not this one's.
+    fn classify_foreign(&self, key: &str) -> Classified {
+        let Some(rest) = key.strip_prefix(&self.nodes_prefix()) else {
+            return Classified::Ignored;
+        };
+        match rest.split_once("/kernels/") {
+            Some((node, id)) if is_valid_object_name(node) && is_valid_object_name(id) => {
+                Classified::Object(ObjectKey::ForeignKernel(format!("{node}/{id}")))
+            }
+            _ => Classified::Ignored,
+        }
     }
 
     /// The desired key of an object.
@@ -109,6 +146,10 @@ impl Keys {
             ObjectKey::Volume(v) => format!("{}{v}", self.volumes_prefix()),
             ObjectKey::Vfolder(id) => format!("{}{id}", self.vfolders_prefix()),
             ObjectKey::Kernel(k) => format!("{}{k}", self.kernels_prefix()),
+            ObjectKey::ForeignKernel(nk) => match nk.split_once('/') {
+                Some((n, k)) => format!("{}{n}/kernels/{k}", self.nodes_prefix()),
+                None => format!("{}{nk}", self.nodes_prefix()),
+            },
         }
     }
 
@@ -191,6 +232,31 @@ mod tests {
             k.classify("/vfolderd/nodes/n2/kernels/k1"),
             Classified::Ignored
         );
+    }
+
+    #[test]
+    fn a_storage_node_sees_every_nodes_kernels_and_nothing_else_under_nodes() {
+        let k = keys().watching_all_kernels(true);
+        assert_eq!(k.desired_prefixes()[2], "/vfolderd/nodes/");
+        assert_eq!(
+            k.classify("/vfolderd/nodes/n1/kernels/k1"),
+            Classified::Object(ObjectKey::Kernel("k1".into()))
+        );
+        assert_eq!(
+            k.classify("/vfolderd/nodes/n2/kernels/k1"),
+            Classified::Object(ObjectKey::ForeignKernel("n2/k1".into()))
+        );
+        assert_eq!(
+            k.object_key(&ObjectKey::ForeignKernel("n2/k1".into())),
+            "/vfolderd/nodes/n2/kernels/k1"
+        );
+        for ignored in [
+            "/vfolderd/nodes/n2/other/k1",
+            "/vfolderd/nodes/n2/kernels/a b",
+            "/vfolderd/nodes/../kernels/k1",
+        ] {
+            assert_eq!(k.classify(ignored), Classified::Ignored, "{ignored}");
+        }
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod daemon;
 pub mod error;
 pub mod etcd;
 pub mod keys;
+pub mod lifecycle;
 pub mod memory;
 pub mod metrics;
 pub mod names;

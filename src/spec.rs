@@ -369,6 +369,10 @@ pub struct VfolderSpec {
     /// Optional quota, in bytes.
     #[serde(default)]
     pub quota_bytes: Option<u64>,
+    /// In the trash: its directory moves to `<volume>/.trash/<hex>` once no
+    /// kernel wants it, and back when this goes. Never purges by itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trash: bool,
 }
 
 fn rw() -> Permission {

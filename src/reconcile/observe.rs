@@ -380,9 +380,17 @@ impl Observer {
             .unwrap_or_else(|p| p.into_inner())
             .insert(key.clone());
         std::thread::spawn(move || {
+            // A vfolder directory that is missing may be in the trash
+            // (then it is moved back, not made anew).
             let found: Vec<PathBuf> = paths
                 .into_iter()
-                .filter(|p| crate::reconcile::fsops::is_dir_nofollow(p))
+                .filter_map(|p| {
+                    if crate::reconcile::fsops::is_dir_nofollow(&p) {
+                        return Some(p);
+                    }
+                    crate::lifecycle::trash_of(&p)
+                        .filter(|t| crate::reconcile::fsops::is_dir_nofollow(t))
+                })
                 .collect();
             stuck.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
             let _ = tx.send(found);

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::keys::Keys;
+use crate::lifecycle::{LifeStatus, LifecycleBoard};
 use crate::reconcile::bookkeeping::{renewal_deadline, Linger, Retries};
 use crate::reconcile::execute::{status_message, Executor, Outcome};
 use crate::reconcile::observe::{attribute, MountChanges, ObserveError, Observer};
@@ -135,6 +136,8 @@ pub struct ReconcilerParts {
     pub volume_targets: VolumeTargets,
     /// Where vfolder directories are published for the usage scanner.
     pub usage: Arc<UsageBoard>,
+    /// Where served volumes are published for the lifecycle worker.
+    pub lifecycle: Arc<LifecycleBoard>,
 }
 
 /// State carried from pass to pass (moved onto a blocking thread for each pass).
@@ -153,6 +156,10 @@ pub struct Reconciler {
     usage: Arc<UsageBoard>,
     /// The measurements the current report uses.
     usage_now: Arc<BTreeMap<Uuid, Usage>>,
+    /// Trash and purge, off the loop ([`crate::lifecycle`]).
+    lifecycle: Arc<LifecycleBoard>,
+    /// The lifecycle statuses the current report uses.
+    lifecycle_now: Arc<BTreeMap<Uuid, LifeStatus>>,
     status_tx: tokio::sync::watch::Sender<StatusEntries>,
     volume_targets: VolumeTargets,
     /// The statuses last handed to the writer.
@@ -191,6 +198,8 @@ impl Reconciler {
             dir_failures: BTreeMap::new(),
             usage: p.usage,
             usage_now: Arc::default(),
+            lifecycle: p.lifecycle,
+            lifecycle_now: Arc::default(),
             status_tx: p.status_tx,
             volume_targets: p.volume_targets,
             entries: StatusEntries::default(),
@@ -618,6 +627,18 @@ impl Reconciler {
                 .map(|(id, (_, path))| (*id, path.clone()))
                 .collect();
             self.usage.publish(dirs);
+            // Mounted and answering: a hung volume is not looked into.
+            let served = want
+                .volumes
+                .iter()
+                .filter(|(name, v)| {
+                    !actual.hung_volumes.contains(*name)
+                        && actual.owned_mounts.contains_key(&v.target)
+                        && actual.mounts.top(&v.target).is_some()
+                })
+                .map(|(name, v)| (name.clone(), v.target.clone()))
+                .collect();
+            self.lifecycle.publish(served);
         }
         if whole {
             // With the id of the mount there now, so a verdict is about it.
@@ -698,12 +719,14 @@ impl Reconciler {
 
     fn report_inputs(&mut self) -> ReportInputs<'_> {
         self.usage_now = self.usage.measured();
+        self.lifecycle_now = self.lifecycle.statuses();
         ReportInputs {
             keys: &self.keys,
             storage: self.node.storage,
             failures: &self.failures,
             dir_failures: &self.dir_failures,
             usage: &self.usage_now,
+            lifecycle: &self.lifecycle_now,
         }
     }
 

@@ -234,7 +234,8 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
     if node.storage {
         for (id, e) in &d.vfolders {
             if let Ok(vf) = &e.spec {
-                if w.volumes.contains_key(&vf.volume) {
+                // A vfolder in the trash has no live directory to make.
+                if w.volumes.contains_key(&vf.volume) && !vf.trash {
                     let path = node.volumes_root.join(&vf.volume).join(vfolder_relpath(id));
                     w.vfolder_dirs.insert(*id, (vf.volume.clone(), path));
                 }
@@ -530,6 +531,11 @@ fn vfolder_bind(
         None => return MountResolution::Pending(format!("vfolder {vid} has no record")),
         Some(Err(_)) => {
             return MountResolution::Pending(format!("vfolder {vid} record is rejected"))
+        }
+        Some(Ok(vf)) if vf.trash => {
+            // A running kernel keeps its bind (its kernel is held); a new one waits.
+            let why = format!("vfolder {vid} is in the trash (its record says trash: true)");
+            return MountResolution::Pending(why);
         }
         Some(Ok(vf)) => vf,
     };
@@ -1182,7 +1188,10 @@ impl<'a> Planner<'a> {
     fn make_vfolder_dirs(&mut self) {
         for (vol, path) in self.want.vfolder_dirs.values() {
             let v = &self.want.volumes[vol];
-            if !self.occupied(&v.target) {
+            // One in the trash is moved back (the lifecycle worker), not made anew.
+            let trashed =
+                crate::lifecycle::trash_of(path).is_some_and(|t| self.actual.dirs.contains(&t));
+            if !self.occupied(&v.target) && !trashed {
                 let o = v.owner;
                 self.mkdir(path, &v.target, Some(o.uid), Some(o.gid), None);
             }
@@ -1393,6 +1402,7 @@ mod tests {
             volume: vol.into(),
             permission: Permission::Rw,
             quota_bytes: None,
+            trash: false,
         }
     }
 

@@ -11,6 +11,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::keys::Keys;
+use crate::lifecycle::{LifeState, LifeStatus};
 use crate::reconcile::plan::{Actual, Resolution, Want};
 use crate::spec::Permission;
 use crate::state::desired::Desired;
@@ -103,6 +104,13 @@ pub enum VfolderState {
     Failed,
     /// Its record is malformed or refused.
     Rejected,
+    /// In its volume's trash (`trash: true`, or its record deleted and
+    /// its retention running).
+    Trashed,
+    /// A move to the trash or a purge waits for the kernels that want it.
+    InUse,
+    /// Being purged.
+    Purging,
 }
 
 /// `P/status/nodes/<node>/volumes/<volume>`.
@@ -181,6 +189,21 @@ pub struct VfolderStatus {
     /// When it was scanned (`null` for a Ready vfolder not scanned yet).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scanned_at: Option<Option<String>>,
+    /// The kernels (`<node>/<kernel>`) that want it (`InUse`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernels: Option<Vec<String>>,
+    /// When it went to the trash (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trashed_at: Option<String>,
+    /// When its record was deleted (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deleted_at: Option<String>,
+    /// When its purge may start (RFC 3339): `deleted_at` plus the retention.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub purge_at: Option<String>,
+    /// Files still to remove while `Purging`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files_left: Option<u64>,
     /// Why it is not Ready.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -280,6 +303,8 @@ pub struct ReportInputs<'a> {
     pub dir_failures: &'a BTreeMap<PathBuf, String>,
     /// Usage by vfolder.
     pub usage: &'a BTreeMap<Uuid, Usage>,
+    /// Trash and purge states by vfolder ([`crate::lifecycle`]).
+    pub lifecycle: &'a BTreeMap<Uuid, LifeStatus>,
 }
 
 /// Computes every status value.
@@ -311,15 +336,20 @@ pub fn report(inp: &ReportInputs<'_>, d: &Desired, want: &Want, actual: &Actual)
             let status = vfolder_status(inp, id, e, want, actual);
             // A directory still to make (or that failed) is not converged; a
             // volume not mounted here is another node's business.
-            let settled = matches!(
-                status.state,
-                VfolderState::Ready | VfolderState::OverQuota | VfolderState::Rejected
-            );
+            let settled = !matches!(status.state, VfolderState::Pending | VfolderState::Failed);
             if !settled && status.path.is_some() {
                 r.summary.converged = false;
             }
             r.statuses
                 .insert(inp.keys.vfolder_status(id), Status::Vfolder(status));
+        }
+        // Deleted records whose directories are still in the trash.
+        for (id, l) in inp.lifecycle {
+            if !d.vfolders.contains_key(id) {
+                let status = life_status(inp, l);
+                r.statuses
+                    .insert(inp.keys.vfolder_status(id), Status::Vfolder(status));
+            }
         }
     }
     for (key, reason) in &d.invalid_keys {
@@ -540,6 +570,11 @@ fn vfolder_status(
         bytes: None,
         quota_bytes: None,
         scanned_at: None,
+        kernels: None,
+        trashed_at: None,
+        deleted_at: None,
+        purge_at: None,
+        files_left: None,
         error,
         node: node.clone(),
     };
@@ -547,6 +582,16 @@ fn vfolder_status(
         Err(reason) => return status(VfolderState::Rejected, None, Some(reason.to_string())),
         Ok(vf) => vf,
     };
+    if let Some(l) = inp.lifecycle.get(id) {
+        return VfolderStatus {
+            quota_bytes: vf.quota_bytes,
+            ..life_status(inp, l)
+        };
+    }
+    if vf.trash {
+        let why = "moving to the trash".to_string();
+        return status(VfolderState::Pending, None, Some(why));
+    }
     match want.vfolder_dirs.get(id) {
         Some((_, path)) if actual.dirs.contains(path) => {
             let u = inp.usage.get(id);
@@ -566,6 +611,12 @@ fn vfolder_status(
                 ..status(state, Some(path), error)
             }
         }
+        Some((_, path))
+            if crate::lifecycle::trash_of(path).is_some_and(|t| actual.dirs.contains(&t)) =>
+        {
+            let why = "restoring from the trash".to_string();
+            status(VfolderState::Pending, Some(path), Some(why))
+        }
         Some((_, path)) => match inp.dir_failures.get(path) {
             Some(err) => status(VfolderState::Failed, Some(path), Some(err.clone())),
             None => status(
@@ -578,5 +629,41 @@ fn vfolder_status(
             let error = format!("volume {} is not mounted on this node", vf.volume);
             status(VfolderState::Pending, None, Some(error))
         }
+    }
+}
+
+/// The status of a vfolder in the trash, waiting for kernels, or being purged.
+fn life_status(inp: &ReportInputs<'_>, l: &LifeStatus) -> VfolderStatus {
+    let at = |t: Option<u64>| {
+        t.map(|s| {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(s);
+            humantime::format_rfc3339_seconds(t).to_string()
+        })
+    };
+    let (state, error) = match l.state {
+        LifeState::Trashed => (VfolderState::Trashed, None),
+        LifeState::Purging => (VfolderState::Purging, None),
+        LifeState::InUse => (
+            VfolderState::InUse,
+            Some(format!(
+                "wanted by {}: nothing moves until they let go",
+                l.kernels.join(", ")
+            )),
+        ),
+    };
+    VfolderStatus {
+        state,
+        path: Some(l.path.clone()),
+        files: None,
+        bytes: None,
+        quota_bytes: None,
+        scanned_at: None,
+        kernels: (!l.kernels.is_empty()).then(|| l.kernels.clone()),
+        trashed_at: at(l.trashed_at),
+        deleted_at: at(l.deleted_at),
+        purge_at: at(l.purge_at),
+        files_left: l.files_left,
+        error: l.error.clone().or(error),
+        node: inp.keys.node.clone(),
     }
 }

@@ -11,6 +11,7 @@ use crate::policy::Policy;
 use crate::spec::{
     parse_kernel, parse_vfolder, parse_volume, KernelSpec, Rejection, VfolderSpec, VolumeSpec,
 };
+use crate::state::inuse::{InUse, Wanted};
 
 /// One desired object: its etcd mod revision and the parsed spec, or why it was rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +52,30 @@ pub struct Desired {
     pub revision: i64,
     /// The raw values, so a policy change can re-evaluate every object.
     pub raw: BTreeMap<String, (Vec<u8>, i64)>,
+    /// Who wants each vfolder: this node's kernels, and on a storage node
+    /// every node's (the in-use guard of trash and purge).
+    pub in_use: InUse,
+    /// vfolder records deleted while this node watched: their directories
+    /// go to the trash, and are purged `trash_retention` after this.
+    pub tombstones: BTreeMap<Uuid, Tombstone>,
+}
+
+/// A deleted vfolder record, remembered until its directory is in the trash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tombstone {
+    /// The volume it lived on.
+    pub volume: String,
+    /// When this node saw it deleted (the retention counts from here).
+    pub deleted_at: std::time::SystemTime,
+}
+
+/// `<node>/<kernel>` from a kernel key `P/nodes/<node>/kernels/<kernel>`.
+fn kernel_ref(key: &str) -> String {
+    let after = key.rsplit_once("/nodes/").map_or(key, |(_, r)| r);
+    match after.split_once("/kernels/") {
+        Some((node, id)) => format!("{node}/{id}"),
+        None => after.to_string(),
+    }
 }
 
 /// The policy in force, swapped whole on a reload.
@@ -77,6 +102,8 @@ pub enum Parsed {
     Vfolder(Uuid, Entry<VfolderSpec>),
     /// `P/nodes/<node>/kernels/<id>`.
     Kernel(String, Entry<KernelSpec>),
+    /// Another node's kernel (storage role): what it mounts, for the in-use guard.
+    ForeignKernel(String, Wanted),
     /// A key under the desired prefixes whose name itself is invalid.
     InvalidKey(String),
     /// Not a desired key (another node's kernel, a status key).
@@ -129,6 +156,13 @@ impl DesiredParser {
                     },
                 )
             }
+            Classified::Object(ObjectKey::ForeignKernel(nk)) => {
+                let id = nk.split_once('/').map_or(nk.as_str(), |(_, k)| k);
+                let spec = guarded(key, || parse_kernel(id, value, &self.kernels_root))
+                    .ok()
+                    .and_then(|r| r.ok());
+                Parsed::ForeignKernel(nk.clone(), Wanted::of(spec.as_ref(), value))
+            }
             Classified::Invalid { reason } => {
                 tracing::warn!(key, reason = %reason, "rejected desired key");
                 Parsed::InvalidKey(reason)
@@ -151,11 +185,15 @@ impl DesiredParser {
                 d.volumes.remove(&name);
             }
             Classified::Object(ObjectKey::Vfolder(id)) => {
-                d.vfolders.remove(&id);
+                if let Some(Ok(vf)) = d.vfolders.remove(&id).map(|e| e.spec) {
+                    d.tombstones.insert(id, Tombstone::now(vf.volume));
+                }
             }
             Classified::Object(ObjectKey::Kernel(id)) => {
                 d.kernels.remove(&id);
+                d.in_use.remove(&kernel_ref(key));
             }
+            Classified::Object(ObjectKey::ForeignKernel(nk)) => d.in_use.remove(&nk),
             Classified::Invalid { .. } => {
                 d.invalid_keys.remove(key);
             }
@@ -190,6 +228,36 @@ impl DesiredParser {
     }
 }
 
+impl Tombstone {
+    /// Deleted now, from `volume`.
+    pub fn now(volume: String) -> Self {
+        Self {
+            volume,
+            deleted_at: std::time::SystemTime::now(),
+        }
+    }
+}
+
+impl Desired {
+    /// Carries over from `old` (the state a relist replaces) what a relist
+    /// cannot see: records that are gone now become tombstones, and
+    /// tombstones of records not re-created stay.
+    pub fn inherit_tombstones(&mut self, old: &Desired) {
+        for (id, t) in &old.tombstones {
+            if !self.vfolders.contains_key(id) {
+                self.tombstones.entry(*id).or_insert_with(|| t.clone());
+            }
+        }
+        for (id, e) in &old.vfolders {
+            if let (Ok(vf), false) = (&e.spec, self.vfolders.contains_key(id)) {
+                self.tombstones
+                    .entry(*id)
+                    .or_insert_with(|| Tombstone::now(vf.volume.clone()));
+            }
+        }
+    }
+}
+
 /// Logs a rejection once, where it is found (on the put that brought it).
 fn log_rejected<T>(key: &str, r: Result<T, Rejection>) -> Result<T, Rejection> {
     if let Err(reason) = &r {
@@ -206,6 +274,7 @@ impl DesiredParser {
             self.apply_put(&mut out, k, v, *rev);
         }
         out.revision = d.revision;
+        out.tombstones = d.tombstones.clone();
         out
     }
 
@@ -231,11 +300,15 @@ impl Desired {
                 self.volumes.insert(name, e);
             }
             Parsed::Vfolder(id, e) => {
+                self.tombstones.remove(&id);
                 self.vfolders.insert(id, e);
             }
             Parsed::Kernel(id, e) => {
+                let wanted = Wanted::of(e.spec.as_ref().ok(), value);
+                self.in_use.set(&kernel_ref(key), wanted);
                 self.kernels.insert(id, e);
             }
+            Parsed::ForeignKernel(nk, wanted) => self.in_use.set(&nk, wanted),
             Parsed::InvalidKey(reason) => {
                 self.invalid_keys.insert(key.to_string(), reason);
             }

@@ -148,8 +148,11 @@ pub struct DesiredCache {
     pub connected: AtomicBool,
     /// Latest revision applied.
     pub revision: AtomicI64,
-    /// Woken on every change.
+    /// Woken on every change the loop must see.
     pub changed: Notify,
+    /// Woken on every change of the desired state, including other nodes'
+    /// kernels (the lifecycle worker's in-use guard).
+    pub lifecycle: Notify,
     /// The safety brake, as the last list left it.
     brake: Mutex<BrakeState>,
 }
@@ -224,8 +227,9 @@ impl DesiredCache {
         self.changed.notify_one();
     }
 
-    fn replace(&self, d: Desired) {
+    fn replace(&self, mut d: Desired) {
         let mut cur = self.lock();
+        d.inherit_tombstones(&cur.desired);
         self.revision.store(d.revision, Ordering::Relaxed);
         cur.desired = Arc::new(d);
         cur.generation += 1;
@@ -246,15 +250,26 @@ impl DesiredCache {
         self.changed.notify_one();
     }
 
-    fn update(&self, f: impl FnOnce(&mut Desired, &mut Changes)) {
+    /// Applies `f`; wakes the loop unless `f` says only other nodes'
+    /// kernels changed (those matter to the lifecycle worker alone).
+    fn update(&self, f: impl FnOnce(&mut Desired, &mut Changes) -> bool) {
         let mut cur = self.lock();
         let cur = &mut *cur;
         // Copies the state only while a pass still holds the previous one.
         let d = Arc::make_mut(&mut cur.desired);
-        f(d, &mut cur.changes);
+        let wake_loop = f(d, &mut cur.changes);
         self.revision.store(d.revision, Ordering::Relaxed);
         cur.generation += 1;
-        self.changed.notify_one();
+        if wake_loop {
+            self.changed.notify_one();
+        }
+        self.lifecycle.notify_one();
+    }
+
+    /// The current state, without taking what changed (the lifecycle
+    /// worker reads who wants a vfolder before each purge batch).
+    pub fn peek(&self) -> Arc<Desired> {
+        self.lock().desired.clone()
     }
 }
 
@@ -824,6 +839,7 @@ fn apply_events(parser: &DesiredParser, cache: &DesiredCache, store: &Ledger, ev
         })
         .collect();
     cache.update(|d, changes| {
+        let mut wake_loop = false;
         for (ev, parsed) in events.iter().zip(parsed) {
             // A kernel event is a pass over that kernel. One that changes
             // or goes may leave a volume unused (linger, renewal and
@@ -835,9 +851,13 @@ fn apply_events(parser: &DesiredParser, cache: &DesiredCache, store: &Ledger, ev
                     }
                     changes.kernels.insert(id);
                 }
-                Classified::Ignored => {}
+                // Another node's kernel matters only to the in-use guard
+                // (the lifecycle worker is woken below), not to a pass here.
+                Classified::Object(ObjectKey::ForeignKernel(_)) => {}
+                Classified::Ignored => wake_loop = true,
                 _ => changes.all = true,
             }
+            wake_loop |= changes.all || !changes.kernels.is_empty();
             match (&ev.value, parsed) {
                 (Some(v), Some(p)) => d.apply_parsed(&ev.key, v, ev.revision, p),
                 _ => parser.apply_delete(d, &ev.key, ev.revision),
@@ -849,6 +869,7 @@ fn apply_events(parser: &DesiredParser, cache: &DesiredCache, store: &Ledger, ev
                 tracing::warn!(error = %crate::error::error_chain(&e), "cannot store a desired-state change");
             }
         }
+        wake_loop
     });
 }
 

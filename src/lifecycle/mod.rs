@@ -1,0 +1,518 @@
+//! The vfolder lifecycle (storage role): trash, restore and purge, off the
+//! reconcile loop.
+//!
+//! A worker of its own looks at each served volume's trash and at the
+//! vfolders whose records ask for a move, decides ([`decide`], pure) and
+//! acts. Nothing moves and nothing is deleted while any kernel on any node
+//! wants the vfolder (the in-use guard reads every node's desired kernels),
+//! and nothing at all while the desired state is not live or the safety
+//! brake holds (a wiped etcd looks like every record deleted). A purge runs
+//! in batches and asks the guard again before each one.
+
+pub mod trashfs;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::spec::vfolder_relpath;
+use crate::state::desired::Desired;
+use crate::state::watch::DesiredCache;
+use trashfs::{Entry, Info};
+
+/// Entries a purge removes between two looks at who wants the vfolder.
+const PURGE_BATCH: usize = 1000;
+/// How long one round may purge before it looks at everything else again.
+const PURGE_SLICE: Duration = Duration::from_millis(500);
+/// A round with nothing due still runs this often (a kernel on another node
+/// let go, a retention passed without any event).
+const IDLE_ROUND: Duration = Duration::from_secs(30);
+
+/// Where a vfolder is in its lifecycle, as its status says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LifeState {
+    /// In the trash (`trash: true`, or its record deleted and its retention running).
+    Trashed,
+    /// A requested move or purge waits for the kernels that want it.
+    InUse,
+    /// Being purged.
+    Purging,
+}
+
+/// The lifecycle part of a vfolder's status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LifeStatus {
+    /// The state.
+    pub state: LifeState,
+    /// Where its directory is now.
+    pub path: PathBuf,
+    /// The kernels (`<node>/<kernel>`) that hold it (`InUse`).
+    pub kernels: Vec<String>,
+    /// When it went to the trash (unix seconds).
+    pub trashed_at: Option<u64>,
+    /// When its record was deleted (unix seconds).
+    pub deleted_at: Option<u64>,
+    /// When its purge may start (unix seconds).
+    pub purge_at: Option<u64>,
+    /// Files still to remove (`Purging`).
+    pub files_left: Option<u64>,
+    /// The last move or purge step that failed.
+    pub error: Option<String>,
+}
+
+/// What to do to one vfolder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Move its directory to the trash.
+    Trash {
+        /// The vfolder.
+        id: Uuid,
+        /// Its record was deleted then (a purge follows the retention).
+        deleted_at: Option<u64>,
+    },
+    /// Move it back from the trash.
+    Restore {
+        /// The vfolder.
+        id: Uuid,
+    },
+    /// Write down when its record was deleted (its info says otherwise).
+    Note {
+        /// The vfolder.
+        id: Uuid,
+        /// What to write.
+        info: Info,
+    },
+    /// Its retention passed: start the purge.
+    StartPurge {
+        /// The vfolder.
+        id: Uuid,
+    },
+    /// Carry on with its purge.
+    Purge {
+        /// The vfolder.
+        id: Uuid,
+    },
+}
+
+/// One volume as a round sees it.
+#[derive(Debug, Clone, Default)]
+pub struct VolumeLook {
+    /// Its name.
+    pub name: String,
+    /// Its mount point.
+    pub target: PathBuf,
+    /// Its trash.
+    pub trash: BTreeMap<Uuid, Entry>,
+    /// Which of the vfolders a move may concern have a live directory.
+    pub live: BTreeSet<Uuid>,
+}
+
+/// The live directory of `id` on the volume mounted at `target`.
+pub fn live_path(target: &Path, id: &Uuid) -> PathBuf {
+    target.join(vfolder_relpath(id))
+}
+
+/// Where the trash keeps the vfolder whose live directory is `live`
+/// (`<volume>/<xx>/<yy>/<hex>` → `<volume>/.trash/<hex>`).
+pub fn trash_of(live: &Path) -> Option<PathBuf> {
+    let volume = live.parent()?.parent()?.parent()?;
+    Some(volume.join(trashfs::TRASH).join(live.file_name()?))
+}
+
+/// The vfolders of volume `vol` whose live directory a round must look at:
+/// records asking for the trash, deleted records, and trashed vfolders whose
+/// record wants them back.
+pub fn candidates(d: &Desired, vol: &str, trash: &BTreeMap<Uuid, Entry>) -> BTreeSet<Uuid> {
+    let mut out: BTreeSet<Uuid> = d
+        .vfolders
+        .iter()
+        .filter(|(_, e)| e.spec.as_ref().is_ok_and(|v| v.volume == vol && v.trash))
+        .map(|(id, _)| *id)
+        .collect();
+    out.extend(
+        d.tombstones
+            .iter()
+            .filter(|(id, t)| t.volume == vol && !d.vfolders.contains_key(id))
+            .map(|(id, _)| *id),
+    );
+    out.extend(trash.keys().copied());
+    out
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// What to do on one volume, and the lifecycle statuses it leaves (pure).
+pub fn decide(
+    d: &Desired,
+    v: &VolumeLook,
+    now: u64,
+    retention: Duration,
+) -> (Vec<Step>, BTreeMap<Uuid, LifeStatus>) {
+    let mut steps = Vec::new();
+    let mut out = BTreeMap::new();
+    let trash_dir = v.target.join(trashfs::TRASH);
+    for id in candidates(d, &v.name, &v.trash) {
+        let record = d
+            .vfolders
+            .get(&id)
+            .and_then(|e| e.spec.as_ref().ok())
+            .filter(|vf| vf.volume == v.name);
+        let entry = v.trash.get(&id).cloned().unwrap_or_default();
+        let users = d.in_use.users(&id);
+        let live = v.live.contains(&id);
+        let status = |state, path: PathBuf| LifeStatus {
+            state,
+            path,
+            kernels: Vec::new(),
+            trashed_at: entry.info.map(|i| i.trashed_at),
+            deleted_at: entry.info.and_then(|i| i.deleted_at),
+            purge_at: None,
+            files_left: None,
+            error: None,
+        };
+        let in_use = |path| LifeStatus {
+            kernels: users.clone(),
+            ..status(LifeState::InUse, path)
+        };
+        if entry.purging {
+            let path = trashfs::purging_path(&v.target, &id);
+            if users.is_empty() {
+                steps.push(Step::Purge { id });
+                out.insert(id, status(LifeState::Purging, path));
+            } else {
+                out.insert(id, in_use(path));
+            }
+            // A record made again after the purge started gets a fresh
+            // directory (the pass makes it); its status is the record's.
+            if record.is_none() && !entry.trashed {
+                continue;
+            }
+        }
+        let in_trash = trash_dir.join(trashfs::hex(&id));
+        match record {
+            // Wanted back. A fresh directory made meanwhile (after a purge
+            // started) wins: the trashed one then waits for its deletion.
+            Some(vf) if !vf.trash && entry.trashed && !live => steps.push(Step::Restore { id }),
+            Some(vf) if !vf.trash => {}
+            Some(_) if live => {
+                if users.is_empty() {
+                    steps.push(Step::Trash {
+                        id,
+                        deleted_at: None,
+                    });
+                    let mut s = status(LifeState::Trashed, in_trash);
+                    s.trashed_at = Some(now);
+                    out.insert(id, s);
+                } else {
+                    out.insert(id, in_use(live_path(&v.target, &id)));
+                }
+            }
+            Some(_) => {
+                if entry.trashed && entry.info.is_none() {
+                    let info = Info {
+                        trashed_at: now,
+                        deleted_at: None,
+                    };
+                    steps.push(Step::Note { id, info });
+                }
+                out.insert(id, status(LifeState::Trashed, in_trash));
+            }
+            None if live => {
+                let deleted_at = d.tombstones.get(&id).map_or(now, |t| unix(t.deleted_at));
+                if users.is_empty() {
+                    steps.push(Step::Trash {
+                        id,
+                        deleted_at: Some(deleted_at),
+                    });
+                    let mut s = status(LifeState::Trashed, in_trash);
+                    s.trashed_at = Some(now);
+                    s.deleted_at = Some(deleted_at);
+                    s.purge_at = Some(deleted_at.saturating_add(retention.as_secs()));
+                    out.insert(id, s);
+                } else {
+                    out.insert(id, in_use(live_path(&v.target, &id)));
+                }
+            }
+            // A record that moved to another volume is not a deletion.
+            None if d.vfolders.contains_key(&id) => {}
+            None if entry.trashed => {
+                let known = entry.info.and_then(|i| i.deleted_at);
+                let deleted_at = known
+                    .or_else(|| d.tombstones.get(&id).map(|t| unix(t.deleted_at)))
+                    .unwrap_or(now);
+                if known.is_none() {
+                    let info = Info {
+                        trashed_at: entry.info.map_or(now, |i| i.trashed_at),
+                        deleted_at: Some(deleted_at),
+                    };
+                    steps.push(Step::Note { id, info });
+                }
+                let purge_at = deleted_at.saturating_add(retention.as_secs());
+                let mut s = status(LifeState::Trashed, in_trash.clone());
+                s.deleted_at = Some(deleted_at);
+                s.purge_at = Some(purge_at);
+                if now < purge_at {
+                    out.insert(id, s);
+                } else if users.is_empty() {
+                    steps.push(Step::StartPurge { id });
+                    steps.push(Step::Purge { id });
+                    let path = trashfs::purging_path(&v.target, &id);
+                    out.insert(id, status(LifeState::Purging, path));
+                } else {
+                    out.insert(id, in_use(in_trash));
+                }
+            }
+            None => {}
+        }
+    }
+    (steps, out)
+}
+
+/// What the pass tells the worker, and what the worker tells the pass.
+#[derive(Default)]
+pub struct LifecycleBoard {
+    /// Volume → mount point, for the volumes this node serves that are
+    /// mounted and answer (published by whole passes).
+    volumes: Mutex<BTreeMap<String, PathBuf>>,
+    /// The lifecycle statuses, by vfolder.
+    statuses: Mutex<Arc<BTreeMap<Uuid, LifeStatus>>>,
+    wake: Notify,
+}
+
+impl LifecycleBoard {
+    /// Sets the volumes to look after; wakes the worker if they changed.
+    pub fn publish(&self, volumes: BTreeMap<String, PathBuf>) {
+        let mut cur = self.volumes.lock().unwrap_or_else(|p| p.into_inner());
+        if *cur != volumes {
+            *cur = volumes;
+            self.wake.notify_one();
+        }
+    }
+
+    /// The latest lifecycle statuses.
+    pub fn statuses(&self) -> Arc<BTreeMap<Uuid, LifeStatus>> {
+        self.statuses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn volumes(&self) -> BTreeMap<String, PathBuf> {
+        self.volumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Stores `s`; true if it differs from what was there.
+    fn store(&self, s: BTreeMap<Uuid, LifeStatus>) -> bool {
+        let mut cur = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
+        if **cur == s {
+            return false;
+        }
+        *cur = Arc::new(s);
+        true
+    }
+}
+
+/// What a round carries to the next: files left per purge (counted once).
+#[derive(Default)]
+struct Progress {
+    files_left: HashMap<Uuid, u64>,
+}
+
+/// Runs forever: one round whenever the pass publishes other volumes, the
+/// desired state changes, a purge has more to do, or a retention is due;
+/// `on_change` after a round that changed a status.
+pub async fn run_lifecycle(
+    board: Arc<LifecycleBoard>,
+    cache: Arc<DesiredCache>,
+    retention: Duration,
+    on_change: impl Fn(),
+) {
+    let mut progress = Progress::default();
+    loop {
+        let volumes = board.volumes();
+        let may_act = cache.live.load(Ordering::Acquire) && cache.brake().held.is_none();
+        let c = cache.clone();
+        let round = tokio::task::spawn_blocking(move || {
+            let r = round(&c, &volumes, retention, may_act, &mut progress);
+            (r, progress)
+        })
+        .await;
+        let Ok(((statuses, more, due), p)) = round else {
+            tracing::error!("a lifecycle round panicked (a bug); trying again shortly");
+            progress = Progress::default();
+            tokio::time::sleep(IDLE_ROUND).await;
+            continue;
+        };
+        progress = p;
+        if board.store(statuses) {
+            on_change();
+        }
+        if more {
+            tokio::task::yield_now().await;
+            continue;
+        }
+        let sleep = due.map_or(IDLE_ROUND, |s| s.min(IDLE_ROUND));
+        tokio::select! {
+            _ = board.wake.notified() => {}
+            _ = cache.lifecycle.notified() => {}
+            _ = tokio::time::sleep(sleep) => {}
+        }
+    }
+}
+
+/// One round over every volume: the statuses, whether a purge has more to
+/// do, and how long until the next retention ends.
+fn round(
+    cache: &DesiredCache,
+    volumes: &BTreeMap<String, PathBuf>,
+    retention: Duration,
+    may_act: bool,
+    progress: &mut Progress,
+) -> (BTreeMap<Uuid, LifeStatus>, bool, Option<Duration>) {
+    let mut all = BTreeMap::new();
+    let (mut more, mut due) = (false, None::<u64>);
+    let mut purging = BTreeSet::new();
+    for (name, target) in volumes {
+        let d = cache.peek();
+        let look = match look(&d, name, target) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(volume = %name, error = %crate::error::error_chain(&e), "cannot read the volume's trash");
+                continue;
+            }
+        };
+        let now = unix(SystemTime::now());
+        let (steps, mut statuses) = decide(&d, &look, now, retention);
+        for s in statuses.values() {
+            if let Some(at) = s.purge_at.filter(|at| *at > now) {
+                due = Some(due.map_or(at - now, |d| d.min(at - now)));
+            }
+        }
+        if may_act {
+            for step in steps {
+                let id = step_id(&step);
+                match act(cache, &look.target, &step, progress) {
+                    Ok(unfinished) => more |= unfinished,
+                    Err(e) => {
+                        let e = crate::error::error_chain(&e);
+                        tracing::warn!(volume = %name, vfolder = %id, error = %e, "lifecycle step failed");
+                        if let Some(s) = statuses.get_mut(&id) {
+                            s.error = Some(e);
+                        }
+                    }
+                }
+            }
+        }
+        for (id, s) in statuses.iter_mut() {
+            if s.state == LifeState::Purging {
+                purging.insert(*id);
+                s.files_left = progress.files_left.get(id).copied();
+            }
+        }
+        all.append(&mut statuses);
+    }
+    progress.files_left.retain(|id, _| purging.contains(id));
+    (all, more, due.map(Duration::from_secs))
+}
+
+fn step_id(s: &Step) -> Uuid {
+    match s {
+        Step::Trash { id, .. }
+        | Step::Restore { id }
+        | Step::Note { id, .. }
+        | Step::StartPurge { id }
+        | Step::Purge { id } => *id,
+    }
+}
+
+/// Reads a volume's trash and the live directories a move may concern.
+fn look(d: &Desired, name: &str, target: &Path) -> Result<VolumeLook, trashfs::TrashError> {
+    let trash = trashfs::list(target)?;
+    let live = candidates(d, name, &trash)
+        .into_iter()
+        .filter(|id| crate::reconcile::fsops::is_dir_nofollow(&live_path(target, id)))
+        .collect();
+    Ok(VolumeLook {
+        name: name.to_string(),
+        target: target.to_path_buf(),
+        trash,
+        live,
+    })
+}
+
+/// Does one step; true if a round should follow at once (something moved,
+/// or a purge has more to do).
+fn act(
+    cache: &DesiredCache,
+    target: &Path,
+    step: &Step,
+    progress: &mut Progress,
+) -> Result<bool, trashfs::TrashError> {
+    let now = unix(SystemTime::now());
+    match step {
+        Step::Trash { id, deleted_at } => {
+            let info = Info {
+                trashed_at: now,
+                deleted_at: *deleted_at,
+            };
+            trashfs::move_to_trash(target, &live_path(target, id), id, info)?;
+            tracing::info!(vfolder = %id, "moved to the trash");
+        }
+        Step::Restore { id } => {
+            trashfs::restore(target, &live_path(target, id), id)?;
+            tracing::info!(vfolder = %id, "restored from the trash");
+            cache.touch();
+        }
+        Step::Note { id, info } => trashfs::write_info(target, id, *info)?,
+        Step::StartPurge { id } => {
+            trashfs::start_purge(target, id)?;
+            tracing::info!(vfolder = %id, "purge started");
+        }
+        Step::Purge { id } => return purge(cache, target, id, progress),
+    }
+    // Moved: the next round looks again at once (a purge may be due).
+    Ok(true)
+}
+
+/// Purges in batches for up to [`PURGE_SLICE`], asking before each batch
+/// whether a kernel wants the vfolder now (one put while it runs stops it).
+fn purge(
+    cache: &DesiredCache,
+    target: &Path,
+    id: &Uuid,
+    progress: &mut Progress,
+) -> Result<bool, trashfs::TrashError> {
+    if !progress.files_left.contains_key(id) {
+        let files = crate::usage::scan(&trashfs::purging_path(target, id)).map_or(0, |(f, _)| f);
+        progress.files_left.insert(*id, files);
+    }
+    let started = std::time::Instant::now();
+    loop {
+        let users = cache.peek().in_use.users(id);
+        if !users.is_empty() {
+            tracing::warn!(vfolder = %id, kernels = ?users, "purge paused: a kernel wants this vfolder");
+            return Ok(false);
+        }
+        let (files, done) = trashfs::purge_some(target, id, PURGE_BATCH)?;
+        let left = progress.files_left.entry(*id).or_default();
+        *left = left.saturating_sub(files);
+        if done {
+            progress.files_left.remove(id);
+            tracing::info!(vfolder = %id, "purged");
+            return Ok(true);
+        }
+        if started.elapsed() >= PURGE_SLICE {
+            return Ok(true);
+        }
+    }
+}

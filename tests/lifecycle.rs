@@ -1,0 +1,197 @@
+//! The vfolder lifecycle (issue 14 item 1), end to end: the real daemon,
+//! a real etcd, real tmpfs and bind mounts. Trash, restore and purge are
+//! checked where a user and an operator would look: the files, the kernel's
+//! home, and the vfolder's status key. Kernels of other nodes are plain
+//! keys under `P/nodes/<other>/kernels/`: the storage node's in-use guard
+//! reads every node's desired kernels, whether a daemon runs there or not.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::*;
+
+/// A 16 MiB tmpfs volume `shard1`, a vfolder `mine` on it with one file
+/// written by kernel k1 through its home; the vfolder's uuid and live path.
+async fn vfolder_with_a_file(etcd: &Etcd, node: &Node) -> (uuid::Uuid, PathBuf) {
+    etcd.put(
+        &format!("{P}/volumes/shard1"),
+        "mount: {at: requested, fstype: tmpfs, path: t, options: 'size=16m'}\n",
+    )
+    .await;
+    let vf = uuid::Uuid::new_v4();
+    etcd.put(&format!("{P}/vfolders/{vf}"), &record(vf, false))
+        .await;
+    etcd.put(&node.kernel_key("k1"), &kernel(vf)).await;
+    etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+    std::fs::write(node.home("k1").join("mine/notes.txt"), b"my work").unwrap();
+    let live = node.volumes().join("shard1").join(shard(&vf.to_string()));
+    assert!(live.join("notes.txt").exists());
+    (vf, live)
+}
+
+fn record(_vf: uuid::Uuid, trash: bool) -> String {
+    format!("{{name: mine, owner: alice, volume: shard1, trash: {trash}}}\n")
+}
+
+fn kernel(vf: uuid::Uuid) -> String {
+    format!("mounts: [{{vfolder: {vf}}}]\n")
+}
+
+fn in_trash(node: &Node, vf: uuid::Uuid) -> PathBuf {
+    node.volumes()
+        .join("shard1/.trash")
+        .join(vf.simple().to_string())
+}
+
+async fn wait_gone(etcd: &Etcd, key: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while let Some(v) = etcd.get_json(key).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{key} still there: {v}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// `trash: true` moves the directory aside (one rename) only once no kernel
+/// on any node wants it; meanwhile it is `InUse` naming them, the running
+/// kernel keeps its folder, and a new kernel waits saying why. Taking
+/// `trash` away moves it back with its files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trash_waits_for_every_nodes_kernels_and_restore_brings_the_files_back() {
+    require_private_mount_namespace();
+    within(90, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(&etcd, "n1", NodeOpts::default());
+        let (vf, live) = vfolder_with_a_file(&etcd, &node).await;
+        let other = format!("{P}/nodes/n2/kernels/k9");
+        etcd.put(&other, &kernel(vf)).await;
+        let key = format!("{P}/status/vfolders/{vf}");
+
+        etcd.put(&format!("{P}/vfolders/{vf}"), &record(vf, true))
+            .await;
+        let st = etcd.wait_state(&key, "InUse").await;
+        assert_eq!(st["kernels"], serde_json::json!(["n1/k1", "n2/k9"]), "{st}");
+        assert!(
+            live.join("notes.txt").exists(),
+            "nothing moves while in use"
+        );
+        let seen = std::fs::read(node.home("k1").join("mine/notes.txt")).unwrap();
+        assert_eq!(seen, b"my work", "the running kernel keeps its folder");
+
+        etcd.delete(&node.kernel_key("k1")).await;
+        etcd.put(&node.kernel_key("k2"), &kernel(vf)).await;
+        let k2 = etcd.wait_state(&node.kernel_status("k2"), "Pending").await;
+        assert!(
+            k2["error"].as_str().unwrap().contains("in the trash"),
+            "{k2}"
+        );
+        let st = etcd
+            .wait_for(&key, "InUse by n1/k2 and n2/k9", |v| {
+                v["kernels"] == serde_json::json!(["n1/k2", "n2/k9"])
+            })
+            .await;
+        assert_eq!(st["state"], "InUse", "{st}");
+
+        etcd.delete(&node.kernel_key("k2")).await;
+        etcd.delete(&other).await;
+        let st = etcd.wait_state(&key, "Trashed").await;
+        assert!(st["trashed_at"].is_string(), "{st}");
+        assert!(
+            st["purge_at"].is_null(),
+            "trash: true alone never purges: {st}"
+        );
+        assert!(!live.exists());
+        assert_eq!(
+            std::fs::read(in_trash(&node, vf).join("notes.txt")).unwrap(),
+            b"my work"
+        );
+
+        etcd.put(&format!("{P}/vfolders/{vf}"), &record(vf, false))
+            .await;
+        etcd.wait_state(&key, "Ready").await;
+        assert_eq!(std::fs::read(live.join("notes.txt")).unwrap(), b"my work");
+        assert!(!in_trash(&node, vf).exists());
+        etcd.put(&node.kernel_key("k3"), &kernel(vf)).await;
+        etcd.wait_state(&node.kernel_status("k3"), "Ready").await;
+        let seen = std::fs::read(node.home("k3").join("mine/notes.txt")).unwrap();
+        assert_eq!(seen, b"my work", "a new kernel sees the restored files");
+    })
+    .await;
+}
+
+/// Deleting the record trashes the directory and starts its retention;
+/// making the record again before the purge brings the files back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_record_waits_in_the_trash_and_coming_back_restores_it() {
+    require_private_mount_namespace();
+    within(90, async {
+        let etcd = Etcd::start().await;
+        let opts = NodeOpts {
+            extra_config: "trash_retention: 1h\n",
+            ..Default::default()
+        };
+        let node = Node::start(&etcd, "n1", opts);
+        let (vf, live) = vfolder_with_a_file(&etcd, &node).await;
+        let key = format!("{P}/status/vfolders/{vf}");
+        etcd.delete(&node.kernel_key("k1")).await;
+        etcd.delete(&format!("{P}/vfolders/{vf}")).await;
+        let st = etcd.wait_state(&key, "Trashed").await;
+        for field in ["trashed_at", "deleted_at", "purge_at"] {
+            assert!(st[field].is_string(), "{field}: {st}");
+        }
+        assert!(!live.exists());
+        assert!(in_trash(&node, vf).join("notes.txt").exists());
+
+        etcd.put(&format!("{P}/vfolders/{vf}"), &record(vf, false))
+            .await;
+        etcd.wait_state(&key, "Ready").await;
+        assert_eq!(std::fs::read(live.join("notes.txt")).unwrap(), b"my work");
+    })
+    .await;
+}
+
+/// With a retention of 0s a deleted record's directory is purged, but not
+/// while a kernel on another node still wants it; then its status goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_waits_for_a_kernel_on_another_node_then_empties_the_trash() {
+    require_private_mount_namespace();
+    within(90, async {
+        let etcd = Etcd::start().await;
+        let opts = NodeOpts {
+            extra_config: "trash_retention: 0s\n",
+            ..Default::default()
+        };
+        let node = Node::start(&etcd, "n1", opts);
+        let (vf, live) = vfolder_with_a_file(&etcd, &node).await;
+        for i in 0..3000 {
+            std::fs::write(live.join(format!("f{i}")), b"x").unwrap();
+        }
+        let key = format!("{P}/status/vfolders/{vf}");
+        let other = format!("{P}/nodes/n2/kernels/k9");
+        etcd.put(&other, &kernel(vf)).await;
+        etcd.delete(&node.kernel_key("k1")).await;
+        etcd.delete(&format!("{P}/vfolders/{vf}")).await;
+        let st = etcd.wait_state(&key, "InUse").await;
+        assert_eq!(st["kernels"], serde_json::json!(["n2/k9"]), "{st}");
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        assert!(
+            live.join("notes.txt").exists(),
+            "nothing deleted while wanted"
+        );
+
+        etcd.delete(&other).await;
+        wait_gone(&etcd, &key).await;
+        assert!(!live.exists());
+        let trash: Vec<_> = std::fs::read_dir(node.volumes().join("shard1/.trash"))
+            .unwrap()
+            .collect();
+        assert!(
+            trash.is_empty(),
+            "the trash is empty after the purge: {trash:?}"
+        );
+    })
+    .await;
+}
