@@ -160,6 +160,105 @@ async fn put_vfolder(
     Ok(id)
 }
 
+/// `vfolderd vfolder trash|restore`: sets or clears `trash` in the record.
+/// The write is a transaction on the record's mod revision, so an edit made
+/// meanwhile is read again rather than overwritten.
+pub async fn vfolder_set_trash(cfg: &NodeConfig, id: Uuid, trash: bool) -> Result<(), CliError> {
+    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+    let keys = Keys::new(&cfg.etcd.prefix, &cfg.node);
+    let key = format!("{}{id}", keys.vfolders_prefix());
+    let mut client = connect(cfg).await?;
+    for _ in 0..5 {
+        let got = client.get(key.as_str(), None).await?;
+        let kv = got
+            .kvs()
+            .first()
+            .ok_or_else(|| CliError::Invalid(format!("vfolder {id} has no record")))?;
+        let mut spec = parse_vfolder(kv.value()).map_err(CliError::Invalid)?;
+        spec.trash = trash;
+        let body = serde_yaml::to_string(&spec).expect("yaml");
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                kv.mod_revision(),
+            )])
+            .and_then([TxnOp::put(key.as_str(), body, None)]);
+        if client.txn(txn).await?.succeeded() {
+            return Ok(());
+        }
+    }
+    Err(CliError::Invalid(format!(
+        "vfolder {id}: its record kept changing; nothing written"
+    )))
+}
+
+/// `vfolderd vfolder delete`: deletes the record. The directory goes to the
+/// trash and is purged after the storage nodes' `trash_retention`.
+pub async fn vfolder_delete(cfg: &NodeConfig, id: Uuid) -> Result<(), CliError> {
+    let keys = Keys::new(&cfg.etcd.prefix, &cfg.node);
+    let mut client = connect(cfg).await?;
+    let key = format!("{}{id}", keys.vfolders_prefix());
+    if client.delete(key, None).await?.deleted() == 0 {
+        return Err(CliError::Invalid(format!("vfolder {id} has no record")));
+    }
+    Ok(())
+}
+
+/// `vfolderd vfolder list`: every record and status, one line each (and
+/// vfolders whose record is gone but whose directory is still in a trash).
+pub async fn vfolder_list(cfg: &NodeConfig) -> Result<String, CliError> {
+    use std::collections::BTreeMap;
+    use std::fmt::Write;
+    let keys = Keys::new(&cfg.etcd.prefix, &cfg.node);
+    let mut client = connect(cfg).await?;
+    let prefix = Some(GetOptions::new().with_prefix());
+    let mut rows: BTreeMap<String, (Option<VfolderSpec>, Option<serde_json::Value>)> =
+        BTreeMap::new();
+    let records = client.get(keys.vfolders_prefix(), prefix.clone()).await?;
+    for kv in records.kvs() {
+        let Some(id) = kv
+            .key_str()
+            .ok()
+            .and_then(|k| k.strip_prefix(&keys.vfolders_prefix()))
+        else {
+            continue;
+        };
+        rows.entry(id.to_string()).or_default().0 = parse_vfolder(kv.value()).ok();
+    }
+    let statuses = client.get(keys.vfolder_status_prefix(), prefix).await?;
+    for kv in statuses.kvs() {
+        let Some(id) = kv
+            .key_str()
+            .ok()
+            .and_then(|k| k.strip_prefix(&keys.vfolder_status_prefix()))
+        else {
+            continue;
+        };
+        rows.entry(id.to_string()).or_default().1 = serde_json::from_slice(kv.value()).ok();
+    }
+    let mut out = format!(
+        "{:<36}  {:<16} {:<12} {:<14} {:<9} DETAIL\n",
+        "UUID", "NAME", "OWNER", "VOLUME", "STATE"
+    );
+    for (id, (spec, st)) in rows {
+        let field = |k: &str| st.as_ref().and_then(|v| v[k].as_str().map(str::to_string));
+        let state = field("state").unwrap_or_else(|| "-".into());
+        let detail = field("error")
+            .or_else(|| field("purge_at").map(|t| format!("purge at {t}")))
+            .unwrap_or_default();
+        let (name, owner, volume) = spec
+            .map_or(("(deleted)".into(), "-".into(), "-".into()), |s| {
+                (s.name, s.owner, s.volume)
+            });
+        let _ = writeln!(
+            out,
+            "{id:<36}  {name:<16} {owner:<12} {volume:<14} {state:<9} {detail}"
+        );
+    }
+    Ok(out)
+}
+
 /// `vfolderd accept-reset`: makes this node's remembered cluster identity
 /// etcd's current one (its `P/cluster` id and revision), releasing the safety
 /// brake. Returns what it did, for the operator.

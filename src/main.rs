@@ -147,6 +147,40 @@ enum VfolderCmd {
         #[arg(long)]
         quota_bytes: Option<u64>,
     },
+    /// Every vfolder: record and status (`vfolderd vfolder list --config F`).
+    List {
+        /// Node config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Put a vfolder in the trash (`trash: true`): moved aside once no
+    /// kernel wants it, never purged by this alone.
+    /// Example: `vfolderd vfolder trash --config /etc/vfolderd/node.yaml 0123abcd-...`
+    Trash {
+        /// Node config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The vfolder.
+        id: uuid::Uuid,
+    },
+    /// Take a vfolder out of the trash (its record drops `trash`).
+    Restore {
+        /// Node config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The vfolder.
+        id: uuid::Uuid,
+    },
+    /// Delete a vfolder's record: its directory goes to the trash and is
+    /// purged after the storage nodes' `trash_retention` (making the record
+    /// again before then restores it).
+    Delete {
+        /// Node config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The vfolder.
+        id: uuid::Uuid,
+    },
 }
 
 fn parse_permission(s: &str) -> Result<Permission, String> {
@@ -187,6 +221,18 @@ async fn main() -> anyhow::Result<()> {
                 println!("applied volume {name}");
             }
         }
+        Cmd::Vfolder {
+            cmd: VfolderCmd::List { config },
+        } => print!("{}", vfolderd::cli::vfolder_list(&load(&config)?).await?),
+        Cmd::Vfolder {
+            cmd: VfolderCmd::Trash { config, id },
+        } => vfolderd::cli::vfolder_set_trash(&load(&config)?, id, true).await?,
+        Cmd::Vfolder {
+            cmd: VfolderCmd::Restore { config, id },
+        } => vfolderd::cli::vfolder_set_trash(&load(&config)?, id, false).await?,
+        Cmd::Vfolder {
+            cmd: VfolderCmd::Delete { config, id },
+        } => vfolderd::cli::vfolder_delete(&load(&config)?, id).await?,
         Cmd::Vfolder {
             cmd:
                 VfolderCmd::Create {

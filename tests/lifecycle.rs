@@ -195,3 +195,102 @@ async fn a_purge_waits_for_a_kernel_on_another_node_then_empties_the_trash() {
     })
     .await;
 }
+
+/// A wiped etcd looks like every record deleted: the safety brake holds
+/// trash and purge as it holds unmounts, even with a retention of 0s. Once
+/// the operator accepts the new etcd, the deletion is real.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_etcd_trashes_and_purges_nothing_until_accept_reset() {
+    require_private_mount_namespace();
+    within(180, async {
+        let mut etcd = Etcd::start().await;
+        let opts = NodeOpts {
+            extra_config: "trash_retention: 0s\n",
+            ..Default::default()
+        };
+        let node = Node::start(&etcd, "n1", opts);
+        let (_vf, live) = vfolder_with_a_file(&etcd, &node).await;
+        etcd.delete(&node.kernel_key("k1")).await;
+        etcd.wait_for(&format!("{P}/cluster"), "a cluster id", |v| {
+            v["id"].is_string()
+        })
+        .await;
+        // Let the node remember the revision it applied (at most once a second).
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+
+        etcd.stop();
+        std::fs::remove_dir_all(etcd.data_dir()).unwrap();
+        etcd.restart().await;
+        etcd.wait_state(&format!("{P}/status/nodes/n1"), "Held")
+            .await;
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        assert!(
+            live.join("notes.txt").exists(),
+            "a held node trashed or purged a vfolder"
+        );
+
+        let out = node.cli(&["accept-reset"]);
+        assert!(out.contains("accepts etcd"), "{out}");
+        until("the vfolder is purged after accept-reset", 30, || {
+            !live.exists()
+        })
+        .await;
+    })
+    .await;
+}
+
+/// An operator never writes YAML for the lifecycle: `vfolderd vfolder
+/// trash|restore|delete|list` do it (trash and restore as a transaction
+/// on the record's revision), and a vfolder without a record is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vfolder_verbs_trash_restore_delete_and_list() {
+    require_private_mount_namespace();
+    within(90, async {
+        let etcd = Etcd::start().await;
+        let opts = NodeOpts {
+            extra_config: "trash_retention: 1h\n",
+            ..Default::default()
+        };
+        let node = Node::start(&etcd, "n1", opts);
+        let (vf, live) = vfolder_with_a_file(&etcd, &node).await;
+        etcd.delete(&node.kernel_key("k1")).await;
+        let key = format!("{P}/status/vfolders/{vf}");
+        let id = vf.to_string();
+
+        node.cli(&["vfolder", "trash", &id]);
+        etcd.wait_state(&key, "Trashed").await;
+        assert!(!live.exists());
+        let list = node.cli(&["vfolder", "list"]);
+        let row = list
+            .lines()
+            .find(|l| l.starts_with(&id))
+            .unwrap_or_else(|| panic!("{list}"));
+        assert!(row.contains("mine") && row.contains("Trashed"), "{list}");
+
+        node.cli(&["vfolder", "restore", &id]);
+        etcd.wait_state(&key, "Ready").await;
+        assert!(live.join("notes.txt").exists());
+        let record = etcd.get_json(&format!("{P}/vfolders/{vf}")).await.unwrap();
+        assert_eq!(
+            record["name"], "mine",
+            "the rest of the record is kept: {record}"
+        );
+
+        node.cli(&["vfolder", "delete", &id]);
+        etcd.wait_state(&key, "Trashed").await;
+        let list = node.cli(&["vfolder", "list"]);
+        let row = list
+            .lines()
+            .find(|l| l.starts_with(&id))
+            .unwrap_or_else(|| panic!("{list}"));
+        assert!(
+            row.contains("(deleted)") && row.contains("purge at"),
+            "{list}"
+        );
+
+        let out = node.cli_output(&["vfolder", "trash", &id]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("has no record"));
+    })
+    .await;
+}

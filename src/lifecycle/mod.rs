@@ -183,10 +183,14 @@ pub fn decide(
         };
         if entry.purging {
             let path = trashfs::purging_path(&v.target, &id);
+            // A record made again has a status of its own (a fresh directory).
+            let shown = record.is_none();
             if users.is_empty() {
                 steps.push(Step::Purge { id });
-                out.insert(id, status(LifeState::Purging, path));
-            } else {
+                if shown {
+                    out.insert(id, status(LifeState::Purging, path));
+                }
+            } else if shown {
                 out.insert(id, in_use(path));
             }
             // A record made again after the purge started gets a fresh
@@ -340,10 +344,9 @@ pub async fn run_lifecycle(
     let mut progress = Progress::default();
     loop {
         let volumes = board.volumes();
-        let may_act = cache.live.load(Ordering::Acquire) && cache.brake().held.is_none();
         let c = cache.clone();
         let round = tokio::task::spawn_blocking(move || {
-            let r = round(&c, &volumes, retention, may_act, &mut progress);
+            let r = round(&c, &volumes, retention, &mut progress);
             (r, progress)
         })
         .await;
@@ -376,7 +379,6 @@ fn round(
     cache: &DesiredCache,
     volumes: &BTreeMap<String, PathBuf>,
     retention: Duration,
-    may_act: bool,
     progress: &mut Progress,
 ) -> (BTreeMap<Uuid, LifeStatus>, bool, Option<Duration>) {
     let mut all = BTreeMap::new();
@@ -384,6 +386,9 @@ fn round(
     let mut purging = BTreeSet::new();
     for (name, target) in volumes {
         let d = cache.peek();
+        // Read after the state: the brake is set before a relist replaces
+        // the state, so a wiped state is never paired with "not held".
+        let may_act = cache.live.load(Ordering::Acquire) && cache.brake().held.is_none();
         let look = match look(&d, name, target) {
             Ok(l) => l,
             Err(e) => {
@@ -499,6 +504,9 @@ fn purge(
     let started = std::time::Instant::now();
     loop {
         let users = cache.peek().in_use.users(id);
+        if cache.brake().held.is_some() {
+            return Ok(false);
+        }
         if !users.is_empty() {
             tracing::warn!(vfolder = %id, kernels = ?users, "purge paused: a kernel wants this vfolder");
             return Ok(false);
@@ -514,5 +522,181 @@ fn purge(
         if started.elapsed() >= PURGE_SLICE {
             return Ok(true);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Permission, VfolderSpec};
+    use crate::state::desired::{Entry as Record, Tombstone};
+    use crate::state::inuse::Wanted;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn id() -> Uuid {
+        Uuid::from_bytes([7; 16])
+    }
+
+    fn with_record(trash: bool, volume: &str) -> Desired {
+        let mut d = Desired::default();
+        let spec = VfolderSpec {
+            name: "mine".into(),
+            owner: "alice".into(),
+            volume: volume.into(),
+            permission: Permission::Rw,
+            quota_bytes: None,
+            trash,
+        };
+        let e = Record {
+            revision: 1,
+            created: 1,
+            spec: Ok(spec),
+        };
+        d.vfolders.insert(id(), e);
+        d
+    }
+
+    fn look(trash: Option<Entry>, live: bool) -> VolumeLook {
+        VolumeLook {
+            name: "v".into(),
+            target: "/vol/v".into(),
+            trash: trash
+                .map(|e| BTreeMap::from([(id(), e)]))
+                .unwrap_or_default(),
+            live: if live {
+                BTreeSet::from([id()])
+            } else {
+                BTreeSet::new()
+            },
+        }
+    }
+
+    fn trashed(deleted_at: Option<u64>) -> Entry {
+        Entry {
+            trashed: true,
+            purging: false,
+            info: Some(Info {
+                trashed_at: 10,
+                deleted_at,
+            }),
+        }
+    }
+
+    #[test]
+    fn trash_true_moves_only_what_no_kernel_wants() {
+        let mut d = with_record(true, "v");
+        d.in_use.set(
+            "n2/k9",
+            Wanted {
+                ids: vec![id()],
+                exact: true,
+            },
+        );
+        let (steps, st) = decide(&d, &look(None, true), 100, HOUR);
+        assert!(steps.is_empty(), "{steps:?}");
+        assert_eq!(st[&id()].state, LifeState::InUse);
+        assert_eq!(st[&id()].kernels, vec!["n2/k9"]);
+        d.in_use.remove("n2/k9");
+        let (steps, st) = decide(&d, &look(None, true), 100, HOUR);
+        assert_eq!(
+            steps,
+            vec![Step::Trash {
+                id: id(),
+                deleted_at: None
+            }]
+        );
+        assert_eq!(st[&id()].state, LifeState::Trashed);
+    }
+
+    #[test]
+    fn a_deleted_record_is_purged_only_after_its_retention() {
+        let d = Desired::default();
+        let (steps, st) = decide(&d, &look(Some(trashed(Some(100))), false), 100 + 3599, HOUR);
+        assert!(steps.is_empty(), "{steps:?}");
+        assert_eq!(st[&id()].purge_at, Some(100 + 3600));
+        let (steps, st) = decide(&d, &look(Some(trashed(Some(100))), false), 100 + 3600, HOUR);
+        assert_eq!(
+            steps,
+            vec![Step::StartPurge { id: id() }, Step::Purge { id: id() }]
+        );
+        assert_eq!(st[&id()].state, LifeState::Purging);
+    }
+
+    #[test]
+    fn a_trashed_vfolder_found_without_its_record_starts_its_retention_now() {
+        let (steps, _) = decide(
+            &Desired::default(),
+            &look(Some(trashed(None)), false),
+            500,
+            HOUR,
+        );
+        let note = Info {
+            trashed_at: 10,
+            deleted_at: Some(500),
+        };
+        assert_eq!(
+            steps,
+            vec![Step::Note {
+                id: id(),
+                info: note
+            }]
+        );
+    }
+
+    #[test]
+    fn a_tombstone_trashes_with_its_deletion_time() {
+        let mut d = Desired::default();
+        let at = UNIX_EPOCH + Duration::from_secs(42);
+        d.tombstones.insert(
+            id(),
+            Tombstone {
+                volume: "v".into(),
+                deleted_at: at,
+            },
+        );
+        let (steps, _) = decide(&d, &look(None, true), 100, HOUR);
+        assert_eq!(
+            steps,
+            vec![Step::Trash {
+                id: id(),
+                deleted_at: Some(42)
+            }]
+        );
+    }
+
+    #[test]
+    fn a_record_back_restores_and_one_elsewhere_is_never_purged() {
+        let d = with_record(false, "v");
+        let (steps, st) = decide(&d, &look(Some(trashed(Some(1))), false), 1 << 40, HOUR);
+        assert_eq!(steps, vec![Step::Restore { id: id() }]);
+        assert!(st.is_empty());
+        let d = with_record(false, "other");
+        let (steps, _) = decide(&d, &look(Some(trashed(Some(1))), false), 1 << 40, HOUR);
+        assert!(steps.is_empty(), "{steps:?}");
+    }
+
+    #[test]
+    fn a_purge_under_way_finishes_beside_a_fresh_directory_and_waits_for_kernels() {
+        let purging = Entry {
+            trashed: false,
+            purging: true,
+            info: None,
+        };
+        let d = with_record(false, "v");
+        let (steps, st) = decide(&d, &look(Some(purging.clone()), true), 1, HOUR);
+        assert_eq!(steps, vec![Step::Purge { id: id() }]);
+        assert!(st.is_empty(), "the record's own status stands: {st:?}");
+        let mut d = Desired::default();
+        d.in_use.set(
+            "n1/k1",
+            Wanted {
+                ids: vec![id()],
+                exact: true,
+            },
+        );
+        let (steps, st) = decide(&d, &look(Some(purging), false), 1, HOUR);
+        assert!(steps.is_empty());
+        assert_eq!(st[&id()].state, LifeState::InUse);
     }
 }

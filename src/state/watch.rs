@@ -202,6 +202,7 @@ impl DesiredCache {
         };
         if changed {
             self.touch();
+            self.lifecycle.notify_one();
         }
     }
 
@@ -238,6 +239,7 @@ impl DesiredCache {
         self.synced.store(true, Ordering::Release);
         drop(cur);
         self.changed.notify_one();
+        self.lifecycle.notify_one();
     }
 
     /// Re-evaluates every object (the policy changed) and wakes the loop.
