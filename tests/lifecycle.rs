@@ -294,3 +294,223 @@ async fn the_vfolder_verbs_trash_restore_delete_and_list() {
     })
     .await;
 }
+
+/// Files of vfolder `vf` wherever the lifecycle has it: live, trashed, or
+/// being purged (the test makes them flat).
+fn files_of(node: &Node, vf: uuid::Uuid) -> usize {
+    let hex = vf.simple().to_string();
+    let vol = node.volumes().join("shard1");
+    [
+        vol.join(shard(&vf.to_string())),
+        vol.join(".trash").join(&hex),
+        vol.join(".trash").join(format!("{hex}.purging")),
+    ]
+    .iter()
+    .filter_map(|d| std::fs::read_dir(d).ok())
+    .map(|rd| rd.count())
+    .sum()
+}
+
+/// Makes `n` records on shard1, waits for their directories, fills each with `files` files.
+async fn filled_vfolders(etcd: &Etcd, node: &Node, n: usize, files: usize) -> Vec<uuid::Uuid> {
+    let ids: Vec<uuid::Uuid> = (0..n).map(|_| uuid::Uuid::new_v4()).collect();
+    for vf in &ids {
+        etcd.put(&format!("{P}/vfolders/{vf}"), &record(*vf, false))
+            .await;
+    }
+    for vf in &ids {
+        etcd.wait_state(&format!("{P}/status/vfolders/{vf}"), "Ready")
+            .await;
+        let live = node.volumes().join("shard1").join(shard(&vf.to_string()));
+        for i in 0..files {
+            std::fs::write(live.join(format!("f{i}")), b"").unwrap();
+        }
+    }
+    ids
+}
+
+/// `kill -9` at random moments while records are deleted and purged with a
+/// retention of 0s, and while kernels on another node take some of them:
+/// after 20 rounds, nothing a kernel wanted lost a file once the daemon had
+/// seen the kernel, and every vfolder nobody wants is purged completely (no
+/// trash entry, no `.purging` left, no status key): the trash is the
+/// journal, and a restarted daemon carries on from it.
+/// `CRASH_ROUNDS` and `CRASH_SEED` as in `tests/crash.rs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_and_the_in_use_guard_survive_kill_9() {
+    require_private_mount_namespace();
+    let rounds: usize = std::env::var("CRASH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let mut seed: u64 = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("lifecycle crash loop: {rounds} rounds, CRASH_SEED={seed}");
+    let mut below = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    within(600, async {
+        let etcd = Etcd::start().await;
+        let opts = NodeOpts {
+            extra_config: "trash_retention: 0s\n",
+            ..Default::default()
+        };
+        let mut node = Node::start(&etcd, "n1", opts);
+        etcd.put(
+            &format!("{P}/volumes/shard1"),
+            "mount: {at: requested, fstype: tmpfs, path: t, options: 'size=256m'}\n",
+        )
+        .await;
+        // Wanted all along by a kernel on another node; their records go at once.
+        let guarded = filled_vfolders(&etcd, &node, 3, 500).await;
+        let mounts: Vec<String> = guarded
+            .iter()
+            .map(|v| format!("{{vfolder: {v}}}"))
+            .collect();
+        etcd.put(
+            &format!("{P}/nodes/n2/kernels/guard"),
+            &format!("mounts: [{}]\n", mounts.join(", ")),
+        )
+        .await;
+        for vf in &guarded {
+            etcd.delete(&format!("{P}/vfolders/{vf}")).await;
+            etcd.wait_state(&format!("{P}/status/vfolders/{vf}"), "InUse")
+                .await;
+        }
+        let mut released = Vec::new();
+        let mut late: Vec<(uuid::Uuid, usize)> = Vec::new();
+        let mut partly = 0;
+        for round in 0..rounds {
+            // One a kernel takes while its purge may be running; two nobody wants.
+            let taken = filled_vfolders(&etcd, &node, 1, 40_000).await[0];
+            let ids = filled_vfolders(&etcd, &node, 2, 1500).await;
+            etcd.delete(&format!("{P}/vfolders/{taken}")).await;
+            for vf in &ids {
+                etcd.delete(&format!("{P}/vfolders/{vf}")).await;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20 + below(40))).await;
+            etcd.put(&format!("{P}/nodes/n2/kernels/late{round}"), &kernel(taken))
+                .await;
+            released.extend_from_slice(&ids);
+            if round % 2 == 1 {
+                // Alive: once it has seen the kernel, the purge stops
+                // (before its next batch, not at the end of its time slice).
+                tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+                let seen = files_of(&node, taken);
+                let purging = node
+                    .volumes()
+                    .join("shard1/.trash")
+                    .join(format!("{}.purging", taken.simple()));
+                partly += usize::from(purging.exists());
+                tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+                assert_eq!(
+                    files_of(&node, taken),
+                    seen,
+                    "round {round}: the purge went on while a kernel wanted it"
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(below(400))).await;
+            node.kill9();
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            late.push((taken, files_of(&node, taken)));
+            node.spawn();
+            for vf in &guarded {
+                assert_eq!(
+                    files_of(&node, *vf),
+                    500,
+                    "round {round}: a wanted vfolder lost files"
+                );
+            }
+        }
+        eprintln!(
+            "in {partly} of {} live rounds the kernel came while the purge was under way",
+            rounds / 2
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        for (vf, files) in &late {
+            assert_eq!(
+                files_of(&node, *vf),
+                *files,
+                "a vfolder lost files after its kernel was seen"
+            );
+        }
+        for vf in &released {
+            wait_gone(&etcd, &format!("{P}/status/vfolders/{vf}")).await;
+            assert_eq!(files_of(&node, *vf), 0, "{vf} orphaned");
+        }
+        // Let go of the late ones and the guarded ones: all purged, nothing left.
+        for round in 0..rounds {
+            etcd.delete(&format!("{P}/nodes/n2/kernels/late{round}"))
+                .await;
+        }
+        etcd.delete(&format!("{P}/nodes/n2/kernels/guard")).await;
+        for vf in late.iter().map(|(v, _)| v).chain(&guarded) {
+            wait_gone(&etcd, &format!("{P}/status/vfolders/{vf}")).await;
+        }
+        let left: Vec<_> = std::fs::read_dir(node.volumes().join("shard1/.trash"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "the trash is not empty: {left:?}");
+    })
+    .await;
+}
+
+/// A record deleted while no storage node watched (the node rebooted and
+/// lost its store, so nothing remembers the record): the directory is found
+/// by the sweep at start and goes to the trash with its whole retention
+/// ahead, never straight to a purge, and never left behind unnoticed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_deleted_while_no_storage_node_watched_is_found_and_trashed() {
+    require_private_mount_namespace();
+    within(90, async {
+        let etcd = Etcd::start().await;
+        let opts = NodeOpts {
+            extra_config: "trash_retention: 1h\n",
+            ..Default::default()
+        };
+        let mut node = Node::start(&etcd, "n1", opts);
+        let share = node.dir.path().join("share");
+        std::fs::create_dir(&share).unwrap();
+        let spec = format!(
+            "mount: {{at: requested, fstype: bind, path: {}}}\n",
+            share.display()
+        );
+        etcd.put(&format!("{P}/volumes/shard1"), &spec).await;
+        let vf = uuid::Uuid::new_v4();
+        etcd.put(&format!("{P}/vfolders/{vf}"), &record(vf, false))
+            .await;
+        let key = format!("{P}/status/vfolders/{vf}");
+        etcd.wait_state(&key, "Ready").await;
+        let live = node.volumes().join("shard1").join(shard(&vf.to_string()));
+        std::fs::write(live.join("notes.txt"), b"my work").unwrap();
+
+        assert!(node.stop());
+        etcd.delete(&format!("{P}/vfolders/{vf}")).await;
+        // A reboot with a lost store: nothing mounted, nothing remembered.
+        let flags = nix::mount::MntFlags::MNT_DETACH;
+        nix::mount::umount2(&node.volumes().join("shard1"), flags).unwrap();
+        std::fs::remove_dir_all(node.dir.path().join("state/db")).unwrap();
+        node.spawn();
+        let st = etcd.wait_state(&key, "Trashed").await;
+        assert!(
+            st["deleted_at"].is_string() && st["purge_at"].is_string(),
+            "{st}"
+        );
+        assert!(!live.exists());
+        assert!(in_trash(&node, vf).join("notes.txt").exists());
+    })
+    .await;
+}

@@ -110,6 +110,9 @@ pub struct VolumeLook {
     pub trash: BTreeMap<Uuid, Entry>,
     /// Which of the vfolders a move may concern have a live directory.
     pub live: BTreeSet<Uuid>,
+    /// Live directories without a record found by the sweep at start
+    /// (records deleted while no storage node watched), and when.
+    pub orphans: BTreeMap<Uuid, u64>,
 }
 
 /// The live directory of `id` on the volume mounted at `target`.
@@ -127,7 +130,12 @@ pub fn trash_of(live: &Path) -> Option<PathBuf> {
 /// The vfolders of volume `vol` whose live directory a round must look at:
 /// records asking for the trash, deleted records, and trashed vfolders whose
 /// record wants them back.
-pub fn candidates(d: &Desired, vol: &str, trash: &BTreeMap<Uuid, Entry>) -> BTreeSet<Uuid> {
+pub fn candidates(
+    d: &Desired,
+    vol: &str,
+    trash: &BTreeMap<Uuid, Entry>,
+    orphans: &BTreeMap<Uuid, u64>,
+) -> BTreeSet<Uuid> {
     let mut out: BTreeSet<Uuid> = d
         .vfolders
         .iter()
@@ -141,6 +149,7 @@ pub fn candidates(d: &Desired, vol: &str, trash: &BTreeMap<Uuid, Entry>) -> BTre
             .map(|(id, _)| *id),
     );
     out.extend(trash.keys().copied());
+    out.extend(orphans.keys().filter(|id| !d.vfolders.contains_key(id)));
     out
 }
 
@@ -158,7 +167,7 @@ pub fn decide(
     let mut steps = Vec::new();
     let mut out = BTreeMap::new();
     let trash_dir = v.target.join(trashfs::TRASH);
-    for id in candidates(d, &v.name, &v.trash) {
+    for id in candidates(d, &v.name, &v.trash, &v.orphans) {
         let record = d
             .vfolders
             .get(&id)
@@ -229,7 +238,12 @@ pub fn decide(
                 out.insert(id, status(LifeState::Trashed, in_trash));
             }
             None if live => {
-                let deleted_at = d.tombstones.get(&id).map_or(now, |t| unix(t.deleted_at));
+                let deleted_at = d
+                    .tombstones
+                    .get(&id)
+                    .map(|t| unix(t.deleted_at))
+                    .or_else(|| v.orphans.get(&id).copied())
+                    .unwrap_or(now);
                 if users.is_empty() {
                     steps.push(Step::Trash {
                         id,
@@ -326,10 +340,12 @@ impl LifecycleBoard {
     }
 }
 
-/// What a round carries to the next: files left per purge (counted once).
+/// What a round carries to the next: files left per purge (counted once),
+/// and per volume swept since start, the orphans still to trash.
 #[derive(Default)]
 struct Progress {
     files_left: HashMap<Uuid, u64>,
+    swept: BTreeMap<String, BTreeMap<Uuid, u64>>,
 }
 
 /// Runs forever: one round whenever the pass publishes other volumes, the
@@ -389,7 +405,15 @@ fn round(
         // Read after the state: the brake is set before a relist replaces
         // the state, so a wiped state is never paired with "not held".
         let may_act = cache.live.load(Ordering::Acquire) && cache.brake().held.is_none();
-        let look = match look(&d, name, target) {
+        if may_act && !progress.swept.contains_key(name) {
+            let found = sweep(&d, target);
+            if !found.is_empty() {
+                tracing::warn!(volume = %name, orphans = found.len(), "vfolder directories without a record (deleted while no storage node watched): to the trash, purged after the retention");
+            }
+            progress.swept.insert(name.clone(), found);
+        }
+        let orphans = progress.swept.get(name).cloned().unwrap_or_default();
+        let look = match look(&d, name, target, orphans) {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(volume = %name, error = %crate::error::error_chain(&e), "cannot read the volume's trash");
@@ -441,18 +465,61 @@ fn step_id(s: &Step) -> Uuid {
 }
 
 /// Reads a volume's trash and the live directories a move may concern.
-fn look(d: &Desired, name: &str, target: &Path) -> Result<VolumeLook, trashfs::TrashError> {
+fn look(
+    d: &Desired,
+    name: &str,
+    target: &Path,
+    mut orphans: BTreeMap<Uuid, u64>,
+) -> Result<VolumeLook, trashfs::TrashError> {
     let trash = trashfs::list(target)?;
-    let live = candidates(d, name, &trash)
+    let live: BTreeSet<Uuid> = candidates(d, name, &trash, &orphans)
         .into_iter()
         .filter(|id| crate::reconcile::fsops::is_dir_nofollow(&live_path(target, id)))
         .collect();
+    orphans.retain(|id, _| live.contains(id) && !d.vfolders.contains_key(id));
     Ok(VolumeLook {
         name: name.to_string(),
         target: target.to_path_buf(),
         trash,
         live,
+        orphans,
     })
+}
+
+/// Every vfolder directory on the volume (`<xx>/<yy>/<hex>`) that has no
+/// record: its record was deleted while no storage node watched (or before
+/// the store kept it). Once per volume per start, off the loop; a directory
+/// found here goes to the trash and waits out the whole retention.
+fn sweep(d: &Desired, target: &Path) -> BTreeMap<Uuid, u64> {
+    let now = unix(SystemTime::now());
+    let dirs = |p: &Path| -> Vec<(String, PathBuf)> {
+        std::fs::read_dir(p)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let hex2 = |n: &str| n.len() == 2 && n.bytes().all(|b| b.is_ascii_hexdigit());
+    let mut out = BTreeMap::new();
+    for (a, pa) in dirs(target).into_iter().filter(|(n, _)| hex2(n)) {
+        for (b, pb) in dirs(&pa).into_iter().filter(|(n, _)| hex2(n)) {
+            for (name, _) in dirs(&pb) {
+                let Ok(id) = Uuid::try_parse(&name) else {
+                    continue;
+                };
+                if name.len() == 32
+                    && name.starts_with(&format!("{a}{b}"))
+                    && !d.vfolders.contains_key(&id)
+                {
+                    out.insert(id, now);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Does one step; true if a round should follow at once (something moved,
@@ -569,6 +636,7 @@ mod tests {
             } else {
                 BTreeSet::new()
             },
+            orphans: BTreeMap::new(),
         }
     }
 
@@ -663,6 +731,37 @@ mod tests {
                 deleted_at: Some(42)
             }]
         );
+    }
+
+    #[test]
+    fn an_orphan_found_by_the_sweep_is_trashed_with_the_time_it_was_found() {
+        let mut v = look(None, true);
+        v.orphans.insert(id(), 77);
+        let (steps, _) = decide(&Desired::default(), &v, 100, HOUR);
+        assert_eq!(
+            steps,
+            vec![Step::Trash {
+                id: id(),
+                deleted_at: Some(77)
+            }]
+        );
+        let (steps, _) = decide(&with_record(false, "v"), &v, 100, HOUR);
+        assert!(steps.is_empty(), "a record makes it no orphan: {steps:?}");
+    }
+
+    #[test]
+    fn the_sweep_finds_vfolder_directories_without_a_record_and_nothing_else() {
+        let vol = tempfile::tempdir().unwrap();
+        let kept = with_record(false, "v");
+        let orphan = Uuid::from_bytes([9; 16]);
+        for d in [live_path(vol.path(), &id()), live_path(vol.path(), &orphan)] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::create_dir_all(vol.path().join("zz/09").join(orphan.simple().to_string()))
+            .unwrap();
+        std::fs::create_dir_all(vol.path().join(".trash/x")).unwrap();
+        let found = sweep(&kept, vol.path());
+        assert_eq!(found.keys().copied().collect::<Vec<_>>(), vec![orphan]);
     }
 
     #[test]
