@@ -21,6 +21,7 @@ packages=(
   rclone fuse3
   util-linux procps
   runc busybox-static
+  btrfs-progs
 )
 
 # Installed packages and what they provide, one name per line: nodesource's

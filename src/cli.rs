@@ -150,6 +150,7 @@ async fn put_vfolder(
         permission: new.permission,
         quota_bytes: new.quota_bytes,
         trash: false,
+        clone_of: None,
     };
     let body = serde_yaml::to_string(&spec).expect("yaml");
     parse_vfolder(body.as_bytes()).map_err(CliError::Invalid)?;

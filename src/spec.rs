@@ -373,6 +373,10 @@ pub struct VfolderSpec {
     /// kernel wants it, and back when this goes. Never purges by itself.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub trash: bool,
+    /// A new vfolder filled from this one (reflinked where the filesystem
+    /// can, copied otherwise); its directory appears when the clone is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_of: Option<Uuid>,
 }
 
 fn rw() -> Permission {

@@ -9,6 +9,7 @@
 //! brake holds (a wiped etcd looks like every record deleted). A purge runs
 //! in batches and asks the guard again before each one.
 
+pub mod clone;
 pub mod trashfs;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -42,6 +43,8 @@ pub enum LifeState {
     InUse,
     /// Being purged.
     Purging,
+    /// Being filled from the vfolder its record's `clone_of` names.
+    Cloning,
 }
 
 /// The lifecycle part of a vfolder's status.
@@ -97,6 +100,13 @@ pub enum Step {
         /// The vfolder.
         id: Uuid,
     },
+    /// Fill it from `source` (or see how far its clone is).
+    Clone {
+        /// The vfolder.
+        id: Uuid,
+        /// The vfolder it is a clone of.
+        source: Uuid,
+    },
 }
 
 /// One volume as a round sees it.
@@ -139,7 +149,11 @@ pub fn candidates(
     let mut out: BTreeSet<Uuid> = d
         .vfolders
         .iter()
-        .filter(|(_, e)| e.spec.as_ref().is_ok_and(|v| v.volume == vol && v.trash))
+        .filter(|(_, e)| {
+            e.spec
+                .as_ref()
+                .is_ok_and(|v| v.volume == vol && (v.trash || v.clone_of.is_some()))
+        })
         .map(|(id, _)| *id)
         .collect();
     out.extend(
@@ -209,6 +223,15 @@ pub fn decide(
             }
         }
         let in_trash = trash_dir.join(trashfs::hex(&id));
+        if let Some(source) = record
+            .filter(|vf| !vf.trash && !live && !entry.trashed)
+            .and_then(|vf| vf.clone_of)
+        {
+            // Its directory appears, whole, when the clone is done.
+            steps.push(Step::Clone { id, source });
+            out.insert(id, status(LifeState::Cloning, live_path(&v.target, &id)));
+            continue;
+        }
         match record {
             // Wanted back. A fresh directory made meanwhile (after a purge
             // started) wins: the trashed one then waits for its deletion.
@@ -293,12 +316,21 @@ pub fn decide(
     (steps, out)
 }
 
+/// A volume this storage node serves, as the pass publishes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Served {
+    /// Its mount point.
+    pub target: PathBuf,
+    /// Who owns its vfolders' files.
+    pub owner: clone::Owner,
+}
+
 /// What the pass tells the worker, and what the worker tells the pass.
 #[derive(Default)]
 pub struct LifecycleBoard {
     /// Volume → mount point, for the volumes this node serves that are
     /// mounted and answer (published by whole passes).
-    volumes: Mutex<BTreeMap<String, PathBuf>>,
+    volumes: Mutex<BTreeMap<String, Served>>,
     /// The lifecycle statuses, by vfolder.
     statuses: Mutex<Arc<BTreeMap<Uuid, LifeStatus>>>,
     wake: Notify,
@@ -306,7 +338,7 @@ pub struct LifecycleBoard {
 
 impl LifecycleBoard {
     /// Sets the volumes to look after; wakes the worker if they changed.
-    pub fn publish(&self, volumes: BTreeMap<String, PathBuf>) {
+    pub fn publish(&self, volumes: BTreeMap<String, Served>) {
         let mut cur = self.volumes.lock().unwrap_or_else(|p| p.into_inner());
         if *cur != volumes {
             *cur = volumes;
@@ -322,7 +354,7 @@ impl LifecycleBoard {
             .clone()
     }
 
-    fn volumes(&self) -> BTreeMap<String, PathBuf> {
+    fn volumes(&self) -> BTreeMap<String, Served> {
         self.volumes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -341,11 +373,119 @@ impl LifecycleBoard {
 }
 
 /// What a round carries to the next: files left per purge (counted once),
-/// and per volume swept since start, the orphans still to trash.
+/// per volume swept since start the orphans still to trash, the clones
+/// running on threads of their own, and the last failure of each clone.
 #[derive(Default)]
 struct Progress {
     files_left: HashMap<Uuid, u64>,
     swept: BTreeMap<String, BTreeMap<Uuid, u64>>,
+    clones: HashMap<Uuid, CloneJob>,
+    clone_failed: HashMap<Uuid, (std::time::Instant, String)>,
+}
+
+/// A clone under way.
+struct CloneJob {
+    progress: Arc<clone::Progress>,
+    thread: std::thread::JoinHandle<Result<(), String>>,
+}
+
+/// How long a failed clone waits before it is tried again.
+const CLONE_RETRY: Duration = Duration::from_secs(30);
+
+/// Starts the clone of `source` into `id`, or reports how far it is (files
+/// left), or how it ended.
+fn clone_step(
+    d: &Desired,
+    volumes: &BTreeMap<String, Served>,
+    served: &Served,
+    id: Uuid,
+    source: Uuid,
+    progress: &mut Progress,
+) -> Result<Option<u64>, String> {
+    if let Some(job) = progress.clones.get(&id) {
+        let left = |p: &clone::Progress| {
+            let total = p.total.load(Ordering::Relaxed);
+            Some(total.saturating_sub(p.done.load(Ordering::Relaxed)))
+        };
+        if !job.thread.is_finished() {
+            return Ok(left(&job.progress));
+        }
+        let job = progress.clones.remove(&id).expect("present");
+        let outcome = job
+            .thread
+            .join()
+            .unwrap_or_else(|_| Err("the clone panicked (a bug)".into()));
+        return match outcome {
+            Ok(()) => {
+                let reflinked = job.progress.reflinked.load(Ordering::Relaxed);
+                tracing::info!(vfolder = %id, %source, reflinked, "cloned");
+                Ok(Some(0))
+            }
+            Err(e) => {
+                progress
+                    .clone_failed
+                    .insert(id, (std::time::Instant::now(), e.clone()));
+                Err(e)
+            }
+        };
+    }
+    if let Some((at, e)) = progress.clone_failed.get(&id) {
+        if at.elapsed() < CLONE_RETRY {
+            return Err(e.clone());
+        }
+    }
+    let src = clone_source(d, volumes, id, source)?;
+    let live = live_path(&served.target, &id);
+    let (target, owner) = (served.target.clone(), served.owner);
+    let p = Arc::new(clone::Progress::default());
+    let job_progress = p.clone();
+    let thread = std::thread::Builder::new()
+        .name("vfolderd-clone".into())
+        .spawn(move || {
+            clone::clone_tree(&src, &target, &live, &id, owner, &job_progress)
+                .map_err(|e| crate::error::error_chain(&e))
+        })
+        .map_err(|e| format!("cannot start the clone: {e}"))?;
+    tracing::info!(vfolder = %id, %source, "clone started");
+    progress.clones.insert(
+        id,
+        CloneJob {
+            progress: p,
+            thread,
+        },
+    );
+    Ok(None)
+}
+
+/// The directory a clone copies from, or why there is none to copy now.
+fn clone_source(
+    d: &Desired,
+    volumes: &BTreeMap<String, Served>,
+    id: Uuid,
+    source: Uuid,
+) -> Result<PathBuf, String> {
+    if source == id {
+        return Err("clone_of names the vfolder itself".into());
+    }
+    let Some(Ok(src)) = d.vfolders.get(&source).map(|e| &e.spec) else {
+        return Err(format!("clone_of {source}: no valid record"));
+    };
+    if src.trash {
+        return Err(format!("clone_of {source}: it is in the trash"));
+    }
+    let Some(from) = volumes.get(&src.volume) else {
+        return Err(format!(
+            "clone_of {source}: its volume {} is not mounted on this storage node",
+            src.volume
+        ));
+    };
+    let path = live_path(&from.target, &source);
+    if !crate::reconcile::fsops::is_dir_nofollow(&path) {
+        return Err(format!(
+            "clone_of {source}: its directory does not exist yet"
+        ));
+    }
+    Ok(path)
 }
 
 /// Runs forever: one round whenever the pass publishes other volumes, the
@@ -393,14 +533,15 @@ pub async fn run_lifecycle(
 /// do, and how long until the next retention ends.
 fn round(
     cache: &DesiredCache,
-    volumes: &BTreeMap<String, PathBuf>,
+    volumes: &BTreeMap<String, Served>,
     retention: Duration,
     progress: &mut Progress,
 ) -> (BTreeMap<Uuid, LifeStatus>, bool, Option<Duration>) {
     let mut all = BTreeMap::new();
     let (mut more, mut due) = (false, None::<u64>);
     let mut purging = BTreeSet::new();
-    for (name, target) in volumes {
+    for (name, served) in volumes {
+        let target = &served.target;
         let d = cache.peek();
         // Read after the state: the brake is set before a relist replaces
         // the state, so a wiped state is never paired with "not held".
@@ -430,6 +571,15 @@ fn round(
         if may_act {
             for step in steps {
                 let id = step_id(&step);
+                if let Step::Clone { id, source } = step {
+                    let s = statuses.get_mut(&id).expect("a clone step has a status");
+                    match clone_step(&d, volumes, served, id, source, progress) {
+                        Ok(left) => s.files_left = left,
+                        Err(e) => s.error = Some(e),
+                    }
+                    due = Some(due.map_or(1, |d| d.min(1)));
+                    continue;
+                }
                 match act(cache, &look.target, &step, progress) {
                     Ok(unfinished) => more |= unfinished,
                     Err(e) => {
@@ -460,7 +610,8 @@ fn step_id(s: &Step) -> Uuid {
         | Step::Restore { id }
         | Step::Note { id, .. }
         | Step::StartPurge { id }
-        | Step::Purge { id } => *id,
+        | Step::Purge { id }
+        | Step::Clone { id, .. } => *id,
     }
 }
 
@@ -551,6 +702,7 @@ fn act(
             tracing::info!(vfolder = %id, "purge started");
         }
         Step::Purge { id } => return purge(cache, target, id, progress),
+        Step::Clone { .. } => unreachable!("clones run on threads of their own"),
     }
     // Moved: the next round looks again at once (a purge may be due).
     Ok(true)
@@ -614,6 +766,7 @@ mod tests {
             permission: Permission::Rw,
             quota_bytes: None,
             trash,
+            clone_of: None,
         };
         let e = Record {
             revision: 1,

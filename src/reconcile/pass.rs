@@ -636,7 +636,14 @@ impl Reconciler {
                         && actual.owned_mounts.contains_key(&v.target)
                         && actual.mounts.top(&v.target).is_some()
                 })
-                .map(|(name, v)| (name.clone(), v.target.clone()))
+                .map(|(name, v)| {
+                    let owner = crate::lifecycle::clone::Owner {
+                        uid: v.owner.uid,
+                        gid: v.owner.gid,
+                    };
+                    let target = v.target.clone();
+                    (name.clone(), crate::lifecycle::Served { target, owner })
+                })
                 .collect();
             self.lifecycle.publish(served);
         }

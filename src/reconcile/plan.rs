@@ -174,6 +174,9 @@ pub struct Want {
     pub volumes: BTreeMap<String, WantVolume>,
     /// vfolder directories to create (storage role): uuid → (volume, path).
     pub vfolder_dirs: BTreeMap<Uuid, (String, PathBuf)>,
+    /// Of those, the clones: their directories are made whole by the
+    /// lifecycle worker, never empty by a pass.
+    pub clones: BTreeSet<Uuid>,
     /// Binds by target.
     pub binds: HashMap<PathBuf, WantBind>,
     /// Kernels.
@@ -238,6 +241,9 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
                 if w.volumes.contains_key(&vf.volume) && !vf.trash {
                     let path = node.volumes_root.join(&vf.volume).join(vfolder_relpath(id));
                     w.vfolder_dirs.insert(*id, (vf.volume.clone(), path));
+                    if vf.clone_of.is_some() {
+                        w.clones.insert(*id);
+                    }
                 }
             }
         }
@@ -1186,7 +1192,10 @@ impl<'a> Planner<'a> {
 
     /// Step 5: vfolder directories (storage role).
     fn make_vfolder_dirs(&mut self) {
-        for (vol, path) in self.want.vfolder_dirs.values() {
+        for (id, (vol, path)) in &self.want.vfolder_dirs {
+            if self.want.clones.contains(id) {
+                continue;
+            }
             let v = &self.want.volumes[vol];
             // One in the trash is moved back (the lifecycle worker), not made anew.
             let trashed =
@@ -1403,6 +1412,7 @@ mod tests {
             permission: Permission::Rw,
             quota_bytes: None,
             trash: false,
+            clone_of: None,
         }
     }
 

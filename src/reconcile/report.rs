@@ -111,6 +111,8 @@ pub enum VfolderState {
     InUse,
     /// Being purged.
     Purging,
+    /// Being filled from the vfolder its record's `clone_of` names.
+    Cloning,
 }
 
 /// `P/status/nodes/<node>/volumes/<volume>`.
@@ -643,6 +645,7 @@ fn life_status(inp: &ReportInputs<'_>, l: &LifeStatus) -> VfolderStatus {
     let (state, error) = match l.state {
         LifeState::Trashed => (VfolderState::Trashed, None),
         LifeState::Purging => (VfolderState::Purging, None),
+        LifeState::Cloning => (VfolderState::Cloning, None),
         LifeState::InUse => (
             VfolderState::InUse,
             Some(format!(
