@@ -452,7 +452,7 @@ impl Background {
         let stale: StaleMap = Arc::default();
         let capacity: CapacityMap = Arc::default();
         let volume_targets: VolumeTargets = Arc::default();
-        let usage: Arc<UsageBoard> = Arc::default();
+        let usage = Arc::new(UsageBoard::with_histogram(s.metrics.scan_duration.clone()));
         let lifecycle: Arc<LifecycleBoard> = Arc::default();
         let mut tasks = vec![
             Self::usage_scanner(s, &usage),
@@ -485,10 +485,18 @@ impl Background {
 
     fn lifecycle(s: &Shared<'_>, board: &Arc<LifecycleBoard>) -> AbortOnDrop<()> {
         let (board, cache, retention) = (board.clone(), s.cache.clone(), s.cfg.trash_retention);
-        AbortOnDrop(tokio::spawn(async move {
-            let c = cache.clone();
-            run_lifecycle(board, cache, retention, move || c.touch()).await
-        }))
+        supervised(
+            "lifecycle",
+            s.health.clone(),
+            s.metrics.clone(),
+            move || {
+                let (board, cache) = (board.clone(), cache.clone());
+                async move {
+                    let c = cache.clone();
+                    run_lifecycle(board, cache, retention, move || c.touch()).await
+                }
+            },
+        )
     }
 
     fn credentials_watch(s: &Shared<'_>) -> AbortOnDrop<()> {

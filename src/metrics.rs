@@ -14,7 +14,7 @@ use prometheus::{
 };
 
 use crate::reconcile::pass::PassOutcome;
-use crate::reconcile::report::KernelState;
+use crate::reconcile::report::{KernelState, VolumeFigures};
 use crate::state::desired::Desired;
 
 /// Every series vfolderd exports (listed in README.md).
@@ -57,6 +57,18 @@ pub struct Metrics {
     pub policy_conflicts: IntGauge,
     /// `vfolderd_task_restarts_total{task}`: background tasks that died (a bug) and were restarted.
     pub task_restarts: IntCounterVec,
+    /// `vfolderd_volume_capacity_bytes{volume}`: size of each mounted volume's filesystem.
+    pub volume_capacity: IntGaugeVec,
+    /// `vfolderd_volume_free_bytes{volume}`: what an unprivileged user can still write there.
+    pub volume_free: IntGaugeVec,
+    /// `vfolderd_volume_used_bytes{volume}`: sum of its vfolders' scanned bytes (storage role).
+    pub volume_used: IntGaugeVec,
+    /// `vfolderd_vfolders{volume,state}`: vfolders by state (storage role).
+    pub vfolders: IntGaugeVec,
+    /// `vfolderd_vfolders_over_quota{volume}`: vfolders over their quota (storage role).
+    pub vfolders_over_quota: IntGaugeVec,
+    /// `vfolderd_usage_scan_duration_seconds`: time of one vfolder's usage scan.
+    pub scan_duration: Histogram,
 }
 
 impl Metrics {
@@ -164,8 +176,50 @@ impl Metrics {
             &["task"],
         )
         .expect("metric");
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(Opts::new(name, help), labels).expect("metric")
+        };
+        let volume_capacity = gauge(
+            "vfolderd_volume_capacity_bytes",
+            "Size of each mounted volume's filesystem (statfs, by the prober)",
+            &["volume"],
+        );
+        let volume_free = gauge(
+            "vfolderd_volume_free_bytes",
+            "What an unprivileged user can still write on each mounted volume",
+            &["volume"],
+        );
+        let volume_used = gauge(
+            "vfolderd_volume_used_bytes",
+            "Sum of the scanned bytes of each volume's vfolders (storage role)",
+            &["volume"],
+        );
+        let vfolders = gauge(
+            "vfolderd_vfolders",
+            "vfolders by volume and state (storage role)",
+            &["volume", "state"],
+        );
+        let vfolders_over_quota = gauge(
+            "vfolderd_vfolders_over_quota",
+            "vfolders whose last scan found more than their quota_bytes (storage role)",
+            &["volume"],
+        );
+        let scan_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "vfolderd_usage_scan_duration_seconds",
+                "Time of one vfolder's usage scan (off the loop)",
+            )
+            .buckets(vec![0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0]),
+        )
+        .expect("metric");
         for c in [
             Box::new(task_restarts.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(volume_capacity.clone()),
+            Box::new(volume_free.clone()),
+            Box::new(volume_used.clone()),
+            Box::new(vfolders.clone()),
+            Box::new(vfolders_over_quota.clone()),
+            Box::new(scan_duration.clone()),
             Box::new(passes.clone()),
             Box::new(pass_duration.clone()),
             Box::new(kernel_passes.clone()),
@@ -204,6 +258,12 @@ impl Metrics {
             policy_reloads,
             policy_conflicts,
             task_restarts,
+            volume_capacity,
+            volume_free,
+            volume_used,
+            vfolders,
+            vfolders_over_quota,
+            scan_duration,
         }
     }
 
@@ -258,6 +318,43 @@ impl Metrics {
         self.sas_expiry.reset();
         for (volume, at) in &o.sas_expiry {
             self.sas_expiry.with_label_values(&[volume]).set(*at as i64);
+        }
+        self.record_volumes(&o.summary.volumes);
+    }
+
+    /// Per-volume size and vfolder figures (series of volumes gone are dropped).
+    fn record_volumes(&self, volumes: &std::collections::BTreeMap<String, VolumeFigures>) {
+        for g in [
+            &self.volume_capacity,
+            &self.volume_free,
+            &self.volume_used,
+            &self.vfolders,
+            &self.vfolders_over_quota,
+        ] {
+            g.reset();
+        }
+        let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        for (volume, f) in volumes {
+            let v = [volume.as_str()];
+            if let (Some(c), Some(free)) = (f.capacity_bytes, f.free_bytes) {
+                self.volume_capacity.with_label_values(&v).set(clamp(c));
+                self.volume_free.with_label_values(&v).set(clamp(free));
+            }
+            if f.vfolders.is_empty() {
+                continue;
+            }
+            self.volume_used
+                .with_label_values(&v)
+                .set(clamp(f.used_bytes));
+            for (state, n) in &f.vfolders {
+                self.vfolders
+                    .with_label_values(&[volume.as_str(), state])
+                    .set(*n as i64);
+            }
+            let over = f.vfolders.get("OverQuota").copied().unwrap_or(0);
+            self.vfolders_over_quota
+                .with_label_values(&v)
+                .set(over as i64);
         }
     }
 }

@@ -646,3 +646,51 @@ async fn a_clone_on_btrfs_is_a_reflink_and_costs_no_space() {
     })
     .await;
 }
+
+/// The per-volume metrics an operator graphs and alerts on (issue 14 item
+/// 3): size and free space of the volume, what its vfolders hold, how many
+/// are in each state and over quota, how long scans take; labels are the
+/// volume and the state only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_metrics_say_size_usage_states_and_quota() {
+    require_private_mount_namespace();
+    within(90, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(&etcd, "n1", NodeOpts::default());
+        let (vf, live) = vfolder_with_a_file(&etcd, &node).await;
+        std::fs::write(live.join("big"), vec![1u8; 2 << 20]).unwrap();
+        let rec = "{name: mine, owner: alice, volume: shard1, quota_bytes: 1048576}\n";
+        etcd.put(&format!("{P}/vfolders/{vf}"), rec).await;
+        etcd.wait_state(&format!("{P}/status/vfolders/{vf}"), "OverQuota")
+            .await;
+        let other = uuid::Uuid::new_v4();
+        etcd.put(&format!("{P}/vfolders/{other}"), &record(other, true))
+            .await;
+        etcd.wait_state(&format!("{P}/status/vfolders/{other}"), "Trashed")
+            .await;
+        let m = |s: &str| node.metric_now(s);
+        let v = "{volume=\"shard1\"}";
+        until("the volume's metrics", 30, || {
+            m("vfolderd_vfolders{state=\"Trashed\",volume=\"shard1\"}") == Some(1.0)
+                && m(&format!("vfolderd_vfolders_over_quota{v}")) == Some(1.0)
+                && m(&format!("vfolderd_volume_capacity_bytes{v}")).is_some()
+        })
+        .await;
+        assert_eq!(
+            m("vfolderd_vfolders{state=\"OverQuota\",volume=\"shard1\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            m(&format!("vfolderd_volume_capacity_bytes{v}")),
+            Some((16u64 << 20) as f64)
+        );
+        let free = m(&format!("vfolderd_volume_free_bytes{v}")).unwrap();
+        assert!(free <= (14u64 << 20) as f64, "free {free}");
+        let used = m(&format!("vfolderd_volume_used_bytes{v}")).unwrap();
+        assert!(used >= (2u64 << 20) as f64, "used {used}");
+        assert!(m("vfolderd_usage_scan_duration_seconds_count").unwrap() >= 1.0);
+        let text = node.metrics();
+        assert!(!text.contains(&vf.to_string()), "a per-vfolder label");
+    })
+    .await;
+}

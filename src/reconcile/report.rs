@@ -115,6 +115,23 @@ pub enum VfolderState {
     Cloning,
 }
 
+impl VfolderState {
+    /// The state's name, as in the status value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VfolderState::Ready => "Ready",
+            VfolderState::OverQuota => "OverQuota",
+            VfolderState::Pending => "Pending",
+            VfolderState::Failed => "Failed",
+            VfolderState::Rejected => "Rejected",
+            VfolderState::Trashed => "Trashed",
+            VfolderState::InUse => "InUse",
+            VfolderState::Purging => "Purging",
+            VfolderState::Cloning => "Cloning",
+        }
+    }
+}
+
 /// `P/status/nodes/<node>/volumes/<volume>`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VolumeStatus {
@@ -257,6 +274,22 @@ pub struct Summary {
     pub stale_volumes: usize,
     /// Policy-refused volumes still mounted for kernels.
     pub policy_conflicts: usize,
+    /// Per volume: its size and what its vfolders hold (bounded labels: no
+    /// per-vfolder series).
+    pub volumes: BTreeMap<String, VolumeFigures>,
+}
+
+/// One volume's figures for the metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VolumeFigures {
+    /// Size of its filesystem (mounted here).
+    pub capacity_bytes: Option<u64>,
+    /// What is left there.
+    pub free_bytes: Option<u64>,
+    /// Sum of its vfolders' scanned bytes (storage role).
+    pub used_bytes: u64,
+    /// Its vfolders by state (storage role).
+    pub vfolders: BTreeMap<&'static str, usize>,
 }
 
 /// Every status this node should hold, and its counts.
@@ -320,6 +353,9 @@ pub fn report(inp: &ReportInputs<'_>, d: &Desired, want: &Want, actual: &Actual)
     };
     for (name, e) in &d.volumes {
         let status = volume_status(inp, name, e, want, actual, &mut r.summary);
+        let figures = r.summary.volumes.entry(name.clone()).or_default();
+        figures.capacity_bytes = status.capacity_bytes;
+        figures.free_bytes = status.free_bytes;
         r.statuses
             .insert(inp.keys.volume_status(name), Status::Volume(status));
     }
@@ -341,6 +377,11 @@ pub fn report(inp: &ReportInputs<'_>, d: &Desired, want: &Want, actual: &Actual)
             let settled = !matches!(status.state, VfolderState::Pending | VfolderState::Failed);
             if !settled && status.path.is_some() {
                 r.summary.converged = false;
+            }
+            if let Ok(vf) = &e.spec {
+                let figures = r.summary.volumes.entry(vf.volume.clone()).or_default();
+                figures.used_bytes += status.bytes.unwrap_or(0);
+                *figures.vfolders.entry(status.state.as_str()).or_default() += 1;
             }
             r.statuses
                 .insert(inp.keys.vfolder_status(id), Status::Vfolder(status));

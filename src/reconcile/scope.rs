@@ -236,5 +236,6 @@ pub fn node_wide_summary(
         kernels_by_state: by_state,
         stale_volumes: last_whole.stale_volumes,
         policy_conflicts: last_whole.policy_conflicts,
+        volumes: last_whole.volumes.clone(),
     }
 }

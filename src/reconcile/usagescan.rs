@@ -24,9 +24,19 @@ pub struct UsageBoard {
     measured: Mutex<Arc<BTreeMap<Uuid, Usage>>>,
     /// Woken when a directory appears that was never measured.
     wake: Notify,
+    /// Where each scan's time goes (`vfolderd_usage_scan_duration_seconds`).
+    scan_time: Option<prometheus::Histogram>,
 }
 
 impl UsageBoard {
+    /// A board that records each scan's time in `h`.
+    pub fn with_histogram(h: prometheus::Histogram) -> Self {
+        Self {
+            scan_time: Some(h),
+            ..Self::default()
+        }
+    }
+
     /// Sets the directories to measure; wakes the scanner if one is new.
     pub fn publish(&self, targets: BTreeMap<Uuid, PathBuf>) {
         let measured = self.measured();
@@ -84,9 +94,13 @@ pub async fn run_usage_scanner(
             .collect();
         let mut changed = false;
         for (id, path) in due {
+            let started = std::time::Instant::now();
             let Some(usage) = scan_with_timeout(id, path, timeout, &stuck).await else {
                 continue;
             };
+            if let Some(h) = &board.scan_time {
+                h.observe(started.elapsed().as_secs_f64());
+            }
             let differs = measured
                 .get(&id)
                 .is_none_or(|u| (u.files, u.bytes) != (usage.files, usage.bytes));
