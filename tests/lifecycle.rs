@@ -66,8 +66,14 @@ async fn trash_waits_for_every_nodes_kernels_and_restore_brings_the_files_back()
         let etcd = Etcd::start().await;
         let node = Node::start(&etcd, "n1", NodeOpts::default());
         let (vf, live) = vfolder_with_a_file(&etcd, &node).await;
+        // Another node's kernel, as that node writes it: a home under its
+        // own kernels root, the vfolder as 32 hex digits.
         let other = format!("{P}/nodes/n2/kernels/k9");
-        etcd.put(&other, &kernel(vf)).await;
+        let theirs = format!(
+            "{{home: /srv/elsewhere/k9/work, mounts: [{{vfolder: {}}}]}}\n",
+            vf.simple()
+        );
+        etcd.put(&other, &theirs).await;
         let key = format!("{P}/status/vfolders/{vf}");
 
         etcd.put(&format!("{P}/vfolders/{vf}"), &record(vf, true))

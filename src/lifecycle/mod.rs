@@ -45,6 +45,8 @@ pub enum LifeState {
     Purging,
     /// Being filled from the vfolder its record's `clone_of` names.
     Cloning,
+    /// A move that failed (the error says why); tried again.
+    Pending,
 }
 
 /// The lifecycle part of a vfolder's status.
@@ -171,13 +173,35 @@ fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// The times a decision uses (unix seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clock {
+    /// Now.
+    pub now: u64,
+    /// `trash_retention`.
+    pub retention: Duration,
+    /// Since when the worker may act (the first live list, or the safety
+    /// brake's release): a deletion seen earlier counts from here, so a
+    /// wiped etcd accepted late does not purge at once.
+    pub acting_since: u64,
+}
+
 /// What to do on one volume, and the lifecycle statuses it leaves (pure).
 pub fn decide(
     d: &Desired,
     v: &VolumeLook,
-    now: u64,
-    retention: Duration,
+    clock: &Clock,
 ) -> (Vec<Step>, BTreeMap<Uuid, LifeStatus>) {
+    let (now, retention) = (clock.now, clock.retention);
+    // When this node saw the record go (a tombstone, or the sweep), never
+    // earlier than it could act on it.
+    let seen_deleted = |id: &Uuid| {
+        d.tombstones
+            .get(id)
+            .map(|t| unix(t.deleted_at))
+            .or_else(|| v.orphans.get(id).copied())
+            .map(|t| t.max(clock.acting_since))
+    };
     let mut steps = Vec::new();
     let mut out = BTreeMap::new();
     let trash_dir = v.target.join(trashfs::TRASH);
@@ -207,7 +231,7 @@ pub fn decide(
         if entry.purging {
             let path = trashfs::purging_path(&v.target, &id);
             // A record made again has a status of its own (a fresh directory).
-            let shown = record.is_none();
+            let shown = !d.vfolders.contains_key(&id);
             if users.is_empty() {
                 steps.push(Step::Purge { id });
                 if shown {
@@ -218,7 +242,7 @@ pub fn decide(
             }
             // A record made again after the purge started gets a fresh
             // directory (the pass makes it); its status is the record's.
-            if record.is_none() && !entry.trashed {
+            if shown && !entry.trashed {
                 continue;
             }
         }
@@ -251,22 +275,24 @@ pub fn decide(
                 }
             }
             Some(_) => {
-                if entry.trashed && entry.info.is_none() {
+                // Trashed by its record: an old deletion time (a record made
+                // again) no longer counts.
+                if entry.trashed && entry.info.is_none_or(|i| i.deleted_at.is_some()) {
                     let info = Info {
-                        trashed_at: now,
+                        trashed_at: entry.info.map_or(now, |i| i.trashed_at),
                         deleted_at: None,
                     };
                     steps.push(Step::Note { id, info });
                 }
-                out.insert(id, status(LifeState::Trashed, in_trash));
+                let mut s = status(LifeState::Trashed, in_trash);
+                s.deleted_at = None;
+                out.insert(id, s);
             }
+            // A record that moved to another volume, or that is malformed
+            // now, is not a deletion.
+            None if d.vfolders.contains_key(&id) => {}
             None if live => {
-                let deleted_at = d
-                    .tombstones
-                    .get(&id)
-                    .map(|t| unix(t.deleted_at))
-                    .or_else(|| v.orphans.get(&id).copied())
-                    .unwrap_or(now);
+                let deleted_at = seen_deleted(&id).unwrap_or(now);
                 if users.is_empty() {
                     steps.push(Step::Trash {
                         id,
@@ -281,13 +307,9 @@ pub fn decide(
                     out.insert(id, in_use(live_path(&v.target, &id)));
                 }
             }
-            // A record that moved to another volume is not a deletion.
-            None if d.vfolders.contains_key(&id) => {}
             None if entry.trashed => {
                 let known = entry.info.and_then(|i| i.deleted_at);
-                let deleted_at = known
-                    .or_else(|| d.tombstones.get(&id).map(|t| unix(t.deleted_at)))
-                    .unwrap_or(now);
+                let deleted_at = known.or_else(|| seen_deleted(&id)).unwrap_or(now);
                 if known.is_none() {
                     let info = Info {
                         trashed_at: entry.info.map_or(now, |i| i.trashed_at),
@@ -372,13 +394,33 @@ impl LifecycleBoard {
     }
 }
 
+/// Progress alone (`files_left`) reaches the status at most this often.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Whether two sets of statuses differ in nothing but progress.
+fn same_but_progress(a: &BTreeMap<Uuid, LifeStatus>, b: &BTreeMap<Uuid, LifeStatus>) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|((ka, va), (kb, vb))| {
+            ka == kb
+                && LifeStatus {
+                    files_left: None,
+                    ..va.clone()
+                } == LifeStatus {
+                    files_left: None,
+                    ..vb.clone()
+                }
+        })
+}
+
 /// What a round carries to the next: files left per purge (counted once),
 /// per volume swept since start the orphans still to trash, the clones
 /// running on threads of their own, and the last failure of each clone.
 #[derive(Default)]
 struct Progress {
     files_left: HashMap<Uuid, u64>,
-    swept: BTreeMap<String, BTreeMap<Uuid, u64>>,
+    swept: BTreeMap<String, (std::time::Instant, BTreeMap<Uuid, u64>)>,
+    /// Since when the worker may act (unix seconds); `None` while it may not.
+    acting_since: Option<u64>,
     clones: HashMap<Uuid, CloneJob>,
     clone_failed: HashMap<Uuid, (std::time::Instant, String)>,
 }
@@ -498,11 +540,12 @@ pub async fn run_lifecycle(
     on_change: impl Fn(),
 ) {
     let mut progress = Progress::default();
+    let mut told = std::time::Instant::now();
     loop {
         let volumes = board.volumes();
-        let c = cache.clone();
+        let (c, before) = (cache.clone(), board.statuses());
         let round = tokio::task::spawn_blocking(move || {
-            let r = round(&c, &volumes, retention, &mut progress);
+            let r = round(&c, &volumes, retention, &before, &mut progress);
             (r, progress)
         })
         .await;
@@ -513,7 +556,12 @@ pub async fn run_lifecycle(
             continue;
         };
         progress = p;
-        if board.store(statuses) {
+        // A pass writes the statuses: at once for a new state, at most every
+        // PROGRESS_EVERY for progress alone (files_left of a long purge).
+        let before = board.statuses();
+        let moved = !same_but_progress(&before, &statuses);
+        if board.store(statuses) && (moved || told.elapsed() >= PROGRESS_EVERY) {
+            told = std::time::Instant::now();
             on_change();
         }
         if more {
@@ -529,79 +577,199 @@ pub async fn run_lifecycle(
     }
 }
 
+/// The desired state as it is now, if the worker may act on it: listed
+/// live, etcd answering, the safety brake not holding. `live` is read
+/// before the state (a first list landing in between must not pair the
+/// store's state with "live"), the brake after it (it is set before a
+/// relist replaces the state, so a wiped state never pairs with "not held").
+fn fresh(cache: &DesiredCache) -> Option<Arc<Desired>> {
+    let live = cache.live.load(Ordering::Acquire);
+    let d = cache.peek();
+    let ok = live && cache.connected.load(Ordering::Relaxed) && cache.brake().held.is_none();
+    ok.then_some(d)
+}
+
+/// How often each volume is swept again for directories without a record
+/// (records deleted while malformed leave no tombstone).
+const SWEEP_PERIOD: Duration = Duration::from_secs(3600);
+
 /// One round over every volume: the statuses, whether a purge has more to
-/// do, and how long until the next retention ends.
+/// do, and how long until the next retention ends. `before` are the last
+/// statuses: a volume whose trash cannot be read keeps its own.
 fn round(
     cache: &DesiredCache,
     volumes: &BTreeMap<String, Served>,
     retention: Duration,
+    before: &BTreeMap<Uuid, LifeStatus>,
     progress: &mut Progress,
 ) -> (BTreeMap<Uuid, LifeStatus>, bool, Option<Duration>) {
     let mut all = BTreeMap::new();
     let (mut more, mut due) = (false, None::<u64>);
-    let mut purging = BTreeSet::new();
+    let now = unix(SystemTime::now());
+    let acting = fresh(cache).is_some();
+    match (acting, progress.acting_since) {
+        (true, None) => progress.acting_since = Some(now),
+        (false, Some(_)) => progress.acting_since = None,
+        _ => {}
+    }
+    let clock = Clock {
+        now,
+        retention,
+        acting_since: progress.acting_since.unwrap_or(now),
+    };
     for (name, served) in volumes {
-        let target = &served.target;
         let d = cache.peek();
-        // Read after the state: the brake is set before a relist replaces
-        // the state, so a wiped state is never paired with "not held".
-        let may_act = cache.live.load(Ordering::Acquire) && cache.brake().held.is_none();
-        if may_act && !progress.swept.contains_key(name) {
-            let found = sweep(&d, target);
-            if !found.is_empty() {
-                tracing::warn!(volume = %name, orphans = found.len(), "vfolder directories without a record (deleted while no storage node watched): to the trash, purged after the retention");
-            }
-            progress.swept.insert(name.clone(), found);
+        if acting {
+            sweep_if_due(&d, name, &served.target, progress);
         }
-        let orphans = progress.swept.get(name).cloned().unwrap_or_default();
-        let look = match look(&d, name, target, orphans) {
+        let orphans = progress
+            .swept
+            .get(name)
+            .map(|s| s.1.clone())
+            .unwrap_or_default();
+        let look = match look(&d, name, &served.target, orphans) {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(volume = %name, error = %crate::error::error_chain(&e), "cannot read the volume's trash");
+                all.extend(
+                    before
+                        .iter()
+                        .filter(|(_, s)| s.path.starts_with(&served.target))
+                        .map(|(k, v)| (*k, v.clone())),
+                );
                 continue;
             }
         };
-        let now = unix(SystemTime::now());
-        let (steps, mut statuses) = decide(&d, &look, now, retention);
+        let (steps, mut statuses) = decide(&d, &look, &clock);
+        forget_tombstones(cache, &d, &look);
+        // Acting re-reads the state per step: a round can take long.
+        drop(d);
         for s in statuses.values() {
             if let Some(at) = s.purge_at.filter(|at| *at > now) {
                 due = Some(due.map_or(at - now, |d| d.min(at - now)));
             }
         }
-        if may_act {
-            for step in steps {
-                let id = step_id(&step);
-                if let Step::Clone { id, source } = step {
-                    let s = statuses.get_mut(&id).expect("a clone step has a status");
-                    match clone_step(&d, volumes, served, id, source, progress) {
-                        Ok(left) => s.files_left = left,
-                        Err(e) => s.error = Some(e),
-                    }
-                    due = Some(due.map_or(1, |d| d.min(1)));
-                    continue;
-                }
-                match act(cache, &look.target, &step, progress) {
-                    Ok(unfinished) => more |= unfinished,
-                    Err(e) => {
-                        let e = crate::error::error_chain(&e);
-                        tracing::warn!(volume = %name, vfolder = %id, error = %e, "lifecycle step failed");
-                        if let Some(s) = statuses.get_mut(&id) {
-                            s.error = Some(e);
-                        }
-                    }
-                }
+        if acting {
+            let (m, clones) = act_all(cache, volumes, served, steps, &mut statuses, progress);
+            more |= m;
+            if clones {
+                due = Some(due.map_or(1, |d| d.min(1)));
             }
         }
         for (id, s) in statuses.iter_mut() {
             if s.state == LifeState::Purging {
-                purging.insert(*id);
                 s.files_left = progress.files_left.get(id).copied();
             }
         }
         all.append(&mut statuses);
     }
-    progress.files_left.retain(|id, _| purging.contains(id));
+    progress
+        .files_left
+        .retain(|id, _| all.get(id).is_some_and(|s| s.state == LifeState::Purging));
     (all, more, due.map(Duration::from_secs))
+}
+
+/// Sweeps a volume at the first round that may act on it, and again every
+/// [`SWEEP_PERIOD`].
+fn sweep_if_due(d: &Desired, name: &str, target: &Path, progress: &mut Progress) {
+    let due = progress
+        .swept
+        .get(name)
+        .is_none_or(|(at, _)| at.elapsed() >= SWEEP_PERIOD);
+    if !due {
+        return;
+    }
+    let found = sweep(d, target);
+    if !found.is_empty() {
+        tracing::warn!(volume = %name, orphans = found.len(), "vfolder directories without a record (deleted while no storage node watched, or while malformed): to the trash, purged after the retention");
+    }
+    progress
+        .swept
+        .insert(name.to_string(), (std::time::Instant::now(), found));
+}
+
+/// Tombstones of this volume whose directory is no longer live: the trash
+/// (and its info) remembers them now, or there is nothing left to do.
+fn forget_tombstones(cache: &DesiredCache, d: &Desired, look: &VolumeLook) {
+    let done: Vec<Uuid> = d
+        .tombstones
+        .iter()
+        .filter(|(id, t)| t.volume == look.name && !look.live.contains(id))
+        .filter(|(id, _)| {
+            look.trash
+                .get(id)
+                .is_none_or(|e| e.info.is_some_and(|i| i.deleted_at.is_some()))
+        })
+        .map(|(id, _)| *id)
+        .collect();
+    if !done.is_empty() {
+        cache.forget_tombstones(&done);
+    }
+}
+
+/// Does a volume's steps; whether a round should follow at once, and
+/// whether a clone is running.
+fn act_all(
+    cache: &DesiredCache,
+    volumes: &BTreeMap<String, Served>,
+    served: &Served,
+    steps: Vec<Step>,
+    statuses: &mut BTreeMap<Uuid, LifeStatus>,
+    progress: &mut Progress,
+) -> (bool, bool) {
+    let (mut more, mut clones) = (false, false);
+    for step in steps {
+        let id = step_id(&step);
+        if let Step::Clone { id, source } = step {
+            clones = true;
+            let Some(d) = fresh(cache) else { break };
+            let s = statuses.get_mut(&id).expect("a clone step has a status");
+            match clone_step(&d, volumes, served, id, source, progress) {
+                Ok(left) => s.files_left = left,
+                Err(e) => s.error = Some(e),
+            }
+            continue;
+        }
+        match act(cache, &served.target, &step, progress) {
+            Ok(again) => more |= again,
+            Err(e) => {
+                let e = crate::error::error_chain(&e);
+                tracing::warn!(vfolder = %id, error = %e, "lifecycle step failed");
+                if let Some(s) = statuses.get_mut(&id) {
+                    if matches!(step, Step::Trash { .. }) {
+                        // Still where it was: not in the trash.
+                        s.state = LifeState::Pending;
+                        s.path = live_path(&served.target, &id);
+                        s.trashed_at = None;
+                    }
+                    s.error = Some(e);
+                }
+            }
+        }
+    }
+    (more, clones)
+}
+
+/// Whether `step` still holds against the state as it is now (a round
+/// decided it on a state that may be old by the time it acts).
+fn still_holds(d: &Desired, step: &Step) -> bool {
+    let id = step_id(step);
+    let record = d.vfolders.get(&id).map(|e| e.spec.as_ref().ok());
+    let unwanted = d.in_use.users(&id).is_empty();
+    match step {
+        // Its record asks for the trash, or is gone; and nobody wants it.
+        Step::Trash { deleted_at, .. } => {
+            let asked = match record {
+                Some(Some(vf)) => vf.trash && deleted_at.is_none(),
+                Some(None) => false,
+                None => deleted_at.is_some(),
+            };
+            asked && unwanted
+        }
+        Step::StartPurge { .. } => record.is_none() && unwanted,
+        Step::Restore { .. } => matches!(record, Some(Some(vf)) if !vf.trash),
+        Step::Note { .. } | Step::Purge { .. } | Step::Clone { .. } => true,
+    }
 }
 
 fn step_id(s: &Step) -> Uuid {
@@ -682,6 +850,11 @@ fn act(
     progress: &mut Progress,
 ) -> Result<bool, trashfs::TrashError> {
     let now = unix(SystemTime::now());
+    let holds = fresh(cache).is_some_and(|d| still_holds(&d, step));
+    if !holds {
+        tracing::debug!(?step, "lifecycle step no longer holds; looking again");
+        return Ok(true);
+    }
     match step {
         Step::Trash { id, deleted_at } => {
             let info = Info {
@@ -722,10 +895,11 @@ fn purge(
     }
     let started = std::time::Instant::now();
     loop {
-        let users = cache.peek().in_use.users(id);
-        if cache.brake().held.is_some() {
+        let Some(d) = fresh(cache) else {
             return Ok(false);
-        }
+        };
+        let users = d.in_use.users(id);
+        drop(d);
         if !users.is_empty() {
             tracing::warn!(vfolder = %id, kernels = ?users, "purge paused: a kernel wants this vfolder");
             return Ok(false);
@@ -752,6 +926,14 @@ mod tests {
     use crate::state::inuse::Wanted;
 
     const HOUR: Duration = Duration::from_secs(3600);
+
+    fn at(now: u64) -> Clock {
+        Clock {
+            now,
+            retention: HOUR,
+            acting_since: 0,
+        }
+    }
 
     fn id() -> Uuid {
         Uuid::from_bytes([7; 16])
@@ -814,12 +996,12 @@ mod tests {
                 exact: true,
             },
         );
-        let (steps, st) = decide(&d, &look(None, true), 100, HOUR);
+        let (steps, st) = decide(&d, &look(None, true), &at(100));
         assert!(steps.is_empty(), "{steps:?}");
         assert_eq!(st[&id()].state, LifeState::InUse);
         assert_eq!(st[&id()].kernels, vec!["n2/k9"]);
         d.in_use.remove("n2/k9");
-        let (steps, st) = decide(&d, &look(None, true), 100, HOUR);
+        let (steps, st) = decide(&d, &look(None, true), &at(100));
         assert_eq!(
             steps,
             vec![Step::Trash {
@@ -833,10 +1015,10 @@ mod tests {
     #[test]
     fn a_deleted_record_is_purged_only_after_its_retention() {
         let d = Desired::default();
-        let (steps, st) = decide(&d, &look(Some(trashed(Some(100))), false), 100 + 3599, HOUR);
+        let (steps, st) = decide(&d, &look(Some(trashed(Some(100))), false), &at(100 + 3599));
         assert!(steps.is_empty(), "{steps:?}");
         assert_eq!(st[&id()].purge_at, Some(100 + 3600));
-        let (steps, st) = decide(&d, &look(Some(trashed(Some(100))), false), 100 + 3600, HOUR);
+        let (steps, st) = decide(&d, &look(Some(trashed(Some(100))), false), &at(100 + 3600));
         assert_eq!(
             steps,
             vec![Step::StartPurge { id: id() }, Step::Purge { id: id() }]
@@ -849,8 +1031,7 @@ mod tests {
         let (steps, _) = decide(
             &Desired::default(),
             &look(Some(trashed(None)), false),
-            500,
-            HOUR,
+            &at(500),
         );
         let note = Info {
             trashed_at: 10,
@@ -868,15 +1049,15 @@ mod tests {
     #[test]
     fn a_tombstone_trashes_with_its_deletion_time() {
         let mut d = Desired::default();
-        let at = UNIX_EPOCH + Duration::from_secs(42);
+        let when = UNIX_EPOCH + Duration::from_secs(42);
         d.tombstones.insert(
             id(),
             Tombstone {
                 volume: "v".into(),
-                deleted_at: at,
+                deleted_at: when,
             },
         );
-        let (steps, _) = decide(&d, &look(None, true), 100, HOUR);
+        let (steps, _) = decide(&d, &look(None, true), &at(100));
         assert_eq!(
             steps,
             vec![Step::Trash {
@@ -890,7 +1071,7 @@ mod tests {
     fn an_orphan_found_by_the_sweep_is_trashed_with_the_time_it_was_found() {
         let mut v = look(None, true);
         v.orphans.insert(id(), 77);
-        let (steps, _) = decide(&Desired::default(), &v, 100, HOUR);
+        let (steps, _) = decide(&Desired::default(), &v, &at(100));
         assert_eq!(
             steps,
             vec![Step::Trash {
@@ -898,7 +1079,7 @@ mod tests {
                 deleted_at: Some(77)
             }]
         );
-        let (steps, _) = decide(&with_record(false, "v"), &v, 100, HOUR);
+        let (steps, _) = decide(&with_record(false, "v"), &v, &at(100));
         assert!(steps.is_empty(), "a record makes it no orphan: {steps:?}");
     }
 
@@ -918,13 +1099,96 @@ mod tests {
     }
 
     #[test]
+    fn a_deletion_seen_before_the_worker_could_act_counts_from_when_it_could() {
+        let mut d = Desired::default();
+        let when = UNIX_EPOCH + Duration::from_secs(42);
+        d.tombstones.insert(
+            id(),
+            Tombstone {
+                volume: "v".into(),
+                deleted_at: when,
+            },
+        );
+        let clock = Clock {
+            acting_since: 1000,
+            ..at(2000)
+        };
+        let (steps, st) = decide(&d, &look(None, true), &clock);
+        let deleted_at = Some(1000);
+        assert_eq!(
+            steps,
+            vec![Step::Trash {
+                id: id(),
+                deleted_at
+            }]
+        );
+        assert_eq!(st[&id()].purge_at, Some(1000 + 3600));
+    }
+
+    #[test]
+    fn a_record_in_the_trash_again_forgets_an_old_deletion_time() {
+        let (steps, st) = decide(
+            &with_record(true, "v"),
+            &look(Some(trashed(Some(5))), false),
+            &at(100),
+        );
+        let info = Info {
+            trashed_at: 10,
+            deleted_at: None,
+        };
+        assert_eq!(steps, vec![Step::Note { id: id(), info }]);
+        assert_eq!(st[&id()].deleted_at, None);
+    }
+
+    #[test]
+    fn a_malformed_record_is_not_a_deletion() {
+        let mut d = Desired::default();
+        let bad = Record {
+            revision: 1,
+            created: 1,
+            spec: Err(crate::spec::Rejection::Invalid("bad".into())),
+        };
+        d.vfolders.insert(id(), bad);
+        let (steps, _) = decide(&d, &look(Some(trashed(Some(1))), true), &at(1 << 40));
+        assert!(steps.is_empty(), "{steps:?}");
+    }
+
+    #[test]
+    fn a_step_decided_on_an_old_state_is_checked_against_the_new_one() {
+        let purge = Step::StartPurge { id: id() };
+        assert!(still_holds(&Desired::default(), &purge));
+        assert!(
+            !still_holds(&with_record(false, "v"), &purge),
+            "record made again"
+        );
+        let trash = Step::Trash {
+            id: id(),
+            deleted_at: None,
+        };
+        let mut d = with_record(true, "v");
+        assert!(still_holds(&d, &trash));
+        d.in_use.set(
+            "n2/k9",
+            Wanted {
+                ids: vec![id()],
+                exact: true,
+            },
+        );
+        assert!(!still_holds(&d, &trash), "a kernel came");
+        assert!(
+            !still_holds(&with_record(false, "v"), &trash),
+            "trash taken back"
+        );
+    }
+
+    #[test]
     fn a_record_back_restores_and_one_elsewhere_is_never_purged() {
         let d = with_record(false, "v");
-        let (steps, st) = decide(&d, &look(Some(trashed(Some(1))), false), 1 << 40, HOUR);
+        let (steps, st) = decide(&d, &look(Some(trashed(Some(1))), false), &at(1 << 40));
         assert_eq!(steps, vec![Step::Restore { id: id() }]);
         assert!(st.is_empty());
         let d = with_record(false, "other");
-        let (steps, _) = decide(&d, &look(Some(trashed(Some(1))), false), 1 << 40, HOUR);
+        let (steps, _) = decide(&d, &look(Some(trashed(Some(1))), false), &at(1 << 40));
         assert!(steps.is_empty(), "{steps:?}");
     }
 
@@ -936,7 +1200,7 @@ mod tests {
             info: None,
         };
         let d = with_record(false, "v");
-        let (steps, st) = decide(&d, &look(Some(purging.clone()), true), 1, HOUR);
+        let (steps, st) = decide(&d, &look(Some(purging.clone()), true), &at(1));
         assert_eq!(steps, vec![Step::Purge { id: id() }]);
         assert!(st.is_empty(), "the record's own status stands: {st:?}");
         let mut d = Desired::default();
@@ -947,7 +1211,7 @@ mod tests {
                 exact: true,
             },
         );
-        let (steps, st) = decide(&d, &look(Some(purging), false), 1, HOUR);
+        let (steps, st) = decide(&d, &look(Some(purging), false), &at(1));
         assert!(steps.is_empty());
         assert_eq!(st[&id()].state, LifeState::InUse);
     }

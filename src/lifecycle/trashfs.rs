@@ -215,6 +215,8 @@ pub fn move_to_trash(volume: &Path, live: &Path, id: &Uuid, info: Info) -> Resul
     let trash = open_trash(volume, true)?.expect("created");
     let (parent, name) = parent_and_name(volume, live)?;
     let to = volume.join(TRASH).join(hex(id));
+    // An info left from before (a crash) must not date this trashing.
+    remove_info(trash.as_fd(), id);
     rename_noreplace(parent.as_fd(), &name, trash.as_fd(), &hex(id), &to)?;
     write_info(volume, id, info)
 }
@@ -225,8 +227,9 @@ pub fn restore(volume: &Path, live: &Path, id: &Uuid) -> Result<(), TrashError> 
         return Ok(());
     };
     let (parent, name) = parent_and_name(volume, live)?;
-    rename_noreplace(trash.as_fd(), &hex(id), parent.as_fd(), &name, live)?;
+    // Info first: one left behind would date a later trashing.
     remove_info(trash.as_fd(), id);
+    rename_noreplace(trash.as_fd(), &hex(id), parent.as_fd(), &name, live)?;
     Ok(())
 }
 
@@ -277,11 +280,11 @@ pub fn purge_some(volume: &Path, id: &Uuid, budget: usize) -> Result<(u64, bool)
     if !empty {
         return Ok((removed, false));
     }
+    remove_info(trash.as_fd(), id);
     match unlinkat(trash.as_fd(), name.as_str(), UnlinkatFlags::RemoveDir) {
         Ok(()) | Err(Errno::ENOENT) => {}
         Err(e) => return Err(sys("rmdir", &name)(e)),
     }
-    remove_info(trash.as_fd(), id);
     Ok((removed, true))
 }
 
@@ -302,10 +305,13 @@ fn empty_some(
 ) -> Result<bool, Errno> {
     let fd = openat(dir, ".", DIR_FLAGS, Mode::empty())?;
     let mut d = Dir::from_fd(fd)?;
+    // At most what the budget can remove: a flat directory of millions
+    // is read a budget at a time, not whole on every call.
     let names: Vec<(std::ffi::CString, Option<Type>)> = d
         .iter()
         .flatten()
         .filter(|e| !matches!(e.file_name().to_bytes(), b"." | b".."))
+        .take(left.entries)
         .map(|e| (e.file_name().to_owned(), e.file_type()))
         .collect();
     for (name, kind) in names {
@@ -337,6 +343,7 @@ fn empty_some(
         if depth + 1 >= PURGE_DEPTH {
             let up = format!("deep-{}", Uuid::new_v4().simple());
             nix::fcntl::renameat(dir, name.as_c_str(), top, up.as_str())?;
+            left.entries -= 1;
             continue;
         }
         let child = match openat(dir, name.as_c_str(), DIR_FLAGS, Mode::empty()) {

@@ -2,6 +2,7 @@
 
 pub mod actual;
 pub mod bookkeeping;
+pub mod btrfs;
 pub mod execute;
 pub mod fsops;
 pub mod mountwatch;

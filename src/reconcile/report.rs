@@ -677,16 +677,12 @@ fn vfolder_status(
 
 /// The status of a vfolder in the trash, waiting for kernels, or being purged.
 fn life_status(inp: &ReportInputs<'_>, l: &LifeStatus) -> VfolderStatus {
-    let at = |t: Option<u64>| {
-        t.map(|s| {
-            let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(s);
-            humantime::format_rfc3339_seconds(t).to_string()
-        })
-    };
+    let at = |t: Option<u64>| t.map(rfc3339);
     let (state, error) = match l.state {
         LifeState::Trashed => (VfolderState::Trashed, None),
         LifeState::Purging => (VfolderState::Purging, None),
         LifeState::Cloning => (VfolderState::Cloning, None),
+        LifeState::Pending => (VfolderState::Pending, None),
         LifeState::InUse => (
             VfolderState::InUse,
             Some(format!(
@@ -710,4 +706,15 @@ fn life_status(inp: &ReportInputs<'_>, l: &LifeStatus) -> VfolderStatus {
         error: l.error.clone().or(error),
         node: inp.keys.node.clone(),
     }
+}
+
+/// Unix seconds as RFC 3339; past year 9999 (a retention of "forever",
+/// a hostile info file) as the plain number, never a panic.
+fn rfc3339(secs: u64) -> String {
+    const MAX: u64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    if secs > MAX {
+        return secs.to_string();
+    }
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    humantime::format_rfc3339_seconds(t).to_string()
 }

@@ -157,11 +157,12 @@ impl DesiredParser {
                 )
             }
             Classified::Object(ObjectKey::ForeignKernel(nk)) => {
-                let id = nk.split_once('/').map_or(nk.as_str(), |(_, k)| k);
-                let spec = guarded(key, || parse_kernel(id, value, &self.kernels_root))
-                    .ok()
-                    .and_then(|r| r.ok());
-                Parsed::ForeignKernel(nk.clone(), Wanted::of(spec.as_ref(), value))
+                let wanted = guarded(key, || crate::state::inuse::wanted_by_value(value))
+                    .unwrap_or_else(|_| Wanted {
+                        ids: crate::state::inuse::uuids_in(value),
+                        exact: false,
+                    });
+                Parsed::ForeignKernel(nk.clone(), wanted)
             }
             Classified::Invalid { reason } => {
                 tracing::warn!(key, reason = %reason, "rejected desired key");
@@ -185,7 +186,9 @@ impl DesiredParser {
                 d.volumes.remove(&name);
             }
             Classified::Object(ObjectKey::Vfolder(id)) => {
-                if let Some(Ok(vf)) = d.vfolders.remove(&id).map(|e| e.spec) {
+                let gone = d.vfolders.remove(&id).map(|e| e.spec);
+                // Only a storage node trashes what a deleted record leaves.
+                if let (Some(Ok(vf)), true) = (gone, self.keys.all_kernels) {
                     d.tombstones.insert(id, Tombstone::now(vf.volume));
                 }
             }

@@ -104,31 +104,41 @@ impl InUse {
     }
 }
 
-/// Every hyphenated uuid written in `text` (a malformed value is still
-/// read for what it might want).
+/// Every uuid written in `text`, hyphenated or as 32 hex digits (a
+/// malformed value is still read for what it might want).
 pub fn uuids_in(text: &[u8]) -> Vec<Uuid> {
-    const LEN: usize = 36;
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i + LEN <= text.len() {
-        let window = &text[i..i + LEN];
-        let shaped = window.iter().enumerate().all(|(j, b)| match j {
-            8 | 13 | 18 | 23 => *b == b'-',
-            _ => b.is_ascii_hexdigit(),
-        });
-        if shaped {
-            if let Some(id) = std::str::from_utf8(window)
-                .ok()
-                .and_then(|s| Uuid::parse_str(s).ok())
-            {
-                out.push(id);
-                i += LEN;
-                continue;
-            }
+    text.split(|b| !(b.is_ascii_hexdigit() || *b == b'-'))
+        .filter(|t| t.len() == 32 || t.len() == 36)
+        .filter_map(|t| Uuid::try_parse_ascii(t).ok())
+        .collect()
+}
+
+/// What another node's kernel value mounts, read leniently: only
+/// `mounts[].vfolder` matters here, and the checks that depend on that
+/// node (its kernels root) are that node's to make. A value that is not a
+/// mapping with a `mounts` list counts as wanting every uuid it names.
+pub fn wanted_by_value(value: &[u8]) -> Wanted {
+    let fallback = || Wanted {
+        ids: uuids_in(value),
+        exact: false,
+    };
+    let Ok(doc) = serde_yaml::from_slice::<serde_yaml::Value>(value) else {
+        return fallback();
+    };
+    let Some(mounts) = doc.get("mounts").and_then(|m| m.as_sequence()) else {
+        return fallback();
+    };
+    let mut ids = Vec::new();
+    for m in mounts {
+        match m.get("vfolder") {
+            None => {}
+            Some(v) => match v.as_str().and_then(|s| Uuid::try_parse(s.trim()).ok()) {
+                Some(id) => ids.push(id),
+                None => return fallback(),
+            },
         }
-        i += 1;
     }
-    out
+    Wanted { ids, exact: true }
 }
 
 #[cfg(test)]
@@ -171,10 +181,29 @@ mod tests {
     }
 
     #[test]
+    fn another_nodes_kernel_is_read_for_its_vfolders_whatever_its_home() {
+        let a = "0123abcd-0000-4000-8000-000000000000";
+        let b = "ffffffff-ffff-4fff-bfff-ffffffffffff";
+        let v = format!("{{home: /elsewhere/k1, mounts: [{{vfolder: {a}}}, {{volume: d, token: read}}, {{vfolder: '{}'}}]}}", b.replace('-', ""));
+        let w = wanted_by_value(v.as_bytes());
+        assert!(w.exact);
+        assert_eq!(
+            w.ids,
+            vec![Uuid::parse_str(a).unwrap(), Uuid::parse_str(b).unwrap()]
+        );
+        let w = wanted_by_value(format!("mounts: [{{vfolder: {a}}}, oops").as_bytes());
+        assert!(!w.exact);
+        assert_eq!(w.ids, vec![Uuid::parse_str(a).unwrap()]);
+    }
+
+    #[test]
     fn uuids_are_found_anywhere_in_the_text_and_nothing_else_is() {
         let a = "0123abcd-0000-4000-8000-000000000000";
         let b = "ffffffff-ffff-4fff-bfff-ffffffffffff";
-        let text = format!("é{a}x{b}\n0123abcd-0000-4000-8000-00000000000");
+        let text = format!(
+            "é{a}x{}\n0123abcd-0000-4000-8000-00000000000",
+            b.replace('-', "")
+        );
         assert_eq!(
             uuids_in(text.as_bytes()),
             vec![Uuid::parse_str(a).unwrap(), Uuid::parse_str(b).unwrap()]

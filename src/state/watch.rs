@@ -228,9 +228,13 @@ impl DesiredCache {
         self.changed.notify_one();
     }
 
-    fn replace(&self, mut d: Desired) {
+    /// Swaps in a fresh listing; `tombstones`: records gone since become
+    /// tombstones (storage role: their directories go to the trash).
+    fn replace(&self, mut d: Desired, tombstones: bool) {
         let mut cur = self.lock();
-        d.inherit_tombstones(&cur.desired);
+        if tombstones {
+            d.inherit_tombstones(&cur.desired);
+        }
         self.revision.store(d.revision, Ordering::Relaxed);
         cur.desired = Arc::new(d);
         cur.generation += 1;
@@ -266,6 +270,19 @@ impl DesiredCache {
             self.changed.notify_one();
         }
         self.lifecycle.notify_one();
+    }
+
+    /// Drops tombstones the lifecycle worker no longer needs (their
+    /// directory is in the trash with its deletion time, or gone). No pass
+    /// follows: nothing a pass looks at changed.
+    pub fn forget_tombstones(&self, ids: &[Uuid]) {
+        let mut cur = self.lock();
+        if ids.iter().any(|id| cur.desired.tombstones.contains_key(id)) {
+            let d = Arc::make_mut(&mut cur.desired);
+            for id in ids {
+                d.tombstones.remove(id);
+            }
+        }
     }
 
     /// The current state, without taking what changed (the lifecycle
@@ -818,7 +835,7 @@ fn apply_listing(parser: &DesiredParser, cache: &DesiredCache, store: &Ledger, l
         "listed desired state"
     );
     cache.connected.store(true, Ordering::Relaxed);
-    cache.replace(d);
+    cache.replace(d, parser.keys.all_kernels);
 }
 
 /// Applies watch events to the cache and the store, noting what changed.
