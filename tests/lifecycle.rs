@@ -582,37 +582,7 @@ async fn a_clone_on_btrfs_is_a_reflink_and_costs_no_space() {
     within(120, async {
         let etcd = Etcd::start().await;
         let node = Node::start(&etcd, "n1", NodeOpts::default());
-        let img = node.dir.path().join("btrfs.img");
-        let fs = node.dir.path().join("btrfs");
-        std::fs::create_dir(&fs).unwrap();
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(256 << 20)
-            .unwrap();
-        let run = |cmd: &str, args: &[&std::ffi::OsStr]| {
-            let out = std::process::Command::new(cmd).args(args).output().unwrap();
-            assert!(
-                out.status.success(),
-                "{cmd}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        run("mkfs.btrfs", &["-q".as_ref(), img.as_os_str()]);
-        // `-o loop` lets util-linux set autoclear: the loop device goes with the mount.
-        run(
-            "mount",
-            &[
-                "-o".as_ref(),
-                "loop".as_ref(),
-                img.as_os_str(),
-                fs.as_os_str(),
-            ],
-        );
-        let spec = format!(
-            "mount: {{at: requested, fstype: bind, path: {}}}\n",
-            fs.display()
-        );
-        etcd.put(&format!("{P}/volumes/shard1"), &spec).await;
+        let fs = btrfs_volume(&etcd, &node, false).await;
         let src = uuid::Uuid::new_v4();
         etcd.put(&format!("{P}/vfolders/{src}"), &record(src, false))
             .await;
@@ -697,6 +667,113 @@ async fn volume_metrics_say_size_usage_states_and_quota() {
         assert!(m("vfolderd_usage_scan_duration_seconds_count").unwrap() >= 1.0);
         let text = node.metrics();
         assert!(!text.contains(&vf.to_string()), "a per-vfolder label");
+    })
+    .await;
+}
+
+fn run(cmd: &str, args: &[&std::ffi::OsStr]) {
+    let out = std::process::Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A loop-mounted 256 MiB btrfs (quotas enabled if asked, as an operator
+/// would with `btrfs quota enable`), served as the bind volume `shard1`.
+async fn btrfs_volume(etcd: &Etcd, node: &Node, quotas: bool) -> PathBuf {
+    let img = node.dir.path().join("btrfs.img");
+    let fs = node.dir.path().join("btrfs");
+    std::fs::create_dir(&fs).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    run("mkfs.btrfs", &["-q".as_ref(), img.as_os_str()]);
+    // `-o loop` lets util-linux set autoclear: the loop device goes with the mount.
+    let (o, lo) = ("-o".as_ref(), "loop".as_ref());
+    run("mount", &[o, lo, img.as_os_str(), fs.as_os_str()]);
+    if quotas {
+        run(
+            "btrfs",
+            &["quota".as_ref(), "enable".as_ref(), fs.as_os_str()],
+        );
+    }
+    let spec = format!(
+        "mount: {{at: requested, fstype: bind, path: {}}}\n",
+        fs.display()
+    );
+    etcd.put(&format!("{P}/volumes/shard1"), &spec).await;
+    etcd.wait_state(&node.volume_status("shard1"), "Mounted")
+        .await;
+    fs
+}
+
+/// On a btrfs volume with quotas enabled each new vfolder is a subvolume
+/// with a qgroup limit: the kernel's user cannot write past `quota_bytes`
+/// (EDQUOT), the status says `quota: enforced` with the qgroup's bytes,
+/// and raising `quota_bytes` lets the same write through, live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_on_btrfs_is_enforced_and_changes_live() {
+    require_private_mount_namespace();
+    within(120, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(&etcd, "n1", NodeOpts::default());
+        let fs = btrfs_volume(&etcd, &node, true).await;
+        let vf = uuid::Uuid::new_v4();
+        let rec =
+            |q: u64| format!("{{name: mine, owner: alice, volume: shard1, quota_bytes: {q}}}\n");
+        etcd.put(&format!("{P}/vfolders/{vf}"), &rec(1 << 20)).await;
+        etcd.put(&node.kernel_key("k1"), &kernel(vf)).await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let big = node.home("k1").join("mine/big");
+        let write = || {
+            std::process::Command::new("setpriv")
+                .args([
+                    "--reuid=1000",
+                    "--regid=1000",
+                    "--clear-groups",
+                    "dd",
+                    "if=/dev/zero",
+                    "bs=1M",
+                    "count=3",
+                    "conv=fsync",
+                ])
+                .arg(format!("of={}", big.display()))
+                .output()
+                .unwrap()
+        };
+        let out = write();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !out.status.success() && err.contains("quota exceeded"),
+            "{err}"
+        );
+        let key = format!("{P}/status/vfolders/{vf}");
+        let st = etcd
+            .wait_for(&key, "enforced, with the qgroup's bytes", |v| {
+                v["quota"] == "enforced"
+                    && v["bytes"].as_u64().is_some_and(|b| b > 0 && b <= 1 << 20)
+            })
+            .await;
+        assert_eq!(st["quota_bytes"], 1 << 20, "{st}");
+
+        etcd.put(&format!("{P}/vfolders/{vf}"), &rec(8 << 20)).await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !write().status.success() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the raised quota never applied"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        assert_eq!(std::fs::metadata(&big).unwrap().len(), 3 << 20);
+        let _ = nix::mount::umount2(
+            &node.volumes().join("shard1"),
+            nix::mount::MntFlags::MNT_DETACH,
+        );
+        let _ = nix::mount::umount2(&fs, nix::mount::MntFlags::MNT_DETACH);
     })
     .await;
 }

@@ -480,12 +480,18 @@ impl Executor {
                 uid,
                 gid,
                 owner,
+                quota,
             } => {
                 let create = Create {
                     mode: 0o755,
                     uid: *uid,
                     gid: *gid,
                 };
+                if let Some(q) = quota {
+                    if make_subvolume(root, path, create, q)? {
+                        return Ok(());
+                    }
+                }
                 // Ownership first: a crash right after mkdir leaves a directory
                 // we own (staged and flushed with the batch, or written now).
                 let mut record = |p: &Path| match owner {
@@ -1413,6 +1419,46 @@ pub fn status_message(e: &ExecError) -> String {
     redact(&crate::error::error_chain(e))
 }
 
+/// A vfolder directory on btrfs with quotas enabled: its parents made as
+/// usual, itself a subvolume with the quota's limit. `Ok(false)` where the
+/// filesystem does not enforce quotas (then a plain directory is made).
+fn make_subvolume(
+    root: &Path,
+    path: &Path,
+    create: Create,
+    q: &crate::reconcile::plan::QuotaAsk,
+) -> Result<bool, ExecError> {
+    let (Some(parent), Some(leaf)) = (path.parent(), path.file_name().and_then(|n| n.to_str()))
+    else {
+        return Ok(false);
+    };
+    let made = make_dir(root, parent, create, &mut |_| Ok(()))?;
+    drop(made);
+    let (pfd, _) = crate::reconcile::fsops::open_dir(root, parent, None)?;
+    // ioctls need a descriptor opened for real, not O_PATH.
+    let flags =
+        nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC;
+    let dir = nix::fcntl::openat(pfd.as_fd(), ".", flags, nix::sys::stat::Mode::empty()).map_err(
+        |errno| {
+            ExecError::Fs(FsError::Sys {
+                op: "open",
+                path: parent.to_path_buf(),
+                errno,
+            })
+        },
+    )?;
+    let owner = (create.uid.unwrap_or(0), create.gid.unwrap_or(0));
+    match crate::reconcile::btrfs::make_limited(dir.as_fd(), leaf, owner, q.bytes) {
+        Ok(made) => Ok(made),
+        Err(Errno::EEXIST) => Ok(true),
+        Err(errno) => Err(ExecError::Fs(FsError::Sys {
+            op: "create subvolume",
+            path: path.to_path_buf(),
+            errno,
+        })),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -1763,6 +1809,7 @@ mod tests {
             uid: None,
             gid: None,
             owner: Some(Owner::Kernel(k.into())),
+            quota: None,
         };
         // The first mount(2) (k1's bind) succeeds, k2's fails.
         f.mounter.fail_after(CallKind::Mount, 2, Errno::EPERM, 1);

@@ -624,7 +624,13 @@ impl Reconciler {
                 .vfolder_dirs
                 .iter()
                 .filter(|(_, (_, path))| actual.dirs.contains(path))
-                .map(|(id, (_, path))| (*id, path.clone()))
+                .map(|(id, (_, path))| {
+                    let target = crate::reconcile::usagescan::ScanTarget {
+                        path: path.clone(),
+                        quota: want.quotas.get(id).copied(),
+                    };
+                    (*id, target)
+                })
                 .collect();
             self.usage.publish(dirs);
             // Mounted and answering: a hung volume is not looked into.

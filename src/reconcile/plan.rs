@@ -167,6 +167,13 @@ pub struct WantKernel {
     pub binds: Vec<PathBuf>,
 }
 
+/// A vfolder directory's quota, for filesystems that enforce one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaAsk {
+    /// The limit (`None`: none, but still a subvolume, so one can be set later).
+    pub bytes: Option<u64>,
+}
+
 /// What this node should look like.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Want {
@@ -177,6 +184,8 @@ pub struct Want {
     /// Of those, the clones: their directories are made whole by the
     /// lifecycle worker, never empty by a pass.
     pub clones: BTreeSet<Uuid>,
+    /// Of those, the quotas (`quota_bytes`).
+    pub quotas: BTreeMap<Uuid, u64>,
     /// Binds by target.
     pub binds: HashMap<PathBuf, WantBind>,
     /// Kernels.
@@ -243,6 +252,9 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
                     w.vfolder_dirs.insert(*id, (vf.volume.clone(), path));
                     if vf.clone_of.is_some() {
                         w.clones.insert(*id);
+                    }
+                    if let Some(q) = vf.quota_bytes {
+                        w.quotas.insert(*id, q);
                     }
                 }
             }
@@ -773,6 +785,9 @@ pub enum Action {
         gid: Option<u32>,
         /// Recorded in the ledger for cleanup, if any.
         owner: Option<Owner>,
+        /// A vfolder's directory: on a btrfs volume whose filesystem has
+        /// quotas enabled it is made a subvolume with this limit.
+        quota: Option<QuotaAsk>,
     },
     /// Mount a volume at its mount point.
     MountVolume {
@@ -1160,6 +1175,7 @@ impl<'a> Planner<'a> {
                 uid,
                 gid,
                 owner,
+                quota: None,
             });
         }
     }
@@ -1200,9 +1216,18 @@ impl<'a> Planner<'a> {
             // One in the trash is moved back (the lifecycle worker), not made anew.
             let trashed =
                 crate::lifecycle::trash_of(path).is_some_and(|t| self.actual.dirs.contains(&t));
-            if !self.occupied(&v.target) && !trashed {
+            if !self.occupied(&v.target) && !trashed && !self.actual.dirs.contains(path) {
                 let o = v.owner;
-                self.mkdir(path, &v.target, Some(o.uid), Some(o.gid), None);
+                self.out.push(Action::MakeDir {
+                    path: path.clone(),
+                    root: v.target.clone(),
+                    uid: Some(o.uid),
+                    gid: Some(o.gid),
+                    owner: None,
+                    quota: Some(QuotaAsk {
+                        bytes: self.want.quotas.get(id).copied(),
+                    }),
+                });
             }
         }
     }

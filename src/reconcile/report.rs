@@ -35,6 +35,9 @@ pub struct Usage {
     pub bytes: u64,
     /// When it was measured (RFC 3339).
     pub scanned_at: String,
+    /// Its quota is enforced by the filesystem (a btrfs qgroup), and
+    /// `bytes` is what the qgroup counts.
+    pub enforced: bool,
 }
 
 /// A volume's state on this node.
@@ -208,6 +211,10 @@ pub struct VfolderStatus {
     /// When it was scanned (`null` for a Ready vfolder not scanned yet).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scanned_at: Option<Option<String>>,
+    /// `enforced`: the filesystem refuses writes past `quota_bytes` (a
+    /// btrfs qgroup), and `bytes` is the qgroup's count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota: Option<&'static str>,
     /// The kernels (`<node>/<kernel>`) that want it (`InUse`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernels: Option<Vec<String>>,
@@ -613,6 +620,7 @@ fn vfolder_status(
         bytes: None,
         quota_bytes: None,
         scanned_at: None,
+        quota: None,
         kernels: None,
         trashed_at: None,
         deleted_at: None,
@@ -650,6 +658,7 @@ fn vfolder_status(
                 files: Some(u.map_or(0, |u| u.files)),
                 bytes: Some(bytes),
                 quota_bytes: vf.quota_bytes,
+                quota: u.filter(|u| u.enforced).map(|_| "enforced"),
                 scanned_at: Some(u.map(|u| u.scanned_at.clone())),
                 ..status(state, Some(path), error)
             }
@@ -698,6 +707,7 @@ fn life_status(inp: &ReportInputs<'_>, l: &LifeStatus) -> VfolderStatus {
         bytes: None,
         quota_bytes: None,
         scanned_at: None,
+        quota: None,
         kernels: (!l.kernels.is_empty()).then(|| l.kernels.clone()),
         trashed_at: at(l.trashed_at),
         deleted_at: at(l.deleted_at),

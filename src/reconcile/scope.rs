@@ -49,6 +49,7 @@ pub fn want_of_kernels(want: &Want, kernels: &BTreeSet<String>) -> Want {
         volumes: want.volumes.clone(),
         vfolder_dirs: want.vfolder_dirs.clone(),
         clones: want.clones.clone(),
+        quotas: want.quotas.clone(),
         binds: kernels
             .iter()
             .filter_map(|k| want.kernels.get(k))

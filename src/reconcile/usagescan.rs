@@ -18,8 +18,10 @@ use crate::state::status::chrono_now;
 /// What the pass asks to be measured, and what was measured.
 #[derive(Default)]
 pub struct UsageBoard {
-    /// vfolder → its directory (published by whole passes, storage role).
-    targets: Mutex<BTreeMap<Uuid, PathBuf>>,
+    /// vfolder → its directory and quota (published by whole passes, storage role).
+    targets: Mutex<BTreeMap<Uuid, ScanTarget>>,
+    /// vfolders whose quota changed: measured (and limited) again at once.
+    dirty: Mutex<BTreeSet<Uuid>>,
     /// The latest measurements (shared with passes without copying).
     measured: Mutex<Arc<BTreeMap<Uuid, Usage>>>,
     /// Woken when a directory appears that was never measured.
@@ -37,11 +39,26 @@ impl UsageBoard {
         }
     }
 
-    /// Sets the directories to measure; wakes the scanner if one is new.
-    pub fn publish(&self, targets: BTreeMap<Uuid, PathBuf>) {
+    /// Sets the directories to measure; wakes the scanner if one is new
+    /// or its quota changed (an enforced limit follows at once).
+    pub fn publish(&self, targets: BTreeMap<Uuid, ScanTarget>) {
         let measured = self.measured();
-        let new = targets.keys().any(|id| !measured.contains_key(id));
-        *self.targets.lock().unwrap_or_else(|p| p.into_inner()) = targets;
+        let mut new = targets.keys().any(|id| !measured.contains_key(id));
+        let mut cur = self.targets.lock().unwrap_or_else(|p| p.into_inner());
+        let changed: Vec<Uuid> = targets
+            .iter()
+            .filter(|(id, t)| cur.get(id).is_some_and(|c| c.quota != t.quota))
+            .map(|(id, _)| *id)
+            .collect();
+        *cur = targets;
+        drop(cur);
+        if !changed.is_empty() {
+            self.dirty
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(changed);
+            new = true;
+        }
         if new {
             self.wake.notify_one();
         }
@@ -55,7 +72,7 @@ impl UsageBoard {
             .clone()
     }
 
-    fn targets(&self) -> BTreeMap<Uuid, PathBuf> {
+    fn targets(&self) -> BTreeMap<Uuid, ScanTarget> {
         self.targets
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -87,23 +104,24 @@ pub async fn run_usage_scanner(
             full_round_at = tokio::time::Instant::now() + period;
         }
         let measured = board.measured();
-        let due: Vec<(Uuid, PathBuf)> = board
+        let dirty = std::mem::take(&mut *board.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        let due: Vec<(Uuid, ScanTarget)> = board
             .targets()
             .into_iter()
-            .filter(|(id, _)| full || !measured.contains_key(id))
+            .filter(|(id, _)| full || !measured.contains_key(id) || dirty.contains(id))
             .collect();
         let mut changed = false;
-        for (id, path) in due {
+        for (id, target) in due {
             let started = std::time::Instant::now();
-            let Some(usage) = scan_with_timeout(id, path, timeout, &stuck).await else {
+            let Some(usage) = scan_with_timeout(id, target, timeout, &stuck).await else {
                 continue;
             };
             if let Some(h) = &board.scan_time {
                 h.observe(started.elapsed().as_secs_f64());
             }
-            let differs = measured
-                .get(&id)
-                .is_none_or(|u| (u.files, u.bytes) != (usage.files, usage.bytes));
+            let differs = measured.get(&id).is_none_or(|u| {
+                (u.files, u.bytes, u.enforced) != (usage.files, usage.bytes, usage.enforced)
+            });
             changed |= differs;
             board.store(|m| {
                 m.insert(id, usage);
@@ -121,11 +139,42 @@ pub async fn run_usage_scanner(
     }
 }
 
+/// A directory to measure and its quota.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanTarget {
+    /// The vfolder's directory.
+    pub path: PathBuf,
+    /// Its record's `quota_bytes`.
+    pub quota: Option<u64>,
+}
+
+/// If `target` is a subvolume on btrfs with quotas enabled: its limit set
+/// to the quota (when it differs) and the bytes its qgroup counts.
+fn enforce(target: &ScanTarget) -> Option<u64> {
+    use nix::fcntl::OFlag;
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let fd = nix::fcntl::open(&target.path, flags, nix::sys::stat::Mode::empty()).ok()?;
+    let fs = crate::reconcile::btrfs::quota_fs(std::os::fd::AsFd::as_fd(&fd))?;
+    let id = crate::reconcile::btrfs::subvolume_id(std::os::fd::AsFd::as_fd(&fd))?;
+    let q = fs.qgroup(id)?;
+    if q.limit != target.quota {
+        match crate::reconcile::btrfs::set_limit(std::os::fd::AsFd::as_fd(&fd), target.quota) {
+            Ok(()) => {
+                tracing::info!(path = %target.path.display(), limit = ?target.quota, "quota limit set")
+            }
+            Err(e) => {
+                tracing::warn!(path = %target.path.display(), error = %e, "cannot set the quota limit")
+            }
+        }
+    }
+    Some(q.referenced)
+}
+
 /// Scans `path` on a thread of its own; `None` if it failed, or did not
 /// finish within `timeout` (then it is skipped until that thread returns).
 async fn scan_with_timeout(
     id: Uuid,
-    path: PathBuf,
+    target: ScanTarget,
     timeout: Duration,
     stuck: &Arc<Mutex<BTreeSet<Uuid>>>,
 ) -> Option<Usage> {
@@ -135,15 +184,18 @@ async fn scan_with_timeout(
     let (tx, rx) = tokio::sync::oneshot::channel();
     let flight = stuck.clone();
     std::thread::spawn(move || {
-        let r = crate::usage::scan(&path);
+        let enforced = enforce(&target);
+        let r = crate::usage::scan(&target.path);
         flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-        let _ = tx.send(r);
+        let _ = tx.send(r.map(|u| (u, enforced)));
     });
     match tokio::time::timeout(timeout, rx).await {
-        Ok(Ok(Ok((files, bytes)))) => Some(Usage {
+        Ok(Ok(Ok(((files, bytes), enforced)))) => Some(Usage {
             files,
-            bytes,
+            // An enforced quota's own count (O(1), settled at commit).
+            bytes: enforced.unwrap_or(bytes),
             scanned_at: chrono_now(),
+            enforced: enforced.is_some(),
         }),
         Ok(_) => None,
         Err(_) => {
@@ -174,7 +226,11 @@ mod tests {
             },
         ));
         let id = Uuid::from_u128(1);
-        board.publish(BTreeMap::from([(id, dir.path().to_path_buf())]));
+        let target = ScanTarget {
+            path: dir.path().to_path_buf(),
+            quota: None,
+        };
+        board.publish(BTreeMap::from([(id, target)]));
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !board.measured().contains_key(&id) {
             assert!(std::time::Instant::now() < deadline, "never measured");
