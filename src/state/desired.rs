@@ -278,6 +278,13 @@ impl DesiredParser {
         }
         out.revision = d.revision;
         out.tombstones = d.tombstones.clone();
+        // Other nodes' kernels have no raw value here; this node's own are
+        // set again above (the same values).
+        let mut in_use = d.in_use.clone();
+        std::mem::swap(&mut out.in_use, &mut in_use);
+        for (k, wanted) in in_use.entries() {
+            out.in_use.set(&k, wanted);
+        }
         out
     }
 
@@ -295,7 +302,10 @@ impl Desired {
     /// Applies a parsed put of `key` (its raw `value` is kept so a policy
     /// change can re-evaluate it).
     pub fn apply_parsed(&mut self, key: &str, value: &[u8], revision: i64, parsed: Parsed) {
-        if !matches!(parsed, Parsed::Ignored) {
+        // Another node's kernel needs no re-evaluation under this node's
+        // policy: only what it mounts is kept (a storage node holds every
+        // node's kernels).
+        if !matches!(parsed, Parsed::Ignored | Parsed::ForeignKernel(..)) {
             self.raw.insert(key.to_string(), (value.to_vec(), revision));
         }
         match parsed {
@@ -470,6 +480,25 @@ mod tests {
 
     fn parser() -> DesiredParser {
         DesiredParser::with_policy(Keys::new("/v", "n1"), Policy::default(), "/k".into())
+    }
+
+    #[test]
+    fn a_storage_node_keeps_who_wants_what_across_a_policy_reload_without_raw_values() {
+        let p = DesiredParser::with_policy(
+            Keys::new("/v", "n1").watching_all_kernels(true),
+            Policy::default(),
+            "/k".into(),
+        );
+        let id = Uuid::from_bytes([4; 16]);
+        let mut d = Desired::default();
+        let value = format!("mounts: [{{vfolder: {id}}}]");
+        p.apply_put(&mut d, "/v/nodes/n2/kernels/k9", value.as_bytes(), 2);
+        p.apply_put(&mut d, "/v/nodes/n1/kernels/k1", value.as_bytes(), 3);
+        assert!(!d.raw.contains_key("/v/nodes/n2/kernels/k9"));
+        let again = p.reparse(&d);
+        assert_eq!(again.in_use.users(&id), vec!["n1/k1", "n2/k9"]);
+        p.apply_delete(&mut d, "/v/nodes/n2/kernels/k9", 4);
+        assert_eq!(d.in_use.users(&id), vec!["n1/k1"]);
     }
 
     #[test]

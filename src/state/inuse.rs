@@ -98,6 +98,17 @@ impl InUse {
             .unwrap_or_default()
     }
 
+    /// Every kernel and what it wants (to carry the index over).
+    pub fn entries(&self) -> Vec<(String, Wanted)> {
+        self.by_kernel
+            .iter()
+            .map(|(k, ids)| {
+                let ids = ids.iter().copied().collect();
+                (k.clone(), Wanted { ids, exact: true })
+            })
+            .collect()
+    }
+
     /// How many kernels are indexed.
     pub fn kernels(&self) -> usize {
         self.by_kernel.len()
