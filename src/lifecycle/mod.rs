@@ -148,15 +148,18 @@ pub fn candidates(
     trash: &BTreeMap<Uuid, Entry>,
     orphans: &BTreeMap<Uuid, u64>,
 ) -> BTreeSet<Uuid> {
+    // O(records that ask for something), not O(records).
     let mut out: BTreeSet<Uuid> = d
-        .vfolders
+        .flagged
         .iter()
-        .filter(|(_, e)| {
-            e.spec
-                .as_ref()
-                .is_ok_and(|v| v.volume == vol && (v.trash || v.clone_of.is_some()))
+        .filter(|id| {
+            d.vfolders.get(id).is_some_and(|e| {
+                e.spec
+                    .as_ref()
+                    .is_ok_and(|v| v.volume == vol && (v.trash || v.clone_of.is_some()))
+            })
         })
-        .map(|(id, _)| *id)
+        .copied()
         .collect();
     out.extend(
         d.tombstones
@@ -955,6 +958,9 @@ mod tests {
             created: 1,
             spec: Ok(spec),
         };
+        if trash {
+            d.flagged.insert(id());
+        }
         d.vfolders.insert(id(), e);
         d
     }

@@ -58,6 +58,9 @@ pub struct Desired {
     /// vfolder records deleted while this node watched: their directories
     /// go to the trash, and are purged `trash_retention` after this.
     pub tombstones: BTreeMap<Uuid, Tombstone>,
+    /// Records that ask the lifecycle worker for something (`trash`,
+    /// `clone_of`): its rounds look at these, not at every record.
+    pub flagged: std::collections::BTreeSet<Uuid>,
 }
 
 /// A deleted vfolder record, remembered until its directory is in the trash.
@@ -186,6 +189,7 @@ impl DesiredParser {
                 d.volumes.remove(&name);
             }
             Classified::Object(ObjectKey::Vfolder(id)) => {
+                d.flagged.remove(&id);
                 let gone = d.vfolders.remove(&id).map(|e| e.spec);
                 // Only a storage node trashes what a deleted record leaves.
                 if let (Some(Ok(vf)), true) = (gone, self.keys.all_kernels) {
@@ -314,6 +318,15 @@ impl Desired {
             }
             Parsed::Vfolder(id, e) => {
                 self.tombstones.remove(&id);
+                let flag = e
+                    .spec
+                    .as_ref()
+                    .is_ok_and(|v| v.trash || v.clone_of.is_some());
+                if flag {
+                    self.flagged.insert(id);
+                } else {
+                    self.flagged.remove(&id);
+                }
                 self.vfolders.insert(id, e);
             }
             Parsed::Kernel(id, e) => {
