@@ -777,3 +777,45 @@ async fn a_quota_on_btrfs_is_enforced_and_changes_live() {
     })
     .await;
 }
+
+/// A record made again once its purge has started gets a fresh, empty
+/// directory at once (the purged files never come back), and the purge
+/// still finishes beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_made_again_during_its_purge_gets_a_fresh_directory() {
+    require_private_mount_namespace();
+    within(120, async {
+        let etcd = Etcd::start().await;
+        let opts = NodeOpts {
+            extra_config: "trash_retention: 0s\n",
+            ..Default::default()
+        };
+        let node = Node::start(&etcd, "n1", opts);
+        etcd.put(
+            &format!("{P}/volumes/shard1"),
+            "mount: {at: requested, fstype: tmpfs, path: t, options: 'size=256m'}\n",
+        )
+        .await;
+        let vf = filled_vfolders(&etcd, &node, 1, 300_000).await[0];
+        let key = format!("{P}/status/vfolders/{vf}");
+        let purging = node
+            .volumes()
+            .join("shard1/.trash")
+            .join(format!("{}.purging", vf.simple()));
+        etcd.delete(&format!("{P}/vfolders/{vf}")).await;
+        until("the purge starts", 30, || purging.exists()).await;
+        etcd.put(&format!("{P}/vfolders/{vf}"), &record(vf, false))
+            .await;
+        let st = etcd.wait_state(&key, "Ready").await;
+        let live = node.volumes().join("shard1").join(shard(&vf.to_string()));
+        let old = std::fs::read_dir(&live).unwrap().count();
+        assert_eq!(old, 0, "the purged files came back: {st}");
+        until("the purge finishes beside the record", 60, || {
+            !purging.exists()
+        })
+        .await;
+        assert!(live.exists(), "the fresh directory stays");
+        etcd.wait_state(&key, "Ready").await;
+    })
+    .await;
+}
