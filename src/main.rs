@@ -198,6 +198,7 @@ fn load(path: &std::path::Path) -> anyhow::Result<NodeConfig> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     vfolderd::memory::limit_arenas();
+    vfolderd::memory::raise_fd_limit();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -24,3 +24,16 @@ pub fn release_free_memory() {
         libc::malloc_trim(0);
     }
 }
+
+/// Raises the soft limit on open descriptors to the hard one (call first
+/// thing in `main`): a node's mounts, watches, scans and clones each hold
+/// descriptors, and the soft default (1024 under systemd) is no budget for
+/// a storage node. Nothing happens where it cannot be raised.
+pub fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum {
+        lim.current = lim.maximum;
+        let _ = setrlimit(Resource::Nofile, lim);
+    }
+}

@@ -27,8 +27,9 @@ use crate::reconcile::fsops::{open_dir, Create};
 
 /// The staging directory's parent in a volume.
 pub const STAGING: &str = ".clone";
-/// Deeper trees are refused (each level holds two descriptors).
-const DEPTH_MAX: usize = 256;
+/// Deeper trees are refused (each level holds two descriptors; clones run
+/// at most two at a time).
+const DEPTH_MAX: usize = 128;
 
 /// Errors of a clone.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +50,30 @@ pub enum CloneError {
     /// The source tree is deeper than [`DEPTH_MAX`].
     #[error("the source is nested deeper than {DEPTH_MAX} directories")]
     TooDeep,
+    /// Copied, it would not fit: past the record's quota or the target's free space.
+    #[error("the copy would take more than the {0} bytes it may use (quota or free space)")]
+    TooBig(u64),
+    /// Another clone of the same vfolder holds the staging directory.
+    #[error("another clone of this vfolder is running")]
+    Busy,
+    /// The source's directory went (purged, trashed) while it was copied.
+    #[error("the source went away while it was copied")]
+    SourceGone,
+}
+
+/// What a clone may still write (bytes): a hostile source (a huge sparse
+/// file, many hardlinks of one) must not fill the target volume.
+struct Budget(std::sync::atomic::AtomicU64);
+
+impl Budget {
+    fn take(&self, n: u64) -> Result<(), CloneError> {
+        self.0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                left.checked_sub(n)
+            })
+            .map(drop)
+            .map_err(CloneError::TooBig)
+    }
 }
 
 fn sys(op: &'static str, what: impl std::fmt::Display) -> impl FnOnce(Errno) -> CloneError {
@@ -89,6 +114,7 @@ pub fn clone_tree(
     live: &Path,
     id: &Uuid,
     owner: Owner,
+    quota: Option<u64>,
     progress: &Progress,
 ) -> Result<(), CloneError> {
     let total = crate::usage::scan(source).map_or(0, |(f, _)| f);
@@ -97,13 +123,35 @@ pub fn clone_tree(
         rustix::fs::open(source, DIR, Mode::empty()).map_err(sys("open", source.display()))?;
     let staging = staging_dir(target, true)?;
     let name = hex(id);
-    let dst = open_or_make_dir(
+    let what = target.join(STAGING).join(&name);
+    // On btrfs with quotas the clone is a subvolume with the record's limit
+    // from the start (a rename keeps it one).
+    match crate::reconcile::btrfs::make_limited(
         staging.as_fd(),
-        &cstr(&name),
-        &target.join(STAGING).join(&name),
-    )?;
-    copy_dir(src.as_fd(), dst.as_fd(), owner, progress, 0)?;
+        &name,
+        (owner.uid, owner.gid),
+        quota,
+    ) {
+        Ok(_) | Err(nix::errno::Errno::EEXIST) => {}
+        Err(e) => {
+            return Err(sys("create subvolume", what.display())(
+                Errno::from_raw_os_error(e as i32),
+            ))
+        }
+    }
+    let dst = open_or_make_dir(staging.as_fd(), &cstr(&name), &what)?;
+    // One clone per staging directory, whatever restarts meanwhile.
+    rustix::fs::flock(&dst, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        .map_err(|_| CloneError::Busy)?;
+    let free = rustix::fs::fstatvfs(&dst)
+        .map(|v| v.f_bavail.saturating_mul(v.f_frsize))
+        .unwrap_or(u64::MAX);
+    let budget = Budget(free.min(quota.unwrap_or(u64::MAX)).into());
+    copy_dir(src.as_fd(), dst.as_fd(), owner, progress, &budget, 0)?;
     finish_dir(src.as_fd(), dst.as_fd(), owner)?;
+    if !crate::reconcile::fsops::is_dir_nofollow(source) {
+        return Err(CloneError::SourceGone);
+    }
     let parent = live.parent().unwrap_or(target);
     let create = Create {
         mode: 0o755,
@@ -159,6 +207,7 @@ fn copy_dir(
     dst: BorrowedFd<'_>,
     owner: Owner,
     progress: &Progress,
+    budget: &Budget,
     depth: usize,
 ) -> Result<(), CloneError> {
     if depth >= DEPTH_MAX {
@@ -189,11 +238,11 @@ fn copy_dir(
                     Err(e) => return Err(sys("open", what())(e)),
                 };
                 let d = open_or_make_dir(dst, name.as_c_str(), Path::new(&what()))?;
-                copy_dir(s.as_fd(), d.as_fd(), owner, progress, depth + 1)?;
+                copy_dir(s.as_fd(), d.as_fd(), owner, progress, budget, depth + 1)?;
                 finish_dir(s.as_fd(), d.as_fd(), owner)?;
             }
             FileType::RegularFile => {
-                copy_file(src, dst, name.as_c_str(), owner, progress)?;
+                copy_file(src, dst, name.as_c_str(), owner, progress, budget)?;
                 progress.done.fetch_add(1, Ordering::Relaxed);
             }
             FileType::Symlink => {
@@ -242,19 +291,22 @@ fn copy_file(
     name: &CStr,
     owner: Owner,
     progress: &Progress,
+    budget: &Budget,
 ) -> Result<(), CloneError> {
     let what = || name.to_string_lossy().into_owned();
-    let s = match openat(
-        src,
-        name,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    ) {
+    // NONBLOCK: a fifo swapped in after the listing must not hang the open;
+    // only a regular file (checked on the descriptor) is copied.
+    let flags =
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
+    let s = match openat(src, name, flags, Mode::empty()) {
         Ok(s) => s,
         Err(Errno::NOENT) => return Ok(()),
         Err(e) => return Err(sys("open", what())(e)),
     };
     let st = rustix::fs::fstat(&s).map_err(sys("stat", what()))?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Ok(());
+    }
     if let Ok(have) = statat(dst, name, AtFlags::SYMLINK_NOFOLLOW) {
         let same = FileType::from_raw_mode(have.st_mode) == FileType::RegularFile
             && have.st_size == st.st_size
@@ -264,6 +316,8 @@ fn copy_file(
         }
         unlinkat(dst, name, AtFlags::empty()).map_err(sys("unlink", what()))?;
     }
+    // Written out whole where it cannot be reflinked (holes as zeros).
+    budget.take(u64::try_from(st.st_size).unwrap_or(0))?;
     let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let d = openat(dst, name, flags, Mode::from_raw_mode(0o600)).map_err(sys("create", what()))?;
     if ioctl_ficlone(&d, &s).is_ok() {
@@ -347,6 +401,7 @@ mod tests {
                 uid: 1234,
                 gid: 1234,
             },
+            None,
             &p,
         )
         .unwrap();
@@ -366,5 +421,34 @@ mod tests {
         );
         assert_eq!(p.done.load(Ordering::Relaxed), 2);
         assert!(!staging_path(vol.path(), &id).exists());
+    }
+
+    #[test]
+    fn a_fifo_is_skipped_and_a_sparse_giant_stops_at_the_quota() {
+        let vol = tempfile::tempdir().unwrap();
+        let src = vol.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("a"), b"x").unwrap();
+        nix::unistd::mkfifo(
+            &src.join("pipe"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        let owner = Owner { uid: 0, gid: 0 };
+        let id = Uuid::from_bytes([5; 16]);
+        let live = vol.path().join("05/05").join(hex(&id));
+        let p = Progress::default();
+        clone_tree(&src, vol.path(), &live, &id, owner, None, &p).unwrap();
+        assert!(live.join("a").exists() && !live.join("pipe").exists());
+
+        std::fs::File::create(src.join("sparse"))
+            .unwrap()
+            .set_len(1 << 40)
+            .unwrap();
+        let id = Uuid::from_bytes([6; 16]);
+        let live = vol.path().join("06/06").join(hex(&id));
+        let err = clone_tree(&src, vol.path(), &live, &id, owner, Some(1 << 20), &p).unwrap_err();
+        assert!(matches!(err, CloneError::TooBig(_)), "{err}");
+        assert!(!live.exists());
     }
 }

@@ -432,6 +432,8 @@ struct Progress {
 struct CloneJob {
     progress: Arc<clone::Progress>,
     thread: std::thread::JoinHandle<Result<(), String>>,
+    /// The vfolder it copies from.
+    source: Uuid,
 }
 
 /// How long a failed clone waits before it is tried again.
@@ -455,31 +457,27 @@ fn clone_step(
         if !job.thread.is_finished() {
             return Ok(left(&job.progress));
         }
-        let job = progress.clones.remove(&id).expect("present");
-        let outcome = job
-            .thread
-            .join()
-            .unwrap_or_else(|_| Err("the clone panicked (a bug)".into()));
-        return match outcome {
-            Ok(()) => {
-                let reflinked = job.progress.reflinked.load(Ordering::Relaxed);
-                tracing::info!(vfolder = %id, %source, reflinked, "cloned");
-                Ok(Some(0))
-            }
-            Err(e) => {
-                progress
-                    .clone_failed
-                    .insert(id, (std::time::Instant::now(), e.clone()));
-                Err(e)
-            }
-        };
+        return reap(progress, id).map(|()| Some(0));
     }
     if let Some((at, e)) = progress.clone_failed.get(&id) {
         if at.elapsed() < CLONE_RETRY {
             return Err(e.clone());
         }
     }
-    let src = clone_source(d, volumes, id, source)?;
+    if progress.clones.len() >= CLONES_AT_ONCE {
+        return Ok(None); // waits for a running one to end
+    }
+    let fail = |progress: &mut Progress, e: String| {
+        let now = std::time::Instant::now();
+        progress.clone_failed.insert(id, (now, e.clone()));
+        e
+    };
+    let src = clone_source(d, volumes, id, source).map_err(|e| fail(progress, e))?;
+    let quota = d
+        .vfolders
+        .get(&id)
+        .and_then(|e| e.spec.as_ref().ok())
+        .and_then(|v| v.quota_bytes);
     let live = live_path(&served.target, &id);
     let (target, owner) = (served.target.clone(), served.owner);
     let p = Arc::new(clone::Progress::default());
@@ -487,19 +485,74 @@ fn clone_step(
     let thread = std::thread::Builder::new()
         .name("vfolderd-clone".into())
         .spawn(move || {
-            clone::clone_tree(&src, &target, &live, &id, owner, &job_progress)
+            clone::clone_tree(&src, &target, &live, &id, owner, quota, &job_progress)
                 .map_err(|e| crate::error::error_chain(&e))
         })
         .map_err(|e| format!("cannot start the clone: {e}"))?;
     tracing::info!(vfolder = %id, %source, "clone started");
-    progress.clones.insert(
-        id,
-        CloneJob {
-            progress: p,
-            thread,
-        },
-    );
+    let job = CloneJob {
+        progress: p,
+        thread,
+        source,
+    };
+    progress.clones.insert(id, job);
     Ok(None)
+}
+
+/// Clones running at once (each holds up to two descriptors per level of
+/// its source tree).
+const CLONES_AT_ONCE: usize = 2;
+
+/// Joins the finished clone of `id`: its outcome (a failure waits
+/// [`CLONE_RETRY`] before the next try).
+fn reap(progress: &mut Progress, id: Uuid) -> Result<(), String> {
+    let Some(job) = progress.clones.remove(&id) else {
+        return Ok(());
+    };
+    let outcome = job
+        .thread
+        .join()
+        .unwrap_or_else(|_| Err("the clone panicked (a bug)".into()));
+    match outcome {
+        Ok(()) => {
+            let reflinked = job.progress.reflinked.load(Ordering::Relaxed);
+            tracing::info!(vfolder = %id, source = %job.source, reflinked, "cloned");
+            progress.clone_failed.remove(&id);
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(vfolder = %id, source = %job.source, error = %e, "clone failed");
+            progress
+                .clone_failed
+                .insert(id, (std::time::Instant::now(), e.clone()));
+            Err(e)
+        }
+    }
+}
+
+/// Joins every clone that ended without a round asking after it (its
+/// record went, or its directory is in place), and forgets failures of
+/// records that are gone.
+fn reap_finished(progress: &mut Progress, d: &Desired) {
+    let done: Vec<Uuid> = progress
+        .clones
+        .iter()
+        .filter(|(_, j)| j.thread.is_finished())
+        .map(|(id, _)| *id)
+        .collect();
+    for id in done {
+        let _ = reap(progress, id);
+    }
+    progress.clone_failed.retain(|id, _| d.flagged.contains(id));
+}
+
+/// Whether a running clone reads from `id` (its source is not purged
+/// under it).
+fn cloning_from(progress: &Progress, id: &Uuid) -> bool {
+    progress
+        .clones
+        .values()
+        .any(|j| &j.source == id && !j.thread.is_finished())
 }
 
 /// The directory a clone copies from, or why there is none to copy now.
@@ -669,6 +722,7 @@ fn round(
     progress
         .files_left
         .retain(|id, _| all.get(id).is_some_and(|s| s.state == LifeState::Purging));
+    reap_finished(progress, &cache.peek());
     (all, more, due.map(Duration::from_secs))
 }
 
@@ -724,13 +778,14 @@ fn act_all(
     for step in steps {
         let id = step_id(&step);
         if let Step::Clone { id, source } = step {
-            clones = true;
             let Some(d) = fresh(cache) else { break };
             let s = statuses.get_mut(&id).expect("a clone step has a status");
             match clone_step(&d, volumes, served, id, source, progress) {
                 Ok(left) => s.files_left = left,
                 Err(e) => s.error = Some(e),
             }
+            // Polled while it runs; a failure waits for its retry.
+            clones |= progress.clones.contains_key(&id);
             continue;
         }
         match act(cache, &served.target, &step, progress) {
@@ -853,7 +908,10 @@ fn act(
     progress: &mut Progress,
 ) -> Result<bool, trashfs::TrashError> {
     let now = unix(SystemTime::now());
-    let holds = fresh(cache).is_some_and(|d| still_holds(&d, step));
+    // A clone reading from it keeps it from being purged.
+    let read_by_clone =
+        matches!(step, Step::StartPurge { id } | Step::Purge { id } if cloning_from(progress, id));
+    let holds = !read_by_clone && fresh(cache).is_some_and(|d| still_holds(&d, step));
     if !holds {
         tracing::debug!(?step, "lifecycle step no longer holds; looking again");
         return Ok(true);

@@ -280,7 +280,16 @@ pub fn purge_some(volume: &Path, id: &Uuid, budget: usize) -> Result<(u64, bool)
     if !empty {
         return Ok((removed, false));
     }
-    remove_info(trash.as_fd(), id);
+    // The info is the purge's only while no newer `<hex>` is trashed beside it.
+    let newer = nix::sys::stat::fstatat(
+        trash.as_fd(),
+        hex(id).as_str(),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .is_ok();
+    if !newer {
+        remove_info(trash.as_fd(), id);
+    }
     match unlinkat(trash.as_fd(), name.as_str(), UnlinkatFlags::RemoveDir) {
         Ok(()) | Err(Errno::ENOENT) => {}
         Err(e) => return Err(sys("rmdir", &name)(e)),

@@ -192,8 +192,10 @@ async fn scan_with_timeout(
     match tokio::time::timeout(timeout, rx).await {
         Ok(Ok(Ok(((files, bytes), enforced)))) => Some(Usage {
             files,
-            // An enforced quota's own count (O(1), settled at commit).
-            bytes: enforced.unwrap_or(bytes),
+            // The larger of the scan and the qgroup: the qgroup is exact
+            // for the subvolume, but a user can nest a subvolume of their
+            // own, whose bytes only the scan sees.
+            bytes: enforced.map_or(bytes, |q| q.max(bytes)),
             scanned_at: chrono_now(),
             enforced: enforced.is_some(),
         }),

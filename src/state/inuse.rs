@@ -133,6 +133,9 @@ pub fn wanted_by_value(value: &[u8]) -> Wanted {
         ids: uuids_in(value),
         exact: false,
     };
+    if value.len() > crate::spec::MAX_VALUE_BYTES {
+        return fallback();
+    }
     let Ok(doc) = serde_yaml::from_slice::<serde_yaml::Value>(value) else {
         return fallback();
     };

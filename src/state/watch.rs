@@ -840,10 +840,15 @@ fn apply_listing(parser: &DesiredParser, cache: &DesiredCache, store: &Ledger, l
 
 /// Applies watch events to the cache and the store, noting what changed.
 fn apply_events(parser: &DesiredParser, cache: &DesiredCache, store: &Ledger, events: &[RawEvent]) {
-    if !cache.connected.swap(true, Ordering::Relaxed) {
-        cache.touch();
-    }
+    // "Connected" once these are applied, not before: the lifecycle worker
+    // acts only while connected, on a state that has what etcd sent.
+    let reconnect = || {
+        if !cache.connected.swap(true, Ordering::Relaxed) {
+            cache.touch();
+        }
+    };
     if events.is_empty() {
+        reconnect();
         return;
     }
     tracing::trace!(events = events.len(), "watch events");
@@ -890,6 +895,7 @@ fn apply_events(parser: &DesiredParser, cache: &DesiredCache, store: &Ledger, ev
         }
         wake_loop
     });
+    reconnect();
 }
 
 #[cfg(test)]
