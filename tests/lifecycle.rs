@@ -614,11 +614,6 @@ async fn a_clone_on_btrfs_is_a_reflink_and_costs_no_space() {
             used < 8 << 20,
             "the clone used {used} bytes: copied, not reflinked"
         );
-        let _ = nix::mount::umount2(
-            &node.volumes().join("shard1"),
-            nix::mount::MntFlags::MNT_DETACH,
-        );
-        let _ = nix::mount::umount2(&fs, nix::mount::MntFlags::MNT_DETACH);
     })
     .await;
 }
@@ -682,6 +677,8 @@ fn run(cmd: &str, args: &[&std::ffi::OsStr]) {
 
 /// A loop-mounted 256 MiB btrfs (quotas enabled if asked, as an operator
 /// would with `btrfs quota enable`), served as the bind volume `shard1`.
+/// It lies in the node's directory: the node's drop unmounts it (and the
+/// loop device goes with it).
 async fn btrfs_volume(etcd: &Etcd, node: &Node, quotas: bool) -> PathBuf {
     let img = node.dir.path().join("btrfs.img");
     let fs = node.dir.path().join("btrfs");
@@ -720,7 +717,7 @@ async fn a_quota_on_btrfs_is_enforced_and_changes_live() {
     within(120, async {
         let etcd = Etcd::start().await;
         let node = Node::start(&etcd, "n1", NodeOpts::default());
-        let fs = btrfs_volume(&etcd, &node, true).await;
+        btrfs_volume(&etcd, &node, true).await;
         let vf = uuid::Uuid::new_v4();
         let rec =
             |q: u64| format!("{{name: mine, owner: alice, volume: shard1, quota_bytes: {q}}}\n");
@@ -769,11 +766,6 @@ async fn a_quota_on_btrfs_is_enforced_and_changes_live() {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
         assert_eq!(std::fs::metadata(&big).unwrap().len(), 3 << 20);
-        let _ = nix::mount::umount2(
-            &node.volumes().join("shard1"),
-            nix::mount::MntFlags::MNT_DETACH,
-        );
-        let _ = nix::mount::umount2(&fs, nix::mount::MntFlags::MNT_DETACH);
     })
     .await;
 }

@@ -1023,6 +1023,15 @@ mod tests {
         d
     }
 
+    /// No record; a tombstone on volume `v` from unix second 42.
+    fn deleted_at_42() -> Desired {
+        let mut d = Desired::default();
+        let deleted_at = UNIX_EPOCH + Duration::from_secs(42);
+        let volume = "v".into();
+        d.tombstones.insert(id(), Tombstone { volume, deleted_at });
+        d
+    }
+
     fn look(trash: Option<Entry>, live: bool) -> VolumeLook {
         VolumeLook {
             name: "v".into(),
@@ -1112,15 +1121,7 @@ mod tests {
 
     #[test]
     fn a_tombstone_trashes_with_its_deletion_time() {
-        let mut d = Desired::default();
-        let when = UNIX_EPOCH + Duration::from_secs(42);
-        d.tombstones.insert(
-            id(),
-            Tombstone {
-                volume: "v".into(),
-                deleted_at: when,
-            },
-        );
+        let d = deleted_at_42();
         let (steps, _) = decide(&d, &look(None, true), &at(100));
         assert_eq!(
             steps,
@@ -1164,15 +1165,7 @@ mod tests {
 
     #[test]
     fn a_deletion_seen_before_the_worker_could_act_counts_from_when_it_could() {
-        let mut d = Desired::default();
-        let when = UNIX_EPOCH + Duration::from_secs(42);
-        d.tombstones.insert(
-            id(),
-            Tombstone {
-                volume: "v".into(),
-                deleted_at: when,
-            },
-        );
+        let d = deleted_at_42();
         let clock = Clock {
             acting_since: 1000,
             ..at(2000)
