@@ -25,6 +25,8 @@ fn node() -> NodeView {
         kernels_root: "/k".into(),
         policy: Default::default(),
         identity: Default::default(),
+        led: None,
+        fenced: false,
     }
 }
 

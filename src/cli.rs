@@ -449,6 +449,8 @@ pub async fn drain(cfg: &NodeConfig, force: bool) -> Result<DrainReport, CliErro
             uid: cfg.kernel_uid,
             gid: cfg.kernel_gid,
         },
+        led: None,
+        fenced: false,
     };
     // Planning against an empty desired state yields exactly the teardown, in order.
     let actions = plan(&node, &Want::default(), &actual, &Default::default());

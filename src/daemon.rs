@@ -33,10 +33,11 @@ use crate::reconcile::sys::{LinuxMounter, Mounter};
 use crate::reconcile::usagescan::{run_usage_scanner, UsageBoard};
 use crate::state::brake::ClusterFile;
 use crate::state::desired::{Desired, DesiredParser, PolicyHandle};
+use crate::state::election::{run_elections, Elections};
 use crate::state::ledger::{Ledger, LedgerError};
 use crate::state::policywatch::{run_dir_watcher, run_policy_watcher};
 use crate::state::status::{
-    chrono_now, run_liveness, run_status_writer, StatusEntries, StatusWriter,
+    chrono_now, run_liveness, run_status_writer, StatusBatch, StatusWriter,
 };
 use crate::state::watch::{
     parse_listing, run_watcher, BrakeConfig, BrakeState, Changes, DesiredCache,
@@ -150,8 +151,14 @@ pub async fn run(
         health: &health,
     };
     let tasks = Background::start(&shared, &deps);
-    let (status_tx, status_rx) = tokio::sync::watch::channel(StatusEntries::default());
-    let etcd_side = EtcdSide::start(&shared, connect_options, &ledger, status_rx);
+    let (status_tx, status_rx) = tokio::sync::watch::channel(StatusBatch::default());
+    let etcd_side = EtcdSide::start(
+        &shared,
+        connect_options,
+        &ledger,
+        status_rx,
+        tasks.elections.clone(),
+    );
     let mut rec = reconciler(&shared, &deps, ledger, status_tx, &tasks);
     if rebuilt {
         rec.adopt_after_rebuild();
@@ -276,7 +283,8 @@ impl EtcdSide {
         s: &Shared<'_>,
         options: ConnectOptions,
         ledger: &Ledger,
-        status_rx: tokio::sync::watch::Receiver<StatusEntries>,
+        status_rx: tokio::sync::watch::Receiver<StatusBatch>,
+        elections: Option<Arc<Elections>>,
     ) -> Self {
         let endpoints = s.cfg.etcd.endpoints.clone();
         let (parser, cache, ledger) = (s.parser.clone(), s.cache.clone(), ledger.clone());
@@ -302,13 +310,23 @@ impl EtcdSide {
             };
             let _liveness = {
                 let (client, keys) = (client.clone(), keys.clone());
-                supervised("liveness", health, metrics.clone(), move || {
+                supervised("liveness", health.clone(), metrics.clone(), move || {
                     let value = liveness_value.clone();
                     run_liveness(client.clone(), keys.clone(), NODE_LEASE_TTL, move || {
                         value()
                     })
                 })
             };
+            let _elector = elections.map(|el| {
+                let (client, keys, cache) = (client.clone(), keys.clone(), cache.clone());
+                supervised("elector", health.clone(), metrics.clone(), move || {
+                    let cache = cache.clone();
+                    run_elections(client.clone(), keys.clone(), el.clone(), move || {
+                        cache.touch();
+                        cache.lifecycle.notify_one();
+                    })
+                })
+            });
             let writer = StatusWriter::new(client, keys);
             run_status_writer(writer, status_rx, move |n| {
                 metrics.status_writes.inc_by(n as u64)
@@ -441,6 +459,8 @@ struct Background {
     volume_targets: VolumeTargets,
     usage: Arc<UsageBoard>,
     lifecycle: Arc<LifecycleBoard>,
+    /// Per-volume leadership (storage role; the elector runs on the etcd side).
+    elections: Option<Arc<Elections>>,
     _tasks: Vec<AbortOnDrop<()>>,
 }
 
@@ -454,6 +474,14 @@ impl Background {
         let volume_targets: VolumeTargets = Arc::default();
         let usage = Arc::new(UsageBoard::with_histogram(s.metrics.scan_duration.clone()));
         let lifecycle: Arc<LifecycleBoard> = Arc::default();
+        let elections = s.cfg.has_role(Role::Storage).then(|| {
+            Arc::new(Elections::new(Duration::from_secs(
+                crate::state::election::LEASE_TTL as u64,
+            )))
+        });
+        if let Some(e) = &elections {
+            lifecycle.led_by(e.clone());
+        }
         let mut tasks = vec![
             Self::usage_scanner(s, &usage),
             Self::credentials_watch(s),
@@ -472,6 +500,7 @@ impl Background {
             volume_targets,
             usage,
             lifecycle,
+            elections,
             _tasks: tasks,
         }
     }
@@ -555,7 +584,7 @@ fn reconciler(
     s: &Shared<'_>,
     deps: &Deps,
     ledger: Ledger,
-    status_tx: tokio::sync::watch::Sender<StatusEntries>,
+    status_tx: tokio::sync::watch::Sender<StatusBatch>,
     tasks: &Background,
 ) -> Reconciler {
     let cfg = s.cfg;
@@ -587,6 +616,8 @@ fn reconciler(
                 uid: cfg.kernel_uid,
                 gid: cfg.kernel_gid,
             },
+            led: None,
+            fenced: false,
         },
         keys: s.keys.clone(),
         exec,
@@ -597,6 +628,7 @@ fn reconciler(
         volume_targets: tasks.volume_targets.clone(),
         usage: tasks.usage.clone(),
         lifecycle: tasks.lifecycle.clone(),
+        elections: tasks.elections.clone(),
     })
 }
 

@@ -177,6 +177,16 @@ impl Keys {
     pub fn vfolder_status(&self, id: &Uuid) -> String {
         format!("{}{id}", self.vfolder_status_prefix())
     }
+    /// `P/leaders/volumes/<volume>`: the election of the storage node that
+    /// does `volume`'s directory work and writes its vfolders' statuses.
+    pub fn volume_election(&self, volume: &str) -> String {
+        format!("{}/leaders/volumes/{volume}", self.prefix)
+    }
+    /// `P/leaders/cluster`: the election of the storage node that writes the
+    /// statuses of vfolder records no volume claims (malformed ones).
+    pub fn cluster_election(&self) -> String {
+        format!("{}/leaders/cluster", self.prefix)
+    }
     /// `P/status/nodes/<node>/rejected/<escaped key after the prefix>`.
     pub fn rejected_status(&self, key: &str) -> String {
         let after = key

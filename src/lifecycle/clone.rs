@@ -59,6 +59,9 @@ pub enum CloneError {
     /// The source's directory went (purged, trashed) while it was copied.
     #[error("the source went away while it was copied")]
     SourceGone,
+    /// This node stopped leading the target volume; its new leader resumes.
+    #[error("stopped: this node no longer leads the target volume")]
+    Stopped,
 }
 
 /// What a clone may still write (bytes): a hostile source (a huge sparse
@@ -99,6 +102,9 @@ pub struct Progress {
     pub total: AtomicU64,
     /// Files reflinked rather than copied.
     pub reflinked: AtomicU64,
+    /// Set when this node may no longer write the target volume (it lost
+    /// its leadership): the copy stops at the next file, staged and resumable.
+    pub stop: std::sync::atomic::AtomicBool,
 }
 
 const DIR: OFlags = OFlags::RDONLY
@@ -222,6 +228,9 @@ fn copy_dir(
         .map(|e| (e.file_name().to_owned(), e.file_type()))
         .collect();
     for (name, kind) in entries {
+        if progress.stop.load(Ordering::Relaxed) {
+            return Err(CloneError::Stopped);
+        }
         let kind = match kind {
             FileType::Unknown => match statat(src, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(st) => FileType::from_raw_mode(st.st_mode),

@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use crate::spec::vfolder_relpath;
 use crate::state::desired::Desired;
+use crate::state::election::Elections;
 use crate::state::watch::DesiredCache;
 use trashfs::{Entry, Info};
 
@@ -54,6 +55,8 @@ pub enum LifeState {
 pub struct LifeStatus {
     /// The state.
     pub state: LifeState,
+    /// The volume it lies on.
+    pub volume: String,
     /// Where its directory is now.
     pub path: PathBuf,
     /// The kernels (`<node>/<kernel>`) that hold it (`InUse`).
@@ -219,6 +222,7 @@ pub fn decide(
         let live = v.live.contains(&id);
         let status = |state, path: PathBuf| LifeStatus {
             state,
+            volume: v.name.clone(),
             path,
             kernels: Vec::new(),
             trashed_at: entry.info.map(|i| i.trashed_at),
@@ -359,6 +363,10 @@ pub struct LifecycleBoard {
     /// The lifecycle statuses, by vfolder.
     statuses: Mutex<Arc<BTreeMap<Uuid, LifeStatus>>>,
     wake: Notify,
+    /// Set once by the daemon of a storage node.
+    elections: Mutex<Option<Arc<Elections>>>,
+    /// The volumes the last round looked at (their statuses are complete).
+    covered: Mutex<Arc<BTreeSet<String>>>,
 }
 
 impl LifecycleBoard {
@@ -369,6 +377,18 @@ impl LifecycleBoard {
             *cur = volumes;
             self.wake.notify_one();
         }
+    }
+
+    /// Works only on the volumes `e` says this node leads.
+    pub fn led_by(&self, e: Arc<Elections>) {
+        *self.elections.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+    }
+
+    fn elections(&self) -> Option<Arc<Elections>> {
+        self.elections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The latest lifecycle statuses.
@@ -384,6 +404,23 @@ impl LifecycleBoard {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The volumes whose lifecycle statuses are known: a pass must not
+    /// report a volume's vfolders before the worker has looked at it once,
+    /// or the statuses of the vfolders in its trash would be deleted.
+    pub fn covered(&self) -> Arc<BTreeSet<String>> {
+        self.covered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn cover(&self, volumes: BTreeSet<String>) {
+        let mut cur = self.covered.lock().unwrap_or_else(|p| p.into_inner());
+        if **cur != volumes {
+            *cur = Arc::new(volumes);
+        }
     }
 
     /// Stores `s`; true if it differs from what was there.
@@ -426,6 +463,22 @@ struct Progress {
     acting_since: Option<u64>,
     clones: HashMap<Uuid, CloneJob>,
     clone_failed: HashMap<Uuid, (std::time::Instant, String)>,
+    /// Which volumes this node leads among storage nodes (`None`: all).
+    elections: Option<Arc<Elections>>,
+}
+
+impl Progress {
+    /// Whether a directory operation on the volume mounted at `target` may
+    /// start now: led, and not fenced ([`Elections::may_act`]).
+    fn may_act(&self, target: &Path) -> bool {
+        let Some(e) = &self.elections else {
+            return true;
+        };
+        target
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| e.may_act(n))
+    }
 }
 
 /// A clone under way.
@@ -434,6 +487,8 @@ struct CloneJob {
     thread: std::thread::JoinHandle<Result<(), String>>,
     /// The vfolder it copies from.
     source: Uuid,
+    /// The mount point of the volume it writes.
+    target: PathBuf,
 }
 
 /// How long a failed clone waits before it is tried again.
@@ -494,6 +549,7 @@ fn clone_step(
         progress: p,
         thread,
         source,
+        target: served.target.clone(),
     };
     progress.clones.insert(id, job);
     Ok(None)
@@ -599,6 +655,13 @@ pub async fn run_lifecycle(
     let mut told = std::time::Instant::now();
     loop {
         let volumes = board.volumes();
+        let names: BTreeSet<String> = volumes.keys().cloned().collect();
+        progress.elections = board.elections();
+        for job in progress.clones.values() {
+            if !progress.may_act(&job.target) {
+                job.progress.stop.store(true, Ordering::Relaxed);
+            }
+        }
         let (c, before) = (cache.clone(), board.statuses());
         let round = tokio::task::spawn_blocking(move || {
             let r = round(&c, &volumes, retention, &before, &mut progress);
@@ -616,7 +679,10 @@ pub async fn run_lifecycle(
         // PROGRESS_EVERY for progress alone (files_left of a long purge).
         let before = board.statuses();
         let moved = !same_but_progress(&before, &statuses);
-        if board.store(statuses) && (moved || told.elapsed() >= PROGRESS_EVERY) {
+        let newly_covered = *board.covered() != names;
+        board.cover(names);
+        let changed = board.store(statuses);
+        if newly_covered || (changed && (moved || told.elapsed() >= PROGRESS_EVERY)) {
             told = std::time::Instant::now();
             on_change();
         }
@@ -674,6 +740,9 @@ fn round(
         acting_since: progress.acting_since.unwrap_or(now),
     };
     for (name, served) in volumes {
+        // Another storage node's volume is looked at, not acted on: its
+        // statuses are ready the moment this node takes it over.
+        let acting = acting && progress.may_act(&served.target);
         let d = cache.peek();
         if acting {
             sweep_if_due(&d, name, &served.target, progress);
@@ -911,7 +980,9 @@ fn act(
     // A clone reading from it keeps it from being purged.
     let read_by_clone =
         matches!(step, Step::StartPurge { id } | Step::Purge { id } if cloning_from(progress, id));
-    let holds = !read_by_clone && fresh(cache).is_some_and(|d| still_holds(&d, step));
+    let holds = !read_by_clone
+        && progress.may_act(target)
+        && fresh(cache).is_some_and(|d| still_holds(&d, step));
     if !holds {
         tracing::debug!(?step, "lifecycle step no longer holds; looking again");
         return Ok(true);
@@ -956,7 +1027,7 @@ fn purge(
     }
     let started = std::time::Instant::now();
     loop {
-        let Some(d) = fresh(cache) else {
+        let Some(d) = fresh(cache).filter(|_| progress.may_act(target)) else {
             return Ok(false);
         };
         let users = d.in_use.users(id);

@@ -25,8 +25,9 @@ use crate::reconcile::report::{
 use crate::reconcile::scope;
 use crate::reconcile::usagescan::UsageBoard;
 use crate::state::desired::Desired;
+use crate::state::election::{Elections, Led, Scope};
 use crate::state::ledger::{Ledger, MountKind, Owner};
-use crate::state::status::StatusEntries;
+use crate::state::status::{StatusBatch, StatusEntries};
 use crate::state::watch::Changes;
 
 /// Errors of one pass (transient: the loop retries with backoff).
@@ -131,13 +132,15 @@ pub struct ReconcilerParts {
     /// How long unused volumes stay mounted.
     pub linger: Linger,
     /// Where statuses go (the background writer).
-    pub status_tx: tokio::sync::watch::Sender<StatusEntries>,
+    pub status_tx: tokio::sync::watch::Sender<StatusBatch>,
     /// Owned volume mount points, published for the prober.
     pub volume_targets: VolumeTargets,
     /// Where vfolder directories are published for the usage scanner.
     pub usage: Arc<UsageBoard>,
     /// Where served volumes are published for the lifecycle worker.
     pub lifecycle: Arc<LifecycleBoard>,
+    /// Per-volume leadership among storage nodes (storage role).
+    pub elections: Option<Arc<Elections>>,
 }
 
 /// State carried from pass to pass (moved onto a blocking thread for each pass).
@@ -160,7 +163,12 @@ pub struct Reconciler {
     lifecycle: Arc<LifecycleBoard>,
     /// The lifecycle statuses the current report uses.
     lifecycle_now: Arc<BTreeMap<Uuid, LifeStatus>>,
-    status_tx: tokio::sync::watch::Sender<StatusEntries>,
+    /// Which volumes this node leads (storage role), read at each pass.
+    elections: Option<Arc<Elections>>,
+    /// What this pass reports and writes statuses under: the terms held, for
+    /// the volumes the lifecycle worker has looked at.
+    report_led: Option<Arc<Led>>,
+    status_tx: tokio::sync::watch::Sender<StatusBatch>,
     volume_targets: VolumeTargets,
     /// The statuses last handed to the writer.
     entries: StatusEntries,
@@ -169,8 +177,8 @@ pub struct Reconciler {
     /// What the last pass found (a pass over a few kernels starts from it).
     prev: Option<PassOutcome>,
     /// What the desired state resolved to, keyed by the desired state's
-    /// generation and the policy it was resolved under.
-    want_cache: Option<(u64, usize, Arc<Want>)>,
+    /// generation, the policy it was resolved under and what the node led.
+    want_cache: Option<(u64, (usize, u64), Arc<Want>)>,
     /// The store was rebuilt: the first whole live pass adopts what sits at
     /// the targets vfolderd would mount.
     adopt: bool,
@@ -200,6 +208,8 @@ impl Reconciler {
             usage_now: Arc::default(),
             lifecycle: p.lifecycle,
             lifecycle_now: Arc::default(),
+            elections: p.elections,
+            report_led: None,
             status_tx: p.status_tx,
             volume_targets: p.volume_targets,
             entries: StatusEntries::default(),
@@ -269,6 +279,22 @@ impl Reconciler {
     /// One pass.
     pub fn pass(&mut self, input: PassInput<'_>) -> Result<PassOutcome, PassError> {
         let t_start = std::time::Instant::now();
+        if let Some(e) = &self.elections {
+            let led = e.led();
+            let covered = self.lifecycle.covered();
+            self.report_led = Some(
+                if led.terms().all(|(s, _)| match s {
+                    Scope::Volume(v) => covered.contains(v),
+                    Scope::Cluster => true,
+                }) {
+                    led.clone()
+                } else {
+                    Arc::new(led.only(|v| covered.contains(v)))
+                },
+            );
+            self.node.led = Some(led);
+            self.node.fenced = e.fenced();
+        }
         let whole = self.resolve(input.desired, input.generation, input.scope.as_ref());
         let (mounts, changed) = self.observer.mount_table(false)?;
         let scope = self.widen_scope(&whole, input.scope, changed, input.live)?;
@@ -358,7 +384,9 @@ impl Reconciler {
         generation: u64,
         added: Option<&BTreeSet<String>>,
     ) -> Arc<Want> {
-        let policy = Arc::as_ptr(&self.node.policy) as usize;
+        // What the node leads changes what it resolves, as a new policy does.
+        let led = self.node.led.as_ref().map_or(0, |l| l.version);
+        let policy = (Arc::as_ptr(&self.node.policy) as usize, led);
         match self.want_cache.take() {
             Some((g, p, w)) if g == generation && p == policy => {
                 self.want_cache = Some((g, p, w.clone()));
@@ -499,7 +527,7 @@ impl Reconciler {
             pre.mark_attaching(&self.keys, k);
         }
         let entries = self.merged_entries(pre, kernels);
-        self.status_tx.send_replace(entries);
+        self.send(entries);
     }
 
     /// Runs `actions` (objects inside their backoff are skipped) and folds the
@@ -634,7 +662,7 @@ impl Reconciler {
                 .collect();
             self.usage.publish(dirs);
             // Mounted and answering: a hung volume is not looked into.
-            let served = want
+            let served: BTreeMap<String, crate::lifecycle::Served> = want
                 .volumes
                 .iter()
                 .filter(|(name, v)| {
@@ -651,6 +679,9 @@ impl Reconciler {
                     (name.clone(), crate::lifecycle::Served { target, owner })
                 })
                 .collect();
+            if let Some(e) = &self.elections {
+                e.want(served.keys().cloned());
+            }
             self.lifecycle.publish(served);
         }
         if whole {
@@ -684,7 +715,7 @@ impl Reconciler {
             summary =
                 scope::node_wide_summary(scoped_converged, &prev.summary, &self.kernel_states);
         }
-        self.status_tx.send_replace(entries);
+        self.send(entries);
         let sas_expiry: Vec<(String, u64)> = actual
             .owned_mounts
             .values()
@@ -730,6 +761,12 @@ impl Reconciler {
         renewal_deadline(expiries, unix_now(), now)
     }
 
+    /// Hands `entries` to the writer, with the terms to write them under.
+    fn send(&self, entries: StatusEntries) {
+        let led = self.report_led.clone();
+        self.status_tx.send_replace(StatusBatch { entries, led });
+    }
+
     fn report_inputs(&mut self) -> ReportInputs<'_> {
         self.usage_now = self.usage.measured();
         self.lifecycle_now = self.lifecycle.statuses();
@@ -740,6 +777,7 @@ impl Reconciler {
             dir_failures: &self.dir_failures,
             usage: &self.usage_now,
             lifecycle: &self.lifecycle_now,
+            led: self.report_led.as_deref(),
         }
     }
 

@@ -33,6 +33,18 @@ pub struct NodeView {
     pub policy: std::sync::Arc<crate::policy::Policy>,
     /// Who kernels run as, and who owns volume files, unless their values say.
     pub identity: Identity,
+    /// The volumes whose directory work this storage node was elected to do
+    /// ([`crate::state::election`]); `None`: no election, every volume.
+    pub led: Option<std::sync::Arc<crate::state::election::Led>>,
+    /// Leading, but its lease was renewed too long ago: no directory is made.
+    pub fenced: bool,
+}
+
+impl NodeView {
+    /// Whether this node does `volume`'s directory work and vfolder statuses.
+    pub fn leads(&self, volume: &str) -> bool {
+        self.led.as_ref().is_none_or(|l| l.volume(volume))
+    }
 }
 
 /// A uid and gid.
@@ -247,7 +259,7 @@ pub fn resolve(node: &NodeView, d: &Desired) -> Want {
         for (id, e) in &d.vfolders {
             if let Ok(vf) = &e.spec {
                 // A vfolder in the trash has no live directory to make.
-                if w.volumes.contains_key(&vf.volume) && !vf.trash {
+                if w.volumes.contains_key(&vf.volume) && !vf.trash && node.leads(&vf.volume) {
                     let path = node.volumes_root.join(&vf.volume).join(vfolder_relpath(id));
                     w.vfolder_dirs.insert(*id, (vf.volume.clone(), path));
                     if vf.clone_of.is_some() {
@@ -1208,6 +1220,9 @@ impl<'a> Planner<'a> {
 
     /// Step 5: vfolder directories (storage role).
     fn make_vfolder_dirs(&mut self) {
+        if self.node.fenced {
+            return; // another node may be about to take over
+        }
         for (id, (vol, path)) in &self.want.vfolder_dirs {
             if self.want.clones.contains(id) {
                 continue;
@@ -1404,6 +1419,8 @@ mod tests {
             kernels_root: "/k".into(),
             policy: Default::default(),
             identity: Default::default(),
+            led: None,
+            fenced: false,
         }
     }
 

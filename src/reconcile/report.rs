@@ -15,6 +15,7 @@ use crate::lifecycle::{LifeState, LifeStatus};
 use crate::reconcile::plan::{Actual, Resolution, Want};
 use crate::spec::Permission;
 use crate::state::desired::Desired;
+use crate::state::election::Led;
 use crate::state::ledger::{MountKind, Owner};
 
 /// Why an object's last action failed.
@@ -196,6 +197,10 @@ pub struct KernelStatus {
 pub struct VfolderStatus {
     /// The state.
     pub state: VfolderState,
+    /// The volume it lies on (absent for a record too malformed to say).
+    /// Its leader writes this status ([`crate::state::election`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
     /// Its directory (recorded so the layout can change later).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
@@ -347,6 +352,21 @@ pub struct ReportInputs<'a> {
     pub usage: &'a BTreeMap<Uuid, Usage>,
     /// Trash and purge states by vfolder ([`crate::lifecycle`]).
     pub lifecycle: &'a BTreeMap<Uuid, LifeStatus>,
+    /// What this storage node leads (`None`: no election, everything).
+    pub led: Option<&'a Led>,
+}
+
+impl ReportInputs<'_> {
+    /// Whether this node writes the status of a vfolder record: its
+    /// volume's leader does, and the cluster leader for a record that names
+    /// no volume (one vfolder status key, one writer).
+    fn writes(&self, e: &crate::state::desired::Entry<crate::spec::VfolderSpec>) -> bool {
+        match (&e.spec, self.led) {
+            (_, None) => true,
+            (Ok(vf), Some(l)) => l.volume(&vf.volume),
+            (Err(_), Some(l)) => l.cluster(),
+        }
+    }
 }
 
 /// Computes every status value.
@@ -377,7 +397,7 @@ pub fn report(inp: &ReportInputs<'_>, d: &Desired, want: &Want, actual: &Actual)
             .insert(inp.keys.kernel_status(id), Status::Kernel(status));
     }
     if inp.storage {
-        for (id, e) in &d.vfolders {
+        for (id, e) in d.vfolders.iter().filter(|(_, e)| inp.writes(e)) {
             let status = vfolder_status(inp, id, e, want, actual);
             // A directory still to make (or that failed) is not converged; a
             // volume not mounted here is another node's business.
@@ -395,7 +415,8 @@ pub fn report(inp: &ReportInputs<'_>, d: &Desired, want: &Want, actual: &Actual)
         }
         // Deleted records whose directories are still in the trash.
         for (id, l) in inp.lifecycle {
-            if !d.vfolders.contains_key(id) {
+            let led = inp.led.is_none_or(|led| led.volume(&l.volume));
+            if led && !d.vfolders.contains_key(id) {
                 let status = life_status(inp, l);
                 r.statuses
                     .insert(inp.keys.vfolder_status(id), Status::Vfolder(status));
@@ -613,8 +634,10 @@ fn vfolder_status(
     actual: &Actual,
 ) -> VfolderStatus {
     let node = inp.keys.node.clone();
+    let volume = e.spec.as_ref().ok().map(|vf| vf.volume.clone());
     let status = |state, path: Option<&PathBuf>, error: Option<String>| VfolderStatus {
         state,
+        volume: volume.clone(),
         path: path.cloned(),
         files: None,
         bytes: None,
@@ -702,6 +725,7 @@ fn life_status(inp: &ReportInputs<'_>, l: &LifeStatus) -> VfolderStatus {
     };
     VfolderStatus {
         state,
+        volume: Some(l.volume.clone()),
         path: Some(l.path.clone()),
         files: None,
         bytes: None,

@@ -2,6 +2,7 @@
 
 pub mod brake;
 pub mod desired;
+pub mod election;
 pub mod inuse;
 pub mod ledger;
 pub mod nodefiles;

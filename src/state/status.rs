@@ -6,10 +6,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use serde_json::Value;
 
 use crate::keys::Keys;
+use crate::state::election::{Led, Scope, Term};
 
 /// Errors writing status (transient: the next pass retries).
 #[derive(Debug, thiserror::Error)]
@@ -67,12 +68,46 @@ fn digest(v: &Value) -> u64 {
     h.finish()
 }
 
+/// What the writer knows of a key it wrote (or adopted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Written {
+    /// Digest of the value.
+    digest: u64,
+    /// The revision of the term it was written under ([`Term::rev`]); 0 for
+    /// this node's own keys, which need no election.
+    term: i64,
+    /// Its mod revision as written (0: not known).
+    rev: i64,
+}
+
+/// A put, its key, and what the writer remembers of it once written.
+type Put = (TxnOp, String, Written);
+
+/// One transaction and what it changes in the writer's memory if it succeeds.
+struct Job {
+    txn: Txn,
+    /// Key → what it holds afterwards (`None`: deleted). Its `rev` is filled
+    /// from the transaction's revision.
+    changes: Vec<(String, Option<Written>)>,
+}
+
 /// Writes status keys, remembering what it wrote.
 pub struct StatusWriter {
     client: Client,
     keys: Keys,
-    /// Key → digest of the value last written.
-    written: Option<BTreeMap<String, u64>>,
+    /// Key → what was last written there.
+    written: Option<BTreeMap<String, Written>>,
+    /// Scope → the term whose existing keys were adopted.
+    adopted: BTreeMap<Scope, i64>,
+}
+
+/// The scope of a vfolder status value: its volume's, or the cluster's for
+/// one that names none (a malformed record).
+fn scope_of(v: &Value) -> Scope {
+    match v.get("volume").and_then(Value::as_str) {
+        Some(vol) => Scope::Volume(vol.to_string()),
+        None => Scope::Cluster,
+    }
 }
 
 impl StatusWriter {
@@ -82,114 +117,268 @@ impl StatusWriter {
             client,
             keys,
             written: None,
+            adopted: BTreeMap::new(),
         }
     }
 
-    /// Loads what this node wrote before (its node subtree, and vfolder
-    /// statuses naming it) so a restart rewrites nothing that is unchanged.
-    async fn load(&mut self) -> Result<BTreeMap<String, u64>, StatusError> {
-        let mut out = BTreeMap::new();
-        for (prefix, mine_only) in [
-            (self.keys.node_status_prefix(), false),
-            (self.keys.vfolder_status_prefix(), true),
-        ] {
-            let resp = self
-                .client
-                .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+    /// Every key under `prefix` with its value and mod revision, page by page.
+    async fn read_prefix(&self, prefix: &str) -> Result<Vec<(String, Value, i64)>, StatusError> {
+        let mut kv = self
+            .client
+            .kv_client()
+            .max_decoding_message_size(crate::state::watch::MAX_ETCD_MESSAGE);
+        let end = crate::keys::prefix_end(prefix);
+        let mut from = prefix.as_bytes().to_vec();
+        let mut out = Vec::new();
+        loop {
+            let opts = GetOptions::new().with_range(end.clone()).with_limit(1000);
+            let resp = kv
+                .get(from.clone(), Some(opts))
                 .await
                 .map_err(StatusError::LoadFailed)?;
             for kv in resp.kvs() {
-                let Ok(v) = serde_yaml::from_slice::<Value>(kv.value()) else {
-                    continue;
-                };
+                if let Ok(v) = serde_yaml::from_slice::<Value>(kv.value()) {
+                    let k = String::from_utf8_lossy(kv.key()).into_owned();
+                    out.push((k, v, kv.mod_revision()));
+                }
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Loads what this node wrote before under its node subtree (and, with
+    /// no election, the vfolder statuses naming it) so a restart rewrites
+    /// nothing that is unchanged.
+    async fn load(&mut self, elected: bool) -> Result<BTreeMap<String, Written>, StatusError> {
+        let mut out = BTreeMap::new();
+        let mut prefixes = vec![(self.keys.node_status_prefix(), false)];
+        if !elected {
+            prefixes.push((self.keys.vfolder_status_prefix(), true));
+        }
+        for (prefix, mine_only) in prefixes {
+            for (k, v, rev) in self.read_prefix(&prefix).await? {
                 if mine_only
                     && v.get("node").and_then(Value::as_str) != Some(self.keys.node.as_str())
                 {
                     continue;
                 }
-                out.insert(String::from_utf8_lossy(kv.key()).into_owned(), digest(&v));
+                let w = Written {
+                    digest: digest(&v),
+                    term: 0,
+                    rev,
+                };
+                out.insert(k, w);
             }
         }
         Ok(out)
     }
 
-    /// Makes etcd hold exactly `entries` (under this node's keys). Returns
-    /// the number of keys written or deleted.
-    pub async fn sync(
+    /// Follows what this node leads: forgets the keys of terms it lost
+    /// (their new leader writes them; deleting them would be a second
+    /// writer), and adopts the vfolder status keys of each new term as they
+    /// are in etcd, so that an unchanged one is not rewritten and one whose
+    /// vfolder is gone (its purge finished under the last leader) is deleted.
+    async fn follow(
         &mut self,
-        entries: &BTreeMap<String, Arc<Value>>,
-    ) -> Result<usize, StatusError> {
+        led: &Led,
+        written: &mut BTreeMap<String, Written>,
+    ) -> Result<(), StatusError> {
+        written.retain(|_, w| w.term == 0 || led.terms().any(|(_, t)| t.rev == w.term));
+        self.adopted
+            .retain(|s, rev| led.term(s).is_some_and(|t| t.rev == *rev));
+        let new: BTreeMap<Scope, i64> = led
+            .terms()
+            .filter(|(s, t)| self.adopted.get(*s) != Some(&t.rev))
+            .map(|(s, t)| (s.clone(), t.rev))
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let prefix = self.keys.vfolder_status_prefix();
+        for (k, v, rev) in self.read_prefix(&prefix).await? {
+            if let Some(term) = new.get(&scope_of(&v)) {
+                let w = Written {
+                    digest: digest(&v),
+                    term: *term,
+                    rev,
+                };
+                written.insert(k, w);
+            }
+        }
+        self.adopted.extend(new);
+        Ok(())
+    }
+
+    /// Makes etcd hold exactly `batch`'s entries (under this node's keys,
+    /// and the vfolder keys of the terms it holds). Returns the number of
+    /// keys written or deleted.
+    pub async fn sync(&mut self, batch: &StatusBatch) -> Result<usize, StatusError> {
         let mut written = match self.written.take() {
             Some(w) => w,
-            None => self.load().await?,
+            None => self.load(batch.led.is_some()).await?,
         };
+        if let Some(led) = &batch.led {
+            if let Err(e) = self.follow(led, &mut written).await {
+                self.written = Some(written);
+                return Err(e);
+            }
+        }
+        let jobs = self.jobs(batch, &written);
+        let n: usize = jobs.iter().map(|j| j.changes.len()).sum();
+        // Several transactions in flight at once (each key is in one of
+        // them, so their order does not matter): 10,000 kernels' statuses are
+        // 79 round trips, which one at a time took most of a teardown.
+        use futures::StreamExt;
+        let results: Vec<(Job, Result<Option<i64>, etcd_client::Error>)> =
+            futures::stream::iter(jobs)
+                .map(|job| {
+                    let mut client = self.client.clone();
+                    async move {
+                        let r = client.txn(job.txn.clone()).await.map(|r| {
+                            let rev = r.header().map_or(0, |h| h.revision());
+                            r.succeeded().then_some(rev)
+                        });
+                        (job, r)
+                    }
+                })
+                .buffer_unordered(TXNS_IN_FLIGHT)
+                .collect()
+                .await;
+        let mut result = Ok(n);
+        for (job, r) in results {
+            match r {
+                // Written: remembered.
+                Ok(Some(rev)) => {
+                    for (k, w) in job.changes {
+                        match w {
+                            Some(w) => written.insert(k, Written { rev, ..w }),
+                            None => written.remove(&k),
+                        };
+                    }
+                }
+                // A guard failed: the term is over (the elector will say
+                // so) or another node wrote the key since. Nothing written.
+                Ok(None) => tracing::debug!("a guarded status write found its term over"),
+                Err(e) => result = Err(StatusError::WriteFailed(e)),
+            }
+        }
+        self.written = Some(written);
+        result
+    }
+
+    /// The transactions that make etcd hold `batch`.
+    fn jobs(&self, batch: &StatusBatch, written: &BTreeMap<String, Written>) -> Vec<Job> {
         let now = chrono_now();
-        let mut ops = Vec::new();
-        let mut changes: Vec<(String, Option<u64>)> = Vec::new();
-        for (k, v) in entries {
-            let d = digest(v);
-            if written.get(k) == Some(&d) {
+        let vfolders = self.keys.vfolder_status_prefix();
+        // Term revision (0: no guard) → its term and puts.
+        let mut puts: BTreeMap<i64, (Option<&Term>, Vec<Put>)> = BTreeMap::new();
+        for (k, v) in batch.entries.iter() {
+            let term = match &batch.led {
+                Some(led) if k.starts_with(&vfolders) => match led.term(&scope_of(v)) {
+                    Some(t) => Some(t),
+                    None => continue, // another node's to write
+                },
+                _ => None,
+            };
+            let w = Written {
+                digest: digest(v),
+                term: term.map_or(0, |t| t.rev),
+                rev: 0,
+            };
+            if written
+                .get(k)
+                .is_some_and(|o| o.digest == w.digest && o.term == w.term)
+            {
                 continue;
             }
             let mut v = Value::clone(v);
             if let Value::Object(m) = &mut v {
                 m.insert("since".into(), Value::String(now.clone()));
             }
-            ops.push(TxnOp::put(
-                k.as_str(),
-                serde_json::to_vec(&v).expect("json"),
-                None,
-            ));
-            changes.push((k.clone(), Some(d)));
+            let op = TxnOp::put(k.as_str(), serde_json::to_vec(&v).expect("json"), None);
+            let group = puts.entry(w.term).or_insert((term, Vec::new()));
+            group.1.push((op, k.clone(), w));
         }
-        for k in written.keys() {
-            if !entries.contains_key(k) {
-                ops.push(TxnOp::delete(k.as_str(), None));
-                changes.push((k.clone(), None));
+        let mut jobs = Vec::new();
+        for (term, ops) in puts.into_values() {
+            let room = MAX_TXN_OPS - usize::from(term.is_some());
+            for chunk in ops.chunks(room) {
+                // etcd-client panics on `when` after `and_then`.
+                let guard: Vec<Compare> = term.iter().map(|t| t.compare()).collect();
+                let ops: Vec<TxnOp> = chunk.iter().map(|c| c.0.clone()).collect();
+                jobs.push(Job {
+                    txn: Txn::new().when(guard).and_then(ops),
+                    changes: chunk.iter().map(|c| (c.1.clone(), Some(c.2))).collect(),
+                });
             }
         }
-        let n = ops.len();
-        // Several transactions in flight at once (each key is in one of
-        // them, so their order does not matter): 10,000 kernels' statuses are
-        // 79 round trips, which one at a time took most of a teardown.
-        use futures::StreamExt;
-        let txns: Vec<(usize, Txn)> = ops
-            .chunks(MAX_TXN_OPS)
-            .map(|chunk| Txn::new().and_then(chunk.to_vec()))
-            .enumerate()
-            .collect();
-        let results: Vec<(usize, Result<(), etcd_client::Error>)> = futures::stream::iter(txns)
-            .map(|(i, txn)| {
-                let mut client = self.client.clone();
-                async move { (i, client.txn(txn).await.map(drop)) }
-            })
-            .buffer_unordered(TXNS_IN_FLIGHT)
-            .collect()
-            .await;
-        let mut result = Ok(n);
-        let mut done = vec![false; n.div_ceil(MAX_TXN_OPS)];
-        for (i, r) in results {
-            match r {
-                Ok(()) => done[i] = true,
-                Err(e) => result = Err(StatusError::WriteFailed(e)),
+        jobs.extend(self.deletions(batch, written));
+        jobs
+    }
+
+    /// Deletes the keys written before that `batch` no longer holds: this
+    /// node's own in batches; a vfolder's alone, guarded by its term and by
+    /// its revision (a key another node wrote since is not this node's).
+    fn deletions(&self, batch: &StatusBatch, written: &BTreeMap<String, Written>) -> Vec<Job> {
+        let gone = written
+            .iter()
+            .filter(|(k, _)| !batch.entries.contains_key(*k));
+        let mut plain = Vec::new();
+        let mut jobs = Vec::new();
+        for (k, w) in gone {
+            let term = batch
+                .led
+                .as_ref()
+                .and_then(|led| led.terms().find(|(_, t)| t.rev == w.term).map(|(_, t)| t));
+            match (w.term, term) {
+                (0, _) => plain.push(k.clone()),
+                (_, Some(t)) => {
+                    let mut when = vec![t.compare()];
+                    if w.rev > 0 {
+                        when.push(Compare::mod_revision(k.as_str(), CompareOp::Equal, w.rev));
+                    }
+                    jobs.push(Job {
+                        txn: Txn::new()
+                            .when(when)
+                            .and_then([TxnOp::delete(k.as_str(), None)]),
+                        changes: vec![(k.clone(), None)],
+                    });
+                }
+                (_, None) => {} // forgotten by `follow`
             }
         }
-        for (i, (k, v)) in changes.into_iter().enumerate() {
-            if !done[i / MAX_TXN_OPS] {
-                continue; // not written: the retry writes it
-            }
-            match v {
-                Some(v) => written.insert(k, v),
-                None => written.remove(&k),
-            };
+        for chunk in plain.chunks(MAX_TXN_OPS) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|k| TxnOp::delete(k.as_str(), None))
+                .collect();
+            jobs.push(Job {
+                txn: Txn::new().and_then(ops),
+                changes: chunk.iter().map(|k| (k.clone(), None)).collect(),
+            });
         }
-        self.written = Some(written);
-        result
+        jobs
     }
 }
 
 /// The status values a pass wants etcd to hold.
 pub type StatusEntries = Arc<BTreeMap<String, Arc<Value>>>;
+
+/// What the writer is handed: the statuses, and what the node leads (under
+/// whose terms the shared vfolder status keys are written).
+#[derive(Debug, Clone, Default)]
+pub struct StatusBatch {
+    /// Key → value.
+    pub entries: StatusEntries,
+    /// `None`: no election (a node alone, or an agent).
+    pub led: Option<Arc<Led>>,
+}
 
 /// Writes the latest report in the background, so a slow or unreachable etcd
 /// never stalls the reconcile loop. Reports that arrive while a write is in
@@ -198,7 +387,7 @@ pub type StatusEntries = Arc<BTreeMap<String, Arc<Value>>>;
 /// report is written (or could not be).
 pub async fn run_status_writer(
     mut writer: StatusWriter,
-    mut rx: tokio::sync::watch::Receiver<StatusEntries>,
+    mut rx: tokio::sync::watch::Receiver<StatusBatch>,
     written: impl Fn(usize) + Send,
 ) {
     let mut delay = Duration::from_millis(200);

@@ -793,6 +793,17 @@ impl Drop for Node {
             let _ = c.kill();
             let _ = c.wait();
         }
+        if std::thread::panicking() {
+            // A failed test shows what the daemon said last.
+            let log = std::fs::read_to_string(self.dir.path().join("vfolderd.log"));
+            let log = log.unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let name = self.dir.path().display();
+            eprintln!("--- last lines of {name}/vfolderd.log ---");
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
         // FUSE daemons the helper double started for this node go with it.
         let me = self.dir.path().to_string_lossy().into_owned();
         for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
