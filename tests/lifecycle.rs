@@ -811,3 +811,239 @@ async fn a_record_made_again_during_its_purge_gets_a_fresh_directory() {
     })
     .await;
 }
+
+/// The storage node leading `volume` now (the oldest candidate's value).
+async fn leader_of(etcd: &Etcd, volume: &str) -> Option<String> {
+    let prefix = format!("{P}/leaders/volumes/{volume}/");
+    let resp = etcd
+        .client()
+        .await
+        .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    resp.kvs()
+        .iter()
+        .min_by_key(|kv| kv.create_revision())
+        .map(|kv| kv.value_str().unwrap().to_string())
+}
+
+/// Every event under `P/` from `from` up to a marker put now, in order.
+async fn history(etcd: &Etcd, from: i64) -> Vec<etcd_client::Event> {
+    let marker = format!("{P}/test-end");
+    etcd.put(&marker, "x").await;
+    let mut c = etcd.client().await;
+    let opts = etcd_client::WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(from);
+    let mut stream = c.watch(format!("{P}/"), Some(opts)).await.unwrap();
+    let mut out = Vec::new();
+    while let Some(r) = stream.message().await.unwrap() {
+        for e in r.events() {
+            let key = e.kv().map(|kv| kv.key_str().unwrap().to_string());
+            if key.as_deref() == Some(marker.as_str()) {
+                return out;
+            }
+            out.push(e.clone());
+        }
+    }
+    panic!("the watch ended before the marker");
+}
+
+/// Issue 14 item 6: three storage nodes, each in a mount namespace of its
+/// own (as on three hosts), serve one volume (a bind of one shared tmpfs).
+/// One is elected and does all of that volume's directory work. 500
+/// vfolders are made; 40 of them, 2,500 files each, are deleted, and the
+/// leader is killed with SIGKILL while it purges them. Another node takes
+/// over once the dead leader's lease expires and finishes the purge from
+/// the trash as it was left. Every vfolder directory was made exactly once
+/// (the daemons' logs), and at every revision each vfolder status key was
+/// written only by the node that led its volume at that revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_storage_nodes_elect_one_writer_per_volume_and_a_killed_leaders_purge_finishes() {
+    require_private_mount_namespace();
+    within(300, async {
+        let etcd = Etcd::start().await;
+        let shared = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=512m", "vfolderd-shared"])
+            .arg(shared.path())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mount the shared tmpfs");
+        let from = etcd
+            .client()
+            .await
+            .get("x", None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision();
+        let opts = || NodeOpts {
+            roles: "[storage]",
+            own_namespace: true,
+            extra_config: "trash_retention: 0s\n",
+            ..Default::default()
+        };
+        let mut nodes: Vec<Node> = ["s1", "s2", "s3"]
+            .iter()
+            .map(|n| Node::start(&etcd, n, opts()))
+            .collect();
+        etcd.put(
+            &format!("{P}/volumes/shared"),
+            &format!(
+                "mount: {{at: requested, fstype: bind, path: '{}'}}\n",
+                shared.path().display()
+            ),
+        )
+        .await;
+        let ids: Vec<uuid::Uuid> = (0..500).map(|_| uuid::Uuid::new_v4()).collect();
+        let mut c = etcd.client().await;
+        for chunk in ids.chunks(100) {
+            let puts: Vec<etcd_client::TxnOp> = chunk
+                .iter()
+                .map(|id| {
+                    let v = "{name: f, owner: alice, volume: shared}\n";
+                    etcd_client::TxnOp::put(format!("{P}/vfolders/{id}"), v, None)
+                })
+                .collect();
+            c.txn(etcd_client::Txn::new().and_then(puts)).await.unwrap();
+        }
+        let statuses = format!("{P}/status/vfolders/");
+        let ready = || async {
+            etcd.dump(&statuses)
+                .await
+                .iter()
+                .filter(|(_, v)| v.contains("\"state\":\"Ready\""))
+                .count()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+        while ready().await < ids.len() {
+            assert!(std::time::Instant::now() < deadline, "not all 500 Ready");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        let dir = |id: &uuid::Uuid| shared.path().join(shard(&id.to_string()));
+        assert!(ids.iter().all(|id| dir(id).is_dir()));
+        let doomed = &ids[..40];
+        for id in doomed {
+            for i in 0..2500 {
+                std::fs::write(dir(id).join(format!("f{i}")), b"x").unwrap();
+            }
+        }
+        let leader = leader_of(&etcd, "shared").await.expect("a leader");
+        let deletes: Vec<etcd_client::TxnOp> = doomed
+            .iter()
+            .map(|id| etcd_client::TxnOp::delete(format!("{P}/vfolders/{id}"), None))
+            .collect();
+        c.txn(etcd_client::Txn::new().and_then(deletes))
+            .await
+            .unwrap();
+        let trash = shared.path().join(".trash");
+        let purging = || {
+            std::fs::read_dir(&trash)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with(".purging"))
+        };
+        until("a purge under way", 60, purging).await;
+        let dead = nodes.iter().position(|n| n.name == leader).unwrap();
+        nodes[dead].kill9();
+        let files_left: usize = doomed
+            .iter()
+            .map(|id| {
+                let p = trash.join(format!("{}.purging", id.simple()));
+                std::fs::read_dir(p).map_or(0, |d| d.count())
+            })
+            .sum();
+        eprintln!("leader {leader} killed with {files_left} files left in purging directories");
+
+        // Another node takes over and finishes the purge.
+        for id in doomed {
+            let key = format!("{statuses}{id}");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while etcd.get_json(&key).await.is_some() {
+                assert!(std::time::Instant::now() < deadline, "{key} is still there");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+        let left: Vec<_> = std::fs::read_dir(&trash)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "the trash is not empty: {left:?}");
+        let next = leader_of(&etcd, "shared").await.expect("a new leader");
+        assert_ne!(next, leader, "the dead node still leads");
+        for id in &ids[40..] {
+            assert!(dir(id).is_dir(), "{id} lost its directory");
+        }
+        assert_eq!(ready().await, ids.len() - doomed.len());
+
+        // Every vfolder directory made exactly once, by one node.
+        let mut made: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for n in &nodes {
+            for line in n
+                .log()
+                .lines()
+                .filter(|l| l.contains("vfolder directory made"))
+            {
+                let hex = ids
+                    .iter()
+                    .map(|id| id.simple().to_string())
+                    .find(|h| line.contains(h.as_str()));
+                made.entry(hex.expect("a vfolder of the test"))
+                    .or_default()
+                    .push(n.name.clone());
+            }
+        }
+        assert_eq!(made.len(), ids.len(), "every vfolder directory made");
+        let twice: Vec<_> = made.iter().filter(|(_, by)| by.len() > 1).collect();
+        assert!(twice.is_empty(), "made more than once: {twice:?}");
+
+        // One writer per status key: its volume's leader at that revision.
+        let mut candidates: std::collections::BTreeMap<String, (i64, String)> = Default::default();
+        let mut writers: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        let leaders = format!("{P}/leaders/volumes/shared/");
+        for e in history(&etcd, from).await {
+            let kv = e.kv().unwrap();
+            let key = kv.key_str().unwrap().to_string();
+            let put = e.event_type() == etcd_client::EventType::Put;
+            if key.starts_with(&leaders) {
+                if put {
+                    let value = kv.value_str().unwrap().to_string();
+                    candidates.insert(key, (kv.create_revision(), value));
+                } else {
+                    candidates.remove(&key);
+                }
+            } else if key.starts_with(&statuses) && put {
+                let v: serde_json::Value = serde_json::from_slice(kv.value()).unwrap();
+                let by = v["node"].as_str().unwrap().to_string();
+                let now = candidates.values().min().map(|(_, n)| n.clone());
+                assert_eq!(
+                    now.as_deref(),
+                    Some(by.as_str()),
+                    "{key} written at revision {} by {by}, not by the leader",
+                    kv.mod_revision()
+                );
+                let w = writers.entry(key).or_default();
+                if w.last() != Some(&by) {
+                    w.push(by);
+                }
+            }
+        }
+        assert!(writers.len() >= ids.len(), "every status written");
+        let handed: Vec<_> = writers.values().filter(|w| w.len() > 1).collect();
+        eprintln!(
+            "{} status keys changed hands once, with the leadership",
+            handed.len()
+        );
+        assert!(handed.iter().all(|w| w.len() == 2 && w[0] == leader));
+        drop(nodes);
+        let _ = std::process::Command::new("umount")
+            .args(["-l"])
+            .arg(shared.path())
+            .status();
+    })
+    .await;
+}

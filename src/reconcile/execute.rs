@@ -506,6 +506,11 @@ impl Executor {
                     None => Ok(()),
                 };
                 let made = make_dir(root, path, create, &mut record)?;
+                if quota.is_some() && made.iter().any(|m| m == path) {
+                    // One line per vfolder, once: an operator (and the
+                    // several-storage-nodes test) can tell who made it.
+                    tracing::info!(path = %path.display(), "vfolder directory made");
+                }
                 // Staged components someone else made meanwhile are not ours.
                 for p in path.ancestors().take_while(|p| *p != root.as_path()) {
                     if staged.dirs.remove(p) && !made.iter().any(|m| m == p) {
@@ -1449,7 +1454,11 @@ fn make_subvolume(
     )?;
     let owner = (create.uid.unwrap_or(0), create.gid.unwrap_or(0));
     match crate::reconcile::btrfs::make_limited(dir.as_fd(), leaf, owner, q.bytes) {
-        Ok(made) => Ok(made),
+        Ok(true) => {
+            tracing::info!(path = %path.display(), "vfolder directory made (a subvolume)");
+            Ok(true)
+        }
+        Ok(false) => Ok(false),
         Err(Errno::EEXIST) => Ok(true),
         Err(errno) => Err(ExecError::Fs(FsError::Sys {
             op: "create subvolume",

@@ -493,6 +493,7 @@ pub struct Node {
     /// `/metrics` address.
     pub listen: String,
     child: Option<Child>,
+    own_namespace: bool,
 }
 
 /// Options of a test node.
@@ -509,6 +510,9 @@ pub struct NodeOpts {
     pub mount_timeout: &'static str,
     /// Extra config lines.
     pub extra_config: &'static str,
+    /// Run the daemon in a mount namespace of its own (as on its own host):
+    /// what it mounts is not seen here, only what it writes to shared directories.
+    pub own_namespace: bool,
 }
 
 impl Default for NodeOpts {
@@ -520,6 +524,7 @@ impl Default for NodeOpts {
             helper_double: false,
             mount_timeout: "10s",
             extra_config: "",
+            own_namespace: false,
         }
     }
 }
@@ -619,6 +624,7 @@ impl Node {
             config,
             listen,
             child: None,
+            own_namespace: opts.own_namespace,
         };
         n.spawn();
         n
@@ -631,7 +637,16 @@ impl Node {
             .append(true)
             .open(self.dir.path().join("vfolderd.log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_vfolderd"))
+        let mut cmd = if self.own_namespace {
+            // unshare execs the daemon (no fork): the child is the daemon.
+            let mut c = Command::new("unshare");
+            c.args(["--mount", "--propagation", "private", "--"])
+                .arg(env!("CARGO_BIN_EXE_vfolderd"));
+            c
+        } else {
+            Command::new(env!("CARGO_BIN_EXE_vfolderd"))
+        };
+        let child = cmd
             .args(["run", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info,vfolderd=debug")
