@@ -78,6 +78,8 @@ pub struct NewVfolder {
     pub permission: Permission,
     /// Its quota (reported as `OverQuota` when exceeded).
     pub quota_bytes: Option<u64>,
+    /// The vfolder whose files it starts with (`clone_of`).
+    pub clone_of: Option<Uuid>,
 }
 
 /// `vfolderd vfolder create`: writes a record with a fresh uuid v4 and
@@ -150,7 +152,7 @@ async fn put_vfolder(
         permission: new.permission,
         quota_bytes: new.quota_bytes,
         trash: false,
-        clone_of: None,
+        clone_of: new.clone_of,
     };
     let body = serde_yaml::to_string(&spec).expect("yaml");
     parse_vfolder(body.as_bytes()).map_err(CliError::Invalid)?;
@@ -159,6 +161,48 @@ async fn put_vfolder(
         .put(format!("{}{id}", keys.vfolders_prefix()), body, None)
         .await?;
     Ok(id)
+}
+
+/// What `vfolderd vfolder clone` may change from the source's record.
+#[derive(Debug, Clone, Default)]
+pub struct CloneAs {
+    /// The clone's volume (default: the source's; another volume is copied to).
+    pub volume: Option<String>,
+    /// Its name (default: the source's).
+    pub name: Option<String>,
+    /// Its owner (default: the source's).
+    pub owner: Option<String>,
+}
+
+/// `vfolderd vfolder clone`: a new record, with a fresh uuid, that starts
+/// as a copy of `source` (`clone_of`); the storage node fills it (status
+/// `Cloning`, then `Ready`). Returns the new uuid.
+pub async fn vfolder_clone(cfg: &NodeConfig, source: Uuid, as_: CloneAs) -> Result<Uuid, CliError> {
+    let keys = Keys::new(&cfg.etcd.prefix, &cfg.node);
+    let mut client = connect(cfg).await?;
+    let got = client
+        .get(format!("{}{source}", keys.vfolders_prefix()), None)
+        .await?;
+    let kv = got
+        .kvs()
+        .first()
+        .ok_or_else(|| CliError::Invalid(format!("vfolder {source} has no record")))?;
+    let src = parse_vfolder(kv.value()).map_err(CliError::Invalid)?;
+    if src.trash {
+        return Err(CliError::Invalid(format!(
+            "vfolder {source} is in the trash: restore it first"
+        )));
+    }
+    let new = NewVfolder {
+        volume: Some(as_.volume.unwrap_or(src.volume.clone())),
+        name: as_.name.unwrap_or(src.name),
+        owner: as_.owner.unwrap_or(src.owner),
+        permission: src.permission,
+        quota_bytes: src.quota_bytes,
+        clone_of: Some(source),
+    };
+    let volume = new.volume.clone().unwrap_or(src.volume);
+    put_vfolder(&mut client, &keys, &new, &volume).await
 }
 
 /// `vfolderd vfolder trash|restore`: sets or clears `trash` in the record.

@@ -171,6 +171,26 @@ enum VfolderCmd {
         /// The vfolder.
         id: uuid::Uuid,
     },
+    /// Make a new vfolder that starts as a copy of another (`clone_of`);
+    /// prints its uuid. The storage node copies (reflinks where it can);
+    /// its status is `Cloning`, then `Ready`.
+    /// Example: `vfolderd vfolder clone --config /etc/vfolderd/node.yaml 0123abcd-... --name copy`
+    Clone {
+        /// Node config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The vfolder to copy.
+        source: uuid::Uuid,
+        /// The clone's volume (default: the source's).
+        #[arg(long)]
+        volume: Option<String>,
+        /// The clone's name (default: the source's).
+        #[arg(long)]
+        name: Option<String>,
+        /// The clone's owner (default: the source's).
+        #[arg(long)]
+        owner: Option<String>,
+    },
     /// Delete a vfolder's record: its directory goes to the trash and is
     /// purged after the storage nodes' `trash_retention` (making the record
     /// again before then restores it).
@@ -236,6 +256,26 @@ async fn main() -> anyhow::Result<()> {
         } => vfolderd::cli::vfolder_delete(&load(&config)?, id).await?,
         Cmd::Vfolder {
             cmd:
+                VfolderCmd::Clone {
+                    config,
+                    source,
+                    volume,
+                    name,
+                    owner,
+                },
+        } => {
+            let as_ = vfolderd::cli::CloneAs {
+                volume,
+                name,
+                owner,
+            };
+            println!(
+                "{}",
+                vfolderd::cli::vfolder_clone(&load(&config)?, source, as_).await?
+            );
+        }
+        Cmd::Vfolder {
+            cmd:
                 VfolderCmd::Create {
                     config,
                     volume,
@@ -251,6 +291,7 @@ async fn main() -> anyhow::Result<()> {
                 owner,
                 permission,
                 quota_bytes,
+                clone_of: None,
             };
             let (id, placed) = vfolderd::cli::vfolder_create(&load(&config)?, &new).await?;
             if volume.is_none() {

@@ -249,7 +249,7 @@ async fn a_wiped_etcd_trashes_and_purges_nothing_until_accept_reset() {
 /// trash|restore|delete|list` do it (trash and restore as a transaction
 /// on the record's revision), and a vfolder without a record is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_vfolder_verbs_trash_restore_delete_and_list() {
+async fn the_vfolder_verbs_trash_restore_clone_delete_and_list() {
     require_private_mount_namespace();
     within(90, async {
         let etcd = Etcd::start().await;
@@ -281,6 +281,20 @@ async fn the_vfolder_verbs_trash_restore_delete_and_list() {
             record["name"], "mine",
             "the rest of the record is kept: {record}"
         );
+
+        let copy = node.cli(&["vfolder", "clone", &id, "--name", "copy"]);
+        let copy: uuid::Uuid = copy.trim().parse().unwrap_or_else(|_| panic!("{copy}"));
+        etcd.wait_state(&format!("{P}/status/vfolders/{copy}"), "Ready")
+            .await;
+        let copied = node.volumes().join("shard1").join(shard(&copy.to_string()));
+        assert_eq!(std::fs::read(copied.join("notes.txt")).unwrap(), b"my work");
+        let record = etcd
+            .get_json(&format!("{P}/vfolders/{copy}"))
+            .await
+            .unwrap();
+        assert_eq!(record["name"], "copy");
+        assert_eq!(record["owner"], "alice", "the source's owner: {record}");
+        assert_eq!(record["clone_of"], id.as_str());
 
         node.cli(&["vfolder", "delete", &id]);
         etcd.wait_state(&key, "Trashed").await;
