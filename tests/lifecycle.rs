@@ -493,7 +493,8 @@ async fn purge_and_the_in_use_guard_survive_kill_9() {
 /// by the sweep at start and goes to the trash with its whole retention
 /// ahead, never straight to a purge, and never left behind unnoticed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_record_deleted_while_no_storage_node_watched_is_found_and_trashed() {
+async fn a_record_deleted_while_no_storage_node_watched_is_found_and_trashed_and_a_clones_leftovers_purged(
+) {
     require_private_mount_namespace();
     within(90, async {
         let etcd = Etcd::start().await;
@@ -523,6 +524,12 @@ async fn a_record_deleted_while_no_storage_node_watched_is_found_and_trashed() {
         let flags = nix::mount::MntFlags::MNT_DETACH;
         nix::mount::umount2(&node.volumes().join("shard1"), flags).unwrap();
         std::fs::remove_dir_all(node.dir.path().join("state/db")).unwrap();
+        // And a clone that was under way when its record went: its staging
+        // directory is a partial copy nothing will finish.
+        let gone = uuid::Uuid::new_v4().simple().to_string();
+        let staging = share.join(".clone").join(&gone);
+        std::fs::create_dir_all(staging.join("sub")).unwrap();
+        std::fs::write(staging.join("sub/part.bin"), b"half a copy").unwrap();
         node.spawn();
         let st = etcd.wait_state(&key, "Trashed").await;
         assert!(
@@ -531,6 +538,15 @@ async fn a_record_deleted_while_no_storage_node_watched_is_found_and_trashed() {
         );
         assert!(!live.exists());
         assert!(in_trash(&node, vf).join("notes.txt").exists());
+        let purging = share.join(".trash").join(format!("{gone}.purging"));
+        until("the leftover staging purged", 30, || {
+            !staging.exists() && !purging.exists()
+        })
+        .await;
+        assert!(
+            in_trash(&node, vf).join("notes.txt").exists(),
+            "the retention still holds for the vfolder"
+        );
     })
     .await;
 }

@@ -252,6 +252,24 @@ pub fn start_purge(volume: &Path, id: &Uuid) -> Result<(), TrashError> {
     )
 }
 
+/// Hands a clone's leftover staging directory (`<volume>/<staging>/<hex>`,
+/// a partial copy: its clone's record went, or the vfolder got its
+/// directory another way) to the purge, as `<hex>.purging`. Not a user's
+/// data, so no retention: the next round empties it. Nothing happens if a
+/// purge of that vfolder is under way already.
+pub fn purge_staged(volume: &Path, staging: &str, id: &Uuid) -> Result<(), TrashError> {
+    let trash = open_trash(volume, true)?.ok_or_else(|| TrashError::Taken(TRASH.into()))?;
+    let (from, _) = open_dir(volume, &volume.join(staging), None)?;
+    let to = format!("{}{PURGING}", hex(id));
+    rename_noreplace(
+        from.as_fd(),
+        &hex(id),
+        trash.as_fd(),
+        &to,
+        &volume.join(TRASH).join(&to),
+    )
+}
+
 /// The purge directory of `id`, for counting what is left.
 pub fn purging_path(volume: &Path, id: &Uuid) -> PathBuf {
     volume.join(TRASH).join(format!("{}{PURGING}", hex(id)))
