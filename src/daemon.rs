@@ -174,6 +174,9 @@ pub async fn run(
         let mut passes = PassLoop::new(&shared, tasks.mounts_changed.clone());
         let rec = passes.run(rec, &mut shutdown).await?;
         drop(tasks);
+        // The next process on this node must not resume a lease this one
+        // still keeps alive while it finishes (it waits the lease out).
+        let _ = std::fs::remove_file(cfg.state.join("election-lease"));
         // Let the last report reach etcd (briefly: etcd may be gone).
         drop(rec);
         etcd_side.finish(Duration::from_secs(2)).await;
@@ -474,10 +477,12 @@ impl Background {
         let volume_targets: VolumeTargets = Arc::default();
         let usage = Arc::new(UsageBoard::with_histogram(s.metrics.scan_duration.clone()));
         let lifecycle: Arc<LifecycleBoard> = Arc::default();
+        // The lease id is kept beside the store: sled admits one process
+        // per state directory, so no two daemons ever resume the same lease.
         let elections = s.cfg.has_role(Role::Storage).then(|| {
-            Arc::new(Elections::new(Duration::from_secs(
-                crate::state::election::LEASE_TTL as u64,
-            )))
+            let ttl = Duration::from_secs(crate::state::election::LEASE_TTL as u64);
+            let file = s.cfg.state.join("election-lease");
+            Arc::new(Elections::new(ttl).with_lease_file(file))
         });
         if let Some(e) = &elections {
             lifecycle.led_by(e.clone());
@@ -594,6 +599,13 @@ fn reconciler(
         ExecConfig::from_node(cfg),
     )
     .with_mount_wait(deps.mountinfo.clone());
+    let exec = match tasks.elections.clone() {
+        Some(el) => exec.with_dir_gate(Arc::new(move |root: &std::path::Path| {
+            let volume = root.file_name().and_then(|n| n.to_str());
+            volume.is_some_and(|v| el.may_act(v))
+        })),
+        None => exec,
+    };
     let observer = Observer::new(ObserverConfig {
         mountinfo: deps.mountinfo.clone(),
         mountinfo_path: deps.mountinfo_path.clone(),

@@ -93,8 +93,11 @@ pub struct Owner {
     pub gid: u32,
 }
 
+/// Whether the clone may go on writing its target volume.
+pub type Gate = Box<dyn Fn() -> bool + Send + Sync>;
+
 /// A clone's progress, readable while it runs.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Progress {
     /// Files (non-directories) done so far.
     pub done: AtomicU64,
@@ -105,7 +108,20 @@ pub struct Progress {
     /// Set when this node may no longer write the target volume (it lost
     /// its leadership): the copy stops at the next file, staged and resumable.
     pub stop: std::sync::atomic::AtomicBool,
+    /// Asked before each file and each [`COPY_CHUNK`] copied: false stops
+    /// the copy as `stop` does (a fenced leader, see [`crate::state::election`]).
+    pub gate: Option<Gate>,
 }
+
+impl Progress {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed) || self.gate.as_ref().is_some_and(|g| !g())
+    }
+}
+
+/// Bytes copied between two looks at [`Progress::gate`] (a large file must
+/// not run on past the fence).
+const COPY_CHUNK: u64 = 64 << 20;
 
 const DIR: OFlags = OFlags::RDONLY
     .union(OFlags::DIRECTORY)
@@ -179,6 +195,20 @@ pub fn clone_tree(
     .map_err(sys("rename into place", live.display()))
 }
 
+/// The vfolders with a staging directory in the volume at `target` (clones
+/// under way, or left behind by one whose record went).
+pub fn staged(target: &Path) -> Vec<Uuid> {
+    let Ok(fd) = staging_dir(target, false) else {
+        return Vec::new();
+    };
+    let Ok(dir) = Dir::new(fd) else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| Uuid::try_parse(e.file_name().to_str().ok()?).ok())
+        .collect()
+}
+
 /// The staging directory of a clone of `id` in the volume at `target`.
 pub fn staging_path(target: &Path, id: &Uuid) -> PathBuf {
     target.join(STAGING).join(hex(id))
@@ -228,7 +258,7 @@ fn copy_dir(
         .map(|e| (e.file_name().to_owned(), e.file_type()))
         .collect();
     for (name, kind) in entries {
-        if progress.stop.load(Ordering::Relaxed) {
+        if progress.stopped() {
             return Err(CloneError::Stopped);
         }
         let kind = match kind {
@@ -332,9 +362,19 @@ fn copy_file(
     if ioctl_ficlone(&d, &s).is_ok() {
         progress.reflinked.fetch_add(1, Ordering::Relaxed);
     } else {
-        let (mut from, mut to) = (std::fs::File::from(s), std::fs::File::from(d));
-        std::io::copy(&mut from, &mut to)
-            .map_err(|e| sys("copy", what())(Errno::from_io_error(&e).unwrap_or(Errno::IO)))?;
+        let (from, mut to) = (std::fs::File::from(s), std::fs::File::from(d));
+        loop {
+            // copy_file_range underneath, a chunk at a time.
+            use std::io::Read;
+            let copied = std::io::copy(&mut (&from).take(COPY_CHUNK), &mut to)
+                .map_err(|e| sys("copy", what())(Errno::from_io_error(&e).unwrap_or(Errno::IO)))?;
+            if copied == 0 {
+                break;
+            }
+            if progress.stopped() {
+                return Err(CloneError::Stopped);
+            }
+        }
         return set_file_meta(to.as_fd(), &st, owner, name);
     }
     set_file_meta(d.as_fd(), &st, owner, name)

@@ -535,7 +535,14 @@ fn clone_step(
         .and_then(|v| v.quota_bytes);
     let live = live_path(&served.target, &id);
     let (target, owner) = (served.target.clone(), served.owner);
-    let p = Arc::new(clone::Progress::default());
+    let gate: Option<clone::Gate> = progress.elections.clone().and_then(|e| {
+        let volume = target.file_name()?.to_str()?.to_string();
+        Some(Box::new(move || e.may_act(&volume)) as clone::Gate)
+    });
+    let p = Arc::new(clone::Progress {
+        gate,
+        ..Default::default()
+    });
     let job_progress = p.clone();
     let thread = std::thread::Builder::new()
         .name("vfolderd-clone".into())
@@ -805,6 +812,7 @@ fn sweep_if_due(d: &Desired, name: &str, target: &Path, progress: &mut Progress)
     if !due {
         return;
     }
+    purge_leftover_staging(d, target, progress);
     let found = sweep(d, target);
     if !found.is_empty() {
         tracing::warn!(volume = %name, orphans = found.len(), "vfolder directories without a record (deleted while no storage node watched, or while malformed): to the trash, purged after the retention");
@@ -812,6 +820,26 @@ fn sweep_if_due(d: &Desired, name: &str, target: &Path, progress: &mut Progress)
     progress
         .swept
         .insert(name.to_string(), (std::time::Instant::now(), found));
+}
+
+/// Clone staging directories no clone will finish: the record went, or the
+/// vfolder has its directory (its `clone_of` was dropped and it was made
+/// empty). They go to the purge; a clone running here keeps its own.
+fn purge_leftover_staging(d: &Desired, target: &Path, progress: &Progress) {
+    for id in clone::staged(target) {
+        let done = crate::reconcile::fsops::is_dir_nofollow(&live_path(target, &id));
+        if progress.clones.contains_key(&id) || (d.vfolders.contains_key(&id) && !done) {
+            continue;
+        }
+        match trashfs::purge_staged(target, clone::STAGING, &id) {
+            Ok(()) => {
+                tracing::info!(vfolder = %id, "a clone's leftover staging directory goes to the purge")
+            }
+            Err(e) => {
+                tracing::warn!(vfolder = %id, error = %crate::error::error_chain(&e), "cannot purge a clone's leftover staging directory")
+            }
+        }
+    }
 }
 
 /// Tombstones of this volume whose directory is no longer live: the trash
@@ -847,7 +875,9 @@ fn act_all(
     for step in steps {
         let id = step_id(&step);
         if let Step::Clone { id, source } = step {
-            let Some(d) = fresh(cache) else { break };
+            let Some(d) = fresh(cache).filter(|_| progress.may_act(&served.target)) else {
+                break;
+            };
             let s = statuses.get_mut(&id).expect("a clone step has a status");
             match clone_step(&d, volumes, served, id, source, progress) {
                 Ok(left) => s.files_left = left,

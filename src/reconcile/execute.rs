@@ -165,7 +165,14 @@ pub struct Executor {
     /// No copy can be made here (the kernel lacks the calls or refuses a
     /// copy from a detached mount): homes are bound from the live path.
     no_kernels_copy: std::sync::atomic::AtomicBool,
+    /// Asked, with the volume's mount point, right before a vfolder
+    /// directory is made: false leaves it to the next pass (this storage
+    /// node does not lead the volume now, or is fenced).
+    dir_gate: Option<DirGate>,
 }
+
+/// See [`Executor::with_dir_gate`].
+pub type DirGate = Arc<dyn Fn(&Path) -> bool + Send + Sync>;
 
 /// The ownership record of a bind (what the executor writes before binding).
 pub fn bind_record(b: &WantBind) -> OwnedMount {
@@ -261,6 +268,7 @@ impl Executor {
             mountinfo: None,
             kernels_copy: std::sync::Mutex::new(None),
             no_kernels_copy: std::sync::atomic::AtomicBool::new(false),
+            dir_gate: None,
         }
     }
 
@@ -268,6 +276,14 @@ impl Executor {
     /// shows in `mountinfo`, so the next pass never mounts the target twice.
     pub fn with_mount_wait(mut self, mountinfo: Arc<dyn MountInfoSource>) -> Self {
         self.mountinfo = Some(mountinfo);
+        self
+    }
+
+    /// Makes a vfolder directory only while `gate(volume mount point)` says
+    /// so, checked right before the mkdir (a pass may run long after it
+    /// planned the directory).
+    pub fn with_dir_gate(mut self, gate: DirGate) -> Self {
+        self.dir_gate = Some(gate);
         self
     }
 
@@ -482,6 +498,9 @@ impl Executor {
                 owner,
                 quota,
             } => {
+                if quota.is_some() && self.dir_gate.as_ref().is_some_and(|g| !g(root)) {
+                    return Ok(()); // still missing: reported Pending, planned again
+                }
                 let create = Create {
                     mode: 0o755,
                     uid: *uid,

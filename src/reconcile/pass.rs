@@ -208,8 +208,8 @@ impl Reconciler {
             usage_now: Arc::default(),
             lifecycle: p.lifecycle,
             lifecycle_now: Arc::default(),
+            report_led: p.elections.as_ref().map(|_| Arc::default()),
             elections: p.elections,
-            report_led: None,
             status_tx: p.status_tx,
             volume_targets: p.volume_targets,
             entries: StatusEntries::default(),
@@ -280,24 +280,15 @@ impl Reconciler {
     pub fn pass(&mut self, input: PassInput<'_>) -> Result<PassOutcome, PassError> {
         let t_start = std::time::Instant::now();
         if let Some(e) = &self.elections {
-            let led = e.led();
-            let covered = self.lifecycle.covered();
-            self.report_led = Some(
-                if led.terms().all(|(s, _)| match s {
-                    Scope::Volume(v) => covered.contains(v),
-                    Scope::Cluster => true,
-                }) {
-                    led.clone()
-                } else {
-                    Arc::new(led.only(|v| covered.contains(v)))
-                },
-            );
-            self.node.led = Some(led);
+            self.node.led = Some(e.led());
             self.node.fenced = e.fenced();
         }
         let whole = self.resolve(input.desired, input.generation, input.scope.as_ref());
         let (mounts, changed) = self.observer.mount_table(false)?;
         let scope = self.widen_scope(&whole, input.scope, changed, input.live)?;
+        if scope.is_none() {
+            self.refresh_report_led();
+        }
         if let (Some(kernels), Some(prev)) = (&scope, &self.prev) {
             if kernels.is_empty() {
                 // Nothing of ours changed (another program's mount elsewhere).
@@ -759,6 +750,26 @@ impl Reconciler {
                 .map(|t| (t.expires_at, token_lifetime)),
         );
         renewal_deadline(expiries, unix_now(), now)
+    }
+
+    /// What whole passes report and write vfolder statuses under: the terms
+    /// held, for the volumes the lifecycle worker has looked at. Changed by
+    /// whole passes only: a pass over a few kernels keeps the vfolder
+    /// statuses of the last whole one, which must go with its terms.
+    fn refresh_report_led(&mut self) {
+        let Some(led) = self.node.led.clone() else {
+            return;
+        };
+        let covered = self.lifecycle.covered();
+        let all_covered = led.terms().all(|(s, _)| match s {
+            Scope::Volume(v) => covered.contains(v),
+            Scope::Cluster => true,
+        });
+        self.report_led = Some(if all_covered {
+            led
+        } else {
+            Arc::new(led.only(|v| covered.contains(v)))
+        });
     }
 
     /// Hands `entries` to the writer, with the terms to write them under.

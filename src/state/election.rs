@@ -264,6 +264,10 @@ pub async fn run_elections(
     wake: impl Fn() + Send + Sync + 'static,
 ) {
     let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(wake);
+    // Restarted after a panic: nothing held before counts (its lease is no
+    // longer kept alive).
+    el.set(|t| t.clear());
+    el.lock().renewed = None;
     let mut delay = Duration::from_millis(500);
     loop {
         let sent = Instant::now();
@@ -360,7 +364,11 @@ async fn hold_lease(
             answer = stream.message() => match answer {
                 Ok(Some(r)) if r.ttl() > 0 => {
                     if let Some(at) = sent.pop_front() {
+                        let was = el.fenced();
                         el.renewed(at);
+                        if was && !el.fenced() {
+                            wake(); // directory work skipped while fenced
+                        }
                     }
                 }
                 Ok(Some(_)) => return ElectionError::Expired,
@@ -416,20 +424,26 @@ fn sync_campaigns(
         .collect();
     for scope in gone {
         campaigns.remove(&scope);
-        let term = el.led().term(&scope).cloned();
         el.set(|t| {
             t.remove(&scope);
         });
-        if let Some(term) = term {
-            tracing::info!(scope = ?scope, "resigning: the volume is no longer served here");
-            let mut kv = client.kv_client();
-            tokio::spawn(async move {
+        // The candidacy's key is `<election>/<lease in hex>` (etcd's
+        // election): deleted whether or not the campaign had reported a
+        // win, or a won key nobody hears of would lead for ever.
+        let key = format!("{}/{lease:x}", scope.election(keys));
+        tracing::info!(scope = ?scope, "resigning: the volume is no longer served here");
+        let mut kv = client.kv_client();
+        tokio::spawn(async move {
+            for _ in 0..10 {
                 let txn = Txn::new()
-                    .when([term.compare()])
-                    .and_then([TxnOp::delete(term.key.clone(), None)]);
-                let _ = kv.txn(txn).await;
-            });
-        }
+                    .when([Compare::lease(key.as_str(), CompareOp::Equal, lease)])
+                    .and_then([TxnOp::delete(key.as_str(), None)]);
+                if kv.txn(txn).await.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
     }
     for scope in wanted {
         if let std::collections::btree_map::Entry::Vacant(slot) = campaigns.entry(scope) {

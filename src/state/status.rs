@@ -102,11 +102,14 @@ pub struct StatusWriter {
 }
 
 /// The scope of a vfolder status value: its volume's, or the cluster's for
-/// one that names none (a malformed record).
-fn scope_of(v: &Value) -> Scope {
+/// a `Rejected` one that names none (a malformed record). A value written
+/// before statuses named their volume belongs to no one until its volume's
+/// leader writes it again.
+fn scope_of(v: &Value) -> Option<Scope> {
     match v.get("volume").and_then(Value::as_str) {
-        Some(vol) => Scope::Volume(vol.to_string()),
-        None => Scope::Cluster,
+        Some(vol) => Some(Scope::Volume(vol.to_string())),
+        None if v.get("state").and_then(Value::as_str) == Some("Rejected") => Some(Scope::Cluster),
+        None => None,
     }
 }
 
@@ -130,12 +133,20 @@ impl StatusWriter {
         let end = crate::keys::prefix_end(prefix);
         let mut from = prefix.as_bytes().to_vec();
         let mut out = Vec::new();
+        let mut revision = 0;
         loop {
-            let opts = GetOptions::new().with_range(end.clone()).with_limit(1000);
+            // Every page at the first page's revision: one snapshot.
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(1000);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
             let resp = kv
                 .get(from.clone(), Some(opts))
                 .await
                 .map_err(StatusError::LoadFailed)?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
             for kv in resp.kvs() {
                 if let Ok(v) = serde_yaml::from_slice::<Value>(kv.value()) {
                     let k = String::from_utf8_lossy(kv.key()).into_owned();
@@ -202,7 +213,7 @@ impl StatusWriter {
         }
         let prefix = self.keys.vfolder_status_prefix();
         for (k, v, rev) in self.read_prefix(&prefix).await? {
-            if let Some(term) = new.get(&scope_of(&v)) {
+            if let Some(term) = scope_of(&v).and_then(|s| new.get(&s)) {
                 let w = Written {
                     digest: digest(&v),
                     term: *term,
@@ -263,8 +274,17 @@ impl StatusWriter {
                     }
                 }
                 // A guard failed: the term is over (the elector will say
-                // so) or another node wrote the key since. Nothing written.
-                Ok(None) => tracing::debug!("a guarded status write found its term over"),
+                // so), or another node wrote the key since. Nothing written;
+                // a key that was to go is not this node's to delete (any
+                // more): forgotten, not tried again.
+                Ok(None) => {
+                    tracing::debug!("a guarded status write found its term over");
+                    for (k, w) in job.changes {
+                        if w.is_none() {
+                            written.remove(&k);
+                        }
+                    }
+                }
                 Err(e) => result = Err(StatusError::WriteFailed(e)),
             }
         }
@@ -280,10 +300,12 @@ impl StatusWriter {
         let mut puts: BTreeMap<i64, (Option<&Term>, Vec<Put>)> = BTreeMap::new();
         for (k, v) in batch.entries.iter() {
             let term = match &batch.led {
-                Some(led) if k.starts_with(&vfolders) => match led.term(&scope_of(v)) {
-                    Some(t) => Some(t),
-                    None => continue, // another node's to write
-                },
+                Some(led) if k.starts_with(&vfolders) => {
+                    match scope_of(v).and_then(|s| led.term(&s)) {
+                        Some(t) => Some(t),
+                        None => continue, // another node's to write
+                    }
+                }
                 _ => None,
             };
             let w = Written {
