@@ -1077,3 +1077,76 @@ async fn three_storage_nodes_elect_one_writer_per_volume_and_a_killed_leaders_pu
     })
     .await;
 }
+
+/// Sends SIGCONT to a stopped process when dropped (a failing test must not
+/// leave a frozen FUSE daemon behind).
+struct Frozen(nix::unistd::Pid);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+/// A volume the lifecycle cannot read (its FUSE daemon frozen, as a hard NFS
+/// mount whose server is gone would be) holds up only itself: the round
+/// stuck in it is left behind after its limit, and another volume's record,
+/// deleted meanwhile, is still trashed and purged. The prober is slowed so
+/// that nothing else notices the hang first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_volume_holds_up_only_its_own_lifecycle() {
+    require_private_mount_namespace();
+    within(180, async {
+        let etcd = Etcd::start().await;
+        let opts = NodeOpts {
+            helper_double: true,
+            mount_timeout: "2s",
+            extra_config: "probe_interval: 600s\nprobe_timeout: 1s\ntrash_retention: 0s\n",
+            ..Default::default()
+        };
+        let node = Node::start(&etcd, "n1", opts);
+        std::fs::write(node.dir.path().join("helper-fuse"), "").unwrap();
+        etcd.put(
+            &format!("{P}/volumes/nfs1"),
+            "mount: {at: requested, fstype: nfs, path: 'fuse.example:/data'}\n",
+        )
+        .await;
+        let (vf, live) = vfolder_with_a_file(&etcd, &node).await;
+        etcd.delete(&node.kernel_key("k1")).await;
+        etcd.wait_state(&node.volume_status("nfs1"), "Mounted")
+            .await;
+        let target = node.volumes().join("nfs1");
+        let pid = rclone_for(&target).expect("rclone serves the volume").0;
+        let pid = nix::unistd::Pid::from_raw(pid);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        let frozen = Frozen(pid);
+        // Past rclone's attribute cache: every look into nfs1 now hangs.
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        // The worker wakes, looks at nfs1 first (by name) and hangs there.
+        etcd.delete(&format!("{P}/vfolders/{vf}")).await;
+        // Meanwhile the status says what is going on, rather than vanishing.
+        let key = format!("{P}/status/vfolders/{vf}");
+        etcd.wait_for(&key, "Pending: moving to the trash", |v| {
+            v["state"] == "Pending"
+                && v["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("record deleted"))
+        })
+        .await;
+        let purged = || {
+            let trash = node.volumes().join("shard1/.trash");
+            let hex = vf.simple().to_string();
+            !live.exists()
+                && std::fs::read_dir(&trash)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .all(|e| !e.file_name().to_string_lossy().starts_with(&hex))
+        };
+        until("shard1's purge, with nfs1 hung", 120, purged).await;
+        wait_gone(&etcd, &format!("{P}/status/vfolders/{vf}")).await;
+        assert!(node.log().contains("the lifecycle is stuck in this volume"));
+        drop(frozen);
+    })
+    .await;
+}

@@ -660,9 +660,12 @@ pub async fn run_lifecycle(
 ) {
     let mut progress = Progress::default();
     let mut told = std::time::Instant::now();
+    let mut stuck = Stuck::default();
     loop {
-        let volumes = board.volumes();
+        stuck.release_answered();
+        let mut volumes = board.volumes();
         let names: BTreeSet<String> = volumes.keys().cloned().collect();
+        volumes.retain(|name, _| !stuck.0.contains_key(name));
         progress.elections = board.elections();
         for job in progress.clones.values() {
             if !progress.may_act(&job.target) {
@@ -670,18 +673,40 @@ pub async fn run_lifecycle(
             }
         }
         let (c, before) = (cache.clone(), board.statuses());
-        let round = tokio::task::spawn_blocking(move || {
-            let r = round(&c, &volumes, retention, &before, &mut progress);
+        let at: Arc<Mutex<Option<(String, PathBuf)>>> = Arc::default();
+        let in_volume = at.clone();
+        let mut task = tokio::task::spawn_blocking(move || {
+            let r = round(&c, &volumes, retention, &before, &mut progress, &in_volume);
             (r, progress)
-        })
-        .await;
-        let Ok(((statuses, more, due), p)) = round else {
+        });
+        let round = match tokio::time::timeout(ROUND_LIMIT, &mut task).await {
+            Ok(r) => r,
+            Err(_) => {
+                // Blocked in the kernel (a hard NFS mount whose server is
+                // gone, a frozen FUSE daemon): that volume waits until the
+                // thread comes back; the others carry on without it.
+                let at = at.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                if let Some((name, target)) = at {
+                    tracing::warn!(volume = %name, limit = ?ROUND_LIMIT, "the lifecycle is stuck in this volume: it is left out until it answers");
+                    stuck.0.insert(name, (target, task));
+                }
+                progress = Progress::default();
+                continue;
+            }
+        };
+        let Ok(((mut statuses, more, due), p)) = round else {
             tracing::error!("a lifecycle round panicked (a bug); trying again shortly");
             progress = Progress::default();
             tokio::time::sleep(IDLE_ROUND).await;
             continue;
         };
         progress = p;
+        // A stuck volume's statuses stay as they were.
+        let before = board.statuses();
+        for (target, _) in stuck.0.values() {
+            let kept = before.iter().filter(|(_, s)| s.path.starts_with(target));
+            statuses.extend(kept.map(|(k, v)| (*k, v.clone())));
+        }
         // A pass writes the statuses: at once for a new state, at most every
         // PROGRESS_EVERY for progress alone (files_left of a long purge).
         let before = board.statuses();
@@ -703,6 +728,32 @@ pub async fn run_lifecycle(
             _ = cache.lifecycle.notified() => {}
             _ = tokio::time::sleep(sleep) => {}
         }
+    }
+}
+
+/// How long a round may take before the volume it is in counts as stuck.
+/// Generous: a sweep walks every vfolder directory of a volume.
+const ROUND_LIMIT: Duration = Duration::from_secs(30);
+
+/// Volumes a round got stuck in, with the stuck round's thread.
+#[derive(Default)]
+struct Stuck(BTreeMap<String, (PathBuf, tokio::task::JoinHandle<RoundResult>)>);
+
+type RoundResult = (
+    (BTreeMap<Uuid, LifeStatus>, bool, Option<Duration>),
+    Progress,
+);
+
+impl Stuck {
+    /// Takes back the volumes whose stuck round came back.
+    fn release_answered(&mut self) {
+        self.0.retain(|name, (_, task)| {
+            let still = !task.is_finished();
+            if !still {
+                tracing::info!(volume = %name, "the volume answers again: back in the lifecycle");
+            }
+            still
+        });
     }
 }
 
@@ -731,6 +782,7 @@ fn round(
     retention: Duration,
     before: &BTreeMap<Uuid, LifeStatus>,
     progress: &mut Progress,
+    at: &Mutex<Option<(String, PathBuf)>>,
 ) -> (BTreeMap<Uuid, LifeStatus>, bool, Option<Duration>) {
     let mut all = BTreeMap::new();
     let (mut more, mut due) = (false, None::<u64>);
@@ -747,6 +799,7 @@ fn round(
         acting_since: progress.acting_since.unwrap_or(now),
     };
     for (name, served) in volumes {
+        *at.lock().unwrap_or_else(|p| p.into_inner()) = Some((name.clone(), served.target.clone()));
         // Another storage node's volume is looked at, not acted on: its
         // statuses are ready the moment this node takes it over.
         let acting = acting && progress.may_act(&served.target);
