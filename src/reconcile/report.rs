@@ -242,6 +242,29 @@ pub struct VfolderStatus {
     pub node: String,
 }
 
+impl VfolderStatus {
+    /// A status in `state` saying nothing else.
+    fn empty(state: VfolderState, node: &str) -> Self {
+        Self {
+            state,
+            volume: None,
+            path: None,
+            files: None,
+            bytes: None,
+            quota_bytes: None,
+            scanned_at: None,
+            quota: None,
+            kernels: None,
+            trashed_at: None,
+            deleted_at: None,
+            purge_at: None,
+            files_left: None,
+            error: None,
+            node: node.to_string(),
+        }
+    }
+}
+
 /// `P/status/nodes/<node>/rejected/<escaped key>`: a key that is itself invalid.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RejectedKeyStatus {
@@ -418,6 +441,20 @@ pub fn report(inp: &ReportInputs<'_>, d: &Desired, want: &Want, actual: &Actual)
             let led = inp.led.is_none_or(|led| led.volume(&l.volume));
             if led && !d.vfolders.contains_key(id) {
                 let status = life_status(inp, l);
+                r.statuses
+                    .insert(inp.keys.vfolder_status(id), Status::Vfolder(status));
+            }
+        }
+        // Deleted records the lifecycle worker has not looked at yet: the
+        // status says so rather than vanishing and coming back `Trashed`.
+        for (id, t) in &d.tombstones {
+            let led = inp.led.is_none_or(|led| led.volume(&t.volume));
+            if led && !d.vfolders.contains_key(id) && !inp.lifecycle.contains_key(id) {
+                let status = VfolderStatus {
+                    volume: Some(t.volume.clone()),
+                    error: Some("record deleted: moving to the trash".into()),
+                    ..VfolderStatus::empty(VfolderState::Pending, &inp.keys.node)
+                };
                 r.statuses
                     .insert(inp.keys.vfolder_status(id), Status::Vfolder(status));
             }
