@@ -1880,7 +1880,16 @@ mod tests {
             ..
         } = f;
         drop((exec, ledger));
-        let reopened = Ledger::open(&root.join("db")).unwrap();
+        // sled's flusher thread lets go of the file lock a moment after the drop.
+        let mut reopened = Ledger::open(&root.join("db"));
+        for _ in 0..100 {
+            if reopened.is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            reopened = Ledger::open(&root.join("db"));
+        }
+        let reopened = reopened.unwrap();
         assert!(reopened.mounts().unwrap().contains_key(&b1.target));
         assert_eq!(reopened.dirs().unwrap().len(), expect.len());
     }
