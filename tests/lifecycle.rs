@@ -960,6 +960,13 @@ async fn three_storage_nodes_elect_one_writer_per_volume_and_a_killed_leaders_pu
                 std::fs::write(dir(id).join(format!("f{i}")), b"x").unwrap();
             }
         }
+        // One that stays, with data its leader has scanned.
+        let kept = ids[40];
+        std::fs::write(dir(&kept).join("data.bin"), vec![7u8; 1000]).unwrap();
+        etcd.wait_for(&format!("{statuses}{kept}"), "scanned", |v| {
+            v["bytes"] == 1000
+        })
+        .await;
         let leader = leader_of(&etcd, "shared").await.expect("a leader");
         let deletes: Vec<etcd_client::TxnOp> = doomed
             .iter()
@@ -1034,6 +1041,8 @@ async fn three_storage_nodes_elect_one_writer_per_volume_and_a_killed_leaders_pu
         // One writer per status key: its volume's leader at that revision.
         let mut candidates: std::collections::BTreeMap<String, (i64, String)> = Default::default();
         let mut writers: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        let kept_key = format!("{statuses}{kept}");
+        let mut kept_scanned = false;
         let leaders = format!("{P}/leaders/volumes/shared/");
         for e in history(&etcd, from).await {
             let kv = e.kv().unwrap();
@@ -1056,6 +1065,14 @@ async fn three_storage_nodes_elect_one_writer_per_volume_and_a_killed_leaders_pu
                     "{key} written at revision {} by {by}, not by the leader",
                     kv.mod_revision()
                 );
+                if key == kept_key {
+                    // Unknown until the new leader scans it, never "0 bytes".
+                    assert!(
+                        !(kept_scanned && v["bytes"] == 0),
+                        "{key} said 0 bytes after a takeover: {v}"
+                    );
+                    kept_scanned |= v["bytes"] == 1000;
+                }
                 let w = writers.entry(key).or_default();
                 if w.last() != Some(&by) {
                     w.push(by);

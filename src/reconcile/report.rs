@@ -714,9 +714,13 @@ fn vfolder_status(
                 ),
                 _ => (VfolderState::Ready, None),
             };
+            // Not scanned yet: a vfolder made since this node leads its
+            // volume is empty; an older one (a takeover, a restart) is
+            // unknown until scanned, not "0 bytes".
+            let known = u.is_some() || made_here(inp, e, &vf.volume);
             VfolderStatus {
-                files: Some(u.map_or(0, |u| u.files)),
-                bytes: Some(bytes),
+                files: known.then(|| u.map_or(0, |u| u.files)),
+                bytes: known.then_some(bytes),
                 quota_bytes: vf.quota_bytes,
                 quota: u.filter(|u| u.enforced).map(|_| "enforced"),
                 scanned_at: Some(u.map(|u| u.scanned_at.clone())),
@@ -742,6 +746,17 @@ fn vfolder_status(
             status(VfolderState::Pending, None, Some(error))
         }
     }
+}
+
+/// Whether the vfolder's record was created after this node took its
+/// volume up (always, with no election).
+fn made_here(
+    inp: &ReportInputs<'_>,
+    e: &crate::state::desired::Entry<crate::spec::VfolderSpec>,
+    volume: &str,
+) -> bool {
+    inp.led
+        .is_none_or(|l| l.volume_won_at(volume).is_some_and(|at| e.created > at))
 }
 
 /// The status of a vfolder in the trash, waiting for kernels, or being purged.
