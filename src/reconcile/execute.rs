@@ -1567,6 +1567,56 @@ mod tests {
     /// remounted ro: writable, and without nosuid, in between. With the new
     /// mount API it is one call that attaches a finished read-only bind.
     #[test]
+    fn a_fenced_storage_node_makes_no_vfolder_directory_until_the_gate_opens() {
+        let f = fixture();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let gate_open = open.clone();
+        let volume = f.root.join("v/vol");
+        std::fs::create_dir_all(&volume).unwrap();
+        let asked = Arc::new(std::sync::Mutex::new(Vec::<PathBuf>::new()));
+        let seen = asked.clone();
+        let exec = Executor::new(f.mounter.clone(), f.ledger.clone(), f.exec.cfg.clone())
+            .with_dir_gate(Arc::new(move |root: &Path| {
+                seen.lock().unwrap().push(root.to_path_buf());
+                gate_open.load(std::sync::atomic::Ordering::Relaxed)
+            }));
+        let path = volume.join("ab/cd/abcd");
+        let make = || Action::MakeDir {
+            path: path.clone(),
+            root: volume.clone(),
+            uid: None,
+            gid: None,
+            owner: None,
+            quota: Some(crate::reconcile::plan::QuotaAsk { bytes: None }),
+        };
+        let out = exec.execute(vec![make()], &HashMap::new(), &BTreeMap::new());
+        assert!(out[0].result.is_ok(), "{:?}", out[0].result);
+        assert!(!path.exists(), "made while fenced");
+        assert_eq!(
+            *asked.lock().unwrap(),
+            vec![volume.clone()],
+            "asked with the volume's mount point"
+        );
+        open.store(true, std::sync::atomic::Ordering::Relaxed);
+        let out = exec.execute(vec![make()], &HashMap::new(), &BTreeMap::new());
+        assert!(out[0].result.is_ok(), "{:?}", out[0].result);
+        assert!(path.is_dir());
+        // A kernel's directories (no quota ask) never ask the gate.
+        let home = f.root.join("k/k1/work");
+        let mkhome = Action::MakeDir {
+            path: home.clone(),
+            root: f.root.join("k"),
+            uid: None,
+            gid: None,
+            owner: None,
+            quota: None,
+        };
+        open.store(false, std::sync::atomic::Ordering::Relaxed);
+        let out = exec.execute(vec![mkhome], &HashMap::new(), &BTreeMap::new());
+        assert!(out[0].result.is_ok() && home.is_dir());
+    }
+
+    #[test]
     fn with_the_new_mount_api_a_read_only_bind_is_one_atomic_call() {
         let mut f = fixture();
         let mounter = Arc::new(RecordingMounter::with_atomic_binds());
