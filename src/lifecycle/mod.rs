@@ -465,12 +465,19 @@ struct Progress {
     clone_failed: HashMap<Uuid, (std::time::Instant, String)>,
     /// Which volumes this node leads among storage nodes (`None`: all).
     elections: Option<Arc<Elections>>,
+    /// Set when the worker gave up waiting for this round (stuck in a
+    /// volume): once the kernel lets the thread go, it does nothing more,
+    /// the rounds after it having carried on without it.
+    abandoned: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Progress {
     /// Whether a directory operation on the volume mounted at `target` may
     /// start now: led, and not fenced ([`Elections::may_act`]).
     fn may_act(&self, target: &Path) -> bool {
+        if self.abandoned.load(Ordering::Relaxed) {
+            return false;
+        }
         let Some(e) = &self.elections else {
             return true;
         };
@@ -664,7 +671,13 @@ pub async fn run_lifecycle(
     loop {
         stuck.release_answered();
         let mut volumes = board.volumes();
-        let names: BTreeSet<String> = volumes.keys().cloned().collect();
+        // A stuck volume counts as looked at only if it was before it stuck.
+        let was = board.covered();
+        let names: BTreeSet<String> = volumes
+            .keys()
+            .filter(|n| !stuck.0.contains_key(*n) || was.contains(*n))
+            .cloned()
+            .collect();
         volumes.retain(|name, _| !stuck.0.contains_key(name));
         progress.elections = board.elections();
         for job in progress.clones.values() {
@@ -673,26 +686,34 @@ pub async fn run_lifecycle(
             }
         }
         let (c, before) = (cache.clone(), board.statuses());
-        let at: Arc<Mutex<Option<(String, PathBuf)>>> = Arc::default();
+        let at: Arc<Mutex<Option<InVolume>>> = Arc::default();
         let in_volume = at.clone();
+        let abandoned = progress.abandoned.clone();
         let mut task = tokio::task::spawn_blocking(move || {
             let r = round(&c, &volumes, retention, &before, &mut progress, &in_volume);
             (r, progress)
         });
-        let round = match tokio::time::timeout(ROUND_LIMIT, &mut task).await {
-            Ok(r) => r,
-            Err(_) => {
-                // Blocked in the kernel (a hard NFS mount whose server is
-                // gone, a frozen FUSE daemon): that volume waits until the
-                // thread comes back; the others carry on without it.
-                let at = at.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                if let Some((name, target)) = at {
-                    tracing::warn!(volume = %name, limit = ?ROUND_LIMIT, "the lifecycle is stuck in this volume: it is left out until it answers");
-                    stuck.0.insert(name, (target, task));
-                }
-                progress = Progress::default();
-                continue;
+        let round = loop {
+            if let Ok(r) = tokio::time::timeout(Duration::from_secs(1), &mut task).await {
+                break Some(r);
             }
+            // Blocked in the kernel (a hard NFS mount whose server is gone,
+            // a frozen FUSE daemon): that volume waits until the thread
+            // comes back; the others carry on without it.
+            let now_in = at.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some((name, target, _)) = now_in.filter(|a| a.2.elapsed() >= ROUND_LIMIT) {
+                tracing::warn!(volume = %name, limit = ?ROUND_LIMIT, "the lifecycle is stuck in this volume: it is left out until it answers");
+                abandoned.store(true, Ordering::Relaxed);
+                stuck.0.insert(name, (target, task));
+                break None;
+            }
+        };
+        let Some(round) = round else {
+            // What the abandoned round carried is lost with it: clones it
+            // watched run on unwatched (their staging is locked), the next
+            // sweep and retention clock start afresh (later, never sooner).
+            progress = Progress::default();
+            continue;
         };
         let Ok(((mut statuses, more, due), p)) = round else {
             tracing::error!("a lifecycle round panicked (a bug); trying again shortly");
@@ -734,6 +755,9 @@ pub async fn run_lifecycle(
 /// How long a round may take before the volume it is in counts as stuck.
 /// Generous: a sweep walks every vfolder directory of a volume.
 const ROUND_LIMIT: Duration = Duration::from_secs(30);
+
+/// The volume a round is in, its mount point, and since when.
+type InVolume = (String, PathBuf, std::time::Instant);
 
 /// Volumes a round got stuck in, with the stuck round's thread.
 #[derive(Default)]
@@ -782,7 +806,7 @@ fn round(
     retention: Duration,
     before: &BTreeMap<Uuid, LifeStatus>,
     progress: &mut Progress,
-    at: &Mutex<Option<(String, PathBuf)>>,
+    at: &Mutex<Option<InVolume>>,
 ) -> (BTreeMap<Uuid, LifeStatus>, bool, Option<Duration>) {
     let mut all = BTreeMap::new();
     let (mut more, mut due) = (false, None::<u64>);
@@ -799,7 +823,15 @@ fn round(
         acting_since: progress.acting_since.unwrap_or(now),
     };
     for (name, served) in volumes {
-        *at.lock().unwrap_or_else(|p| p.into_inner()) = Some((name.clone(), served.target.clone()));
+        if progress.abandoned.load(Ordering::Relaxed) {
+            break;
+        }
+        let entered = (
+            name.clone(),
+            served.target.clone(),
+            std::time::Instant::now(),
+        );
+        *at.lock().unwrap_or_else(|p| p.into_inner()) = Some(entered);
         // Another storage node's volume is looked at, not acted on: its
         // statuses are ready the moment this node takes it over.
         let acting = acting && progress.may_act(&served.target);

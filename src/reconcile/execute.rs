@@ -1563,9 +1563,8 @@ mod tests {
         }
     }
 
-    /// Issue 13 item 2: a read-only bind was made rw (MS_BIND) and then
-    /// remounted ro: writable, and without nosuid, in between. With the new
-    /// mount API it is one call that attaches a finished read-only bind.
+    /// Issue 14 item 6: a storage node that may not act on a volume (not
+    /// its leader, or fenced) leaves its vfolder directories to the next pass.
     #[test]
     fn a_fenced_storage_node_makes_no_vfolder_directory_until_the_gate_opens() {
         let f = fixture();
@@ -1616,6 +1615,9 @@ mod tests {
         assert!(out[0].result.is_ok() && home.is_dir());
     }
 
+    /// Issue 13 item 2: a read-only bind was made rw (MS_BIND) and then
+    /// remounted ro: writable, and without nosuid, in between. With the new
+    /// mount API it is one call that attaches a finished read-only bind.
     #[test]
     fn with_the_new_mount_api_a_read_only_bind_is_one_atomic_call() {
         let mut f = fixture();

@@ -155,6 +155,9 @@ pub struct Reconciler {
     retries: Retries,
     failures: BTreeMap<Owner, Failure>,
     dir_failures: BTreeMap<PathBuf, String>,
+    /// vfolder directories this process made: empty when made, so their
+    /// usage is known (0) before the first scan; any other is unknown.
+    made_dirs: HashSet<PathBuf>,
     /// vfolder usage, measured off the loop ([`crate::reconcile::usagescan`]).
     usage: Arc<UsageBoard>,
     /// The measurements the current report uses.
@@ -204,6 +207,7 @@ impl Reconciler {
             retries: Retries::default(),
             failures: BTreeMap::new(),
             dir_failures: BTreeMap::new(),
+            made_dirs: HashSet::new(),
             usage: p.usage,
             usage_now: Arc::default(),
             lifecycle: p.lifecycle,
@@ -568,13 +572,19 @@ impl Reconciler {
                 tracing::warn!(action = %o.action.kind(), owner = ?o.owner, error = %status_message(e), "action failed");
             }
             if let Action::MakeDir {
-                path, owner: None, ..
+                path,
+                owner: None,
+                quota,
+                ..
             } = &o.action
             {
                 match &o.result {
                     Ok(()) => self.dir_failures.remove(path),
                     Err(e) => self.dir_failures.insert(path.clone(), status_message(e)),
                 };
+                if quota.is_some() && o.result.is_ok() {
+                    self.made_dirs.insert(path.clone());
+                }
             }
             let Some(owner) = &o.owner else { continue };
             let slot = touched.entry(owner).or_insert(None);
@@ -651,6 +661,14 @@ impl Reconciler {
                     (*id, target)
                 })
                 .collect();
+            if !self.made_dirs.is_empty() {
+                let wanted: HashSet<&Path> = want
+                    .vfolder_dirs
+                    .values()
+                    .map(|(_, p)| p.as_path())
+                    .collect();
+                self.made_dirs.retain(|p| wanted.contains(p.as_path()));
+            }
             self.usage.publish(dirs);
             // Mounted and answering: a hung volume is not looked into.
             let served: BTreeMap<String, crate::lifecycle::Served> = want
@@ -760,6 +778,12 @@ impl Reconciler {
         let Some(led) = self.node.led.clone() else {
             return;
         };
+        if self.node.led.as_ref().map(|l| l.version) != self.report_led.as_ref().map(|l| l.version)
+        {
+            // Leadership moved: a directory made before may have been
+            // filled under another leader since.
+            self.made_dirs.clear();
+        }
         let covered = self.lifecycle.covered();
         let all_covered = led.terms().all(|(s, _)| match s {
             Scope::Volume(v) => covered.contains(v),
@@ -786,6 +810,7 @@ impl Reconciler {
             storage: self.node.storage,
             failures: &self.failures,
             dir_failures: &self.dir_failures,
+            made_dirs: &self.made_dirs,
             usage: &self.usage_now,
             lifecycle: &self.lifecycle_now,
             led: self.report_led.as_deref(),

@@ -377,6 +377,8 @@ pub struct ReportInputs<'a> {
     pub lifecycle: &'a BTreeMap<Uuid, LifeStatus>,
     /// What this storage node leads (`None`: no election, everything).
     pub led: Option<&'a Led>,
+    /// The vfolder directories this process made (empty when made).
+    pub made_dirs: &'a std::collections::HashSet<PathBuf>,
 }
 
 impl ReportInputs<'_> {
@@ -717,7 +719,7 @@ fn vfolder_status(
             // Not scanned yet: a vfolder made since this node leads its
             // volume is empty; an older one (a takeover, a restart) is
             // unknown until scanned, not "0 bytes".
-            let known = u.is_some() || made_here(inp, e, &vf.volume);
+            let known = u.is_some() || made_here(inp, path);
             VfolderStatus {
                 files: known.then(|| u.map_or(0, |u| u.files)),
                 bytes: known.then_some(bytes),
@@ -748,15 +750,10 @@ fn vfolder_status(
     }
 }
 
-/// Whether the vfolder's record was created after this node took its
-/// volume up (always, with no election).
-fn made_here(
-    inp: &ReportInputs<'_>,
-    e: &crate::state::desired::Entry<crate::spec::VfolderSpec>,
-    volume: &str,
-) -> bool {
-    inp.led
-        .is_none_or(|l| l.volume_won_at(volume).is_some_and(|at| e.created > at))
+/// Whether this process made the vfolder's directory (so it was empty
+/// then); always, with no election (a node alone).
+fn made_here(inp: &ReportInputs<'_>, path: &std::path::Path) -> bool {
+    inp.led.is_none() || inp.made_dirs.contains(path)
 }
 
 /// The status of a vfolder in the trash, waiting for kernels, or being purged.

@@ -90,9 +90,6 @@ impl Term {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Led {
     terms: BTreeMap<Scope, Term>,
-    /// The etcd revision at which this process took each term up: a record
-    /// created after it was made empty under this node's eyes.
-    won_at: BTreeMap<Scope, i64>,
     /// Grows at every change: a cheap "did it change" for caches.
     pub version: u64,
 }
@@ -105,10 +102,6 @@ impl Led {
     /// Whether this node leads `volume`.
     pub fn volume(&self, volume: &str) -> bool {
         self.terms.contains_key(&Scope::Volume(volume.to_string()))
-    }
-    /// The revision at which this process took `volume` up (see `won_at`).
-    pub fn volume_won_at(&self, volume: &str) -> Option<i64> {
-        self.won_at.get(&Scope::Volume(volume.to_string())).copied()
     }
     /// Whether this node leads the cluster scope.
     pub fn cluster(&self) -> bool {
@@ -131,7 +124,6 @@ impl Led {
             .collect();
         Self {
             terms,
-            won_at: self.won_at.clone(),
             version: self.version,
         }
     }
@@ -140,7 +132,6 @@ impl Led {
     pub fn of(terms: impl IntoIterator<Item = (Scope, Term)>) -> Self {
         Self {
             terms: terms.into_iter().collect(),
-            won_at: BTreeMap::new(),
             version: 1,
         }
     }
@@ -231,19 +222,10 @@ impl Elections {
     }
 
     fn set(&self, change: impl FnOnce(&mut BTreeMap<Scope, Term>)) {
-        self.set_won(change, None);
-    }
-
-    /// Changes the terms; `won` records when one was taken up.
-    fn set_won(&self, change: impl FnOnce(&mut BTreeMap<Scope, Term>), won: Option<(Scope, i64)>) {
         let mut i = self.lock();
         let mut led = Led::clone(&i.led);
         change(&mut led.terms);
-        led.won_at.retain(|s, _| led.terms.contains_key(s));
-        if let Some((s, at)) = won {
-            led.won_at.insert(s, at);
-        }
-        if led.terms != i.led.terms || led.won_at != i.led.won_at {
+        if led.terms != i.led.terms {
             led.version += 1;
             i.led = Arc::new(led);
         }
@@ -256,8 +238,7 @@ impl Elections {
 
 /// What a campaign reports to the lease holder.
 enum Event {
-    /// The term, and the revision at which it was found held.
-    Won(Term, i64),
+    Won(Term),
     Lost,
 }
 
@@ -400,10 +381,9 @@ async fn hold_lease(
                     continue; // from a campaign stopped since
                 }
                 match event {
-                    Event::Won(term, at) => {
+                    Event::Won(term) => {
                         tracing::info!(scope = ?scope, rev = term.rev, "elected: this node does the directory work and writes the statuses");
-                        let won = Some((scope.clone(), at));
-                        el.set_won(|t| { t.insert(scope, term); }, won);
+                        el.set(|t| { t.insert(scope, term); });
                     }
                     Event::Lost => {
                         tracing::warn!(scope = ?scope, "leadership lost");
@@ -514,10 +494,7 @@ async fn campaign(
         let _ = tx.send(scope, Event::Lost);
         return;
     };
-    if tx
-        .send(scope.clone(), Event::Won(term.clone(), from - 1))
-        .is_err()
-    {
+    if tx.send(scope.clone(), Event::Won(term.clone())).is_err() {
         return;
     }
     watch_until_lost(&client, &term, from).await;

@@ -282,6 +282,10 @@ impl DesiredCache {
             for id in ids {
                 d.tombstones.remove(id);
             }
+            // A pass reports them from the trash now (or not at all).
+            cur.changes.all = true;
+            drop(cur);
+            self.changed.notify_one();
         }
     }
 
