@@ -1062,12 +1062,21 @@ impl<'a> Planner<'a> {
             // unmounts, and a refused volume goes once its kernels do.
             let volume_in_error =
                 want.held_volumes.contains(&m.volume) || want.refused_volumes.contains(&m.volume);
+            let held = m
+                .kernel
+                .as_ref()
+                .is_some_and(|k| want.held_kernels.contains(k));
             let keep_it = match want.binds.get(&t) {
+                // Another kernel asks for the place of a malformed kernel's
+                // bind (their homes overlap): the running one keeps it.
+                Some(b) if held && m.kernel.as_deref() != Some(b.kernel.as_str()) => true,
                 Some(b) => b.source.as_os_str() == m.source.as_str() && b.volume == m.volume,
-                None => m.kernel.as_ref().is_some_and(|k| {
-                    want.held_kernels.contains(k)
-                        || (volume_in_error && want.kernels.contains_key(k))
-                }),
+                None => {
+                    held || (volume_in_error
+                        && m.kernel
+                            .as_ref()
+                            .is_some_and(|k| want.kernels.contains_key(k)))
+                }
             };
             if keep_it && self.healed_volume(&m.volume) && self.mounted(&t) {
                 // Its volume is re-mounted under it: detach now, bind again below.
@@ -1296,6 +1305,14 @@ impl<'a> Planner<'a> {
             return;
         }
         let removed = self.removed.contains(t);
+        let theirs = self
+            .actual
+            .owned_mounts
+            .get(t)
+            .is_some_and(|m| m.kernel.as_deref().is_some_and(|o| o != b.kernel));
+        if self.mounted(t) && theirs && !removed {
+            return; // a held kernel's bind: a conflict, reported in status
+        }
         if self.mounted(t) && self.actual.owned_mounts.contains_key(t) && !removed {
             let top = self.actual.mounts.top(t).expect("mounted");
             if top.is_readonly() != b.readonly
@@ -1665,6 +1682,48 @@ mod tests {
         let w = resolve(n, d);
         let acts = plan(n, &w, a, &BTreeSet::new());
         apply(n, a, &acts);
+    }
+
+    /// Found by the convergence proptest: a kernel whose value went bad
+    /// (held) lost its bind to a newer kernel asking for the same home, so
+    /// a malformed value took a running kernel's folder away.
+    #[test]
+    fn a_newcomer_never_takes_the_bind_of_a_malformed_kernel_sharing_its_home() {
+        let n = node(true, true);
+        let mut d = one_kernel_desired();
+        // Another vfolder with the same name: the same bind target.
+        d.vfolders.insert(uuid(2), ok(vfolder("data", "vol")));
+        let shared = |id: &str, vf: u8| KernelSpec {
+            home: PathBuf::from("/k/shared/home"),
+            ..kernel(id, vec![vf_mount(vf, false)])
+        };
+        d.kernels.insert("k1".into(), ok(shared("k1", 1)));
+        let mut a = Actual::default();
+        converge(&n, &d, &mut a);
+        let target = PathBuf::from("/k/shared/home/data");
+        assert_eq!(a.owned_mounts[&target].kernel.as_deref(), Some("k1"));
+        d.kernels.insert(
+            "k1".into(),
+            Entry {
+                revision: 2,
+                created: 1,
+                spec: Err(crate::spec::Rejection::Invalid("bad".into())),
+            },
+        );
+        d.kernels.insert(
+            "k2".into(),
+            Entry {
+                revision: 3,
+                created: 3,
+                spec: Ok(shared("k2", 2)),
+            },
+        );
+        let w = resolve(&n, &d);
+        let acts = plan(&n, &w, &a, &BTreeSet::new());
+        assert!(
+            !acts.iter().any(|x| x.target() == Some(target.as_path())),
+            "the held kernel's bind is left alone: {acts:?}"
+        );
     }
 
     #[test]
