@@ -180,14 +180,7 @@ pub struct CloneAs {
 pub async fn vfolder_clone(cfg: &NodeConfig, source: Uuid, as_: CloneAs) -> Result<Uuid, CliError> {
     let keys = Keys::new(&cfg.etcd.prefix, &cfg.node);
     let mut client = connect(cfg).await?;
-    let got = client
-        .get(format!("{}{source}", keys.vfolders_prefix()), None)
-        .await?;
-    let kv = got
-        .kvs()
-        .first()
-        .ok_or_else(|| CliError::Invalid(format!("vfolder {source} has no record")))?;
-    let src = parse_vfolder(kv.value()).map_err(CliError::Invalid)?;
+    let (src, _) = read_vfolder(&mut client, &keys, source).await?;
     if src.trash {
         return Err(CliError::Invalid(format!(
             "vfolder {source} is in the trash: restore it first"
@@ -205,6 +198,23 @@ pub async fn vfolder_clone(cfg: &NodeConfig, source: Uuid, as_: CloneAs) -> Resu
     put_vfolder(&mut client, &keys, &new, &volume).await
 }
 
+/// A vfolder's record, parsed, and its mod revision.
+async fn read_vfolder(
+    client: &mut Client,
+    keys: &Keys,
+    id: Uuid,
+) -> Result<(VfolderSpec, i64), CliError> {
+    let got = client
+        .get(format!("{}{id}", keys.vfolders_prefix()), None)
+        .await?;
+    let kv = got
+        .kvs()
+        .first()
+        .ok_or_else(|| CliError::Invalid(format!("vfolder {id} has no record")))?;
+    let spec = parse_vfolder(kv.value()).map_err(CliError::Invalid)?;
+    Ok((spec, kv.mod_revision()))
+}
+
 /// `vfolderd vfolder trash|restore`: sets or clears `trash` in the record.
 /// The write is a transaction on the record's mod revision, so an edit made
 /// meanwhile is read again rather than overwritten.
@@ -214,19 +224,14 @@ pub async fn vfolder_set_trash(cfg: &NodeConfig, id: Uuid, trash: bool) -> Resul
     let key = format!("{}{id}", keys.vfolders_prefix());
     let mut client = connect(cfg).await?;
     for _ in 0..5 {
-        let got = client.get(key.as_str(), None).await?;
-        let kv = got
-            .kvs()
-            .first()
-            .ok_or_else(|| CliError::Invalid(format!("vfolder {id} has no record")))?;
-        let mut spec = parse_vfolder(kv.value()).map_err(CliError::Invalid)?;
+        let (mut spec, revision) = read_vfolder(&mut client, &keys, id).await?;
         spec.trash = trash;
         let body = serde_yaml::to_string(&spec).expect("yaml");
         let txn = Txn::new()
             .when([Compare::mod_revision(
                 key.as_str(),
                 CompareOp::Equal,
-                kv.mod_revision(),
+                revision,
             )])
             .and_then([TxnOp::put(key.as_str(), body, None)]);
         if client.txn(txn).await?.succeeded() {

@@ -383,16 +383,6 @@ async fn a_wiped_etcd_tears_nothing_down_until_accept_reset() {
     .await;
 }
 
-/// Resumes a stopped process when dropped, so a failing test never leaves a
-/// FUSE daemon frozen under the rest of the suite.
-struct Frozen(nix::unistd::Pid);
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
-    }
-}
-
 /// Item 5: a pass touching a hung volume (a hard NFS mount, a frozen FUSE
 /// daemon) put the whole loop to sleep in the kernel while `/healthz` said
 /// 200. Now looks below a volume run on their own threads with a timeout: the
@@ -431,9 +421,7 @@ async fn a_hung_fuse_volume_stalls_only_the_kernels_that_need_it() {
 
         let target = node.volumes().join("nfs1");
         let pid = rclone_for(&target).expect("rclone serves the volume").0;
-        let pid = nix::unistd::Pid::from_raw(pid);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
-        let frozen = Frozen(pid);
+        let frozen = Frozen::stop(pid);
         // Past rclone's attribute cache (1 s), every look below it needs the
         // frozen daemon. A new kernel on it may wait (Pending, naming it)...
         tokio::time::sleep(Duration::from_secs(2)).await;

@@ -1095,16 +1095,6 @@ async fn three_storage_nodes_elect_one_writer_per_volume_and_a_killed_leaders_pu
     .await;
 }
 
-/// Sends SIGCONT to a stopped process when dropped (a failing test must not
-/// leave a frozen FUSE daemon behind).
-struct Frozen(nix::unistd::Pid);
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
-    }
-}
-
 /// A volume the lifecycle cannot read (its FUSE daemon frozen, as a hard NFS
 /// mount whose server is gone would be) holds up only itself: the round
 /// stuck in it is left behind after its limit, and another volume's record,
@@ -1134,9 +1124,7 @@ async fn a_hung_volume_holds_up_only_its_own_lifecycle() {
             .await;
         let target = node.volumes().join("nfs1");
         let pid = rclone_for(&target).expect("rclone serves the volume").0;
-        let pid = nix::unistd::Pid::from_raw(pid);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
-        let frozen = Frozen(pid);
+        let frozen = Frozen::stop(pid);
         // Past rclone's attribute cache: every look into nfs1 now hangs.
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         // The worker wakes, looks at nfs1 first (by name) and hangs there.

@@ -672,24 +672,12 @@ fn vfolder_status(
     want: &Want,
     actual: &Actual,
 ) -> VfolderStatus {
-    let node = inp.keys.node.clone();
     let volume = e.spec.as_ref().ok().map(|vf| vf.volume.clone());
     let status = |state, path: Option<&PathBuf>, error: Option<String>| VfolderStatus {
-        state,
         volume: volume.clone(),
         path: path.cloned(),
-        files: None,
-        bytes: None,
-        quota_bytes: None,
-        scanned_at: None,
-        quota: None,
-        kernels: None,
-        trashed_at: None,
-        deleted_at: None,
-        purge_at: None,
-        files_left: None,
         error,
-        node: node.clone(),
+        ..VfolderStatus::empty(state, &inp.keys.node)
     };
     let vf = match &e.spec {
         Err(reason) => return status(VfolderState::Rejected, None, Some(reason.to_string())),
@@ -773,21 +761,15 @@ fn life_status(inp: &ReportInputs<'_>, l: &LifeStatus) -> VfolderStatus {
         ),
     };
     VfolderStatus {
-        state,
         volume: Some(l.volume.clone()),
         path: Some(l.path.clone()),
-        files: None,
-        bytes: None,
-        quota_bytes: None,
-        scanned_at: None,
-        quota: None,
         kernels: (!l.kernels.is_empty()).then(|| l.kernels.clone()),
         trashed_at: at(l.trashed_at),
         deleted_at: at(l.deleted_at),
         purge_at: at(l.purge_at),
         files_left: l.files_left,
         error: l.error.clone().or(error),
-        node: inp.keys.node.clone(),
+        ..VfolderStatus::empty(state, &inp.keys.node)
     }
 }
 

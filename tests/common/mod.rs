@@ -954,3 +954,23 @@ pub async fn within<F: std::future::Future<Output = ()>>(secs: u64, f: F) {
         .await
         .expect("test timed out: likely deadlocked");
 }
+
+/// A process stopped with SIGSTOP (a FUSE daemon frozen, as a hard NFS
+/// mount whose server is gone would be); resumed when dropped, so a failing
+/// test never leaves it frozen under the rest of the suite.
+pub struct Frozen(nix::unistd::Pid);
+
+impl Frozen {
+    /// Stops `pid`.
+    pub fn stop(pid: i32) -> Self {
+        let pid = nix::unistd::Pid::from_raw(pid);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        Self(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
