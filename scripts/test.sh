@@ -16,6 +16,14 @@ trap 'rm -f "$log"' EXIT
 set +e
 unshare --mount --propagation private -- cargo test --no-fail-fast "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+# The daemon tests of the mount table once more, with its fallback forced
+# (/proc/self/mountinfo, for kernels before 6.8); not for a filtered run.
+if [ $# -eq 0 ]; then
+  echo "== again with mount_table: mountinfo (the fallback) =="
+  VFOLDERD_TEST_MOUNT_TABLE=mountinfo unshare --mount --propagation private -- \
+    cargo test --no-fail-fast --test e2e --test hardening 2>&1 | tee -a "$log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
 set -e
 # One closing line for the whole suite (cargo prints one per test binary, the last being doc-tests).
 awk '/^test result:/ {p += $4; f += $6} END {printf "TOTAL: %d passed, %d failed\n", p, f}' "$log"

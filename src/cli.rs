@@ -426,7 +426,6 @@ pub struct DrainReport {
 /// stopped (it holds the store). Refuses while kernels are desired on this
 /// node (or etcd cannot say) unless `force`.
 pub async fn drain(cfg: &NodeConfig, force: bool) -> Result<DrainReport, CliError> {
-    use crate::reconcile::actual::{MountInfoSource, ProcMountInfo};
     use crate::reconcile::execute::{ExecConfig, Executor};
     use crate::reconcile::plan::{plan, Actual, NodeView, Want};
     use crate::reconcile::sys::LinuxMounter;
@@ -477,7 +476,8 @@ pub async fn drain(cfg: &NodeConfig, force: bool) -> Result<DrainReport, CliErro
             )));
         }
     }
-    let mounts = ProcMountInfo::default()
+    let mounts = crate::daemon::pick_mount_table(cfg.mount_table)
+        .0
         .read()
         .map_err(|e| CliError::Invalid(crate::error::error_chain(&e)))?;
     let store =

@@ -46,6 +46,17 @@ pub enum Role {
     Storage,
 }
 
+/// Where the mount table is read from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MountTableMode {
+    /// `listmount(2)`/`statmount(2)` where the kernel has them (6.8+), else mountinfo.
+    #[default]
+    Auto,
+    /// Always `/proc/self/mountinfo` (the fallback, forced).
+    Mountinfo,
+}
+
 /// The node config (see DESIGN.md "Node config and CLI").
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -114,6 +125,9 @@ pub struct NodeConfig {
     /// asked directly (cifs, nfs, FUSE): `HELPER -t FSTYPE -o OPTIONS SOURCE TARGET`.
     #[serde(default = "default_mount_helper")]
     pub mount_helper: PathBuf,
+    /// Where the mount table is read from (`auto`: statmount on 6.8+).
+    #[serde(default)]
+    pub mount_table: MountTableMode,
 }
 
 /// etcd connection settings.

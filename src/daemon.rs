@@ -78,13 +78,45 @@ pub struct Deps {
 }
 
 impl Deps {
-    /// The real kernel, with `helper` as the mount(8) program for cifs, nfs and FUSE.
-    pub fn linux(helper: &std::path::Path) -> Self {
+    /// The real kernel, with `helper` as the mount(8) program for cifs, nfs
+    /// and FUSE, and the mount table read as `mode` says.
+    pub fn linux(helper: &std::path::Path, mode: crate::config::MountTableMode) -> Self {
         Self {
             mounter: Arc::new(LinuxMounter::new(helper)),
-            mountinfo: Arc::new(ProcMountInfo::default()),
+            mountinfo: mount_table_source(mode),
             mountinfo_path: ProcMountInfo::default().path,
         }
+    }
+}
+
+/// The mount table's source: `statmount` where the kernel has it, unless
+/// the config forces mountinfo. Logged: the two differ in cost, and in
+/// whether mount ids are ever reused.
+pub fn mount_table_source(mode: crate::config::MountTableMode) -> Arc<dyn MountInfoSource> {
+    let (source, why) = pick_mount_table(mode);
+    tracing::info!("mount table: {why}");
+    source
+}
+
+/// [`mount_table_source`] without the log line (for the CLI), and why.
+pub fn pick_mount_table(
+    mode: crate::config::MountTableMode,
+) -> (Arc<dyn MountInfoSource>, &'static str) {
+    use crate::config::MountTableMode;
+    use crate::reconcile::mountapi;
+    match mode {
+        MountTableMode::Auto if mountapi::available() => (
+            Arc::new(mountapi::StatmountTable),
+            "listmount/statmount (unique mount ids)",
+        ),
+        MountTableMode::Auto => (
+            Arc::new(ProcMountInfo::default()),
+            "/proc/self/mountinfo (this kernel has no statmount)",
+        ),
+        MountTableMode::Mountinfo => (
+            Arc::new(ProcMountInfo::default()),
+            "/proc/self/mountinfo (mount_table: mountinfo)",
+        ),
     }
 }
 

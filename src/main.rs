@@ -234,7 +234,7 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-            let deps = vfolderd::Deps::linux(&cfg.mount_helper);
+            let deps = vfolderd::Deps::linux(&cfg.mount_helper, cfg.mount_table);
             vfolderd::run(cfg, deps, listener, shutdown).await?;
         }
         Cmd::Apply { config, file } => {

@@ -453,3 +453,65 @@ async fn a_hung_fuse_volume_stalls_only_the_kernels_that_need_it() {
     })
     .await;
 }
+
+/// Item 7: the prober's verdicts were keyed by mountinfo's mount id, which
+/// the kernel reuses at once (the lowest free id): a volume remounted at
+/// the same point (a heal) usually got the id of the mount it replaced, so
+/// a probe of the old mount returning after the heal judged the new one
+/// (a second heal; under `heal: always`, binds detached under running
+/// kernels). With the unique ids of `statmount` no verdict outlives its mount.
+#[test]
+fn a_verdict_about_a_replaced_mount_never_lands_on_its_replacement() {
+    use std::collections::BTreeMap;
+    use vfolderd::reconcile::actual::{MountInfoSource, ProcMountInfo};
+    use vfolderd::reconcile::mountapi::StatmountTable;
+    use vfolderd::reconcile::probe::current;
+    require_private_mount_namespace();
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("volume");
+    std::fs::create_dir(&target).unwrap();
+    let tmpfs = || {
+        nix::mount::mount(
+            Some("tmpfs"),
+            &target,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap()
+    };
+    let source = vfolderd::daemon::mount_table_source(Default::default());
+    tmpfs();
+    let old = source.read().unwrap().top(&target).unwrap().id;
+    let old_text = ProcMountInfo::default()
+        .read()
+        .unwrap()
+        .top(&target)
+        .unwrap()
+        .id;
+    let verdicts = BTreeMap::from([(target.clone(), (old, "stale mount: ENOTCONN".to_string()))]);
+    assert_eq!(
+        current(&verdicts, &source.read().unwrap()).len(),
+        1,
+        "about this mount"
+    );
+    // The heal: detach, mount again at the same point.
+    nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    tmpfs();
+    let healed = StatmountTable.read().unwrap();
+    let new_text = ProcMountInfo::default()
+        .read()
+        .unwrap()
+        .top(&target)
+        .unwrap()
+        .id;
+    eprintln!(
+        "mountinfo ids: {old_text} then {new_text}; unique ids: {old} then {}",
+        healed.top(&target).unwrap().id
+    );
+    assert!(
+        current(&verdicts, &source.read().unwrap()).is_empty(),
+        "the verdict about the replaced mount judged its replacement"
+    );
+    nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH).unwrap();
+}

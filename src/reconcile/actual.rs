@@ -21,10 +21,14 @@ pub struct ParseError {
 /// One line of mountinfo (see proc_pid_mountinfo(5)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
-    /// Unique mount id.
-    pub id: u32,
-    /// Parent mount id.
-    pub parent: u32,
+    /// The mount's id: the 64-bit unique id where the table came from
+    /// `statmount(2)` (never reused while the machine is up; such ids start
+    /// at 2^31), else mountinfo's 32-bit id, which the kernel reuses at once
+    /// (the lowest free one: a remount often gets the id of the mount it
+    /// replaced).
+    pub id: u64,
+    /// The parent mount's id, of the same kind.
+    pub parent: u64,
     /// `major:minor` of the filesystem: binds share their source's.
     pub dev: String,
     /// Path inside the filesystem that forms this mount's root (a bind's source subdirectory).
@@ -124,7 +128,9 @@ fn parse_line(line: &[u8]) -> Result<MountEntry, String> {
     }
     let num = |s: &[u8], what: &str| {
         let s = String::from_utf8_lossy(s);
-        s.parse::<u32>().map_err(|_| format!("bad {what} {s:?}"))
+        s.parse::<u32>()
+            .map(u64::from)
+            .map_err(|_| format!("bad {what} {s:?}"))
     };
     let list = |s: &[u8]| text_field(s).split(',').map(String::from).collect();
     Ok(MountEntry {
@@ -149,9 +155,12 @@ pub struct MountTable {
     // A hash map: `Path`'s ordering parses components on every comparison,
     // which dominated a pass at 10,000 mounts (perf); nothing needs the order.
     by_target: HashMap<PathBuf, Vec<MountEntry>>,
-    /// Each entry's mountinfo line (when built from text): a re-read parses
-    /// only the lines that are new, and names the mount points that changed.
-    lines: HashMap<Box<[u8]>, (u32, PathBuf)>,
+    /// Each entry's mountinfo line (when built from text), with its mount
+    /// id: a re-read parses only the lines that are new, and names the
+    /// mount points that changed.
+    lines: HashMap<Box<[u8]>, u64>,
+    /// Where each mount id is mounted (a mount that goes is found by id).
+    ids: HashMap<u64, PathBuf>,
 }
 
 impl MountTable {
@@ -185,41 +194,62 @@ impl MountTable {
             .cloned()
             .collect();
         for line in gone {
-            if let Some((id, target)) = self.lines.remove(&line) {
-                if let Some(v) = self.by_target.get_mut(&target) {
-                    v.retain(|e| e.id != id);
-                    if v.is_empty() {
-                        self.by_target.remove(&target);
-                    }
-                }
-                changed.insert(target);
+            if let Some(id) = self.lines.remove(&line) {
+                changed.extend(self.remove_id(id));
             }
         }
         for (i, line) in added {
             let e = parse_line(line).map_err(|reason| ParseError { line: i, reason })?;
             changed.insert(e.mount_point.clone());
-            self.lines
-                .insert(line.into(), (e.id, e.mount_point.clone()));
-            // Later lines are mounted later: the last entry is the top one.
-            self.by_target
-                .entry(e.mount_point.clone())
-                .or_default()
-                .push(e);
+            self.lines.insert(line.into(), e.id);
+            self.add(e);
         }
         Ok(changed)
     }
 
     /// Indexes parsed entries (a table that [`MountTable::update`] cannot refresh).
     pub fn new(entries: Vec<MountEntry>) -> Self {
-        let mut by_target: HashMap<PathBuf, Vec<MountEntry>> =
-            HashMap::with_capacity(entries.len());
-        for e in entries {
-            by_target.entry(e.mount_point.clone()).or_default().push(e);
+        let mut t = Self::default();
+        t.by_target.reserve(entries.len());
+        t.ids.reserve(entries.len());
+        entries.into_iter().for_each(|e| t.add(e));
+        t
+    }
+
+    /// Adds a mount. Stacked on others at the same point, it goes below the
+    /// one mounted on it (whose parent it is), else on top: a mount is
+    /// attached after the mount it sits on, but its id may be older (a
+    /// detached copy from `open_tree` gets its id before `move_mount`).
+    pub(crate) fn add(&mut self, e: MountEntry) {
+        self.ids.insert(e.id, e.mount_point.clone());
+        let stack = self.by_target.entry(e.mount_point.clone()).or_default();
+        match stack.iter().position(|s| s.parent == e.id) {
+            Some(i) => stack.insert(i, e),
+            None => stack.push(e),
         }
-        Self {
-            by_target,
-            lines: HashMap::new(),
+    }
+
+    /// Removes the mount with this id; returns where it was mounted.
+    pub(crate) fn remove_id(&mut self, id: u64) -> Option<PathBuf> {
+        let target = self.ids.remove(&id)?;
+        if let Some(v) = self.by_target.get_mut(&target) {
+            v.retain(|e| e.id != id);
+            if v.is_empty() {
+                self.by_target.remove(&target);
+            }
         }
+        Some(target)
+    }
+
+    /// The mount with this id.
+    pub fn by_id(&self, id: u64) -> Option<&MountEntry> {
+        let target = self.ids.get(&id)?;
+        self.by_target.get(target)?.iter().find(|e| e.id == id)
+    }
+
+    /// Every mount id in the table.
+    pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.ids.keys().copied()
     }
 
     /// The visible mount at `target`, if any.
@@ -239,19 +269,13 @@ impl MountTable {
 
     /// Test and model helper: records a mount at `target`.
     pub fn insert(&mut self, entry: MountEntry) {
-        self.by_target
-            .entry(entry.mount_point.clone())
-            .or_default()
-            .push(entry);
+        self.add(entry);
     }
 
     /// Test and model helper: removes the top mount at `target`.
     pub fn remove_top(&mut self, target: &Path) {
-        if let Some(v) = self.by_target.get_mut(target) {
-            v.pop();
-            if v.is_empty() {
-                self.by_target.remove(target);
-            }
+        if let Some(id) = self.top(target).map(|e| e.id) {
+            self.remove_id(id);
         }
     }
 }
@@ -284,6 +308,15 @@ pub enum MountInfoError {
     /// A line did not parse.
     #[error(transparent)]
     Parse(#[from] ParseError),
+    /// `listmount(2)` or `statmount(2)` failed.
+    #[error("{call} failed")]
+    Syscall {
+        /// Which call.
+        call: &'static str,
+        /// Why.
+        #[source]
+        source: nix::errno::Errno,
+    },
 }
 
 /// Reads `/proc/self/mountinfo` (or another path).

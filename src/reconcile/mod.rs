@@ -5,6 +5,7 @@ pub mod bookkeeping;
 pub mod btrfs;
 pub mod execute;
 pub mod fsops;
+pub mod mountapi;
 pub mod mountwatch;
 pub mod newmount;
 pub mod observe;

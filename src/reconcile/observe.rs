@@ -114,7 +114,7 @@ pub fn attribute(
 }
 
 /// A mount: its mount point and the id of the mount there (none: not mounted).
-type MountKey = (PathBuf, Option<u32>);
+type MountKey = (PathBuf, Option<u64>);
 
 /// Reads the node's actual state for a pass.
 pub struct Observer {

@@ -611,9 +611,10 @@ impl Reconciler {
         results
     }
 
-    /// Reads the table again after acting (our own mounts changed it). What
-    /// changed besides our own actions (another program, during them) is for
-    /// the next pass: this read absorbs its event.
+    /// Reads the table again after acting if it changed (our own mounts
+    /// changed it; a pass that mounted nothing reads nothing). What changed
+    /// besides our own actions (another program, during them) is for the
+    /// next pass: this read absorbs its event.
     fn reobserve(
         &mut self,
         whole: &Want,
@@ -621,7 +622,7 @@ impl Reconciler {
         kernels: Option<&BTreeSet<String>>,
         executed: &Executed,
     ) -> Result<(Actual, Changes), PassError> {
-        let (mounts, changed) = self.observer.mount_table(true)?;
+        let (mounts, changed) = self.observer.mount_table(false)?;
         let followup = match changed {
             Some(changed) => attribute(
                 &self.node,

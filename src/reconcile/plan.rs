@@ -1502,7 +1502,7 @@ mod tests {
 
     /// Applies actions to an in-memory model of the node, as the executor would.
     fn apply(node: &NodeView, a: &mut Actual, actions: &[Action]) {
-        let mut next_id = 1000 + a.mounts.iter().count() as u32;
+        let mut next_id = 1000 + a.mounts.ids().max().unwrap_or(0);
         for act in actions {
             match act {
                 Action::Unmount { target, .. } => {
@@ -1622,7 +1622,7 @@ mod tests {
         let _ = node;
     }
 
-    fn entry(id: u32, target: &Path, ro: bool) -> MountEntry {
+    fn entry(id: u64, target: &Path, ro: bool) -> MountEntry {
         MountEntry {
             id,
             parent: 1,

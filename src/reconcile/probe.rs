@@ -33,10 +33,10 @@ pub fn classify<T>(result: Result<T, Errno>) -> Health {
 
 /// The owned volume mount points, published by each pass (so probing never
 /// has to read the whole ledger).
-pub type VolumeTargets = Arc<Mutex<Vec<(PathBuf, u32)>>>;
+pub type VolumeTargets = Arc<Mutex<Vec<(PathBuf, u64)>>>;
 
 /// Volume mount points currently seen stale, with the reason.
-pub type StaleMap = Arc<Mutex<BTreeMap<PathBuf, (u32, String)>>>;
+pub type StaleMap = Arc<Mutex<BTreeMap<PathBuf, (u64, String)>>>;
 
 /// What a volume holds and has left, as its last probe's `statfs` said.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +48,7 @@ pub struct Capacity {
 }
 
 /// Volume mount points with their capacity, keyed by the mount probed.
-pub type CapacityMap = Arc<Mutex<BTreeMap<PathBuf, (u32, Capacity)>>>;
+pub type CapacityMap = Arc<Mutex<BTreeMap<PathBuf, (u64, Capacity)>>>;
 
 /// Probes every owned volume mount each `interval`, updating `stale` and
 /// calling `on_change` whenever the set changes.
@@ -62,7 +62,7 @@ pub async fn run_prober(
     let in_flight: Arc<Mutex<BTreeSet<PathBuf>>> = Arc::default();
     loop {
         tokio::time::sleep(interval).await;
-        let targets: Vec<(PathBuf, u32)> = targets.lock().expect("targets lock").clone();
+        let targets: Vec<(PathBuf, u64)> = targets.lock().expect("targets lock").clone();
         let results = {
             let in_flight = in_flight.clone();
             tokio::task::spawn_blocking(move || {
@@ -102,7 +102,7 @@ pub async fn run_prober(
 }
 
 /// Keeps each probed mount's capacity (a stuck probe keeps the last).
-fn store_capacity(capacity: &CapacityMap, results: &[(PathBuf, u32, Option<Probed>)]) {
+fn store_capacity(capacity: &CapacityMap, results: &[(PathBuf, u64, Option<Probed>)]) {
     let mut map = capacity.lock().unwrap_or_else(|p| p.into_inner());
     map.retain(|t, _| results.iter().any(|(r, _, _)| r == t));
     for (t, id, p) in results {
@@ -161,7 +161,7 @@ pub fn probe(
 /// `table` now: one about a mount that has since been replaced (healed,
 /// remounted) is dropped.
 pub fn current<T: Clone>(
-    found: &BTreeMap<PathBuf, (u32, T)>,
+    found: &BTreeMap<PathBuf, (u64, T)>,
     table: &crate::reconcile::actual::MountTable,
 ) -> BTreeMap<PathBuf, T> {
     found

@@ -605,11 +605,15 @@ impl Node {
             std::fs::write(&helper, HELPER_DOUBLE.replace("__DIR__", &d.to_string())).unwrap();
             std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
-        let helper_line = if opts.helper_double {
+        let mut helper_line = if opts.helper_double {
             format!("mount_helper: {}\n", helper.display())
         } else {
             String::new()
         };
+        // scripts/test.sh runs the daemon tests once more with the fallback forced.
+        if let Ok(mode) = std::env::var("VFOLDERD_TEST_MOUNT_TABLE") {
+            helper_line.push_str(&format!("mount_table: {mode}\n"));
+        }
         let cfg = format!(
             "node: {name}\nroles: {}\netcd: {{endpoints: [\"{}\"], prefix: {P}}}\nroots: {{volumes: {d}/volumes, kernels: {d}/kernels}}\n\
              state: {d}/state\ncredentials: {d}/credentials\npolicies: {d}/policies\nlisten: {listen}\nresync: {}\nlinger: {}\n\
