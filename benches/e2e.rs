@@ -60,6 +60,50 @@ fn raw_bind(src: &Path, target: &Path) {
     mount(None::<&str>, target, None::<&str>, flags, None::<&str>).unwrap();
 }
 
+/// Runs `f` on a thread of its own, in a private copy of the bench's mount
+/// namespace, with the mounts it had at that moment: nothing watches that
+/// namespace (vfolderd watches its own), so a reference loop there pays
+/// only the kernel's cost. The copy goes when the thread ends.
+fn in_private_ns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare");
+            mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )
+            .unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// `n` raw binds of `src` below `dir` (what vfolderd does per bind); the rate.
+fn bind_loop(src: &Path, dir: &Path, n: usize) -> f64 {
+    for i in 0..n {
+        std::fs::create_dir_all(dir.join(format!("{i}"))).unwrap();
+    }
+    let t = Instant::now();
+    for i in 0..n {
+        raw_bind(src, &dir.join(format!("{i}")));
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Unmounts what [`bind_loop`] made; the rate.
+fn unbind_loop(dir: &Path, n: usize) -> f64 {
+    let t = Instant::now();
+    for i in 0..n {
+        umount2(&dir.join(format!("{i}")), MntFlags::empty()).unwrap();
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -303,30 +347,36 @@ async fn main() {
         until_states(&mut stream, [id].into(), "Ready", Duration::from_secs(30)).await;
         lat.push(t0.elapsed());
     }
-    // Floor: an etcd put seen by a watch, plus 3 raw bind mounts with their remounts.
-    let mut floor_stream = c
-        .watch("/floor/", Some(WatchOptions::new().with_prefix()))
-        .await
-        .unwrap();
+    // Floor: an etcd put seen by a watch, plus 3 raw bind mounts with their
+    // remounts, in a namespace nothing watches, with its own client.
     let fsrc = d.join("floor-src");
     std::fs::create_dir_all(&fsrc).unwrap();
-    let mut floor = Vec::with_capacity(kernels);
-    for i in 0..kernels {
-        let t0 = Instant::now();
-        c.put(format!("/floor/{i}"), "x", None).await.unwrap();
-        let _ = floor_stream.message().await.unwrap();
-        for j in 0..3 {
-            let t = d.join(format!("floor/{i}/{j}"));
-            std::fs::create_dir_all(&t).unwrap();
-            raw_bind(&fsrc, &t);
-        }
-        floor.push(t0.elapsed());
-    }
-    for i in 0..kernels {
-        for j in 0..3 {
-            let _ = umount2(&d.join(format!("floor/{i}/{j}")), MntFlags::empty());
-        }
-    }
+    let mut floor = in_private_ns(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut c = Client::connect([&endpoint], None).await.unwrap();
+            let mut floor_stream = c
+                .watch("/floor/", Some(WatchOptions::new().with_prefix()))
+                .await
+                .unwrap();
+            let mut floor = Vec::with_capacity(kernels);
+            for i in 0..kernels {
+                let t0 = Instant::now();
+                c.put(format!("/floor/{i}"), "x", None).await.unwrap();
+                let _ = floor_stream.message().await.unwrap();
+                for j in 0..3 {
+                    let t = d.join(format!("floor/{i}/{j}"));
+                    std::fs::create_dir_all(&t).unwrap();
+                    raw_bind(&fsrc, &t);
+                }
+                floor.push(t0.elapsed());
+            }
+            floor
+        })
+    });
     let (p50, p99, f50, f99) = (
         pct(&mut lat, 0.5),
         pct(&mut lat, 0.99),
@@ -338,9 +388,9 @@ async fn main() {
         ours: format!("p50 {:.2} ms, p99 {:.2} ms", ms(p50), ms(p99)),
         reference: format!("floor p50 {:.2} ms, p99 {:.2} ms", ms(f50), ms(f99)),
         ratio: format!("{:.1}× floor at p99", ms(p99) / ms(f99)),
-        goal: "p99 ≤ 2× floor".into(),
-        met: ms(p99) <= 2.0 * ms(f99),
-        margin: 2.0 * ms(f99) / ms(p99),
+        goal: "p99 ≤ 1.3× floor".into(),
+        met: ms(p99) <= 1.3 * ms(f99),
+        margin: 1.3 * ms(f99) / ms(p99),
     });
     // Clear the latency kernels.
     let lat_ids: std::collections::BTreeSet<String> =
@@ -352,6 +402,30 @@ async fn main() {
     .await
     .unwrap();
     until_states(&mut stream, lat_ids, "gone", Duration::from_secs(120)).await;
+
+    // References of rows 2 and 3, in a namespace nothing watches, from the
+    // table vfolderd starts its burst from: `attachments` binds, then their
+    // unmounts; and `mount --bind` exec (sampled).
+    let raw_dir = d.join("raw");
+    let exec_n = attachments.min(300);
+    let (raw_rate, raw_down, exec_rate) = in_private_ns(|| {
+        let up = bind_loop(&fsrc, &raw_dir, attachments);
+        let down = unbind_loop(&raw_dir, attachments);
+        let exec_dir = d.join("exec");
+        let t = Instant::now();
+        for i in 0..exec_n {
+            let tg = exec_dir.join(format!("{i}"));
+            std::fs::create_dir_all(&tg).unwrap();
+            assert!(Command::new("mount")
+                .arg("--bind")
+                .arg(&fsrc)
+                .arg(&tg)
+                .status()
+                .unwrap()
+                .success());
+        }
+        (up, down, exec_n as f64 / t.elapsed().as_secs_f64())
+    });
 
     // Row 2: `attachments` kernels with one vfolder each, put at once.
     let names: Vec<String> = (0..attachments).map(|i| format!("k{i:06}")).collect();
@@ -377,45 +451,42 @@ async fn main() {
     )
     .await;
     let ours_rate = attachments as f64 / t0.elapsed().as_secs_f64();
-    // References: raw mount(2) bind loop, and `mount --bind` exec loop (sampled).
-    let raw_dir = d.join("raw");
-    let t = Instant::now();
-    for i in 0..attachments {
-        let tg = raw_dir.join(format!("{i}"));
-        std::fs::create_dir_all(&tg).unwrap();
-        raw_bind(&fsrc, &tg);
-    }
-    let raw_rate = attachments as f64 / t.elapsed().as_secs_f64();
-    let exec_n = attachments.min(300);
-    let exec_dir = d.join("exec");
-    let t = Instant::now();
-    for i in 0..exec_n {
-        let tg = exec_dir.join(format!("{i}"));
-        std::fs::create_dir_all(&tg).unwrap();
-        assert!(Command::new("mount")
-            .arg("--bind")
-            .arg(&fsrc)
-            .arg(&tg)
-            .status()
-            .unwrap()
-            .success());
-    }
-    let exec_rate = exec_n as f64 / t.elapsed().as_secs_f64();
-    for i in 0..exec_n {
-        let _ = umount2(&exec_dir.join(format!("{i}")), MntFlags::empty());
-    }
     rows.push(Row {
         name: format!("{attachments} attachments put at once → all Ready"),
         ours: format!("{ours_rate:.0}/s"),
-        reference: format!("raw mount(2) {raw_rate:.0}/s; `mount --bind` exec {exec_rate:.0}/s"),
+        reference: format!(
+            "clean bind+remount {raw_rate:.0}/s; `mount --bind` exec {exec_rate:.0}/s"
+        ),
         ratio: format!(
-            "{:.2}× raw, {:.1}× exec",
+            "{:.2}× clean, {:.1}× exec",
             ours_rate / raw_rate,
             ours_rate / exec_rate
         ),
-        goal: "≥ 0.5× raw, ≥ 10× exec".into(),
-        met: ours_rate >= 0.5 * raw_rate && ours_rate >= 10.0 * exec_rate,
-        margin: (ours_rate / (0.5 * raw_rate)).min(ours_rate / (10.0 * exec_rate)),
+        goal: "≥ 0.8× clean, ≥ 10× exec".into(),
+        met: ours_rate >= 0.8 * raw_rate && ours_rate >= 10.0 * exec_rate,
+        margin: (ours_rate / (0.8 * raw_rate)).min(ours_rate / (10.0 * exec_rate)),
+    });
+
+    // Row: presence cost. Another program's bind loop (a container runtime)
+    // in vfolderd's namespace while it holds its mounts, against the same
+    // loop over the same table in a copy of the namespace nobody watches.
+    let foreign = d.join("foreign");
+    let alone = in_private_ns(|| {
+        let rate = bind_loop(&fsrc, &foreign, attachments);
+        unbind_loop(&foreign, attachments);
+        rate
+    });
+    let watched = bind_loop(&fsrc, &foreign, attachments);
+    unbind_loop(&foreign, attachments);
+    let held_now = bind_targets_under(&kernels_root);
+    rows.push(Row {
+        name: format!("presence cost: a foreign {attachments}-bind loop beside {held_now} of vfolderd's mounts"),
+        ours: format!("{watched:.0}/s with vfolderd"),
+        reference: format!("{alone:.0}/s with nothing watching"),
+        ratio: format!("{:.2}", watched / alone),
+        goal: "≥ 0.9".into(),
+        met: watched >= 0.9 * alone,
+        margin: watched / (0.9 * alone),
     });
 
     // Row 4: idle while holding the mounts.
@@ -431,9 +502,9 @@ async fn main() {
         ours: format!("CPU {cpu:.2}% of a core, RSS {rss:.1} MiB"),
         reference: "0".into(),
         ratio: "—".into(),
-        goal: "< 1% CPU, RSS < 100 MiB".into(),
-        met: cpu < 1.0 && rss < 100.0,
-        margin: (1.0 / cpu.max(1e-3)).min(100.0 / rss),
+        goal: "< 0.2% CPU, RSS < 64 MiB".into(),
+        met: cpu < 0.2 && rss < 64.0,
+        margin: (0.2 / cpu.max(1e-3)).min(64.0 / rss),
     });
 
     // Row 6: restart over the converged mounts.
@@ -462,10 +533,10 @@ async fn main() {
         ours: format!("Ready in {:.0} ms, {} mounts made", ms(ready), made as u64),
         reference: "—".into(),
         ratio: "—".into(),
-        goal: "< 1 s, 0 mounts made".into(),
-        met: ready < Duration::from_secs(1) && made == 0.0,
+        goal: "< 0.4 s, 0 mounts made".into(),
+        met: ready < Duration::from_millis(400) && made == 0.0,
         margin: if made == 0.0 {
-            1.0 / ready.as_secs_f64()
+            0.4 / ready.as_secs_f64()
         } else {
             0.0
         },
@@ -502,9 +573,9 @@ async fn main() {
         ours: format!("p50 {:.1} ms, p99 {:.1} ms", ms(r50), ms(r99)),
         reference: "—".into(),
         ratio: "—".into(),
-        goal: "p99 < 100 ms".into(),
-        met: r99 < Duration::from_millis(100),
-        margin: 100.0 / ms(r99),
+        goal: "p99 ≤ 10 ms".into(),
+        met: r99 <= Duration::from_millis(10),
+        margin: 10.0 / ms(r99),
     });
 
     // Row 3: teardown of all attachments, deleted the way they were put
@@ -532,17 +603,12 @@ async fn main() {
         0,
         "binds left after teardown"
     );
-    let t = Instant::now();
-    for i in 0..attachments {
-        umount2(&raw_dir.join(format!("{i}")), MntFlags::empty()).unwrap();
-    }
-    let raw_down = attachments as f64 / t.elapsed().as_secs_f64();
     rows.push(Row {
         name: format!("teardown of {attachments} attachments"),
         ours: format!("{ours_down:.0}/s"),
-        reference: format!("raw umount2 {raw_down:.0}/s"),
-        ratio: format!("{:.2}× raw", ours_down / raw_down),
-        goal: "≥ 0.5× raw".into(),
+        reference: format!("clean umount2 {raw_down:.0}/s"),
+        ratio: format!("{:.2}× clean", ours_down / raw_down),
+        goal: "≥ 0.5× clean".into(),
         met: ours_down >= 0.5 * raw_down,
         margin: ours_down / (0.5 * raw_down),
     });

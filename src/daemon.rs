@@ -106,7 +106,7 @@ pub fn pick_mount_table(
     use crate::reconcile::mountapi;
     match mode {
         MountTableMode::Auto if mountapi::available() => (
-            Arc::new(mountapi::StatmountTable),
+            Arc::new(mountapi::StatmountTable::default()),
             "listmount/statmount (unique mount ids)",
         ),
         MountTableMode::Auto => (

@@ -1139,6 +1139,57 @@ async fn a_hung_mount_helper_times_out_fails_and_recovers_without_stacking() {
     .await;
 }
 
+/// A remount makes and removes no mount, so `listmount` shows the same ids:
+/// the flags of a bind changed from outside (nosuid dropped, read-write
+/// made read-only) are still put back without a resync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_remount_of_a_bind_is_put_back_without_a_resync() {
+    use nix::mount::MsFlags;
+    require_private_mount_namespace();
+    within(90, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(
+            &etcd,
+            "n1",
+            NodeOpts {
+                resync: "1h",
+                ..Default::default()
+            },
+        );
+        let id = volume_and_vfolder(&etcd, "shard1", "data", "rw").await;
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {id}}}]\n"),
+        )
+        .await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let target = node.home("k1").join("data");
+        assert!(!node.mount_at(&target).unwrap().is_readonly());
+        nix::mount::mount(
+            None::<&str>,
+            &target,
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let m = node.mount_at(&target).expect("still mounted");
+            if !m.is_readonly() && m.has_option("nosuid") && m.has_option("nodev") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the bind stayed {:?} without a resync",
+                m.mount_options
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_external_unmount_is_repaired_on_the_mount_table_event_not_the_resync() {
     require_private_mount_namespace();

@@ -481,36 +481,31 @@ fn a_verdict_about_a_replaced_mount_never_lands_on_its_replacement() {
         .unwrap()
     };
     let source = vfolderd::daemon::mount_table_source(Default::default());
+    let text_id = || {
+        ProcMountInfo::default()
+            .read()
+            .unwrap()
+            .top(&target)
+            .unwrap()
+            .id
+    };
     tmpfs();
-    let old = source.read().unwrap().top(&target).unwrap().id;
-    let old_text = ProcMountInfo::default()
-        .read()
-        .unwrap()
-        .top(&target)
-        .unwrap()
-        .id;
+    // The table as the daemon keeps it: read once, then refreshed.
+    let mut table = source.read().unwrap();
+    let (old, old_text) = (table.top(&target).unwrap().id, text_id());
     let verdicts = BTreeMap::from([(target.clone(), (old, "stale mount: ENOTCONN".to_string()))]);
-    assert_eq!(
-        current(&verdicts, &source.read().unwrap()).len(),
-        1,
-        "about this mount"
-    );
+    assert_eq!(current(&verdicts, &table).len(), 1, "about this mount");
     // The heal: detach, mount again at the same point.
     nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH).unwrap();
     tmpfs();
-    let healed = StatmountTable.read().unwrap();
-    let new_text = ProcMountInfo::default()
-        .read()
-        .unwrap()
-        .top(&target)
-        .unwrap()
-        .id;
-    eprintln!(
-        "mountinfo ids: {old_text} then {new_text}; unique ids: {old} then {}",
-        healed.top(&target).unwrap().id
-    );
+    source.refresh(&mut table).unwrap();
+    let (new, new_text) = (table.top(&target).unwrap().id, text_id());
+    eprintln!("mountinfo ids: {old_text} then {new_text}; unique ids: {old} then {new}");
+    assert_ne!(old, new, "a new mount, a new id");
+    let fresh = StatmountTable::default().read().unwrap();
+    assert_eq!(Some(new), fresh.top(&target).map(|m| m.id));
     assert!(
-        current(&verdicts, &source.read().unwrap()).is_empty(),
+        current(&verdicts, &table).is_empty(),
         "the verdict about the replaced mount judged its replacement"
     );
     nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH).unwrap();

@@ -221,6 +221,9 @@ impl MountTable {
     /// attached after the mount it sits on, but its id may be older (a
     /// detached copy from `open_tree` gets its id before `move_mount`).
     pub(crate) fn add(&mut self, e: MountEntry) {
+        // One entry per id, even from a torn read of a table whose ids are
+        // reused (mountinfo, read in several calls).
+        self.remove_id(e.id);
         self.ids.insert(e.id, e.mount_point.clone());
         let stack = self.by_target.entry(e.mount_point.clone()).or_default();
         match stack.iter().position(|s| s.parent == e.id) {
@@ -257,6 +260,11 @@ impl MountTable {
         self.by_target.get(target).and_then(|v| v.last())
     }
 
+    /// The mounts stacked at `target`, bottom first.
+    pub fn stack(&self, target: &Path) -> &[MountEntry] {
+        self.by_target.get(target).map_or(&[], Vec::as_slice)
+    }
+
     /// How many mounts are stacked at `target`.
     pub fn count(&self, target: &Path) -> usize {
         self.by_target.get(target).map_or(0, Vec::len)
@@ -284,6 +292,22 @@ impl MountTable {
 pub trait MountInfoSource: Send + Sync {
     /// Reads and parses the current table.
     fn read(&self) -> Result<MountTable, MountInfoError>;
+
+    /// Whether the last refresh left a change unread (to be read at the
+    /// next one, even if nothing signals).
+    fn behind(&self) -> bool {
+        false
+    }
+
+    /// Reads the mounts at `targets` again (a source whose refresh sees
+    /// only new and gone mounts); returns those whose records changed.
+    fn restat(
+        &self,
+        _table: &mut MountTable,
+        _targets: &HashSet<PathBuf>,
+    ) -> Result<HashSet<PathBuf>, MountInfoError> {
+        Ok(HashSet::new())
+    }
 
     /// Brings `table` (from an earlier read) up to date; returns the mount
     /// points that changed, or `None` when it cannot tell (read afresh).

@@ -53,21 +53,18 @@ const WANT: u64 = STATMOUNT_SB_BASIC
     | STATMOUNT_SB_SOURCE;
 
 /// `MOUNT_ATTR_*` bits of `mnt_attr` with mountinfo's names, in its order
-/// (`show_mnt_opts`); relatime is the absence of any atime bit.
-const ATTRS: [(u64, &str); 8] = [
+/// (`show_mnt_opts`). Relatime and strictatime are not told apart
+/// (`MOUNT_ATTR_RELATIME` is 0): neither is named.
+const ATTRS: [(u64, &str); 7] = [
     (0x2, "nosuid"),
     (0x4, "nodev"),
     (0x8, "noexec"),
     (0x10, "noatime"),
     (0x80, "nodiratime"),
-    (RELATIME, "relatime"),
     (0x20_0000, "nosymfollow"),
     (0x10_0000, "idmapped"),
 ];
-/// Not a bit: stands for "no `MOUNT_ATTR__ATIME` bit set".
-const RELATIME: u64 = 1 << 63;
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
-const MOUNT_ATTR_ATIME: u64 = 0x70;
 const SB_RDONLY: u32 = 0x1;
 /// `mnt_propagation` of a mount in a peer group.
 const MS_SHARED: u64 = 1 << 20;
@@ -144,6 +141,15 @@ pub fn list_ids() -> Result<Vec<u64>, Errno> {
 
 /// One mount, by id; `ENOENT` once it is gone.
 pub fn stat_mount(id: u64) -> Result<MountEntry, Errno> {
+    let (sm, buf) = stat_raw(id)?;
+    // SAFETY: viewing initialised u64s as bytes.
+    let raw: &[u8] =
+        unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), buf.len() * 8) };
+    Ok(entry(&sm, &raw[..(sm.size as usize).min(raw.len())]))
+}
+
+/// The record of one mount, and the buffer holding its strings.
+fn stat_raw(id: u64) -> Result<(Statmount, Vec<u64>), Errno> {
     let mut buf = vec![0u64; 512];
     loop {
         let req = MntIdReq {
@@ -172,10 +178,7 @@ pub fn stat_mount(id: u64) -> Result<MountEntry, Errno> {
     // SAFETY: `buf` is 8-aligned and longer than `Statmount`, a plain-data
     // struct the kernel filled (unrequested fields stay zero).
     let sm: Statmount = unsafe { std::ptr::read(buf.as_ptr().cast::<Statmount>()) };
-    // SAFETY: viewing initialised u64s as bytes.
-    let raw: &[u8] =
-        unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), buf.len() * 8) };
-    Ok(entry(&sm, &raw[..(sm.size as usize).min(raw.len())]))
+    Ok((sm, buf))
 }
 
 /// The NUL-terminated string at `off` in the string area, if `bit` was answered.
@@ -198,10 +201,7 @@ fn entry(sm: &Statmount, raw: &[u8]) -> MountEntry {
         fstype = format!("{fstype}.{}", lossy(sub));
     }
     let ro = |yes: bool| if yes { "ro" } else { "rw" }.to_string();
-    let attrs = match sm.mnt_attr & MOUNT_ATTR_ATIME {
-        0 => sm.mnt_attr | RELATIME,
-        _ => sm.mnt_attr,
-    };
+    let attrs = sm.mnt_attr;
     let mut mount_options = vec![ro(sm.mnt_attr & MOUNT_ATTR_RDONLY != 0)];
     mount_options.extend(
         ATTRS
@@ -229,20 +229,112 @@ fn entry(sm: &Statmount, raw: &[u8]) -> MountEntry {
     }
 }
 
-/// Whether this kernel answers `listmount` and `statmount` (6.8+).
+/// What every answer carries on a kernel that has every field a
+/// [`MountEntry`] needs: the source came with the subtype (6.13), after the
+/// options (6.11); those two are answered only when a mount has them.
+const ALWAYS: u64 = STATMOUNT_SB_BASIC
+    | STATMOUNT_MNT_BASIC
+    | STATMOUNT_MNT_ROOT
+    | STATMOUNT_MNT_POINT
+    | STATMOUNT_FS_TYPE
+    | STATMOUNT_SB_SOURCE;
+
+/// Whether this kernel answers `listmount` and `statmount` with every
+/// field a [`MountEntry`] needs (6.13+).
 pub fn available() -> bool {
-    list_ids().is_ok_and(|ids| ids.first().is_some_and(|id| stat_mount(*id).is_ok()))
+    list_ids().is_ok_and(|ids| {
+        ids.first()
+            .is_some_and(|id| stat_raw(*id).is_ok_and(|(sm, _)| sm.mask & ALWAYS == ALWAYS))
+    })
 }
 
+/// How often, at most, a change that made and removed no mount (a remount,
+/// a propagation change: `listmount` cannot tell which mount) has every
+/// mount asked again. A container runtime binds and remounts each of its
+/// mounts; asking 20,000 mounts after each would make the daemon cost every
+/// other mounter on the node (the presence cost).
+const ATTRS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The mount table from `listmount`/`statmount`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct StatmountTable;
+#[derive(Debug, Default)]
+pub struct StatmountTable {
+    /// When every mount was last asked, and whether a change of attributes
+    /// is still to be read (the table is then behind).
+    attrs: std::sync::Mutex<(Option<std::time::Instant>, bool)>,
+}
 
 fn syscall_err(call: &'static str) -> impl Fn(Errno) -> MountInfoError {
     move |source| MountInfoError::Syscall { call, source }
 }
 
+impl StatmountTable {
+    fn attrs(&self) -> std::sync::MutexGuard<'_, (Option<std::time::Instant>, bool)> {
+        self.attrs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks every mount again if attributes may have changed and the last
+    /// full read is [`ATTRS_EVERY`] old; returns the mount points whose
+    /// records changed.
+    fn reread_if_due(&self, table: &mut MountTable) -> Result<HashSet<PathBuf>, MountInfoError> {
+        let due = {
+            let mut a = self.attrs();
+            let due = a.1 && a.0.is_none_or(|t| t.elapsed() >= ATTRS_EVERY);
+            if due {
+                *a = (Some(std::time::Instant::now()), false);
+            }
+            due
+        };
+        if !due {
+            return Ok(HashSet::new());
+        }
+        let before = std::mem::take(table);
+        *table = self.read()?;
+        let mut changed: HashSet<PathBuf> = before
+            .iter()
+            .filter(|e| table.by_id(e.id) != Some(*e))
+            .map(|e| e.mount_point.clone())
+            .collect();
+        changed.extend(
+            table
+                .iter()
+                .filter(|e| before.by_id(e.id).is_none())
+                .map(|e| e.mount_point.clone()),
+        );
+        Ok(changed)
+    }
+}
+
 impl MountInfoSource for StatmountTable {
+    fn behind(&self) -> bool {
+        self.attrs().1
+    }
+
+    fn restat(
+        &self,
+        table: &mut MountTable,
+        targets: &HashSet<PathBuf>,
+    ) -> Result<HashSet<PathBuf>, MountInfoError> {
+        let mut changed = HashSet::new();
+        for target in targets {
+            let ids: Vec<u64> = table.stack(target).iter().map(|e| e.id).collect();
+            for id in ids {
+                let now = match stat_mount(id) {
+                    Ok(e) => Some(e),
+                    Err(Errno::ENOENT) => None,
+                    Err(e) => return Err(syscall_err("statmount")(e)),
+                };
+                if now.as_ref() != table.by_id(id) {
+                    changed.extend(table.remove_id(id));
+                    if let Some(e) = now {
+                        changed.insert(e.mount_point.clone());
+                        table.add(e);
+                    }
+                }
+            }
+        }
+        Ok(changed)
+    }
+
     fn read(&self) -> Result<MountTable, MountInfoError> {
         let ids = list_ids().map_err(syscall_err("listmount"))?;
         let mut entries = Vec::with_capacity(ids.len());
@@ -260,7 +352,8 @@ impl MountInfoSource for StatmountTable {
 
     /// Lists the ids and asks only about new ones. A change that made and
     /// removed no mount (a remount, a propagation change) keeps every id:
-    /// then every mount is asked again.
+    /// then every mount is asked again, at most once per [`ATTRS_EVERY`]
+    /// (until then the table is [`MountInfoSource::behind`]).
     fn refresh(&self, table: &mut MountTable) -> Result<Option<HashSet<PathBuf>>, MountInfoError> {
         let listed = list_ids().map_err(syscall_err("listmount"))?;
         let listed_set: HashSet<u64> = listed.iter().copied().collect();
@@ -269,15 +362,10 @@ impl MountInfoSource for StatmountTable {
             .into_iter()
             .filter(|id| table.by_id(*id).is_none())
             .collect();
+        // Any signalled change may have been a remount too.
+        self.attrs().1 = true;
         if gone.is_empty() && new.is_empty() {
-            let before = std::mem::take(table);
-            *table = self.read()?;
-            let changed = before
-                .iter()
-                .filter(|e| table.by_id(e.id) != Some(*e))
-                .map(|e| e.mount_point.clone())
-                .collect();
-            return Ok(Some(changed));
+            return self.reread_if_due(table).map(Some);
         }
         let mut changed: HashSet<PathBuf> = gone
             .into_iter()
@@ -296,6 +384,7 @@ impl MountInfoSource for StatmountTable {
                 }
             }
         }
+        changed.extend(self.reread_if_due(table)?);
         Ok(Some(changed))
     }
 }
@@ -310,18 +399,20 @@ mod tests {
     fn statmount_reads_what_mountinfo_says() {
         assert!(available(), "this suite needs Linux 6.8+ (statmount)");
         let text = ProcMountInfo::default().read().unwrap();
-        let bin = StatmountTable.read().unwrap();
+        let bin = StatmountTable::default().read().unwrap();
         assert_eq!(text.iter().count(), bin.iter().count());
         for e in bin.iter() {
             let t = text.top(&e.mount_point).expect("in mountinfo too");
             assert!(e.id > u64::from(u32::MAX >> 1), "a unique id: {}", e.id);
-            let strip = |m: &MountEntry| MountEntry {
-                id: 0,
-                parent: 0,
-                ..m.clone()
+            // What the planner and the status read (atime flags and
+            // per-superblock flags aside: statmount does not tell them apart).
+            let key = |m: &MountEntry| {
+                let opts = ["ro", "nosuid", "nodev", "noexec"].map(|o| m.has_option(o));
+                let fs = (m.dev.clone(), m.fstype.clone(), m.source.clone());
+                (m.root.clone(), m.mount_point.clone(), fs, opts, m.shared)
             };
             if text.count(&e.mount_point) == 1 {
-                assert_eq!(strip(e), strip(t));
+                assert_eq!(key(e), key(t));
             }
         }
     }

@@ -218,13 +218,20 @@ impl Observer {
         &self.stale
     }
 
-    /// The mount table: re-read only when it changed (or when `fresh`), and
-    /// then only its changed lines.
+    /// The mount table: re-read only when it changed, and then only its
+    /// changed lines or new mounts. After a pass acted, `touched` names the
+    /// mount points it changed: they are read again whatever signals (a
+    /// propagation change raises no event; a remount keeps every id).
     pub fn mount_table(
         &mut self,
-        fresh: bool,
+        touched: Option<&HashSet<PathBuf>>,
     ) -> Result<(Arc<MountTable>, MountChanges), ObserveError> {
-        if let Some(c) = self.cache.as_ref().filter(|c| !fresh && !c.stale()) {
+        let fresh = touched.is_some_and(|t| !t.is_empty());
+        if let Some(c) = self
+            .cache
+            .as_ref()
+            .filter(|c| !fresh && !c.stale() && !self.mountinfo.behind())
+        {
             return Ok((c.table.clone(), Some(HashSet::new())));
         }
         // Opened before the read: a change racing the read marks it stale.
@@ -237,7 +244,19 @@ impl Observer {
             // pass still holds it).
             Some(c) => {
                 let mut table = c.table;
-                let changed = self.mountinfo.refresh(Arc::make_mut(&mut table))?;
+                let t = Arc::make_mut(&mut table);
+                let mut changed = self.mountinfo.refresh(t)?;
+                // Mount points the refresh read anew need no second look.
+                let again: HashSet<PathBuf> = touched
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| !changed.as_ref().is_some_and(|c| c.contains(*p)))
+                    .cloned()
+                    .collect();
+                let restated = self.mountinfo.restat(t, &again)?;
+                if let Some(c) = changed.as_mut() {
+                    c.extend(restated);
+                }
                 (table, changed)
             }
             None => (Arc::new(self.mountinfo.read()?), None),
@@ -250,10 +269,18 @@ impl Observer {
         Ok((table, changed))
     }
 
+    /// When a pass should read the table again though nothing signals: the
+    /// source left a change unread (a remount, read at most once a second).
+    pub fn reread_at(&self) -> Option<tokio::time::Instant> {
+        self.mountinfo
+            .behind()
+            .then(|| tokio::time::Instant::now() + Duration::from_secs(1))
+    }
+
     /// Whether the mount table read last is still the kernel's: then a
     /// mount-table wake-up (vfolderd's own mounts) needs no pass.
     pub fn mount_table_current(&self) -> bool {
-        self.cache.as_ref().is_some_and(|c| !c.stale())
+        self.cache.as_ref().is_some_and(|c| !c.stale()) && !self.mountinfo.behind()
     }
 
     /// The observed state for `want`: the ledger's records (only those of

@@ -288,7 +288,7 @@ impl Reconciler {
             self.node.fenced = e.fenced();
         }
         let whole = self.resolve(input.desired, input.generation, input.scope.as_ref());
-        let (mounts, changed) = self.observer.mount_table(false)?;
+        let (mounts, changed) = self.observer.mount_table(None)?;
         let scope = self.widen_scope(&whole, input.scope, changed, input.live)?;
         if scope.is_none() {
             self.refresh_report_led();
@@ -299,6 +299,11 @@ impl Reconciler {
                 let mut o = prev.unchanged();
                 o.scope = scope;
                 o.scoped_converged = true;
+                o.retry_deadline = o
+                    .retry_deadline
+                    .into_iter()
+                    .chain(self.observer.reread_at())
+                    .min();
                 return Ok(o);
             }
         }
@@ -622,7 +627,7 @@ impl Reconciler {
         kernels: Option<&BTreeSet<String>>,
         executed: &Executed,
     ) -> Result<(Actual, Changes), PassError> {
-        let (mounts, changed) = self.observer.mount_table(false)?;
+        let (mounts, changed) = self.observer.mount_table(Some(&executed.own_targets))?;
         let followup = match changed {
             Some(changed) => attribute(
                 &self.node,
@@ -745,7 +750,12 @@ impl Reconciler {
             actions,
             owned,
             linger_deadline: self.linger.deadline(now),
-            retry_deadline: self.retries.deadline(now),
+            retry_deadline: self
+                .retries
+                .deadline(now)
+                .into_iter()
+                .chain(self.observer.reread_at())
+                .min(),
             sas_expiry,
             renew_deadline,
             scoped_converged,

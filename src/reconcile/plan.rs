@@ -1610,6 +1610,7 @@ mod tests {
                     );
                 }
                 Action::Remount { bind } => {
+                    next_id += 1;
                     std::sync::Arc::make_mut(&mut a.mounts).remove_top(&bind.target);
                     std::sync::Arc::make_mut(&mut a.mounts).insert(entry(
                         next_id,
