@@ -105,10 +105,16 @@ pub fn pick_mount_table(
     use crate::config::MountTableMode;
     use crate::reconcile::mountapi;
     match mode {
-        MountTableMode::Auto if mountapi::available() => (
-            Arc::new(mountapi::StatmountTable::default()),
-            "listmount/statmount (unique mount ids)",
-        ),
+        MountTableMode::Auto if mountapi::available() => match mountapi::StatmountTable::with_events() {
+            (t, true) => (
+                Arc::new(t),
+                "listmount/statmount (unique mount ids), kept by fanotify mount events",
+            ),
+            (t, false) => (
+                Arc::new(t),
+                "listmount/statmount (unique mount ids), kept by listing ids (no fanotify mount events before Linux 6.15)",
+            ),
+        },
         MountTableMode::Auto => (
             Arc::new(ProcMountInfo::default()),
             "/proc/self/mountinfo (this kernel has no statmount)",
@@ -703,6 +709,8 @@ struct PassLoop<'a> {
     remembered_at: Option<Instant>,
     /// What the policy's limits refused in the last state taken.
     limits: crate::state::desired::LimitVerdicts,
+    /// When the mount table is to be looked at again though nothing signals.
+    reread_at: Option<Instant>,
 }
 
 impl<'a> PassLoop<'a> {
@@ -718,6 +726,7 @@ impl<'a> PassLoop<'a> {
             cluster_file: ClusterFile::path(&s.cfg.state),
             remembered_at: None,
             limits: Default::default(),
+            reread_at: None,
         }
     }
 
@@ -929,6 +938,7 @@ impl<'a> PassLoop<'a> {
                 self.s.metrics.record_outcome(o, &work.desired);
                 self.converged_once = true;
                 self.backoff = PASS_BACKOFF_MIN;
+                self.reread_at = o.reread_at;
                 vec![o.linger_deadline, o.retry_deadline, o.renew_deadline]
             }
             None => {
@@ -977,6 +987,11 @@ impl<'a> PassLoop<'a> {
                 _ = sleep_until(wake) => {
                     // A deadline (resync, linger, retry, renewal): a whole pass.
                     self.pending.all = true;
+                    return true;
+                }
+                _ = sleep_until(self.reread_at.unwrap_or(wake)), if self.reread_at.is_some() => {
+                    // The table may be behind: a pass over what changed in it.
+                    self.reread_at = None;
                     return true;
                 }
                 _ = shutdown.as_mut() => return false,

@@ -6,6 +6,7 @@ pub mod btrfs;
 pub mod execute;
 pub mod fsops;
 pub mod mountapi;
+pub mod mountevents;
 pub mod mountwatch;
 pub mod newmount;
 pub mod observe;

@@ -255,12 +255,16 @@ pub fn available() -> bool {
 /// other mounter on the node (the presence cost).
 const ATTRS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The mount table from `listmount`/`statmount`.
+/// The mount table from `listmount`/`statmount`, kept by fanotify's mount
+/// events where the kernel has them.
 #[derive(Debug, Default)]
 pub struct StatmountTable {
     /// When every mount was last asked, and whether a change of attributes
     /// is still to be read (the table is then behind).
     attrs: std::sync::Mutex<(Option<std::time::Instant>, bool)>,
+    /// The namespace's mount events (Linux 6.15+): a refresh reads the
+    /// mounts they name instead of listing every id.
+    events: Option<crate::reconcile::mountevents::MountEvents>,
 }
 
 fn syscall_err(call: &'static str) -> impl Fn(Errno) -> MountInfoError {
@@ -268,6 +272,55 @@ fn syscall_err(call: &'static str) -> impl Fn(Errno) -> MountInfoError {
 }
 
 impl StatmountTable {
+    /// A table kept by mount events if the kernel reports them (else by
+    /// listing ids); says which.
+    pub fn with_events() -> (Self, bool) {
+        let events = crate::reconcile::mountevents::MountEvents::open().ok();
+        let has = events.is_some();
+        let t = Self {
+            events,
+            ..Self::default()
+        };
+        (t, has)
+    }
+
+    /// Applies the queued mount events: one `statmount` per mount attached.
+    fn refresh_by_events(
+        &self,
+        events: &crate::reconcile::mountevents::MountEvents,
+        table: &mut MountTable,
+    ) -> Result<Option<HashSet<PathBuf>>, MountInfoError> {
+        let drained = events.drain().map_err(syscall_err("fanotify read"))?;
+        // Any signalled change may have been a remount too (no event says so).
+        self.attrs().1 = true;
+        if drained.overflow {
+            tracing::warn!("mount events overflowed: listing the mount table again");
+            *table = self.read()?;
+            return Ok(None);
+        }
+        let mut changed = HashSet::new();
+        for id in drained.detached {
+            changed.extend(table.remove_id(id));
+        }
+        let mut seen = HashSet::new();
+        for id in drained.attached.into_iter().filter(|id| seen.insert(*id)) {
+            changed.extend(table.remove_id(id));
+            match stat_mount(id) {
+                Ok(e) => {
+                    changed.insert(e.mount_point.clone());
+                    table.add(e);
+                }
+                Err(Errno::ENOENT) => {} // gone again: its detach is read next
+                Err(e) => {
+                    *table = MountTable::default();
+                    return Err(syscall_err("statmount")(e));
+                }
+            }
+        }
+        changed.extend(self.reread_if_due(table)?);
+        Ok(Some(changed))
+    }
+
     fn attrs(&self) -> std::sync::MutexGuard<'_, (Option<std::time::Instant>, bool)> {
         self.attrs.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -336,6 +389,10 @@ impl MountInfoSource for StatmountTable {
     }
 
     fn read(&self) -> Result<MountTable, MountInfoError> {
+        // The queue is left alone: a full read by another user of this
+        // source (the executor waiting for a FUSE mount) must not take the
+        // events the kept table needs. An event applied again later changes
+        // nothing (it names a mount; `statmount` says what it is now).
         let ids = list_ids().map_err(syscall_err("listmount"))?;
         let mut entries = Vec::with_capacity(ids.len());
         for id in ids {
@@ -355,6 +412,9 @@ impl MountInfoSource for StatmountTable {
     /// then every mount is asked again, at most once per [`ATTRS_EVERY`]
     /// (until then the table is [`MountInfoSource::behind`]).
     fn refresh(&self, table: &mut MountTable) -> Result<Option<HashSet<PathBuf>>, MountInfoError> {
+        if let Some(events) = &self.events {
+            return self.refresh_by_events(events, table);
+        }
         let listed = list_ids().map_err(syscall_err("listmount"))?;
         let listed_set: HashSet<u64> = listed.iter().copied().collect();
         let gone: Vec<u64> = table.ids().filter(|id| !listed_set.contains(id)).collect();

@@ -82,6 +82,10 @@ pub struct PassOutcome {
     pub linger_deadline: Option<Instant>,
     /// When the earliest object backoff ends.
     pub retry_deadline: Option<Instant>,
+    /// When the mount table should be read again though nothing signals
+    /// (a change that may have been a remount, read at most once a
+    /// second): a look at the table, not a whole pass.
+    pub reread_at: Option<Instant>,
     /// Blob volumes' SAS expiry (unix seconds), for the metric.
     pub sas_expiry: Vec<(String, u64)>,
     /// When the next SAS or token file enters its renewal window.
@@ -299,11 +303,7 @@ impl Reconciler {
                 let mut o = prev.unchanged();
                 o.scope = scope;
                 o.scoped_converged = true;
-                o.retry_deadline = o
-                    .retry_deadline
-                    .into_iter()
-                    .chain(self.observer.reread_at())
-                    .min();
+                o.reread_at = self.observer.reread_at();
                 return Ok(o);
             }
         }
@@ -750,12 +750,8 @@ impl Reconciler {
             actions,
             owned,
             linger_deadline: self.linger.deadline(now),
-            retry_deadline: self
-                .retries
-                .deadline(now)
-                .into_iter()
-                .chain(self.observer.reread_at())
-                .min(),
+            retry_deadline: self.retries.deadline(now),
+            reread_at: self.observer.reread_at(),
             sas_expiry,
             renew_deadline,
             scoped_converged,
