@@ -98,7 +98,18 @@ pub fn mount_table_source(mode: crate::config::MountTableMode) -> Arc<dyn MountI
     source
 }
 
-/// [`mount_table_source`] without the log line (for the CLI), and why.
+/// A source for one read (the CLI): no event queue to keep.
+pub fn one_read_mount_table(mode: crate::config::MountTableMode) -> Arc<dyn MountInfoSource> {
+    use crate::reconcile::mountapi;
+    match mode {
+        crate::config::MountTableMode::Auto if mountapi::available() => {
+            Arc::new(mountapi::StatmountTable::default())
+        }
+        _ => Arc::new(ProcMountInfo::default()),
+    }
+}
+
+/// [`mount_table_source`] without the log line, and why.
 pub fn pick_mount_table(
     mode: crate::config::MountTableMode,
 ) -> (Arc<dyn MountInfoSource>, &'static str) {

@@ -498,7 +498,7 @@ fn a_verdict_about_a_replaced_mount_never_lands_on_its_replacement() {
     // The heal: detach, mount again at the same point.
     nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH).unwrap();
     tmpfs();
-    source.refresh(&mut table).unwrap();
+    source.refresh(&mut table, true).unwrap();
     let (new, new_text) = (table.top(&target).unwrap().id, text_id());
     eprintln!("mountinfo ids: {old_text} then {new_text}; unique ids: {old} then {new}");
     assert_ne!(old, new, "a new mount, a new id");

@@ -221,6 +221,16 @@ impl MountTable {
     /// attached after the mount it sits on, but its id may be older (a
     /// detached copy from `open_tree` gets its id before `move_mount`).
     pub(crate) fn add(&mut self, e: MountEntry) {
+        // Read again where it was: it keeps its place in the stack.
+        if self.ids.get(&e.id) == Some(&e.mount_point) {
+            if let Some(stack) = self.by_target.get_mut(&e.mount_point) {
+                if let Some(slot) = stack.iter_mut().find(|s| s.id == e.id) {
+                    *slot = e;
+                    order_stack(stack);
+                    return;
+                }
+            }
+        }
         // One entry per id, even from a torn read of a table whose ids are
         // reused (mountinfo, read in several calls).
         self.remove_id(e.id);
@@ -248,6 +258,11 @@ impl MountTable {
     pub fn by_id(&self, id: u64) -> Option<&MountEntry> {
         let target = self.ids.get(&id)?;
         self.by_target.get(target)?.iter().find(|e| e.id == id)
+    }
+
+    /// Where the mount with this id is mounted.
+    pub fn ids_target(&self, id: u64) -> Option<PathBuf> {
+        self.ids.get(&id).cloned()
     }
 
     /// Every mount id in the table.
@@ -288,6 +303,24 @@ impl MountTable {
     }
 }
 
+/// Puts a stack of mounts at one point in order, bottom first, by who is
+/// mounted on whom (a mount's parent is the mount it covers); what the
+/// links do not place keeps its order, on top.
+fn order_stack(stack: &mut Vec<MountEntry>) {
+    if stack.len() < 2 {
+        return;
+    }
+    let ids: HashSet<u64> = stack.iter().map(|e| e.id).collect();
+    let mut rest = std::mem::take(stack);
+    let mut next = rest.iter().position(|e| !ids.contains(&e.parent));
+    while let Some(i) = next {
+        let e = rest.remove(i);
+        next = rest.iter().position(|c| c.parent == e.id);
+        stack.push(e);
+    }
+    stack.extend(rest);
+}
+
 /// Where the mount table comes from: the real file, or a fixture in tests.
 pub trait MountInfoSource: Send + Sync {
     /// Reads and parses the current table.
@@ -311,7 +344,13 @@ pub trait MountInfoSource: Send + Sync {
 
     /// Brings `table` (from an earlier read) up to date; returns the mount
     /// points that changed, or `None` when it cannot tell (read afresh).
-    fn refresh(&self, table: &mut MountTable) -> Result<Option<HashSet<PathBuf>>, MountInfoError> {
+    /// `signalled`: the kernel said the table changed (else the caller only
+    /// wants what it did itself, or what was left unread, brought in).
+    fn refresh(
+        &self,
+        table: &mut MountTable,
+        _signalled: bool,
+    ) -> Result<Option<HashSet<PathBuf>>, MountInfoError> {
         *table = self.read()?;
         Ok(None)
     }
@@ -367,7 +406,11 @@ impl MountInfoSource for ProcMountInfo {
         Ok(MountTable::from_text(&text)?)
     }
 
-    fn refresh(&self, table: &mut MountTable) -> Result<Option<HashSet<PathBuf>>, MountInfoError> {
+    fn refresh(
+        &self,
+        table: &mut MountTable,
+        _signalled: bool,
+    ) -> Result<Option<HashSet<PathBuf>>, MountInfoError> {
         if table.lines.is_empty() {
             *table = self.read()?;
             return Ok(None);
@@ -467,6 +510,26 @@ mod tests {
         let t = MountTable::new(entries);
         assert_eq!(t.count(&again.mount_point), 2);
         assert_eq!(t.top(&again.mount_point).unwrap().id, 999);
+    }
+
+    /// A mount slid beneath the top one (`MOVE_MOUNT_BENEATH`, or a
+    /// propagated mount) is announced alone; the top one is reparented
+    /// unannounced. Read again, it stays the top.
+    #[test]
+    fn a_mount_slid_beneath_the_top_one_leaves_the_top_on_top() {
+        let at = |id: u64, parent: u64| MountEntry {
+            id,
+            parent,
+            ..parse_line(b"1 0 0:1 / /k/home rw - tmpfs t rw").unwrap()
+        };
+        let mut t = MountTable::new(vec![at(10, 1), at(30, 10)]);
+        t.add(at(20, 10)); // beneath 30: its parent is 10; 30 not yet read again
+        t.add(at(30, 20)); // read again: now on 20
+                           // (without the reorder the stack was [10, 30, 20] and 20 the top)
+        let order: Vec<u64> = t.stack(Path::new("/k/home")).iter().map(|e| e.id).collect();
+        assert_eq!(order, [10, 20, 30]);
+        assert_eq!(t.top(Path::new("/k/home")).unwrap().id, 30);
+        assert_eq!(t.iter().count(), 3, "one entry per id");
     }
 
     /// Issue 11 item 9: one line with a non-UTF-8 path made every read fail.

@@ -291,12 +291,20 @@ impl StatmountTable {
         table: &mut MountTable,
     ) -> Result<Option<HashSet<PathBuf>>, MountInfoError> {
         let drained = events.drain().map_err(syscall_err("fanotify read"))?;
-        // Any signalled change may have been a remount too (no event says so).
-        self.attrs().1 = true;
         if drained.overflow {
             tracing::warn!("mount events overflowed: listing the mount table again");
             *table = self.read()?;
+            *self.attrs() = (Some(std::time::Instant::now()), false);
             return Ok(None);
+        }
+        // A move carries its submounts along unannounced: read everything.
+        if drained
+            .attached
+            .iter()
+            .any(|id| drained.detached.contains(id))
+        {
+            self.attrs().0 = None;
+            self.attrs().1 = true;
         }
         let mut changed = HashSet::new();
         for id in drained.detached {
@@ -307,8 +315,14 @@ impl StatmountTable {
             changed.extend(table.remove_id(id));
             match stat_mount(id) {
                 Ok(e) => {
-                    changed.insert(e.mount_point.clone());
+                    let at = e.mount_point.clone();
                     table.add(e);
+                    // A mount slid beneath others (or propagated under
+                    // them) reparents them unannounced: read the stack.
+                    if table.count(&at) > 1 {
+                        changed.extend(self.restat(table, &HashSet::from([at.clone()]))?);
+                    }
+                    changed.insert(at);
                 }
                 Err(Errno::ENOENT) => {} // gone again: its detach is read next
                 Err(e) => {
@@ -377,10 +391,13 @@ impl MountInfoSource for StatmountTable {
                     Err(e) => return Err(syscall_err("statmount")(e)),
                 };
                 if now.as_ref() != table.by_id(id) {
-                    changed.extend(table.remove_id(id));
-                    if let Some(e) = now {
-                        changed.insert(e.mount_point.clone());
-                        table.add(e);
+                    match now {
+                        Some(e) => {
+                            changed.extend(table.ids_target(id));
+                            changed.insert(e.mount_point.clone());
+                            table.add(e);
+                        }
+                        None => changed.extend(table.remove_id(id)),
                     }
                 }
             }
@@ -411,7 +428,16 @@ impl MountInfoSource for StatmountTable {
     /// removed no mount (a remount, a propagation change) keeps every id:
     /// then every mount is asked again, at most once per [`ATTRS_EVERY`]
     /// (until then the table is [`MountInfoSource::behind`]).
-    fn refresh(&self, table: &mut MountTable) -> Result<Option<HashSet<PathBuf>>, MountInfoError> {
+    fn refresh(
+        &self,
+        table: &mut MountTable,
+        signalled: bool,
+    ) -> Result<Option<HashSet<PathBuf>>, MountInfoError> {
+        if signalled {
+            // Any signalled change may have been a remount too (no event,
+            // no id says so).
+            self.attrs().1 = true;
+        }
         if let Some(events) = &self.events {
             return self.refresh_by_events(events, table);
         }
@@ -422,8 +448,6 @@ impl MountInfoSource for StatmountTable {
             .into_iter()
             .filter(|id| table.by_id(*id).is_none())
             .collect();
-        // Any signalled change may have been a remount too.
-        self.attrs().1 = true;
         if gone.is_empty() && new.is_empty() {
             return self.reread_if_due(table).map(Some);
         }
@@ -458,8 +482,18 @@ mod tests {
     #[test]
     fn statmount_reads_what_mountinfo_says() {
         assert!(available(), "this suite needs Linux 6.8+ (statmount)");
-        let text = ProcMountInfo::default().read().unwrap();
-        let bin = StatmountTable::default().read().unwrap();
+        // Other tests mount meanwhile: compare two reads with no change
+        // between them (the same mountinfo before and after).
+        let (text, bin) = (0..50)
+            .find_map(|_| {
+                let before = ProcMountInfo::default().read().unwrap();
+                let bin = StatmountTable::default().read().unwrap();
+                // (A mount made and gone between the reads shows in `bin` only.)
+                let quiet = ProcMountInfo::default().read().unwrap() == before
+                    && bin.iter().count() == before.iter().count();
+                quiet.then_some((before, bin))
+            })
+            .expect("the mount table kept changing");
         assert_eq!(text.iter().count(), bin.iter().count());
         for e in bin.iter() {
             let t = text.top(&e.mount_point).expect("in mountinfo too");

@@ -25,6 +25,8 @@ const FAN_EVENT_INFO_TYPE_MNT: u8 = 7;
 /// `struct fanotify_event_metadata`: event_len u32, vers u8, reserved u8,
 /// metadata_len u16, mask u64, fd i32, pid i32.
 const METADATA_LEN: usize = 24;
+/// `FANOTIFY_METADATA_VERSION`.
+const METADATA_VERSION: u8 = 3;
 
 /// What was read from the queue.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -93,7 +95,12 @@ fn parse(buf: &[u8], out: &mut Drained) {
     while buf.len() - at >= METADATA_LEN {
         let ev = &buf[at..];
         let (len, meta) = (u32_at(ev, 0), u16_at(ev, 6));
-        if len < METADATA_LEN || len > ev.len() || meta > len {
+        if ev[4] != METADATA_VERSION
+            || len < METADATA_LEN
+            || len > ev.len()
+            || meta < METADATA_LEN
+            || meta > len
+        {
             out.overflow = true; // not what the kernel writes: trust nothing
             return;
         }
@@ -101,6 +108,7 @@ fn parse(buf: &[u8], out: &mut Drained) {
         if mask & FAN_Q_OVERFLOW != 0 {
             out.overflow = true;
         }
+        let named = out.attached.len() + out.detached.len();
         let mut info = meta;
         while len - info >= 16 {
             let (kind, ilen) = (ev[info], u16_at(ev, info + 2));
@@ -117,6 +125,11 @@ fn parse(buf: &[u8], out: &mut Drained) {
                 }
             }
             info += ilen;
+        }
+        if mask & (FAN_MNT_ATTACH | FAN_MNT_DETACH) != 0
+            && out.attached.len() + out.detached.len() == named
+        {
+            out.overflow = true; // a mount event naming no mount
         }
         at += len;
     }
@@ -182,7 +195,8 @@ mod tests {
         let id = table.top(dir.path()).unwrap().id;
         nix::mount::umount2(dir.path(), nix::mount::MntFlags::empty()).unwrap();
         let got = events.drain().unwrap();
-        assert!(got.attached.contains(&id), "{got:?} lacks {id}");
-        assert!(got.detached.contains(&id), "{got:?} lacks {id}");
+        let once = |ids: &[u64]| ids.iter().filter(|i| **i == id).count() == 1;
+        assert!(once(&got.attached), "{got:?}: not one attach of {id}");
+        assert!(once(&got.detached), "{got:?}: not one detach of {id}");
     }
 }

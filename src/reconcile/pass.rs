@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::keys::Keys;
 use crate::lifecycle::{LifeStatus, LifecycleBoard};
 use crate::reconcile::bookkeeping::{renewal_deadline, Linger, Retries};
-use crate::reconcile::execute::{status_message, Executor, Outcome};
+use crate::reconcile::execute::{status_message, ExecError, Executor, Outcome};
 use crate::reconcile::observe::{attribute, MountChanges, ObserveError, Observer};
 use crate::reconcile::plan::{
     plan, resolve, Action, ActionKind, Actual, NodeView, Want, WantKernel,
@@ -541,6 +541,7 @@ impl Reconciler {
         let outcomes = self.exec.execute(actions, &actual.owned_mounts, &deferred);
         let own_targets = outcomes
             .iter()
+            .filter(|o| o.result.as_ref().err().is_none_or(ExecError::was_attempted))
             .filter_map(|o| o.action.target())
             .map(Path::to_path_buf)
             .collect();
