@@ -104,6 +104,38 @@ fn unbind_loop(dir: &Path, n: usize) -> f64 {
     n as f64 / t.elapsed().as_secs_f64()
 }
 
+/// With `BENCH_PERF=<row>` (presence, attach, teardown), `perf record -a -g`
+/// runs around that row's measured part, into `target/perf-<row>.data`.
+struct Perf(Option<Child>);
+
+impl Perf {
+    fn around(row: &str) -> Self {
+        if std::env::var("BENCH_PERF").ok().as_deref() != Some(row) {
+            return Self(None);
+        }
+        let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("target/perf-{row}.data"));
+        let child = Command::new("perf")
+            .args(["record", "-a", "-g", "-o"])
+            .arg(out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("perf");
+        std::thread::sleep(Duration::from_millis(500));
+        Self(Some(child))
+    }
+}
+
+impl Drop for Perf {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            let _ = c.wait();
+        }
+    }
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -429,6 +461,7 @@ async fn main() {
 
     // Row 2: `attachments` kernels with one vfolder each, put at once.
     let names: Vec<String> = (0..attachments).map(|i| format!("k{i:06}")).collect();
+    let perf = Perf::around("attach");
     let t0 = Instant::now();
     for chunk in names.chunks(128) {
         let ops: Vec<TxnOp> = chunk
@@ -451,6 +484,7 @@ async fn main() {
     )
     .await;
     let ours_rate = attachments as f64 / t0.elapsed().as_secs_f64();
+    drop(perf);
     rows.push(Row {
         name: format!("{attachments} attachments put at once → all Ready"),
         ours: format!("{ours_rate:.0}/s"),
@@ -476,7 +510,10 @@ async fn main() {
         unbind_loop(&foreign, attachments);
         rate
     });
-    let watched = bind_loop(&fsrc, &foreign, attachments);
+    let watched = {
+        let _perf = Perf::around("presence");
+        bind_loop(&fsrc, &foreign, attachments)
+    };
     unbind_loop(&foreign, attachments);
     let held_now = bind_targets_under(&kernels_root);
     rows.push(Row {
@@ -580,6 +617,7 @@ async fn main() {
 
     // Row 3: teardown of all attachments, deleted the way they were put
     // (transactions of 128, etcd's limit).
+    let perf = Perf::around("teardown");
     let t0 = Instant::now();
     for chunk in names.chunks(128) {
         let ops: Vec<TxnOp> = chunk
@@ -598,6 +636,7 @@ async fn main() {
     )
     .await;
     let ours_down = attachments as f64 / t0.elapsed().as_secs_f64();
+    drop(perf);
     assert_eq!(
         bind_targets_under(&kernels_root),
         0,

@@ -137,6 +137,9 @@ pub fn pick_mount_table(
     }
 }
 
+/// How long a mount-table wake waits for the rest of its burst.
+const MOUNT_WAKE_COALESCE: Duration = Duration::from_millis(1);
+
 /// How many passes may follow each other at once while actions keep making progress.
 const MAX_CHAINED_PASSES: usize = 4;
 /// How long after a kernel went (or changed) the whole pass that decides
@@ -991,6 +994,8 @@ impl<'a> PassLoop<'a> {
                 _ = self.s.cache.changed.notified() => return true,
                 _ = self.mounts_changed.notified() => {
                     if !rec.mount_table_current() {
+                        // A burst (a container runtime's binds) is read once.
+                        tokio::time::sleep(MOUNT_WAKE_COALESCE).await;
                         return true;
                     }
                     tracing::trace!("mount-table event already seen");

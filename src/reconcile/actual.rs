@@ -332,6 +332,11 @@ pub trait MountInfoSource: Send + Sync {
         false
     }
 
+    /// Says that attributes may have changed unseen (a remount made along
+    /// with other changes shows no event or id of its own): a source that
+    /// cannot see them reads every mount again soon.
+    fn suspect(&self) {}
+
     /// Reads the mounts at `targets` again (a source whose refresh sees
     /// only new and gone mounts); returns those whose records changed.
     fn restat(

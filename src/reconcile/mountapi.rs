@@ -289,8 +289,14 @@ impl StatmountTable {
         &self,
         events: &crate::reconcile::mountevents::MountEvents,
         table: &mut MountTable,
+        signalled: bool,
     ) -> Result<Option<HashSet<PathBuf>>, MountInfoError> {
         let drained = events.drain().map_err(syscall_err("fanotify read"))?;
+        if drained == Default::default() {
+            // A change with no mount made or removed: a remount, or a
+            // propagation change (no event says which mount).
+            self.attrs().1 |= signalled;
+        }
         if drained.overflow {
             tracing::warn!("mount events overflowed: listing the mount table again");
             *table = self.read()?;
@@ -376,6 +382,10 @@ impl MountInfoSource for StatmountTable {
         self.attrs().1
     }
 
+    fn suspect(&self) {
+        self.attrs().1 = true;
+    }
+
     fn restat(
         &self,
         table: &mut MountTable,
@@ -433,13 +443,8 @@ impl MountInfoSource for StatmountTable {
         table: &mut MountTable,
         signalled: bool,
     ) -> Result<Option<HashSet<PathBuf>>, MountInfoError> {
-        if signalled {
-            // Any signalled change may have been a remount too (no event,
-            // no id says so).
-            self.attrs().1 = true;
-        }
         if let Some(events) = &self.events {
-            return self.refresh_by_events(events, table);
+            return self.refresh_by_events(events, table, signalled);
         }
         let listed = list_ids().map_err(syscall_err("listmount"))?;
         let listed_set: HashSet<u64> = listed.iter().copied().collect();
@@ -449,6 +454,9 @@ impl MountInfoSource for StatmountTable {
             .filter(|id| table.by_id(*id).is_none())
             .collect();
         if gone.is_empty() && new.is_empty() {
+            // A change that made and removed no mount: a remount, or a
+            // propagation change (no id says which mount).
+            self.attrs().1 |= signalled;
             return self.reread_if_due(table).map(Some);
         }
         let mut changed: HashSet<PathBuf> = gone

@@ -270,6 +270,12 @@ impl Observer {
         Ok((table, changed))
     }
 
+    /// A whole pass: a remount the table could not tell from the mounts
+    /// made with it is looked for (at most once a second).
+    pub fn suspect_attrs(&self) {
+        self.mountinfo.suspect();
+    }
+
     /// When a pass should read the table again though nothing signals: the
     /// source left a change unread (a remount, read at most once a second).
     pub fn reread_at(&self) -> Option<tokio::time::Instant> {

@@ -292,6 +292,9 @@ impl Reconciler {
             self.node.fenced = e.fenced();
         }
         let whole = self.resolve(input.desired, input.generation, input.scope.as_ref());
+        if input.scope.is_none() {
+            self.observer.suspect_attrs();
+        }
         let (mounts, changed) = self.observer.mount_table(None)?;
         let scope = self.widen_scope(&whole, input.scope, changed, input.live)?;
         if scope.is_none() {
