@@ -104,7 +104,7 @@ fn unbind_loop(dir: &Path, n: usize) -> f64 {
     n as f64 / t.elapsed().as_secs_f64()
 }
 
-/// With `BENCH_PERF=<row>` (presence, attach, teardown), `perf record -a -g`
+/// With `BENCH_PERF=<row>` (presence, attach, idle, teardown), `perf record -a -g`
 /// runs around that row's measured part, into `target/perf-<row>.data`.
 struct Perf(Option<Child>);
 
@@ -279,9 +279,23 @@ async fn main() {
     } else {
         d.join("vfolderd.log")
     };
+    // With BENCH_DAEMON_WRAP (e.g. `heaptrack -o target/heaptrack-daemon`)
+    // the daemon runs under that program (its CPU and RSS rows are then the
+    // wrapper's).
+    let wrap: Vec<String> = std::env::var("BENCH_DAEMON_WRAP")
+        .map(|w| w.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
     let spawn = || {
-        Command::new(env!("CARGO_BIN_EXE_vfolderd"))
-            .args(["run", "--config"])
+        let bin = env!("CARGO_BIN_EXE_vfolderd");
+        let mut cmd = match wrap.split_first() {
+            Some((w, args)) => {
+                let mut c = Command::new(w);
+                c.args(args).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        cmd.args(["run", "--config"])
             .arg(d.join("node.yaml"))
             .env(
                 "RUST_LOG",
@@ -530,7 +544,9 @@ async fn main() {
     let pid = daemon.0.id();
     let hz = 100.0; // USER_HZ
     let c0 = proc_cpu_ticks(pid);
+    let perf = Perf::around("idle");
     tokio::time::sleep(Duration::from_secs(idle_secs as u64)).await;
+    drop(perf);
     let cpu = (proc_cpu_ticks(pid) - c0) as f64 / hz / idle_secs as f64 * 100.0;
     let rss = proc_rss_kib(pid) as f64 / 1024.0;
     let held = bind_targets_under(&kernels_root);
