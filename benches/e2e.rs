@@ -540,7 +540,9 @@ async fn main() {
         margin: watched / (0.9 * alone),
     });
 
-    // Row 4: idle while holding the mounts.
+    // Row 4: idle while holding the mounts, once the presence row's wake-ups
+    // have been handled (its table re-read comes a second after the loop).
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let pid = daemon.0.id();
     let hz = 100.0; // USER_HZ
     let c0 = proc_cpu_ticks(pid);

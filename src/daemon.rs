@@ -193,6 +193,11 @@ pub async fn run(
     // served before etcd is even connected (with a user, connecting means
     // authenticating, which waits for etcd).
     load_stored_desired(&ledger, &parser, &cache);
+    // Writes the store does not flush at once are flushed 500 ms later.
+    let _flusher = AbortOnDrop(tokio::spawn({
+        let ledger = ledger.clone();
+        async move { ledger.flush_behind().await }
+    }));
     let shared = Shared {
         cfg: &cfg,
         keys: &keys,

@@ -190,6 +190,11 @@ pub struct Ledger {
     meta: sled::Tree,
     /// Per-user SAS token files written into kernel homes.
     tokens: sled::Tree,
+    /// Told of every write not flushed at once: [`Ledger::flush_behind`]
+    /// flushes it 500 ms later (sled's own flusher thread, which woke every
+    /// 500 ms whether or not anything was written, is off: it was most of an
+    /// idle node's CPU).
+    unflushed: Arc<tokio::sync::Notify>,
 }
 
 /// A SAS token file vfolderd wrote into a kernel home.
@@ -283,6 +288,7 @@ impl Ledger {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(16 * 1024 * 1024)
+            .flush_every_ms(None)
             .open()
             .map_err(sled_err("open"))?;
         let mounts = db.open_tree("mounts").map_err(sled_err("open tree"))?;
@@ -303,7 +309,26 @@ impl Ledger {
             desired,
             meta,
             tokens,
+            unflushed: Arc::default(),
         })
+    }
+
+    /// Flushes what was written without a flush, 500 ms after it was
+    /// written (as sled's flusher did), and sleeps while nothing is: runs for
+    /// as long as the daemon does. A crash loses at most the last 500 ms of
+    /// such writes: removals (the next pass forgets their records) and
+    /// desired-state events (the next start lists etcd again).
+    pub async fn flush_behind(&self) {
+        loop {
+            self.unflushed.notified().await;
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let db = self.db.clone();
+            match tokio::task::spawn_blocking(move || db.flush()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot flush the store"),
+                Err(e) => tracing::warn!(error = %e, "the store's flush panicked"),
+            }
+        }
     }
 
     fn mirror(&self) -> std::sync::MutexGuard<'_, Mirror> {
@@ -350,6 +375,7 @@ impl Ledger {
             .remove(key_of(target))
             .map_err(sled_err("remove"))?;
         Arc::make_mut(&mut self.mirror().mounts).remove(target);
+        self.unflushed.notify_one();
         Ok(())
     }
 
@@ -369,6 +395,7 @@ impl Ledger {
             .remove(key_of(path))
             .map_err(sled_err("remove"))?;
         Arc::make_mut(&mut self.mirror().tokens).remove(path);
+        self.unflushed.notify_one();
         Ok(())
     }
 
@@ -392,6 +419,7 @@ impl Ledger {
     pub fn remove_dir(&self, path: &Path) -> Result<(), LedgerError> {
         self.dirs.remove(key_of(path)).map_err(sled_err("remove"))?;
         Arc::make_mut(&mut self.mirror().dirs).remove(path);
+        self.unflushed.notify_one();
         Ok(())
     }
 
@@ -430,9 +458,10 @@ impl Ledger {
         self.flush()
     }
 
-    /// Applies one watch event to the stored desired state. Not flushed: sled
-    /// writes it within 500 ms, and losing the newest events in a crash only
-    /// means starting from a slightly older good state.
+    /// Applies one watch event to the stored desired state. Not flushed: it
+    /// is written within 500 ms ([`Ledger::flush_behind`]), and losing the
+    /// newest events in a crash only means starting from a slightly older
+    /// good state.
     pub fn apply_desired(
         &self,
         key: &str,
@@ -447,6 +476,7 @@ impl Ledger {
         self.meta
             .insert(DESIRED_REVISION, &revision.to_be_bytes())
             .map_err(sled_err("insert"))?;
+        self.unflushed.notify_one();
         Ok(())
     }
 
