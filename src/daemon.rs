@@ -708,6 +708,8 @@ struct Work {
     scope: Option<std::collections::BTreeSet<String>>,
     live: bool,
     policy: Arc<Policy>,
+    /// The periodic resync: also look for remounts nothing announced.
+    resync: bool,
 }
 
 /// The reconcile loop's own state between passes.
@@ -816,7 +818,8 @@ impl<'a> PassLoop<'a> {
         self.pending.merge(changes);
         let policy = self.s.policy.read().expect("policy lock").clone();
         self.apply_limits(&mut desired, &policy);
-        if Instant::now() >= self.next_resync {
+        let resync = Instant::now() >= self.next_resync;
+        if resync {
             self.next_resync = Instant::now() + self.s.cfg.resync;
             self.pending.all = true;
         }
@@ -833,6 +836,7 @@ impl<'a> PassLoop<'a> {
             scope: (!taken.all).then_some(taken.kernels),
             live,
             policy,
+            resync,
         }
     }
 
@@ -871,6 +875,9 @@ impl<'a> PassLoop<'a> {
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(started);
         let span = tracing::info_span!("reconcile", revision = work.desired.revision);
+        if work.resync {
+            rec.suspect_remounts();
+        }
         let mut last: Option<PassOutcome> = None;
         for _ in 0..MAX_CHAINED_PASSES {
             // The watchdog times each pass, not the chain.

@@ -270,8 +270,8 @@ impl Observer {
         Ok((table, changed))
     }
 
-    /// A whole pass: a remount the table could not tell from the mounts
-    /// made with it is looked for (at most once a second).
+    /// The resync: a remount the table could not tell from the mounts made
+    /// with it is looked for (at most once a second).
     pub fn suspect_attrs(&self) {
         self.mountinfo.suspect();
     }

@@ -271,6 +271,12 @@ impl Reconciler {
         Ok(records.len())
     }
 
+    /// The resync: a remount made along with other mount changes (which
+    /// nothing names) is looked for in this pass's table read.
+    pub fn suspect_remounts(&self) {
+        self.observer.suspect_attrs();
+    }
+
     /// Whether the mount table read last is still current (a mount-table
     /// wake-up caused by vfolderd's own mounts then needs no pass).
     pub fn mount_table_current(&self) -> bool {
@@ -292,9 +298,6 @@ impl Reconciler {
             self.node.fenced = e.fenced();
         }
         let whole = self.resolve(input.desired, input.generation, input.scope.as_ref());
-        if input.scope.is_none() {
-            self.observer.suspect_attrs();
-        }
         let (mounts, changed) = self.observer.mount_table(None)?;
         let scope = self.widen_scope(&whole, input.scope, changed, input.live)?;
         if scope.is_none() {

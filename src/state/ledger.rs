@@ -323,11 +323,14 @@ impl Ledger {
             self.unflushed.notified().await;
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             let db = self.db.clone();
-            match tokio::task::spawn_blocking(move || db.flush()).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot flush the store"),
-                Err(e) => tracing::warn!(error = %e, "the store's flush panicked"),
-            }
+            let failed = match tokio::task::spawn_blocking(move || db.flush()).await {
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            };
+            // Tried again after the next wait (a full disk may clear).
+            tracing::warn!(error = %failed, "cannot flush the store");
+            self.unflushed.notify_one();
         }
     }
 
@@ -494,7 +497,8 @@ impl Ledger {
         Ok(Some((kvs, rev)))
     }
 
-    /// sled fsyncs only every 500 ms on its own; ownership must survive a crash.
+    /// Ownership must survive a crash: written records are made durable now
+    /// (sled's own periodic flush is off; see [`Ledger::flush_behind`]).
     fn flush(&self) -> Result<(), LedgerError> {
         self.db.flush().map(|_| ()).map_err(sled_err("flush"))
     }
@@ -520,11 +524,11 @@ fn load<T: for<'de> Deserialize<'de>, M: FromIterator<(PathBuf, T)>>(
 mod tests {
     use super::*;
 
-    /// Opens the store again. sled's flusher thread lets go of the file lock
-    /// a moment after the last handle is dropped (seen as EWOULDBLOCK in about
-    /// 1 of 20 runs): what these tests check is what survives a reopen, so
-    /// they wait for the lock (a new process never meets this: the lock goes
-    /// with the old process).
+    /// Opens the store again. The file lock may be let go a moment after the
+    /// last handle is dropped (seen as EWOULDBLOCK in about 1 of 20 runs when
+    /// sled's flusher thread ran): what these tests check is what survives a
+    /// reopen, so they wait for the lock (a new process never meets this: the
+    /// lock goes with the old process).
     fn reopen(dir: &Path) -> Ledger {
         let mut tries = 0;
         loop {
