@@ -476,7 +476,8 @@ pub async fn drain(cfg: &NodeConfig, force: bool) -> Result<DrainReport, CliErro
             )));
         }
     }
-    let mounts = crate::daemon::one_read_mount_table(cfg.mount_table)
+    let mounts = crate::daemon::pick_mount_table(cfg.mount_table, false)
+        .0
         .read()
         .map_err(|e| CliError::Invalid(crate::error::error_chain(&e)))?;
     let store =

@@ -93,38 +93,35 @@ impl Deps {
 /// the config forces mountinfo. Logged: the two differ in cost, and in
 /// whether mount ids are ever reused.
 pub fn mount_table_source(mode: crate::config::MountTableMode) -> Arc<dyn MountInfoSource> {
-    let (source, why) = pick_mount_table(mode);
+    let (source, why) = pick_mount_table(mode, true);
     tracing::info!("mount table: {why}");
     source
 }
 
-/// A source for one read (the CLI): no event queue to keep.
-pub fn one_read_mount_table(mode: crate::config::MountTableMode) -> Arc<dyn MountInfoSource> {
-    use crate::reconcile::mountapi;
-    match mode {
-        crate::config::MountTableMode::Auto if mountapi::available() => {
-            Arc::new(mountapi::StatmountTable::default())
-        }
-        _ => Arc::new(ProcMountInfo::default()),
-    }
-}
-
-/// [`mount_table_source`] without the log line, and why.
+/// [`mount_table_source`] without the log line, and why; `events: false`
+/// for one read (the CLI), which keeps no event queue.
 pub fn pick_mount_table(
     mode: crate::config::MountTableMode,
+    events: bool,
 ) -> (Arc<dyn MountInfoSource>, &'static str) {
     use crate::config::MountTableMode;
-    use crate::reconcile::mountapi;
+    use crate::reconcile::mountapi::{self, StatmountTable};
     match mode {
-        MountTableMode::Auto if mountapi::available() => match mountapi::StatmountTable::with_events() {
-            (t, true) => (
-                Arc::new(t),
-                "listmount/statmount (unique mount ids), kept by fanotify mount events",
+        MountTableMode::Auto if mountapi::available() => match events {
+            false => (
+                Arc::new(StatmountTable::default()),
+                "listmount/statmount (unique mount ids)",
             ),
-            (t, false) => (
-                Arc::new(t),
-                "listmount/statmount (unique mount ids), kept by listing ids (no fanotify mount events before Linux 6.15)",
-            ),
+            true => match StatmountTable::with_events() {
+                (t, true) => (
+                    Arc::new(t),
+                    "listmount/statmount (unique mount ids), kept by fanotify mount events",
+                ),
+                (t, false) => (
+                    Arc::new(t),
+                    "listmount/statmount (unique mount ids), kept by listing ids (no fanotify mount events before Linux 6.15)",
+                ),
+            },
         },
         MountTableMode::Auto => (
             Arc::new(ProcMountInfo::default()),

@@ -1139,6 +1139,29 @@ async fn a_hung_mount_helper_times_out_fails_and_recovers_without_stacking() {
     .await;
 }
 
+/// A node whose resync is far beyond any test's deadline (only a
+/// mount-table event can bring a change back), with kernel `k1` Ready and
+/// its rw bind `data`; returns the node and the bind's target.
+async fn ready_bind_without_resync(etcd: &Etcd) -> (Node, std::path::PathBuf) {
+    let node = Node::start(
+        etcd,
+        "n1",
+        NodeOpts {
+            resync: "1h",
+            ..Default::default()
+        },
+    );
+    let id = volume_and_vfolder(etcd, "shard1", "data", "rw").await;
+    etcd.put(
+        &node.kernel_key("k1"),
+        &format!("mounts: [{{vfolder: {id}}}]\n"),
+    )
+    .await;
+    etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+    let target = node.home("k1").join("data");
+    (node, target)
+}
+
 /// A remount makes and removes no mount, so `listmount` shows the same ids:
 /// the flags of a bind changed from outside (nosuid dropped, read-write
 /// made read-only) are still put back without a resync.
@@ -1148,22 +1171,7 @@ async fn an_external_remount_of_a_bind_is_put_back_without_a_resync() {
     require_private_mount_namespace();
     within(90, async {
         let etcd = Etcd::start().await;
-        let node = Node::start(
-            &etcd,
-            "n1",
-            NodeOpts {
-                resync: "1h",
-                ..Default::default()
-            },
-        );
-        let id = volume_and_vfolder(&etcd, "shard1", "data", "rw").await;
-        etcd.put(
-            &node.kernel_key("k1"),
-            &format!("mounts: [{{vfolder: {id}}}]\n"),
-        )
-        .await;
-        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
-        let target = node.home("k1").join("data");
+        let (node, target) = ready_bind_without_resync(&etcd).await;
         assert!(!node.mount_at(&target).unwrap().is_readonly());
         nix::mount::mount(
             None::<&str>,
@@ -1196,23 +1204,7 @@ async fn an_external_unmount_is_repaired_on_the_mount_table_event_not_the_resync
     require_private_mount_namespace();
     within(90, async {
         let etcd = Etcd::start().await;
-        // A resync far beyond the test's deadline: only the mountinfo event can bring it back.
-        let node = Node::start(
-            &etcd,
-            "n1",
-            NodeOpts {
-                resync: "1h",
-                ..Default::default()
-            },
-        );
-        let id = volume_and_vfolder(&etcd, "shard1", "data", "rw").await;
-        etcd.put(
-            &node.kernel_key("k1"),
-            &format!("mounts: [{{vfolder: {id}}}]\n"),
-        )
-        .await;
-        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
-        let target = node.home("k1").join("data");
+        let (node, target) = ready_bind_without_resync(&etcd).await;
         for _ in 0..3 {
             nix::mount::umount2(&target, nix::mount::MntFlags::empty()).unwrap();
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

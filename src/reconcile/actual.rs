@@ -260,11 +260,6 @@ impl MountTable {
         self.by_target.get(target)?.iter().find(|e| e.id == id)
     }
 
-    /// Where the mount with this id is mounted.
-    pub fn ids_target(&self, id: u64) -> Option<PathBuf> {
-        self.ids.get(&id).cloned()
-    }
-
     /// Every mount id in the table.
     pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
         self.ids.keys().copied()

@@ -403,7 +403,7 @@ impl MountInfoSource for StatmountTable {
                 if now.as_ref() != table.by_id(id) {
                     match now {
                         Some(e) => {
-                            changed.extend(table.ids_target(id));
+                            changed.extend(table.by_id(id).map(|e| e.mount_point.clone()));
                             changed.insert(e.mount_point.clone());
                             table.add(e);
                         }
