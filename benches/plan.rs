@@ -108,6 +108,7 @@ fn converged(d: &Desired) -> Actual {
                 helper: None,
                 server: None,
                 options: None,
+                mount_id: None,
             },
         );
     }

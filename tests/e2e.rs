@@ -1199,6 +1199,54 @@ async fn an_external_remount_of_a_bind_is_put_back_without_a_resync() {
     .await;
 }
 
+/// Another program (a container runtime, an operator's debugging mount)
+/// mounts over a kernel's bind. When the kernel goes, unmounting its bind
+/// by path would take the other program's mount: vfolderd's records name
+/// their mounts by id, so theirs stays, and vfolderd's bind (and the home it
+/// sits in) goes once theirs is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_someone_put_over_a_bind_outlives_the_kernel_and_the_bind_goes_after() {
+    require_private_mount_namespace();
+    within(90, async {
+        let etcd = Etcd::start().await;
+        let (node, target) = ready_bind_without_resync(&etcd).await;
+        let home = node.home("k1");
+        nix::mount::mount(
+            Some("theirs"),
+            &target,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        std::fs::write(target.join("theirs.txt"), "not vfolderd's").unwrap();
+        etcd.delete(&node.kernel_key("k1")).await;
+        // The status goes in the pass that acted on the deletion.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while etcd.get_json(&node.kernel_status("k1")).await.is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the kernel's status stayed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        assert_eq!(
+            std::fs::read_to_string(target.join("theirs.txt"))
+                .ok()
+                .as_deref(),
+            Some("not vfolderd's"),
+            "vfolderd unmounted the mount someone put over its bind"
+        );
+        assert_eq!(node.mount_at(&target).unwrap().fstype, "tmpfs");
+        nix::mount::umount2(&target, nix::mount::MntFlags::empty()).unwrap();
+        until("vfolderd's bind and the home are unmounted", 30, || {
+            node.mount_at(&target).is_none() && node.mount_at(&home).is_none()
+        })
+        .await;
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_external_unmount_is_repaired_on_the_mount_table_event_not_the_resync() {
     require_private_mount_namespace();

@@ -161,6 +161,20 @@ pub struct MountTable {
     lines: HashMap<Box<[u8]>, u64>,
     /// Where each mount id is mounted (a mount that goes is found by id).
     ids: HashMap<u64, PathBuf>,
+    /// What its ids name.
+    scope: IdScope,
+}
+
+/// What a table's mount ids name, so a recorded id is compared only with
+/// ids of its kind and boot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IdScope {
+    /// The boot the table was read in; `None` when unknown (a table built
+    /// by hand).
+    pub boot: Option<uuid::Uuid>,
+    /// The ids are the kernel's unique 64-bit ones (`statmount`), never
+    /// reused in a boot, not mountinfo's 32-bit ones, which are.
+    pub unique: bool,
 }
 
 impl MountTable {
@@ -252,6 +266,17 @@ impl MountTable {
             }
         }
         Some(target)
+    }
+
+    /// What this table's ids name.
+    pub fn id_scope(&self) -> IdScope {
+        self.scope
+    }
+
+    /// Says what this table's ids name (its source, once read).
+    pub fn with_id_scope(mut self, scope: IdScope) -> Self {
+        self.scope = scope;
+        self
     }
 
     /// The mount with this id.
@@ -403,7 +428,11 @@ impl MountInfoSource for ProcMountInfo {
             path: self.path.clone(),
             source,
         })?;
-        Ok(MountTable::from_text(&text)?)
+        let scope = IdScope {
+            boot: crate::reconcile::mountapi::boot_id(),
+            unique: false,
+        };
+        Ok(MountTable::from_text(&text)?.with_id_scope(scope))
     }
 
     fn refresh(

@@ -21,6 +21,7 @@ use crate::reconcile::actual::MountInfoSource;
 use crate::reconcile::fsops::{
     self, fd_path, make_dir, open_dir, open_dir_below, remove_dir_if_empty, Create, FsError,
 };
+use crate::reconcile::newmount::MountIds;
 use crate::reconcile::plan::{Action, WantBind, WantToken, WantVolume};
 use crate::reconcile::sys::{
     signal_process, split_flags, HelperError, HelperRequest, Mounter, ServerRequest,
@@ -189,6 +190,7 @@ pub fn bind_record(b: &WantBind) -> OwnedMount {
         helper: None,
         server: None,
         options: None,
+        mount_id: None,
     }
 }
 
@@ -207,6 +209,7 @@ pub fn volume_record(v: &WantVolume) -> OwnedMount {
         helper: None,
         server: None,
         options: Some(v.options.clone()),
+        mount_id: None,
     }
 }
 
@@ -225,6 +228,7 @@ pub fn home_record(home: &Path, kernel: &str) -> OwnedMount {
         helper: None,
         server: None,
         options: None,
+        mount_id: None,
     }
 }
 
@@ -554,6 +558,8 @@ impl Executor {
                 self.remount_bind(bind)?;
                 let mut rec = self.bind_record(bind);
                 rec.readonly = bind.readonly;
+                // The same mount, remounted.
+                rec.mount_id = (self.ledger.mounts()?.get(&bind.target)).and_then(|m| m.mount_id);
                 Ok(self.ledger.put_mount(&rec)?)
             }
         }
@@ -693,7 +699,10 @@ impl Executor {
             ..Default::default()
         };
         let bound = match self.mounter.bind_atomic(source, target.as_fd(), shared) {
-            Ok(()) => return Ok(true),
+            Ok(id) => {
+                self.stamp(&self.cfg.kernels_root, home, id);
+                return Ok(true);
+            }
             Err(Errno::ENOSYS) => {
                 match self.bind_old_way(target.as_fd(), target.as_fd(), home, MsFlags::empty()) {
                     // A bind without nosuid,nodev that could not be undone: the
@@ -708,6 +717,7 @@ impl Executor {
             self.ledger.remove_mount(home)?;
             return Err(failed(errno));
         }
+        self.stamp(&self.cfg.kernels_root, home, Default::default());
         Ok(false)
     }
 
@@ -873,7 +883,39 @@ impl Executor {
             Ok(()) if v.fstype != Fstype::AzureBlob => self.ledger.put_mount(&record)?,
             Ok(()) => {}
         }
+        if result.is_ok() {
+            self.stamp(&self.cfg.volumes_root, &v.target, Default::default());
+        }
         result
+    }
+
+    /// Names in the ledger the mount just made at `target` by the kernel's
+    /// ids for it: `ids` as read from the detached mount before it was
+    /// attached, or else asked of the path (opened below `root` without
+    /// following a symlink) right after mounting. Where the kernel has no
+    /// ids the record is judged by its path.
+    fn stamp(&self, root: &Path, target: &Path, ids: MountIds) {
+        let ids = if ids == MountIds::default() {
+            open_dir(root, target, None)
+                .map(|(fd, _)| self.mounter.mount_ids(fd.as_fd()))
+                .unwrap_or_default()
+        } else {
+            ids
+        };
+        let Some(boot) = crate::reconcile::mountapi::boot_id() else {
+            return;
+        };
+        if ids == MountIds::default() {
+            return;
+        }
+        let stamp = crate::state::ledger::MountStamp {
+            boot,
+            id: ids.unique,
+            short: ids.short,
+        };
+        if let Err(e) = self.ledger.stamp_mount(target, stamp) {
+            tracing::warn!(target = %target.display(), error = %crate::error::error_chain(&e), "cannot record the id of a new mount");
+        }
     }
 
     fn mount_volume_inner(&self, v: &WantVolume, record: &OwnedMount) -> Result<(), ExecError> {
@@ -1360,7 +1402,10 @@ impl Executor {
             std::os::fd::AsFd::as_fd(&tgt),
             attrs,
         ) {
-            Ok(()) => return Ok(()),
+            Ok(id) => {
+                self.stamp(&self.cfg.kernels_root, &b.target, id);
+                return Ok(());
+            }
             Err(Errno::ENOSYS) if b.idmap.is_some() => {
                 self.ledger.remove_mount(&b.target)?;
                 return Err(ExecError::Unsupported(
@@ -1382,7 +1427,10 @@ impl Executor {
             MsFlags::empty()
         };
         match self.bind_old_way(src.as_fd(), tgt.as_fd(), &b.target, ro) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.stamp(&self.cfg.kernels_root, &b.target, Default::default());
+                Ok(())
+            }
             // Still bound (the undo failed): the record stays with it.
             Err((errno, true)) => Err(ExecError::MountFailed {
                 target: b.target.clone(),
@@ -1640,11 +1688,12 @@ mod tests {
             }],
             "no MS_BIND, no remount"
         );
-        assert!(f
-            .ledger
-            .mounts()
-            .unwrap()
-            .contains_key(&f.root.join("k/k1/work/data")));
+        let owned = f.ledger.mounts().unwrap();
+        let record = &owned[&f.root.join("k/k1/work/data")];
+        // Named by the ids the kernel gave the mount (the double's first).
+        let stamp = record.mount_id.expect("the record names its mount");
+        assert_eq!((stamp.id, stamp.short), (Some(1 << 31 | 1), Some(1)));
+        assert_eq!(Some(stamp.boot), crate::reconcile::mountapi::boot_id());
     }
 
     /// Review finding: a batch that unmounts a target and binds it again

@@ -239,6 +239,16 @@ const ALWAYS: u64 = STATMOUNT_SB_BASIC
     | STATMOUNT_FS_TYPE
     | STATMOUNT_SB_SOURCE;
 
+/// This boot's id (`/proc/sys/kernel/random/boot_id`): mount ids restart at
+/// boot, so an id is only a name together with it.
+pub fn boot_id() -> Option<uuid::Uuid> {
+    static BOOT: std::sync::OnceLock<Option<uuid::Uuid>> = std::sync::OnceLock::new();
+    *BOOT.get_or_init(|| {
+        let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+        uuid::Uuid::parse_str(text.trim()).ok()
+    })
+}
+
 /// Whether this kernel answers `listmount` and `statmount` with every
 /// field a [`MountEntry`] needs (6.13+).
 pub fn available() -> bool {
@@ -431,7 +441,11 @@ impl MountInfoSource for StatmountTable {
         }
         // Parents before children, as mountinfo lists them.
         entries.sort_by_key(|e| e.id);
-        Ok(MountTable::new(entries))
+        let scope = crate::reconcile::actual::IdScope {
+            boot: boot_id(),
+            unique: true,
+        };
+        Ok(MountTable::new(entries).with_id_scope(scope))
     }
 
     /// Lists the ids and asks only about new ones. A change that made and

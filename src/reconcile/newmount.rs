@@ -160,16 +160,51 @@ pub fn detached_copy(dir: &std::path::Path) -> Result<std::os::fd::OwnedFd, Errn
     Ok(copy)
 }
 
+/// `STATX_MNT_ID_UNIQUE` (include/uapi/linux/stat.h, Linux 6.8): rustix 1.1
+/// names only the reused 32-bit `STATX_MNT_ID`.
+const STATX_MNT_ID_UNIQUE: u32 = 0x4000;
+
+/// The two ids the kernel gives a mount.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MountIds {
+    /// The 64-bit one `statmount` and fanotify name it by, never reused
+    /// until reboot (Linux 6.8+).
+    pub unique: Option<u64>,
+    /// The 32-bit one mountinfo shows, handed out lowest-free first, so
+    /// reused as soon as the mount goes (Linux 5.8+).
+    pub short: Option<u64>,
+}
+
+/// The ids of the mount `path` (relative to `dir`; empty for `dir` itself)
+/// is on, symlinks not followed; each `None` where the kernel lacks it.
+pub fn mount_ids(dir: BorrowedFd<'_>, path: &std::path::Path) -> MountIds {
+    use rustix::fs::{statx, AtFlags, StatxFlags};
+    let mut flags = AtFlags::SYMLINK_NOFOLLOW;
+    if path.as_os_str().is_empty() {
+        flags |= AtFlags::EMPTY_PATH;
+    }
+    let ask = |mask: u32| {
+        let st = statx(dir, path, flags, StatxFlags::from_bits_retain(mask)).ok()?;
+        (st.stx_mask & mask != 0).then_some(st.stx_mnt_id)
+    };
+    MountIds {
+        unique: ask(STATX_MNT_ID_UNIQUE),
+        short: ask(StatxFlags::MNT_ID.bits()),
+    }
+}
+
 /// Binds the directory `source` onto the directory `target` (both `O_PATH`
 /// descriptors), nosuid, nodev, and read-only and shared if asked, from its
-/// first moment; `userns` carries the mapping of an idmapped bind. `ENOSYS`
+/// first moment; `userns` carries the mapping of an idmapped bind. Returns
+/// the new mount's ids, read from the detached copy before it is attached
+/// (so they name this mount, not one someone stacks on it after). `ENOSYS`
 /// where the kernel lacks the calls.
 pub fn bind(
     source: BorrowedFd<'_>,
     target: BorrowedFd<'_>,
     attrs: &BindAttrs,
     userns: Option<BorrowedFd<'_>>,
-) -> Result<(), Errno> {
+) -> Result<MountIds, Errno> {
     let errno = |e: rustix::io::Errno| Errno::from_raw(e.raw_os_error());
     // Not AT_RECURSIVE: like MS_BIND without MS_REC, mounts below the
     // source stay out of the kernel's view.
@@ -193,6 +228,7 @@ pub fn bind(
     let propagation = if attrs.shared { libc::MS_SHARED } else { 0 };
     use std::os::fd::AsFd;
     mount_setattr(tree.as_fd(), set, 0, propagation, userns)?;
+    let id = mount_ids(tree.as_fd(), std::path::Path::new(""));
     move_mount(
         tree.as_fd(),
         "",
@@ -200,5 +236,6 @@ pub fn bind(
         "",
         MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
     )
-    .map_err(errno)
+    .map_err(errno)?;
+    Ok(id)
 }

@@ -252,7 +252,7 @@ impl Reconciler {
             });
             (unowned(h) && own).then(|| home_record(h, id))
         };
-        let records: Vec<_> = want
+        let mut records: Vec<_> = want
             .volumes
             .values()
             .filter(|v| unowned(&v.target))
@@ -265,7 +265,17 @@ impl Reconciler {
             )
             .chain(want.kernels.iter().filter_map(home))
             .collect();
-        for r in &records {
+        let scope = actual.mounts.id_scope();
+        for r in records.iter_mut() {
+            // Named by the id of the mount adopted, of the table's kind.
+            let top = actual.mounts.top(&r.target).map(|m| m.id);
+            if let (Some(boot), Some(id)) = (scope.boot, top) {
+                r.mount_id = Some(crate::state::ledger::MountStamp {
+                    boot,
+                    id: scope.unique.then_some(id),
+                    short: (!scope.unique).then_some(id),
+                });
+            }
             self.ledger.put_mount(r)?;
         }
         Ok(records.len())
@@ -687,11 +697,7 @@ impl Reconciler {
             let served: BTreeMap<String, crate::lifecycle::Served> = want
                 .volumes
                 .iter()
-                .filter(|(name, v)| {
-                    !actual.hung_volumes.contains(*name)
-                        && actual.owned_mounts.contains_key(&v.target)
-                        && actual.mounts.top(&v.target).is_some()
-                })
+                .filter(|(name, v)| !actual.hung_volumes.contains(*name) && actual.ours(&v.target))
                 .map(|(name, v)| {
                     let owner = crate::lifecycle::clone::Owner {
                         uid: v.owner.uid,
@@ -711,7 +717,7 @@ impl Reconciler {
             *self.volume_targets.lock().expect("targets lock") = actual
                 .owned_mounts
                 .values()
-                .filter(|m| m.kind == MountKind::Volume)
+                .filter(|m| m.kind == MountKind::Volume && actual.ours(&m.target))
                 .filter_map(|m| Some((m.target.clone(), actual.mounts.top(&m.target)?.id)))
                 .collect();
         }

@@ -93,6 +93,59 @@ pub struct Actual {
     pub hung_volumes: BTreeSet<String>,
 }
 
+/// What is visible at a target the ledger has a record of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visible {
+    /// Nothing is mounted there.
+    Nothing,
+    /// The mount the record names (for a record without an id: whatever is
+    /// mounted there, judged by its path as before mount ids).
+    Ours,
+    /// Someone else's mount sits on ours: ours cannot be reached by its
+    /// path, and theirs is not ours to touch.
+    Covered,
+    /// Ours is gone (unmounted, or made in an earlier boot) and someone
+    /// else's mount is there.
+    Replaced,
+}
+
+impl Actual {
+    /// Which mount is visible at the target of `record`, by the unique id
+    /// it names where the table's ids are comparable with it.
+    pub fn visible(&self, record: &crate::state::ledger::OwnedMount) -> Visible {
+        let Some(top) = self.mounts.top(&record.target) else {
+            return Visible::Nothing;
+        };
+        let Some(stamp) = record.mount_id else {
+            return Visible::Ours;
+        };
+        let scope = self.mounts.id_scope();
+        if scope.boot.is_some_and(|b| b != stamp.boot) {
+            // No mount outlives a reboot.
+            return Visible::Replaced;
+        }
+        // Compared with the table's kind of id (a mountinfo id is reused once
+        // its mount goes: a mount in place of ours may then pass for ours).
+        let Some(id) = (if scope.unique { stamp.id } else { stamp.short }) else {
+            return Visible::Ours;
+        };
+        if top.id == id {
+            Visible::Ours
+        } else if self.mounts.stack(&record.target).iter().any(|m| m.id == id) {
+            Visible::Covered
+        } else {
+            Visible::Replaced
+        }
+    }
+
+    /// Whether the mount visible at `t` is one vfolderd owns.
+    pub fn ours(&self, t: &Path) -> bool {
+        self.owned_mounts
+            .get(t)
+            .is_some_and(|m| self.visible(m) == Visible::Ours)
+    }
+}
+
 /// A volume this node should have mounted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WantVolume {
@@ -941,6 +994,7 @@ pub fn plan(node: &NodeView, want: &Want, actual: &Actual, keep: &BTreeSet<Strin
         keep,
         heal: BTreeMap::new(),
         removed: BTreeSet::new(),
+        covered: Vec::new(),
         out: Vec::new(),
     };
     p.heal = p.volumes_to_heal();
@@ -968,6 +1022,9 @@ struct Planner<'a> {
     heal: BTreeMap<&'a Path, &'a WantVolume>,
     /// Targets this plan unmounts or forgets.
     removed: BTreeSet<PathBuf>,
+    /// Mounts of ours to take away that someone else's mount covers: they
+    /// stay, and so does every mount they sit in.
+    covered: Vec<PathBuf>,
     out: Vec<Action>,
 }
 
@@ -979,7 +1036,7 @@ impl<'a> Planner<'a> {
     /// A wanted target mounted by someone else is a conflict: leave it alone
     /// (status reports it), and do not bind from or into it.
     fn occupied(&self, t: &Path) -> bool {
-        self.mounted(t) && (!self.actual.owned_mounts.contains_key(t) || self.removed.contains(t))
+        self.mounted(t) && (!self.actual.ours(t) || self.removed.contains(t))
     }
 
     /// Whether a volume has users: wanted binds, and binds kept for held
@@ -1003,7 +1060,7 @@ impl<'a> Planner<'a> {
         self.want
             .volumes
             .values()
-            .filter(|v| actual.owned_mounts.contains_key(&v.target) && self.mounted(&v.target))
+            .filter(|v| actual.ours(&v.target))
             .filter(|v| {
                 let stale = actual.stale.contains_key(&v.target)
                     && (v.heal == HealPolicy::Always || !self.has_users(&v.name));
@@ -1032,16 +1089,24 @@ impl<'a> Planner<'a> {
         }
     }
 
-    /// Unmounts `t` if it is mounted, else forgets its record.
+    /// Unmounts `t` if our mount is visible there, else forgets its record
+    /// (leaving another's mount alone). A mount of ours that someone covered
+    /// stays, with its record, until theirs goes: unmounting by path would
+    /// take theirs.
     fn take_away(&mut self, t: PathBuf, kind: MountKind) {
-        self.out.push(if self.mounted(&t) {
-            Action::Unmount {
+        let record = &self.actual.owned_mounts[&t];
+        let action = match self.actual.visible(record) {
+            Visible::Ours => Action::Unmount {
                 target: t.clone(),
                 kind,
+            },
+            Visible::Nothing | Visible::Replaced => Action::Forget { target: t.clone() },
+            Visible::Covered => {
+                self.covered.push(t);
+                return;
             }
-        } else {
-            Action::Forget { target: t.clone() }
-        });
+        };
+        self.out.push(action);
         self.removed.insert(t);
     }
 
@@ -1078,7 +1143,7 @@ impl<'a> Planner<'a> {
                             .is_some_and(|k| want.kernels.contains_key(k)))
                 }
             };
-            if keep_it && self.healed_volume(&m.volume) && self.mounted(&t) {
+            if keep_it && self.healed_volume(&m.volume) && self.actual.ours(&t) {
                 // Its volume is re-mounted under it: detach now, bind again below.
                 self.out.push(Action::Detach { target: t.clone() });
                 self.removed.insert(t);
@@ -1111,7 +1176,9 @@ impl<'a> Planner<'a> {
             .collect();
         deep_first(&mut homes);
         for t in homes {
-            self.take_away(t, MountKind::Home);
+            if !self.covered.iter().any(|c| c.starts_with(&t)) {
+                self.take_away(t, MountKind::Home);
+            }
         }
     }
 
@@ -1287,6 +1354,7 @@ impl<'a> Planner<'a> {
                 .owned_mounts
                 .get(home)
                 .is_some_and(|m| m.kind == MountKind::Home)
+                && self.actual.ours(home)
                 && !self.actual.mounts.top(home).is_some_and(|m| m.shared)
             {
                 // Bound but not yet shared (a crash between the two): share it.
@@ -1313,7 +1381,7 @@ impl<'a> Planner<'a> {
         if self.mounted(t) && theirs && !removed {
             return; // a held kernel's bind: a conflict, reported in status
         }
-        if self.mounted(t) && self.actual.owned_mounts.contains_key(t) && !removed {
+        if self.actual.ours(t) && !removed {
             let top = self.actual.mounts.top(t).expect("mounted");
             if top.is_readonly() != b.readonly
                 || !top.has_option("nosuid")
@@ -1666,6 +1734,7 @@ mod tests {
             helper: None,
             server: None,
             options: None,
+            mount_id: None,
         }
     }
 
@@ -1836,6 +1905,99 @@ mod tests {
             )),
             "{acts:?}"
         );
+    }
+
+    /// A converged node whose table has unique ids (of boot 1) and whose
+    /// records name their mounts by them, as the executor leaves them.
+    fn converged_with_ids() -> (NodeView, Actual) {
+        use crate::reconcile::actual::IdScope;
+        let n = node(true, true);
+        let mut a = Actual::default();
+        converge(&n, &one_kernel_desired(), &mut a);
+        let boot = Uuid::from_u128(1);
+        let scope = IdScope {
+            boot: Some(boot),
+            unique: true,
+        };
+        a.mounts = std::sync::Arc::new((*a.mounts).clone().with_id_scope(scope));
+        for m in std::sync::Arc::make_mut(&mut a.owned_mounts).values_mut() {
+            let id = a.mounts.top(&m.target).expect("mounted").id;
+            m.mount_id = Some(crate::state::ledger::MountStamp {
+                boot,
+                id: Some(id),
+                short: None,
+            });
+        }
+        (n, a)
+    }
+
+    fn touches(acts: &[Action], t: &Path) -> bool {
+        acts.iter().any(|x| {
+            x.target() == Some(t)
+                || matches!(x, Action::Unmount { target, .. } if target == t)
+                || matches!(x, Action::ShareHome { home, .. } if home == t)
+        })
+    }
+
+    /// Someone mounts over a kernel's bind (read-only, so its flags differ
+    /// from the bind's): by path, vfolderd would remount theirs while the
+    /// kernel runs, and unmount theirs (then its home) when it goes.
+    #[test]
+    fn plan_never_touches_a_mount_someone_put_over_ours() {
+        let (n, mut a) = converged_with_ids();
+        let (bind, home) = (Path::new("/k/k1/work/data"), Path::new("/k/k1/work"));
+        std::sync::Arc::make_mut(&mut a.mounts).insert(entry(9000, bind, true));
+        let running = plan(
+            &n,
+            &resolve(&n, &one_kernel_desired()),
+            &a,
+            &BTreeSet::new(),
+        );
+        assert!(!touches(&running, bind), "{running:?}");
+        let gone = plan(&n, &resolve(&n, &Desired::default()), &a, &BTreeSet::new());
+        assert!(!touches(&gone, bind), "{gone:?}");
+        assert!(!touches(&gone, home), "{gone:?}");
+        assert!(!touches(&gone, Path::new("/v/vol")), "{gone:?}");
+        // Theirs gone, ours is taken away with its home.
+        std::sync::Arc::make_mut(&mut a.mounts).remove_top(bind);
+        let gone = plan(&n, &resolve(&n, &Desired::default()), &a, &BTreeSet::new());
+        for t in [bind, home] {
+            assert!(
+                gone.iter()
+                    .any(|x| matches!(x, Action::Unmount { target, .. } if target == t)),
+                "{t:?} not unmounted: {gone:?}"
+            );
+        }
+    }
+
+    /// Ours unmounted by someone who then mounted their own there, or a
+    /// record from an earlier boot whose id the new boot gave another mount:
+    /// the record is forgotten, their mount stays.
+    #[test]
+    fn plan_forgets_a_mount_of_ours_someone_replaced_and_keeps_theirs() {
+        let bind = Path::new("/k/k1/work/data");
+        let (n, mut replaced) = converged_with_ids();
+        std::sync::Arc::make_mut(&mut replaced.mounts).remove_top(bind);
+        std::sync::Arc::make_mut(&mut replaced.mounts).insert(entry(9000, bind, false));
+        let (_, mut rebooted) = converged_with_ids();
+        for m in std::sync::Arc::make_mut(&mut rebooted.owned_mounts).values_mut() {
+            m.mount_id.as_mut().unwrap().boot = Uuid::from_u128(2);
+        }
+        for a in [replaced, rebooted] {
+            let gone = plan(&n, &resolve(&n, &Desired::default()), &a, &BTreeSet::new());
+            assert!(
+                gone.contains(&Action::Forget {
+                    target: bind.into()
+                }),
+                "{gone:?}"
+            );
+            assert!(
+                !gone
+                    .iter()
+                    .any(|x| matches!(x, Action::Unmount { target, .. } if target == bind)),
+                "{gone:?}"
+            );
+        }
     }
 
     #[test]

@@ -474,14 +474,15 @@ pub fn report(inp: &ReportInputs<'_>, d: &Desired, want: &Want, actual: &Actual)
     r
 }
 
-/// Whether `t` carries a mount vfolderd owns.
-fn owned_mounted(actual: &Actual, t: &PathBuf) -> bool {
-    actual.owned_mounts.contains_key(t) && actual.mounts.top(t).is_some()
+/// Whether the mount visible at `t` is one vfolderd owns.
+fn owned_mounted(actual: &Actual, t: &std::path::Path) -> bool {
+    actual.ours(t)
 }
 
-/// Whether `t` carries a mount vfolderd did not make.
-fn occupied(actual: &Actual, t: &PathBuf) -> bool {
-    !actual.owned_mounts.contains_key(t) && actual.mounts.top(t).is_some()
+/// Whether the mount visible at `t` is one vfolderd did not make (on a
+/// target it never mounted, over its mount, or in place of it).
+fn occupied(actual: &Actual, t: &std::path::Path) -> bool {
+    actual.mounts.top(t).is_some() && !actual.ours(t)
 }
 
 fn occupied_message(t: &std::path::Path) -> String {
@@ -539,9 +540,7 @@ fn volume_state(
     match (&e.spec, target) {
         (Err(reason), _) => {
             let still = actual.owned_mounts.values().any(|m| {
-                m.kind == MountKind::Volume
-                    && &m.volume == name
-                    && actual.mounts.top(&m.target).is_some()
+                m.kind == MountKind::Volume && &m.volume == name && actual.ours(&m.target)
             });
             let mut s = status(VolumeState::Rejected, Some(reason.to_string()));
             if still && reason.is_policy() {
@@ -592,7 +591,7 @@ fn volume_state(
             }
         }
         (Ok(_), None) => match owned_volume() {
-            Some(m) if actual.mounts.top(&m.target).is_some() => status(VolumeState::Mounted, None),
+            Some(m) if actual.ours(&m.target) => status(VolumeState::Mounted, None),
             _ => status(VolumeState::Unmounted, None),
         },
     }

@@ -18,7 +18,7 @@ use nix::unistd::Pid;
 use wait_timeout::ChildExt;
 
 use crate::names::redact;
-use crate::reconcile::newmount::{BindAttrs, IdMap};
+use crate::reconcile::newmount::{BindAttrs, IdMap, MountIds};
 use crate::secret::Secret;
 
 /// A request to run the system's `mount -t FSTYPE` helper (cifs, nfs, FUSE).
@@ -112,15 +112,25 @@ pub trait Mounter: Send + Sync {
     /// descriptors) with nosuid, nodev and `attrs` set before the bind is
     /// attached ([`crate::reconcile::newmount::bind`]). `ENOSYS` where the
     /// kernel (or a double) lacks the new mount API: the caller then binds
-    /// and remounts the old way.
+    /// and remounts the old way. Returns the new mount's ids (read before
+    /// the bind is attached).
     fn bind_atomic(
         &self,
         source: BorrowedFd<'_>,
         target: BorrowedFd<'_>,
         attrs: BindAttrs,
-    ) -> Result<(), Errno> {
+    ) -> Result<MountIds, Errno> {
         let _ = (source, target, attrs);
         Err(Errno::ENOSYS)
+    }
+
+    /// The ids of the mount `at` (an `O_PATH` descriptor of its root,
+    /// opened without following symlinks) is on, asked right after vfolderd
+    /// mounted it by a path (a helper's mount, the old way's bind); none in
+    /// doubles.
+    fn mount_ids(&self, at: BorrowedFd<'_>) -> MountIds {
+        let _ = at;
+        MountIds::default()
     }
 
     /// A detached copy of the mount at `dir`, without the mounts below it
@@ -207,7 +217,7 @@ impl Mounter for LinuxMounter {
         source: BorrowedFd<'_>,
         target: BorrowedFd<'_>,
         attrs: BindAttrs,
-    ) -> Result<(), Errno> {
+    ) -> Result<MountIds, Errno> {
         use std::os::fd::AsFd;
         let userns = match attrs.idmap {
             None => None,
@@ -219,6 +229,10 @@ impl Mounter for LinuxMounter {
 
     fn detached_copy(&self, dir: &Path) -> Result<OwnedFd, Errno> {
         crate::reconcile::newmount::detached_copy(dir)
+    }
+
+    fn mount_ids(&self, at: BorrowedFd<'_>) -> MountIds {
+        crate::reconcile::newmount::mount_ids(at, Path::new(""))
     }
 
     fn run_helper(&self, req: &HelperRequest) -> Result<(), HelperError> {
@@ -463,6 +477,8 @@ pub struct RecordingMounter {
     atomic_binds: std::sync::atomic::AtomicBool,
     /// Scripted results per call kind: `None` lets a call succeed, `Some` fails it.
     script: Mutex<VecDeque<(CallKind, Option<Errno>)>>,
+    /// How many atomic binds it made: their mount ids are 1, 2, ...
+    binds_made: std::sync::atomic::AtomicU64,
 }
 
 impl RecordingMounter {
@@ -519,8 +535,9 @@ impl Mounter for RecordingMounter {
         _source: BorrowedFd<'_>,
         _target: BorrowedFd<'_>,
         attrs: BindAttrs,
-    ) -> Result<(), Errno> {
-        if !self.atomic_binds.load(std::sync::atomic::Ordering::Relaxed) {
+    ) -> Result<MountIds, Errno> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.atomic_binds.load(Relaxed) {
             return Err(Errno::ENOSYS);
         }
         self.calls.lock().expect("lock").push(Call::AtomicBind {
@@ -528,7 +545,16 @@ impl Mounter for RecordingMounter {
             idmap: attrs.idmap.is_some(),
             shared: attrs.shared,
         });
-        self.scripted(CallKind::Mount).map_or(Ok(()), Err)
+        match self.scripted(CallKind::Mount) {
+            Some(errno) => Err(errno),
+            None => {
+                let n = self.binds_made.fetch_add(1, Relaxed) + 1;
+                Ok(MountIds {
+                    unique: Some(1 << 31 | n),
+                    short: Some(n),
+                })
+            }
+        }
     }
 
     fn umount2(&self, target: &Path, flags: MntFlags) -> Result<(), Errno> {

@@ -125,6 +125,31 @@ pub struct OwnedMount {
     /// `None` in records older than this field: no change is assumed.
     #[serde(default)]
     pub options: Option<Vec<String>>,
+    /// Which mount this record is about: the kernel's unique id of the
+    /// mount vfolderd made, in the boot it was made in. A target can carry
+    /// someone else's mount on top of ours, or in place of ours; only the
+    /// mount with this id is ours to unmount. `None` in records older than
+    /// this field, adopted without unique ids, or whose id was lost in a
+    /// crash: such a record is judged by its path, as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_id: Option<MountStamp>,
+}
+
+/// A mount named by the kernel's ids for it; the boot id says which boot
+/// they are from (after a reboot every recorded mount is gone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountStamp {
+    /// `/proc/sys/kernel/random/boot_id` when the mount was made.
+    pub boot: uuid::Uuid,
+    /// Its unique 64-bit id (`STATX_MNT_ID_UNIQUE`, Linux 6.8+), never
+    /// handed out twice in a boot: compared with `statmount`'s ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    /// Its 32-bit mountinfo id (`STATX_MNT_ID`), compared with a table read
+    /// from mountinfo: unique among the mounts that exist, so a mount put
+    /// over ours is told apart, but reused once ours goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub short: Option<u64>,
 }
 
 /// A process, named by pid and start time (pids are reused).
@@ -382,6 +407,23 @@ impl Ledger {
         Ok(())
     }
 
+    /// Names the mount a record is about, once it is made (not flushed: a
+    /// crash that loses it leaves a record judged by its path, as records
+    /// made before mount ids were).
+    pub fn stamp_mount(&self, target: &Path, stamp: MountStamp) -> Result<(), LedgerError> {
+        let Some(mut m) = self.mirror().mounts.get(target).cloned() else {
+            return Ok(());
+        };
+        m.mount_id = Some(stamp);
+        let v = serde_json::to_vec(&m).expect("owned mount serialises");
+        self.mounts
+            .insert(key_of(target), v)
+            .map_err(sled_err("insert"))?;
+        Arc::make_mut(&mut self.mirror().mounts).insert(target.to_path_buf(), m);
+        self.unflushed.notify_one();
+        Ok(())
+    }
+
     /// Records a token file (before writing it) and flushes.
     pub fn put_token(&self, t: &OwnedToken) -> Result<(), LedgerError> {
         let v = serde_json::to_vec(t).expect("owned token serialises");
@@ -559,6 +601,11 @@ mod tests {
             helper: None,
             server: None,
             options: None,
+            mount_id: Some(MountStamp {
+                boot: uuid::Uuid::from_u128(7),
+                id: Some(0x8000_0042),
+                short: Some(42),
+            }),
         };
         {
             let l = reopen(dir.path());
