@@ -45,6 +45,13 @@ pub enum ExecError {
         /// The errno.
         errno: Errno,
     },
+    /// The mount at the target is not the one its record names (someone
+    /// mounted over it since the plan was made): left alone.
+    #[error("{target} now carries a mount vfolderd did not make; it is left alone")]
+    NotOurs {
+        /// The mount point.
+        target: PathBuf,
+    },
     /// umount2(2) failed (EBUSY is transient).
     #[error("unmount {target} failed: {errno}")]
     UnmountFailed {
@@ -589,7 +596,47 @@ impl Executor {
         Ok(self.ledger.remove_mount(target)?)
     }
 
+    /// Whether the mount `at` (an `O_PATH` descriptor) is the one `record`
+    /// names; `true` where the record or the kernel names none.
+    fn is_recorded(&self, record: &OwnedMount, at: BorrowedFd<'_>) -> bool {
+        let Some(stamp) = record.mount_id else {
+            return true;
+        };
+        if crate::reconcile::mountapi::boot_id().is_some_and(|b| b != stamp.boot) {
+            return false;
+        }
+        let ids = self.mounter.mount_ids(at);
+        match (stamp.id, ids.unique, stamp.short, ids.short) {
+            (Some(a), Some(b), _, _) => a == b,
+            (_, _, Some(a), Some(b)) => a == b,
+            _ => true,
+        }
+    }
+
+    /// Refuses to act on `target` by its path unless the mount there is the
+    /// one its record names: the plan judged the table, and someone may
+    /// have mounted over it since.
+    fn check_recorded(&self, target: &Path) -> Result<(), ExecError> {
+        let Some(record) = self.ledger.mounts()?.get(target).cloned() else {
+            return Ok(());
+        };
+        if record.mount_id.is_none() {
+            return Ok(());
+        }
+        let root = match record.kind {
+            MountKind::Volume => &self.cfg.volumes_root,
+            MountKind::Bind | MountKind::Home => &self.cfg.kernels_root,
+        };
+        match open_dir(root, target, None) {
+            Ok((fd, _)) if !self.is_recorded(&record, fd.as_fd()) => Err(ExecError::NotOurs {
+                target: target.to_path_buf(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     fn unmount(&self, target: &Path) -> Result<(), ExecError> {
+        self.check_recorded(target)?;
         let server = self.ledger.mounts()?.get(target).and_then(|m| m.server);
         // UMOUNT_NOFOLLOW: never unmount through a symlink someone swapped in.
         match self.mounter.umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
@@ -658,6 +705,12 @@ impl Executor {
         }
         // The path now resolves to the new mount's root.
         let (again, _) = open_dir(&self.cfg.kernels_root, home, None)?;
+        let record = self.ledger.mounts()?.get(home).cloned();
+        if record.is_some_and(|r| !self.is_recorded(&r, again.as_fd())) {
+            return Err(ExecError::NotOurs {
+                target: home.to_path_buf(),
+            });
+        }
         self.mounter
             .mount(
                 None::<&Path>,
@@ -1449,6 +1502,13 @@ impl Executor {
     fn remount_bind(&self, b: &WantBind) -> Result<(), ExecError> {
         // Re-open: the path now resolves to the bind's root, not the directory below it.
         let (tgt, _) = open_dir(&self.cfg.kernels_root, &b.target, None)?;
+        // The remount acts on the mount of this very descriptor.
+        let record = self.ledger.mounts()?.get(&b.target).cloned();
+        if record.is_some_and(|r| !self.is_recorded(&r, tgt.as_fd())) {
+            return Err(ExecError::NotOurs {
+                target: b.target.clone(),
+            });
+        }
         let mut flags =
             MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
         if b.readonly {
@@ -2043,6 +2103,55 @@ mod tests {
                 .contains_key(&f.root.join("v/vol")),
             "failed intent removed"
         );
+    }
+
+    /// The plan saw vfolderd's bind at the target; by the time the unmount
+    /// runs someone has mounted over it. Unmounting by path would take theirs.
+    #[test]
+    fn an_unmount_never_takes_a_mount_made_over_ours_after_the_plan() {
+        let mut f = fixture();
+        let mounter = Arc::new(RecordingMounter::with_atomic_binds());
+        f.exec = Executor::new(mounter.clone(), f.ledger.clone(), f.exec.cfg.clone());
+        let b = bind(&f, false);
+        let out = f.exec.execute(
+            vec![Action::Bind { bind: b.clone() }],
+            &HashMap::new(),
+            &BTreeMap::new(),
+        );
+        assert!(out[0].result.is_ok());
+        let owned = f.ledger.mounts().unwrap();
+        let unmount = || {
+            f.exec.execute(
+                vec![Action::Unmount {
+                    target: b.target.clone(),
+                    kind: MountKind::Bind,
+                }],
+                &owned,
+                &BTreeMap::new(),
+            )
+        };
+        mounter.answer_mount_ids(MountIds {
+            unique: Some(999),
+            short: Some(9),
+        });
+        let out = unmount();
+        assert!(
+            matches!(out[0].result, Err(ExecError::NotOurs { .. })),
+            "{:?}",
+            out[0].result
+        );
+        assert!(!mounter
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::Umount2 { .. })));
+        assert!(f.ledger.mounts().unwrap().contains_key(&b.target));
+        // Theirs gone: ours is there again, and goes.
+        mounter.answer_mount_ids(MountIds {
+            unique: Some(1 << 31 | 1),
+            short: Some(1),
+        });
+        assert!(unmount()[0].result.is_ok());
+        assert!(f.ledger.mounts().unwrap().is_empty());
     }
 
     #[test]

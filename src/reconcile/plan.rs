@@ -101,8 +101,8 @@ pub enum Visible {
     /// The mount the record names (for a record without an id: whatever is
     /// mounted there, judged by its path as before mount ids).
     Ours,
-    /// Someone else's mount sits on ours: ours cannot be reached by its
-    /// path, and theirs is not ours to touch.
+    /// Someone else's mount sits on ours, or on a directory of its path:
+    /// ours cannot be reached by its path, and theirs is not ours to touch.
     Covered,
     /// Ours is gone (unmounted, or made in an earlier boot) and someone
     /// else's mount is there.
@@ -129,13 +129,35 @@ impl Actual {
         let Some(id) = (if scope.unique { stamp.id } else { stamp.short }) else {
             return Visible::Ours;
         };
-        if top.id == id {
+        if top.id == id && self.reachable(top) {
             Visible::Ours
-        } else if self.mounts.stack(&record.target).iter().any(|m| m.id == id) {
+        } else if top.id == id || self.mounts.stack(&record.target).iter().any(|m| m.id == id) {
             Visible::Covered
         } else {
             Visible::Replaced
         }
+    }
+
+    /// Whether `m`'s path leads to it: every mount on a directory of its
+    /// path is the one it sits in (its parent, theirs, ...), up to the
+    /// first that vfolderd did not make (a root it mounts under). A mount
+    /// someone put on the home a bind sits in hides the bind: unmounting it
+    /// by its path would reach theirs.
+    fn reachable(&self, m: &crate::reconcile::actual::MountEntry) -> bool {
+        let mut expect = m.parent;
+        for dir in m.mount_point.ancestors().skip(1) {
+            let Some(top) = self.mounts.top(dir) else {
+                continue;
+            };
+            if top.id != expect {
+                return false;
+            }
+            if !self.owned_mounts.contains_key(dir) {
+                return true;
+            }
+            expect = top.parent;
+        }
+        true
     }
 
     /// Whether the mount visible at `t` is one vfolderd owns.
@@ -994,7 +1016,7 @@ pub fn plan(node: &NodeView, want: &Want, actual: &Actual, keep: &BTreeSet<Strin
         keep,
         heal: BTreeMap::new(),
         removed: BTreeSet::new(),
-        covered: Vec::new(),
+        pinned: Vec::new(),
         out: Vec::new(),
     };
     p.heal = p.volumes_to_heal();
@@ -1022,9 +1044,10 @@ struct Planner<'a> {
     heal: BTreeMap<&'a Path, &'a WantVolume>,
     /// Targets this plan unmounts or forgets.
     removed: BTreeSet<PathBuf>,
-    /// Mounts of ours to take away that someone else's mount covers: they
-    /// stay, and so does every mount they sit in.
-    covered: Vec<PathBuf>,
+    /// Targets of ours to take away where someone else's mount stays (over
+    /// ours, or in place of it): every mount and directory they sit in
+    /// stays too (it could not go while theirs is in it).
+    pinned: Vec<PathBuf>,
     out: Vec<Action>,
 }
 
@@ -1100,9 +1123,15 @@ impl<'a> Planner<'a> {
                 target: t.clone(),
                 kind,
             },
-            Visible::Nothing | Visible::Replaced => Action::Forget { target: t.clone() },
+            Visible::Nothing => Action::Forget { target: t.clone() },
+            Visible::Replaced => {
+                // Forgotten, but not free: their mount stays there.
+                self.out.push(Action::Forget { target: t.clone() });
+                self.pinned.push(t);
+                return;
+            }
             Visible::Covered => {
-                self.covered.push(t);
+                self.pinned.push(t);
                 return;
             }
         };
@@ -1176,7 +1205,7 @@ impl<'a> Planner<'a> {
             .collect();
         deep_first(&mut homes);
         for t in homes {
-            if !self.covered.iter().any(|c| c.starts_with(&t)) {
+            if !self.pinned.iter().any(|c| c.starts_with(&t)) {
                 self.take_away(t, MountKind::Home);
             }
         }
@@ -1232,14 +1261,21 @@ impl<'a> Planner<'a> {
         for p in kept_targets.chain(wanted_paths).chain(homes).chain(tokens) {
             needed.extend(p.ancestors());
         }
+        for p in &self.pinned {
+            needed.extend(p.ancestors());
+        }
         let held = |o: &Owner| match o {
             Owner::Kernel(k) => want.held_kernels.contains(k),
             Owner::Volume(v) => want.held_volumes.contains(v) || self.keep.contains(v),
         };
+        // A mount point that stays mounted cannot be removed (another's
+        // mount on a directory of ours, whose record is gone).
+        let stays_mounted = |p: &Path| self.mounted(p) && !self.removed.contains(p);
         let mut dirs: Vec<PathBuf> = actual
             .owned_dirs
             .values()
             .filter(|d| !needed.contains(d.path.as_path()) && !held(&d.owner))
+            .filter(|d| !stays_mounted(&d.path))
             .map(|d| d.path.clone())
             .collect();
         deep_first(&mut dirs);
@@ -1586,7 +1622,7 @@ mod tests {
                 }
                 Action::ShareHome { home, kernel, .. } => {
                     next_id += 1;
-                    let mut shared = entry(next_id, home, false);
+                    let mut shared = placed(a, entry(next_id, home, false));
                     shared.shared = true;
                     std::sync::Arc::make_mut(&mut a.mounts).insert(shared);
                     std::sync::Arc::make_mut(&mut a.owned_mounts).insert(
@@ -1642,11 +1678,8 @@ mod tests {
                 }
                 Action::MountVolume { volume } => {
                     next_id += 1;
-                    std::sync::Arc::make_mut(&mut a.mounts).insert(entry(
-                        next_id,
-                        &volume.target,
-                        false,
-                    ));
+                    let e = placed(a, entry(next_id, &volume.target, false));
+                    std::sync::Arc::make_mut(&mut a.mounts).insert(e);
                     std::sync::Arc::make_mut(&mut a.owned_mounts).insert(
                         volume.target.clone(),
                         owned(
@@ -1660,11 +1693,8 @@ mod tests {
                 }
                 Action::Bind { bind } => {
                     next_id += 1;
-                    std::sync::Arc::make_mut(&mut a.mounts).insert(entry(
-                        next_id,
-                        &bind.target,
-                        bind.readonly,
-                    ));
+                    let e = placed(a, entry(next_id, &bind.target, bind.readonly));
+                    std::sync::Arc::make_mut(&mut a.mounts).insert(e);
                     let src = bind.source.to_string_lossy();
                     std::sync::Arc::make_mut(&mut a.owned_mounts).insert(
                         bind.target.clone(),
@@ -1689,6 +1719,17 @@ mod tests {
             }
         }
         let _ = node;
+    }
+
+    /// `e`, in the mount its mount point lies in (as the kernel sets `parent`).
+    fn placed(a: &Actual, mut e: MountEntry) -> MountEntry {
+        e.parent = e
+            .mount_point
+            .ancestors()
+            .skip(1)
+            .find_map(|d| a.mounts.top(d))
+            .map_or(1, |m| m.id);
+        e
     }
 
     fn entry(id: u64, target: &Path, ro: bool) -> MountEntry {
@@ -1958,6 +1999,14 @@ mod tests {
         assert!(!touches(&gone, bind), "{gone:?}");
         assert!(!touches(&gone, home), "{gone:?}");
         assert!(!touches(&gone, Path::new("/v/vol")), "{gone:?}");
+        // The same for a mount someone put on the home the bind sits in.
+        let mut over_home = a.clone();
+        std::sync::Arc::make_mut(&mut over_home.mounts).remove_top(bind);
+        std::sync::Arc::make_mut(&mut over_home.mounts).insert(entry(9001, home, true));
+        for d in [one_kernel_desired(), Desired::default()] {
+            let acts = plan(&n, &resolve(&n, &d), &over_home, &BTreeSet::new());
+            assert!(!touches(&acts, bind) && !touches(&acts, home), "{acts:?}");
+        }
         // Theirs gone, ours is taken away with its home.
         std::sync::Arc::make_mut(&mut a.mounts).remove_top(bind);
         let gone = plan(&n, &resolve(&n, &Desired::default()), &a, &BTreeSet::new());
@@ -1983,8 +2032,35 @@ mod tests {
         for m in std::sync::Arc::make_mut(&mut rebooted.owned_mounts).values_mut() {
             m.mount_id.as_mut().unwrap().boot = Uuid::from_u128(2);
         }
+        // Its source changed meanwhile: nothing is bound on top of theirs.
+        let mut moved = replaced.clone();
+        std::sync::Arc::make_mut(&mut moved.owned_mounts)
+            .get_mut(bind)
+            .unwrap()
+            .source = "/elsewhere".into();
+        let acts = plan(
+            &n,
+            &resolve(&n, &one_kernel_desired()),
+            &moved,
+            &BTreeSet::new(),
+        );
+        assert!(
+            !acts
+                .iter()
+                .any(|x| matches!(x, Action::Bind { bind: b } if b.target == bind)),
+            "{acts:?}"
+        );
+        let home = Path::new("/k/k1/work");
         for a in [replaced, rebooted] {
             let gone = plan(&n, &resolve(&n, &Desired::default()), &a, &BTreeSet::new());
+            // Their mount stays in the home and in its directory.
+            assert!(!touches(&gone, home), "{gone:?}");
+            for p in [bind, home] {
+                assert!(
+                    !gone.contains(&Action::RemoveDir { path: p.into() }),
+                    "{p:?} removed: {gone:?}"
+                );
+            }
             assert!(
                 gone.contains(&Action::Forget {
                     target: bind.into()

@@ -479,6 +479,8 @@ pub struct RecordingMounter {
     script: Mutex<VecDeque<(CallKind, Option<Errno>)>>,
     /// How many atomic binds it made: their mount ids are 1, 2, ...
     binds_made: std::sync::atomic::AtomicU64,
+    /// What [`Mounter::mount_ids`] answers (none by default).
+    ids_at: Mutex<MountIds>,
 }
 
 impl RecordingMounter {
@@ -488,6 +490,12 @@ impl RecordingMounter {
         m.atomic_binds
             .store(true, std::sync::atomic::Ordering::Relaxed);
         m
+    }
+
+    /// Makes [`Mounter::mount_ids`] answer `ids` (the mount someone else
+    /// put at every path asked about).
+    pub fn answer_mount_ids(&self, ids: MountIds) {
+        *self.ids_at.lock().expect("lock") = ids;
     }
 
     /// Every call so far.
@@ -555,6 +563,10 @@ impl Mounter for RecordingMounter {
                 })
             }
         }
+    }
+
+    fn mount_ids(&self, _at: BorrowedFd<'_>) -> MountIds {
+        *self.ids_at.lock().expect("lock")
     }
 
     fn umount2(&self, target: &Path, flags: MntFlags) -> Result<(), Errno> {
