@@ -177,6 +177,10 @@ pub async fn run(
     let server = HttpServer::start(listener, metrics.clone(), health.clone());
 
     let cache = Arc::new(DesiredCache::default());
+    let _ = cache.counters.set(crate::state::watch::WatchCounters {
+        events: metrics.watch_events.clone(),
+        bytes: metrics.watch_bytes.clone(),
+    });
     // An invalid policy at start is fatal: never run with an open policy by accident.
     let policy = Policy::load_dir(&cfg.policies)?.unwrap_or_default();
     tracing::info!(origin = %policy.origin, "policy in force");
@@ -354,7 +358,12 @@ impl EtcdSide {
         let task = tokio::spawn(async move {
             let client = connect(&endpoints, options).await;
             let _watcher = {
-                let (client, parser, cache) = (client.clone(), parser.clone(), cache.clone());
+                let (client, parser, cache, ledger) = (
+                    client.clone(),
+                    parser.clone(),
+                    cache.clone(),
+                    ledger.clone(),
+                );
                 supervised("watcher", health.clone(), metrics.clone(), move || {
                     run_watcher(
                         client.clone(),
@@ -365,6 +374,28 @@ impl EtcdSide {
                     )
                 })
             };
+            // An agent follows only the vfolder records its kernels use.
+            let _follower = parser.keys.follows_vfolders().then(|| {
+                let (client, parser, cache, ledger) = (
+                    client.clone(),
+                    parser.clone(),
+                    cache.clone(),
+                    ledger.clone(),
+                );
+                supervised(
+                    "vfolder follower",
+                    health.clone(),
+                    metrics.clone(),
+                    move || {
+                        crate::state::follow::run_follower(
+                            client.clone(),
+                            parser.clone(),
+                            cache.clone(),
+                            ledger.clone(),
+                        )
+                    },
+                )
+            });
             let _liveness = {
                 let (client, keys) = (client.clone(), keys.clone());
                 supervised("liveness", health.clone(), metrics.clone(), move || {
@@ -988,6 +1019,14 @@ impl<'a> PassLoop<'a> {
         let connected = cache.connected.load(Ordering::Relaxed);
         m.etcd_connected.set(i64::from(connected));
         m.watch_revision.set(cache.revision.load(Ordering::Relaxed));
+        let d = cache.peek();
+        for (kind, n) in [
+            ("volume", d.volumes.len()),
+            ("vfolder", d.vfolders.len()),
+            ("kernel", d.kernels.len()),
+        ] {
+            m.desired_objects.with_label_values(&[kind]).set(n as i64);
+        }
         let ready = self.converged_once && connected && live;
         health.ready.store(ready, Ordering::Relaxed);
         health.serving.store(self.converged_once, Ordering::Relaxed);

@@ -81,8 +81,29 @@ impl Keys {
     pub fn nodes_prefix(&self) -> String {
         format!("{}/nodes/", self.prefix)
     }
-    /// The three ranges this node watches, as prefixes (the third covers
-    /// every node's kernels on a storage node).
+    /// The ranges this node watches whole: a storage node every volume,
+    /// vfolder and node's kernels; an agent only the volumes (few, and
+    /// startup volumes need no kernel) and its own kernels. An agent follows
+    /// only the vfolder records its kernels use, key by key
+    /// ([`crate::state::follow`]), so its cost follows its own kernels, not
+    /// every user's folders in the cluster.
+    pub fn watched_prefixes(&self) -> Vec<String> {
+        if self.follows_vfolders() {
+            vec![self.volumes_prefix(), self.kernels_prefix()]
+        } else {
+            self.desired_prefixes().to_vec()
+        }
+    }
+
+    /// Whether this node follows vfolder records one by one (an agent)
+    /// instead of watching them all (a storage node).
+    pub fn follows_vfolders(&self) -> bool {
+        !self.all_kernels
+    }
+
+    /// The three desired ranges whole (the third covers every node's
+    /// kernels on a storage node): what a storage node watches, and what
+    /// the operator commands list.
     pub fn desired_prefixes(&self) -> [String; 3] {
         let kernels = if self.all_kernels {
             self.nodes_prefix()

@@ -41,6 +41,13 @@ pub struct Metrics {
     pub rejected: IntGaugeVec,
     /// `vfolderd_etcd_watch_revision`: last etcd revision applied.
     pub watch_revision: IntGauge,
+    /// `vfolderd_etcd_watch_events_total`: events the watch streams brought.
+    pub watch_events: IntCounter,
+    /// `vfolderd_etcd_watch_bytes_total`: bytes of their keys and values.
+    pub watch_bytes: IntCounter,
+    /// `vfolderd_desired_objects{kind}`: records held in the desired state
+    /// (an agent holds only the vfolder records its kernels use).
+    pub desired_objects: IntGaugeVec,
     /// `vfolderd_etcd_connected`: 1 while etcd answers.
     pub etcd_connected: IntGauge,
     /// `vfolderd_ready`: 1 once listed and converged, with etcd reachable.
@@ -132,6 +139,24 @@ impl Metrics {
                 .expect("metric");
         let etcd_connected =
             IntGauge::new("vfolderd_etcd_connected", "1 while etcd answers").expect("metric");
+        let watch_events = IntCounter::new(
+            "vfolderd_etcd_watch_events_total",
+            "Events the etcd watch streams brought",
+        )
+        .expect("metric");
+        let watch_bytes = IntCounter::new(
+            "vfolderd_etcd_watch_bytes_total",
+            "Bytes of the keys and values the etcd watch streams brought",
+        )
+        .expect("metric");
+        let desired_objects = IntGaugeVec::new(
+            Opts::new(
+                "vfolderd_desired_objects",
+                "Records held in the desired state, by kind",
+            ),
+            &["kind"],
+        )
+        .expect("metric");
         let ready = IntGauge::new(
             "vfolderd_ready",
             "1 after the first list and converge, while etcd answers",
@@ -229,6 +254,9 @@ impl Metrics {
             Box::new(kernels.clone()),
             Box::new(rejected.clone()),
             Box::new(watch_revision.clone()),
+            Box::new(watch_events.clone()),
+            Box::new(watch_bytes.clone()),
+            Box::new(desired_objects.clone()),
             Box::new(etcd_connected.clone()),
             Box::new(ready.clone()),
             Box::new(status_writes.clone()),
@@ -250,6 +278,9 @@ impl Metrics {
             kernels,
             rejected,
             watch_revision,
+            watch_events,
+            watch_bytes,
+            desired_objects,
             etcd_connected,
             ready,
             status_writes,

@@ -112,3 +112,217 @@ async fn killing_the_etcd_leader_mid_stream_loses_no_change() {
     })
     .await;
 }
+
+/// Storage keeps every record; each agent holds, and hears about, only the
+/// vfolder records its own kernels use (issue 16 item 1): one storage node
+/// and three agents on one etcd, every node a real vfolderd in this test's
+/// mount namespace, sharing one bind volume (a host directory standing in
+/// for a network share).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_agent_holds_and_hears_only_the_vfolders_its_kernels_use() {
+    require_private_mount_namespace();
+    within(180, async {
+        let etcd = Etcd::start().await;
+        let share = tempfile::tempdir().unwrap();
+        let volume = format!(
+            "mount: {{at: requested, fstype: bind, path: {}}}\n",
+            share.path().display()
+        );
+        etcd.put(&format!("{P}/volumes/shared"), &volume).await;
+        let ids: Vec<String> = (0..20).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+        for id in &ids {
+            let v = format!("{{name: f-{}, owner: alice, volume: shared}}\n", &id[..8]);
+            etcd.put(&format!("{P}/vfolders/{id}"), &v).await;
+        }
+        let role = |roles| NodeOpts {
+            roles,
+            ..Default::default()
+        };
+        let storage = Node::start(&etcd, "s1", role("[storage]"));
+        let agents: Vec<Node> = ["a1", "a2", "a3"]
+            .iter()
+            .map(|n| Node::start(&etcd, n, role("[agent]")))
+            .collect();
+        for id in &ids {
+            etcd.wait_state(&format!("{P}/status/vfolders/{id}"), "Ready")
+                .await;
+        }
+        // a1 uses two records, a2 one, a3 none.
+        let uses = [vec![0, 1], vec![2], vec![]];
+        for (agent, used) in agents.iter().zip(&uses).filter(|(_, u)| !u.is_empty()) {
+            let mounts: Vec<String> = used
+                .iter()
+                .map(|i| format!("{{vfolder: {}}}", ids[*i]))
+                .collect();
+            let k = format!("mounts: [{}]\n", mounts.join(", "));
+            etcd.put(&agent.kernel_key("k1"), &k).await;
+            etcd.wait_state(&agent.kernel_status("k1"), "Ready").await;
+        }
+        // What each node holds, as its metrics say.
+        let held = |n: &Node| n.metric("vfolderd_desired_objects{kind=\"vfolder\"}");
+        until("the storage node holds every record", 30, || {
+            held(&storage) == Some(20.0)
+        })
+        .await;
+        for (agent, used) in agents.iter().zip(&uses) {
+            until("each agent holds only what its kernels use", 30, || {
+                held(agent) == Some(used.len() as f64)
+            })
+            .await;
+        }
+        // A user writes through a1's bind; the file lands in the share.
+        std::fs::write(
+            agents[0]
+                .home("k1")
+                .join(format!("f-{}", &ids[0][..8]))
+                .join("x"),
+            "1",
+        )
+        .unwrap();
+        assert!(share.path().join(shard(&ids[0])).join("x").exists());
+
+        // Changes to other records and to another node's kernels reach
+        // no agent that does not use them: a3 hears only the fence below.
+        let events = |n: &Node| n.metric("vfolderd_etcd_watch_events_total").unwrap();
+        let before = events(&agents[2]);
+        etcd.put(
+            &format!("{P}/vfolders/{}", ids[10]),
+            "{name: changed, owner: alice, volume: shared, quota_bytes: 1000}\n",
+        )
+        .await;
+        let k = format!(
+            "mounts: [{{vfolder: {}}}, {{vfolder: {}}}]\n",
+            ids[2], ids[3]
+        );
+        etcd.put(&agents[1].kernel_key("k1"), &k).await;
+        etcd.wait_for(&agents[1].kernel_status("k1"), "two mounts", |v| {
+            v["state"] == "Ready" && v["mounts"].as_array().is_some_and(|m| m.len() == 2)
+        })
+        .await;
+        etcd.put(&format!("{P}/volumes/fence"), &tmpfs_volume("requested"))
+            .await;
+        until("a3 saw the fence", 30, || {
+            agents[2].metric("vfolderd_desired_objects{kind=\"volume\"}") == Some(2.0)
+        })
+        .await;
+        assert_eq!(events(&agents[2]) - before, 1.0, "a3 heard only the fence");
+        until("a2 follows its new record", 30, || {
+            held(&agents[1]) == Some(2.0)
+        })
+        .await;
+
+        // A record a kernel asks for before it exists: followed from then on.
+        let late = uuid::Uuid::new_v4().to_string();
+        etcd.put(
+            &agents[2].kernel_key("k2"),
+            &format!("mounts: [{{vfolder: {late}}}]\n"),
+        )
+        .await;
+        let st = etcd
+            .wait_state(&agents[2].kernel_status("k2"), "Pending")
+            .await;
+        assert!(st.to_string().contains("no record"), "{st}");
+        etcd.put(
+            &format!("{P}/vfolders/{late}"),
+            "{name: late, owner: alice, volume: shared}\n",
+        )
+        .await;
+        etcd.wait_state(&agents[2].kernel_status("k2"), "Ready")
+            .await;
+
+        // A followed record deleted: the kernel waits for it (its bind stays).
+        etcd.delete(&format!("{P}/vfolders/{}", ids[1])).await;
+        etcd.wait_for(&agents[0].kernel_status("k1"), "waiting", |v| {
+            v.to_string().contains("no record")
+        })
+        .await;
+        // A kernel gone: its records are forgotten.
+        etcd.delete(&agents[0].kernel_key("k1")).await;
+        until("a1 forgets the records of its gone kernel", 30, || {
+            held(&agents[0]) == Some(0.0)
+        })
+        .await;
+    })
+    .await;
+}
+
+/// An agent stores exactly the records it follows: restarted during an etcd
+/// outage it still has its kernels' vfolder records (the bind is repaired
+/// from them), and once etcd is back it hears their changes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_keeps_its_followed_records_through_an_outage_and_a_restart() {
+    require_private_mount_namespace();
+    within(180, async {
+        let mut etcd = Etcd::start().await;
+        let mut node = Node::start(
+            &etcd,
+            "a1",
+            NodeOpts {
+                roles: "[agent]",
+                ..Default::default()
+            },
+        );
+        let share = node.dir.path().join("share");
+        let id = uuid::Uuid::new_v4().to_string();
+        std::fs::create_dir_all(share.join(shard(&id))).unwrap();
+        let volume = format!(
+            "mount: {{at: requested, fstype: bind, path: {}}}\n",
+            share.display()
+        );
+        etcd.put(&format!("{P}/volumes/nfs1"), &volume).await;
+        etcd.put(
+            &format!("{P}/vfolders/{id}"),
+            "{name: data, owner: alice, volume: nfs1}\n",
+        )
+        .await;
+        // The kernel comes after the node's first list: its record is
+        // followed (read and stored) by the follower, not by the listing.
+        until("the node listed and converged", 30, || {
+            node.metric_now("vfolderd_ready") == Some(1.0)
+        })
+        .await;
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {id}}}]\n"),
+        )
+        .await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let bind = node.home("k1").join("data");
+
+        etcd.stop();
+        assert!(node.stop());
+        node.spawn();
+        until("a pass ran from the stored state", 30, || {
+            node.metric_now("vfolderd_reconcile_passes_total{result=\"converged\"}")
+                .unwrap_or(0.0)
+                >= 1.0
+        })
+        .await;
+        assert_eq!(
+            node.metric("vfolderd_desired_objects{kind=\"vfolder\"}"),
+            Some(1.0),
+            "the followed record was stored"
+        );
+        nix::mount::umount2(&bind, nix::mount::MntFlags::empty()).unwrap();
+        until("the bind is repaired from the stored record", 30, || {
+            node.mount_at(&bind).is_some()
+        })
+        .await;
+
+        etcd.restart().await;
+        until("etcd is seen again", 30, || {
+            node.metric("vfolderd_etcd_connected") == Some(1.0)
+        })
+        .await;
+        etcd.delete(&format!("{P}/vfolders/{id}")).await;
+        etcd.wait_for(&node.kernel_status("k1"), "waiting for its record", |v| {
+            v.to_string().contains("no record")
+        })
+        .await;
+        assert!(
+            node.mount_at(&bind).is_some(),
+            "a missing record unmounts nothing"
+        );
+    })
+    .await;
+}

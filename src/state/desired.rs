@@ -246,6 +246,25 @@ impl Tombstone {
 }
 
 impl Desired {
+    /// Carries over from `old` the vfolder records an agent follows one by
+    /// one: a relist of its volumes and kernels does not bring them.
+    /// `prefix` is `P/vfolders/`.
+    /// Records the listing read along (those its kernels use) are newer.
+    pub fn keep_vfolders(&mut self, old: &Desired, prefix: &str) {
+        for (id, e) in &old.vfolders {
+            if !self.vfolders.contains_key(id) {
+                self.vfolders.insert(*id, e.clone());
+                if old.flagged.contains(id) {
+                    self.flagged.insert(*id);
+                }
+            }
+        }
+        let held = old.raw.range(prefix.to_string()..);
+        for (k, v) in held.take_while(|(k, _)| k.starts_with(prefix)) {
+            self.raw.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+
     /// Carries over from `old` (the state a relist replaces) what a relist
     /// cannot see: records that are gone now become tombstones, and
     /// tombstones of records not re-created stay.

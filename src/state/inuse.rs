@@ -109,6 +109,11 @@ impl InUse {
             .collect()
     }
 
+    /// Every vfolder some indexed kernel wants.
+    pub fn vfolders(&self) -> impl Iterator<Item = &Uuid> {
+        self.by_vfolder.keys()
+    }
+
     /// How many kernels are indexed.
     pub fn kernels(&self) -> usize {
         self.by_kernel.len()

@@ -473,10 +473,13 @@ impl Ledger {
         self.flush()
     }
 
-    /// Replaces the stored desired state with a complete listing at `revision`.
+    /// Replaces the stored desired state under `prefixes` with a complete
+    /// listing of them at `revision` (keys outside them, an agent's
+    /// followed vfolder records, stay).
     pub fn store_desired(
         &self,
         kvs: &[(String, Vec<u8>)],
+        prefixes: &[String],
         revision: i64,
     ) -> Result<(), LedgerError> {
         // One batch (atomic in sled): the keys gone since, then every key
@@ -485,10 +488,12 @@ impl Ledger {
         // a restart's stored state older than it is.
         let mut batch = sled::Batch::default();
         let new: std::collections::HashSet<&[u8]> = kvs.iter().map(|(k, _)| k.as_bytes()).collect();
-        for old in self.desired.iter().keys() {
-            let old = old.map_err(sled_err("read"))?;
-            if !new.contains(old.as_ref()) {
-                batch.remove(old);
+        for p in prefixes {
+            for old in self.desired.scan_prefix(p.as_bytes()).keys() {
+                let old = old.map_err(sled_err("read"))?;
+                if !new.contains(old.as_ref()) {
+                    batch.remove(old);
+                }
             }
         }
         for (k, v) in kvs {
@@ -518,8 +523,13 @@ impl Ledger {
             None => self.desired.remove(key.as_bytes()).map(drop),
         }
         .map_err(sled_err("insert"))?;
+        // Only ever raised: a followed record read now may carry an older
+        // mod revision than the state around it.
         self.meta
-            .insert(DESIRED_REVISION, &revision.to_be_bytes())
+            .fetch_and_update(DESIRED_REVISION, |old| {
+                let old = old.and_then(|o| o.try_into().ok()).map(i64::from_be_bytes);
+                Some(old.unwrap_or(revision).max(revision).to_be_bytes().to_vec())
+            })
             .map_err(sled_err("insert"))?;
         self.unflushed.notify_one();
         Ok(())
@@ -643,6 +653,7 @@ mod tests {
                     ("/p/a".into(), b"1".to_vec()),
                     ("/p/b".into(), b"2".to_vec()),
                 ],
+                &["/p/".into()],
                 7,
             )
             .unwrap();
@@ -658,6 +669,31 @@ mod tests {
             vec![
                 ("/p/b".to_string(), b"2".to_vec()),
                 ("/p/c".to_string(), b"3".to_vec())
+            ]
+        );
+    }
+
+    /// An agent's listing covers its volumes and kernels; the vfolder
+    /// records it follows one by one are not in it and must stay stored.
+    #[test]
+    fn a_listing_replaces_only_the_ranges_it_lists() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = reopen(dir.path());
+        l.apply_desired("/p/vfolders/x", Some(b"followed"), 3)
+            .unwrap();
+        l.apply_desired("/p/volumes/gone", Some(b"v"), 3).unwrap();
+        let listed = [
+            "/p/volumes/".to_string(),
+            "/p/nodes/n1/kernels/".to_string(),
+        ];
+        l.store_desired(&[("/p/volumes/a".into(), b"1".to_vec())], &listed, 5)
+            .unwrap();
+        let (kvs, _) = l.load_desired().unwrap().unwrap();
+        assert_eq!(
+            kvs,
+            vec![
+                ("/p/vfolders/x".to_string(), b"followed".to_vec()),
+                ("/p/volumes/a".to_string(), b"1".to_vec()),
             ]
         );
     }

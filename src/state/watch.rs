@@ -155,6 +155,25 @@ pub struct DesiredCache {
     pub lifecycle: Notify,
     /// The safety brake, as the last list left it.
     brake: Mutex<BrakeState>,
+    /// Woken when this node's kernels may want other vfolder records (an
+    /// agent's [`crate::state::follow`] task).
+    pub kernels_changed: Notify,
+    /// Set by a relist: the records it carried were read at its revision,
+    /// which the follower may have seen past (a record deleted since), so
+    /// the follower reads every record again.
+    pub refollow: AtomicBool,
+    /// Counts what the watch streams bring (`vfolderd_etcd_watch_*`), once
+    /// the daemon has set them.
+    pub counters: std::sync::OnceLock<WatchCounters>,
+}
+
+/// What the watch streams brought, for the metrics.
+#[derive(Debug, Clone)]
+pub struct WatchCounters {
+    /// Events received.
+    pub events: prometheus::IntCounter,
+    /// Bytes of their keys and values.
+    pub bytes: prometheus::IntCounter,
 }
 
 /// What the safety brake concluded from the last list.
@@ -226,14 +245,22 @@ impl DesiredCache {
         self.synced.store(true, Ordering::Release);
         drop(cur);
         self.changed.notify_one();
+        self.kernels_changed.notify_one();
     }
 
     /// Swaps in a fresh listing; `tombstones`: records gone since become
-    /// tombstones (storage role: their directories go to the trash).
-    fn replace(&self, mut d: Desired, tombstones: bool) {
+    /// tombstones (storage role: their directories go to the trash);
+    /// `followed` (`P/vfolders/`): the listing has no vfolder records (an
+    /// agent follows them one by one), so the ones held are kept, for the
+    /// follower to bring up to date.
+    fn replace(&self, mut d: Desired, tombstones: bool, followed: Option<&str>) {
         let mut cur = self.lock();
         if tombstones {
             d.inherit_tombstones(&cur.desired);
+        }
+        if let Some(prefix) = followed {
+            d.keep_vfolders(&cur.desired, prefix);
+            self.refollow.store(true, Ordering::Release);
         }
         self.revision.store(d.revision, Ordering::Relaxed);
         cur.desired = Arc::new(d);
@@ -244,6 +271,7 @@ impl DesiredCache {
         drop(cur);
         self.changed.notify_one();
         self.lifecycle.notify_one();
+        self.kernels_changed.notify_one();
     }
 
     /// Re-evaluates every object (the policy changed) and wakes the loop.
@@ -721,7 +749,7 @@ pub async fn run_watcher(
     brake: BrakeConfig,
 ) {
     let mut etcd = EtcdClient::new(&client).with_cluster_key(parser.keys.cluster());
-    let prefixes = parser.keys.desired_prefixes().to_vec();
+    let prefixes = parser.keys.watched_prefixes();
     let mut state = WatchState::Empty;
     let mut delay = RETRY_MIN;
     loop {
@@ -745,7 +773,15 @@ pub async fn run_watcher(
                     "watch revision was compacted; relisting"
                 );
             }
-            WatchEvent::Listed(l) => {
+            WatchEvent::Listed(mut l) => {
+                if parser.keys.follows_vfolders() {
+                    // Read at the listing's revision; should it fail, the
+                    // follower reads them a moment later.
+                    let kv = &mut etcd.kv;
+                    if let Err(e) = crate::state::follow::add_followed(kv, &parser, &mut l).await {
+                        tracing::warn!(error = %crate::error::error_chain(&e), "cannot read the listed kernels' vfolder records with the listing");
+                    }
+                }
                 judge_listing(&mut etcd, &brake, &cache, &l).await;
                 apply_listing(&parser, &cache, &store, l);
                 delay = RETRY_MIN;
@@ -828,7 +864,8 @@ fn apply_listing(parser: &DesiredParser, cache: &DesiredCache, store: &Ledger, l
     );
     if keep_store {
         tracing::warn!("safety brake holds: the stored last good desired state is kept");
-    } else if let Err(e) = store.store_desired(&l.kvs, l.revision) {
+    } else if let Err(e) = store.store_desired(&l.kvs, &parser.keys.watched_prefixes(), l.revision)
+    {
         tracing::warn!(error = %crate::error::error_chain(&e), "cannot store the desired state; a restart during an etcd outage would start empty");
     }
     tracing::info!(
@@ -839,11 +876,20 @@ fn apply_listing(parser: &DesiredParser, cache: &DesiredCache, store: &Ledger, l
         "listed desired state"
     );
     cache.connected.store(true, Ordering::Relaxed);
-    cache.replace(d, parser.keys.all_kernels);
+    let followed = parser
+        .keys
+        .follows_vfolders()
+        .then(|| parser.keys.vfolders_prefix());
+    cache.replace(d, parser.keys.all_kernels, followed.as_deref());
 }
 
 /// Applies watch events to the cache and the store, noting what changed.
-fn apply_events(parser: &DesiredParser, cache: &DesiredCache, store: &Ledger, events: &[RawEvent]) {
+pub(crate) fn apply_events(
+    parser: &DesiredParser,
+    cache: &DesiredCache,
+    store: &Ledger,
+    events: &[RawEvent],
+) {
     // "Connected" once these are applied, not before: the lifecycle worker
     // acts only while connected, on a state that has what etcd sent.
     let reconnect = || {
@@ -856,6 +902,16 @@ fn apply_events(parser: &DesiredParser, cache: &DesiredCache, store: &Ledger, ev
         return;
     }
     tracing::trace!(events = events.len(), "watch events");
+    if let Some(c) = cache.counters.get() {
+        c.events.inc_by(events.len() as u64);
+        let bytes: usize = events
+            .iter()
+            .map(|e| e.key.len() + e.value.as_ref().map_or(0, Vec::len))
+            .sum();
+        c.bytes.inc_by(bytes as u64);
+    }
+    let follows = parser.keys.follows_vfolders();
+    let mut kernels_changed = false;
     // Parse first, outside the lock: parsing is the part that meets hostile input.
     let held = cache.brake().held.is_some();
     let parsed: Vec<Option<Parsed>> = events
@@ -878,6 +934,17 @@ fn apply_events(parser: &DesiredParser, cache: &DesiredCache, store: &Ledger, ev
                         changes.volumes = true;
                     }
                     changes.kernels.insert(id);
+                    kernels_changed = true;
+                }
+                // A followed record concerns the kernels that use it.
+                Classified::Object(ObjectKey::Vfolder(id)) if follows => {
+                    let node = format!("{}/", parser.keys.node);
+                    changes.kernels.extend(
+                        d.in_use
+                            .users(&id)
+                            .into_iter()
+                            .filter_map(|k| k.strip_prefix(&node).map(String::from)),
+                    );
                 }
                 // Another node's kernel matters only to the in-use guard
                 // (the lifecycle worker is woken below), not to a pass here.
@@ -899,6 +966,9 @@ fn apply_events(parser: &DesiredParser, cache: &DesiredCache, store: &Ledger, ev
         }
         wake_loop
     });
+    if kernels_changed {
+        cache.kernels_changed.notify_one();
+    }
     reconnect();
 }
 

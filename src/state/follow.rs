@@ -1,0 +1,347 @@
+//! An agent's vfolder records, followed key by key: only those its kernels
+//! use are fetched and watched, and a record no kernel uses any more is
+//! forgotten (in memory and in the store). An agent's memory and watch
+//! traffic then follow its own kernels, not every user's folders in the
+//! cluster (a storage node, which serves every vfolder of its volumes,
+//! still watches the whole range).
+//!
+//! Each new record is read in a transaction with the others of its batch
+//! (one revision `R` for all), then watched from `R + 1` on one stream, so
+//! no change between the read and the watch is missed. Watches carry ids
+//! this task assigns, so an event names its record without waiting for the
+//! server's `created` answers. A broken stream, a compacted revision or a
+//! cancelled watch makes the next round read and watch everything again;
+//! until then the records held stay (fail static).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, EventType, KvClient, Txn, TxnOp, TxnOpResponse, WatchClient, WatchOptions,
+    WatchResponse,
+};
+use uuid::Uuid;
+
+use crate::keys::ObjectKey;
+use crate::state::desired::DesiredParser;
+use crate::state::ledger::Ledger;
+use crate::state::watch::{apply_events, DesiredCache, RawEvent, WatchError, MAX_ETCD_MESSAGE};
+
+/// Records read per transaction (etcd's `--max-txn-ops` is 128 by default).
+const FETCH_BATCH: usize = 64;
+/// First delay after an etcd error; doubles up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(200);
+/// Longest delay between retries.
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Reads `keys` in transactions of [`FETCH_BATCH`], all at `revision` (or
+/// at the first transaction's revision): the revision read at, and each
+/// key's record if it exists.
+pub async fn fetch(
+    kv: &mut KvClient,
+    keys: &[String],
+    revision: Option<i64>,
+) -> Result<(i64, Vec<Option<etcd_client::KeyValue>>), WatchError> {
+    let mut at = revision;
+    let mut out = Vec::with_capacity(keys.len());
+    for batch in keys.chunks(FETCH_BATCH) {
+        let opts = || at.map(|r| etcd_client::GetOptions::new().with_revision(r));
+        let ops: Vec<TxnOp> = batch
+            .iter()
+            .map(|k| TxnOp::get(k.as_str(), opts()))
+            .collect();
+        let resp = kv
+            .txn(Txn::new().and_then(ops))
+            .await
+            .map_err(WatchError::InitialListFailed)?;
+        at = at.or(resp.header().map(|h| h.revision()));
+        for op in resp.op_responses() {
+            out.push(match op {
+                TxnOpResponse::Get(got) => got.kvs().first().cloned(),
+                _ => None,
+            });
+        }
+    }
+    Ok((at.unwrap_or(0), out))
+}
+
+/// The vfolder records a listing's kernels use, read at the listing's
+/// revision and added to it: an agent's first pass then sees its kernels'
+/// records (not "no record" for the moment the follower takes to read them).
+pub async fn add_followed(
+    kv: &mut KvClient,
+    parser: &DesiredParser,
+    l: &mut crate::state::watch::Listing,
+) -> Result<(), WatchError> {
+    let d = crate::state::watch::parse_listing(parser, &l.kvs, l.revision);
+    let keys: Vec<String> = d
+        .in_use
+        .vfolders()
+        .map(|id| parser.keys.object_key(&ObjectKey::Vfolder(*id)))
+        .collect();
+    let (_, got) = fetch(kv, &keys, Some(l.revision)).await?;
+    let with_created = l.created.len() == l.kvs.len();
+    for kv in got.into_iter().flatten() {
+        l.kvs.push((
+            String::from_utf8_lossy(kv.key()).into_owned(),
+            kv.value().to_vec(),
+        ));
+        if with_created {
+            l.created.push(kv.create_revision());
+        }
+    }
+    Ok(())
+}
+
+/// What to start and stop following: `wanted` minus `followed`, and
+/// `followed` minus `wanted`.
+pub fn diff(wanted: &BTreeSet<Uuid>, followed: &HashMap<Uuid, i64>) -> (Vec<Uuid>, Vec<Uuid>) {
+    let add = wanted
+        .iter()
+        .filter(|id| !followed.contains_key(id))
+        .copied()
+        .collect();
+    let drop = followed
+        .keys()
+        .filter(|id| !wanted.contains(id))
+        .copied()
+        .collect();
+    (add, drop)
+}
+
+/// The follower's state: the records followed, by the id of their watch.
+struct Follower {
+    kv: KvClient,
+    watch: WatchClient,
+    parser: DesiredParser,
+    cache: Arc<DesiredCache>,
+    store: Ledger,
+    /// Followed record → its watch id on `stream`.
+    followed: HashMap<Uuid, i64>,
+    /// Watch id → record.
+    by_watch: HashMap<i64, Uuid>,
+    stream: Option<etcd_client::WatchStream>,
+    next_watch_id: i64,
+}
+
+/// Runs forever; cancel by dropping the task.
+pub async fn run_follower(
+    client: Client,
+    parser: DesiredParser,
+    cache: Arc<DesiredCache>,
+    store: Ledger,
+) {
+    let mut f = Follower {
+        kv: client
+            .kv_client()
+            .max_decoding_message_size(MAX_ETCD_MESSAGE),
+        watch: client
+            .watch_client()
+            .max_decoding_message_size(MAX_ETCD_MESSAGE),
+        parser,
+        cache,
+        store,
+        followed: HashMap::new(),
+        by_watch: HashMap::new(),
+        stream: None,
+        next_watch_id: 1,
+    };
+    let mut delay = RETRY_MIN;
+    loop {
+        match f.round().await {
+            Ok(()) => delay = RETRY_MIN,
+            Err(e) => {
+                let error = crate::error::error_chain(&e);
+                tracing::warn!(%error, retry_in = ?delay, "following vfolder records failed; keeping the ones held");
+                f.restart();
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+impl Follower {
+    /// Brings the followed records to what this node's kernels use, then
+    /// waits for the kernels or a record to change.
+    async fn round(&mut self) -> Result<(), WatchError> {
+        if self
+            .cache
+            .refollow
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            self.restart();
+        }
+        let wanted: BTreeSet<Uuid> = self.cache.peek().in_use.vfolders().copied().collect();
+        let (add, drop) = diff(&wanted, &self.followed);
+        self.forget(&drop).await?;
+        for batch in add.chunks(FETCH_BATCH) {
+            self.follow(batch).await?;
+        }
+        let (cache, stream) = (&self.cache, &mut self.stream);
+        let message = async {
+            match stream.as_mut() {
+                Some(s) => Some(s.message().await),
+                None => std::future::pending().await,
+            }
+        };
+        let answer = tokio::select! {
+            () = cache.kernels_changed.notified() => None,
+            m = message => m,
+        };
+        match answer.transpose().map_err(WatchError::StreamFailed)? {
+            None => Ok(()),
+            Some(Some(resp)) => self.apply(&resp),
+            Some(None) => Err(WatchError::Ended("stream closed by server".into())),
+        }
+    }
+
+    /// Starts over: the next round reads and watches every record again
+    /// (the ones held stay meanwhile).
+    fn restart(&mut self) {
+        self.stream = None;
+        self.followed.clear();
+        self.by_watch.clear();
+    }
+
+    fn key(&self, id: &Uuid) -> String {
+        self.parser.keys.object_key(&ObjectKey::Vfolder(*id))
+    }
+
+    /// Reads `ids` at one revision, applies what they hold (or that they
+    /// do not exist), and watches each from the next revision.
+    async fn follow(&mut self, ids: &[Uuid]) -> Result<(), WatchError> {
+        let keys: Vec<String> = ids.iter().map(|id| self.key(id)).collect();
+        let (revision, got) = fetch(&mut self.kv, &keys, None).await?;
+        let held = self.cache.peek();
+        let mut events = Vec::new();
+        for ((id, key), kv) in ids.iter().zip(&keys).zip(got) {
+            match kv {
+                Some(kv) => events.push(RawEvent {
+                    key: key.clone(),
+                    value: Some(kv.value().to_vec()),
+                    revision: kv.mod_revision(),
+                    created: kv.create_revision(),
+                }),
+                // Absent (not made yet, or deleted while not followed): a
+                // record held from before goes.
+                None if held.vfolders.contains_key(id) => events.push(RawEvent {
+                    key: key.clone(),
+                    value: None,
+                    revision,
+                    created: 0,
+                }),
+                None => {}
+            }
+        }
+        if !events.is_empty() {
+            apply_events(&self.parser, &self.cache, &self.store, &events);
+        }
+        for (id, key) in ids.iter().zip(keys) {
+            self.watch_key(*id, key, revision + 1).await?;
+        }
+        Ok(())
+    }
+
+    /// Watches one record from `from`, on the one stream.
+    async fn watch_key(&mut self, id: Uuid, key: String, from: i64) -> Result<(), WatchError> {
+        let watch_id = self.next_watch_id;
+        self.next_watch_id += 1;
+        let opts = WatchOptions::new()
+            .with_start_revision(from)
+            .with_watch_id(watch_id);
+        match self.stream.as_mut() {
+            Some(s) => s.watch(key, Some(opts)).await,
+            None => self
+                .watch
+                .watch(key, Some(opts))
+                .await
+                .map(|s| self.stream = Some(s)),
+        }
+        .map_err(WatchError::WatchStartFailed)?;
+        self.followed.insert(id, watch_id);
+        self.by_watch.insert(watch_id, id);
+        Ok(())
+    }
+
+    /// Stops following `ids` and forgets them (no kernel here uses them).
+    async fn forget(&mut self, ids: &[Uuid]) -> Result<(), WatchError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let revision = self
+            .cache
+            .revision
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let mut events = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(watch_id) = self.followed.remove(id) {
+                self.by_watch.remove(&watch_id);
+                if let Some(s) = self.stream.as_mut() {
+                    s.cancel(watch_id).await.map_err(WatchError::StreamFailed)?;
+                }
+            }
+            events.push(RawEvent {
+                key: self.key(id),
+                value: None,
+                revision,
+                created: 0,
+            });
+        }
+        apply_events(&self.parser, &self.cache, &self.store, &events);
+        Ok(())
+    }
+
+    /// Applies one answer of the stream: a record's changes, or the end of
+    /// its watch (then it is read and watched again next round).
+    fn apply(&mut self, resp: &WatchResponse) -> Result<(), WatchError> {
+        let Some(id) = self.by_watch.get(&resp.watch_id()).copied() else {
+            return Ok(()); // a watch cancelled meanwhile, or a progress note
+        };
+        if resp.canceled() {
+            tracing::info!(vfolder = %id, reason = resp.cancel_reason(), compacted = resp.compact_revision(), "watch of a followed vfolder record ended; reading it again");
+            self.by_watch.remove(&resp.watch_id());
+            self.followed.remove(&id);
+            self.cache.kernels_changed.notify_one();
+            return Ok(());
+        }
+        let events: Vec<RawEvent> = resp
+            .events()
+            .iter()
+            .filter_map(|ev| {
+                let kv = ev.kv()?;
+                Some(RawEvent {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    value: (ev.event_type() == EventType::Put).then(|| kv.value().to_vec()),
+                    revision: kv.mod_revision(),
+                    created: kv.create_revision(),
+                })
+            })
+            // Only the record this watch is for.
+            .filter(|e| e.key == self.key(&id))
+            .collect();
+        if !events.is_empty() {
+            apply_events(&self.parser, &self.cache, &self.store, &events);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u128) -> Uuid {
+        Uuid::from_u128(n)
+    }
+
+    #[test]
+    fn a_round_follows_what_is_wanted_and_drops_what_is_not() {
+        let wanted: BTreeSet<Uuid> = [id(1), id(2)].into();
+        let followed: HashMap<Uuid, i64> = [(id(2), 7), (id(3), 8)].into();
+        let (add, drop) = diff(&wanted, &followed);
+        assert_eq!(add, vec![id(1)]);
+        assert_eq!(drop, vec![id(3)]);
+    }
+}
