@@ -1103,7 +1103,7 @@ where
 }
 
 /// Aborts a background task when dropped (mini-redis `DbDropGuard`).
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {

@@ -251,6 +251,18 @@ async fn each_agent_holds_and_hears_only_the_vfolders_its_kernels_use() {
 /// from them), and once etcd is back it hears their changes again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_keeps_its_followed_records_through_an_outage_and_a_restart() {
+    outage_and_restart(true).await;
+}
+
+/// The same with the kernel in the node's first list, so its record comes
+/// with the listing: the relist after the outage (read before the record's
+/// deletion is applied) must not bring the deleted record back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relist_never_brings_back_a_record_the_agent_saw_deleted() {
+    outage_and_restart(false).await;
+}
+
+async fn outage_and_restart(kernel_after_first_list: bool) {
     require_private_mount_namespace();
     within(180, async {
         let mut etcd = Etcd::start().await;
@@ -277,10 +289,12 @@ async fn an_agent_keeps_its_followed_records_through_an_outage_and_a_restart() {
         .await;
         // The kernel comes after the node's first list: its record is
         // followed (read and stored) by the follower, not by the listing.
-        until("the node listed and converged", 30, || {
-            node.metric_now("vfolderd_ready") == Some(1.0)
-        })
-        .await;
+        if kernel_after_first_list {
+            until("the node listed and converged", 30, || {
+                node.metric_now("vfolderd_ready") == Some(1.0)
+            })
+            .await;
+        }
         etcd.put(
             &node.kernel_key("k1"),
             &format!("mounts: [{{vfolder: {id}}}]\n"),

@@ -249,19 +249,36 @@ impl Desired {
     /// Carries over from `old` the vfolder records an agent follows one by
     /// one: a relist of its volumes and kernels does not bring them.
     /// `prefix` is `P/vfolders/`.
-    /// Records the listing read along (those its kernels use) are newer.
-    pub fn keep_vfolders(&mut self, old: &Desired, prefix: &str) {
-        for (id, e) in &old.vfolders {
-            if !self.vfolders.contains_key(id) {
-                self.vfolders.insert(*id, e.clone());
-                if old.flagged.contains(id) {
-                    self.flagged.insert(*id);
-                }
-            }
+    /// For records `followed` (watched since before the listing), what is
+    /// held wins, present or absent: it is as new as the listing or its
+    /// watch brings it there; a listing value could be older than a change
+    /// already applied (a record made read-only going back to read-write
+    /// for a moment). Other records the listing read along (its kernels')
+    /// are newer than the ones held; held records it does not have stay
+    /// until the follower reads or forgets them. `prefix` is `P/vfolders/`.
+    pub fn keep_vfolders(
+        &mut self,
+        old: &Desired,
+        prefix: &str,
+        followed: &std::collections::HashSet<Uuid>,
+    ) {
+        let key = |id: &Uuid| format!("{prefix}{}", id.hyphenated());
+        for id in followed {
+            self.vfolders.remove(id);
+            self.flagged.remove(id);
+            self.raw.remove(&key(id));
         }
-        let held = old.raw.range(prefix.to_string()..);
-        for (k, v) in held.take_while(|(k, _)| k.starts_with(prefix)) {
-            self.raw.entry(k.clone()).or_insert_with(|| v.clone());
+        for (id, e) in &old.vfolders {
+            if self.vfolders.contains_key(id) {
+                continue;
+            }
+            self.vfolders.insert(*id, e.clone());
+            if old.flagged.contains(id) {
+                self.flagged.insert(*id);
+            }
+            if let Some(raw) = old.raw.get(&key(id)) {
+                self.raw.insert(key(id), raw.clone());
+            }
         }
     }
 

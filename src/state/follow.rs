@@ -10,8 +10,8 @@
 //! no change between the read and the watch is missed. Watches carry ids
 //! this task assigns, so an event names its record without waiting for the
 //! server's `created` answers. A broken stream, a compacted revision or a
-//! cancelled watch makes the next round read and watch everything again;
-//! until then the records held stay (fail static).
+//! cancelled watch makes the follower read and watch everything again after
+//! a backoff; until then the records held stay (fail static).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -26,7 +26,7 @@ use uuid::Uuid;
 use crate::keys::ObjectKey;
 use crate::state::desired::DesiredParser;
 use crate::state::ledger::Ledger;
-use crate::state::watch::{apply_events, DesiredCache, RawEvent, WatchError, MAX_ETCD_MESSAGE};
+use crate::state::watch::{apply_changes, DesiredCache, RawEvent, WatchError, MAX_ETCD_MESSAGE};
 
 /// Records read per transaction (etcd's `--max-txn-ops` is 128 by default).
 const FETCH_BATCH: usize = 64;
@@ -95,19 +95,58 @@ pub async fn add_followed(
 }
 
 /// What to start and stop following: `wanted` minus `followed`, and
-/// `followed` minus `wanted`.
-pub fn diff(wanted: &BTreeSet<Uuid>, followed: &HashMap<Uuid, i64>) -> (Vec<Uuid>, Vec<Uuid>) {
+/// whatever is held or followed but not wanted (records a restart or relist
+/// carried over, a kernel gone during an outage).
+pub fn diff(
+    wanted: &BTreeSet<Uuid>,
+    followed: &HashMap<Uuid, i64>,
+    held: &BTreeSet<Uuid>,
+) -> (Vec<Uuid>, Vec<Uuid>) {
     let add = wanted
         .iter()
         .filter(|id| !followed.contains_key(id))
         .copied()
         .collect();
-    let drop = followed
+    let drop: BTreeSet<Uuid> = followed
         .keys()
+        .chain(held)
         .filter(|id| !wanted.contains(id))
         .copied()
         .collect();
-    (add, drop)
+    (add, drop.into_iter().collect())
+}
+
+/// One answer of the watch stream, as its reader task passes it on.
+type Answer = Result<Option<WatchResponse>, etcd_client::Error>;
+
+/// The open watch stream: requests are sent here, answers are read by a
+/// task of their own, so thousands of watch requests sent in a row never
+/// wait on answers nobody reads (HTTP/2 flow control would stall both).
+struct Stream {
+    requests: etcd_client::WatchRequestSender,
+    answers: tokio::sync::mpsc::UnboundedReceiver<Answer>,
+    _reader: crate::daemon::AbortOnDrop<()>,
+}
+
+impl Stream {
+    fn new(stream: etcd_client::WatchStream) -> Self {
+        let (requests, mut responses) = stream.split();
+        let (tx, answers) = tokio::sync::mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            loop {
+                let answer = responses.message().await;
+                let last = !matches!(answer, Ok(Some(_)));
+                if tx.send(answer).is_err() || last {
+                    return;
+                }
+            }
+        });
+        Self {
+            requests,
+            answers,
+            _reader: crate::daemon::AbortOnDrop(reader),
+        }
+    }
 }
 
 /// The follower's state: the records followed, by the id of their watch.
@@ -121,8 +160,10 @@ struct Follower {
     followed: HashMap<Uuid, i64>,
     /// Watch id → record.
     by_watch: HashMap<i64, Uuid>,
-    stream: Option<etcd_client::WatchStream>,
+    stream: Option<Stream>,
     next_watch_id: i64,
+    /// What the kernels want may have changed since it was last compared.
+    dirty: bool,
 }
 
 /// Runs forever; cancel by dropping the task.
@@ -146,6 +187,7 @@ pub async fn run_follower(
         by_watch: HashMap::new(),
         stream: None,
         next_watch_id: 1,
+        dirty: true,
     };
     let mut delay = RETRY_MIN;
     loop {
@@ -163,38 +205,48 @@ pub async fn run_follower(
 }
 
 impl Follower {
-    /// Brings the followed records to what this node's kernels use, then
-    /// waits for the kernels or a record to change.
+    /// Brings the followed records to what this node's kernels use (when
+    /// that may have changed), then applies one answer of the stream or
+    /// notes that the kernels changed.
     async fn round(&mut self) -> Result<(), WatchError> {
-        if self
-            .cache
-            .refollow
-            .swap(false, std::sync::atomic::Ordering::AcqRel)
-        {
-            self.restart();
-        }
-        let wanted: BTreeSet<Uuid> = self.cache.peek().in_use.vfolders().copied().collect();
-        let (add, drop) = diff(&wanted, &self.followed);
-        self.forget(&drop).await?;
-        for batch in add.chunks(FETCH_BATCH) {
-            self.follow(batch).await?;
+        if std::mem::take(&mut self.dirty) {
+            self.sync().await?;
         }
         let (cache, stream) = (&self.cache, &mut self.stream);
-        let message = async {
+        let answer = async {
             match stream.as_mut() {
-                Some(s) => Some(s.message().await),
+                Some(s) => s.answers.recv().await,
                 None => std::future::pending().await,
             }
         };
         let answer = tokio::select! {
-            () = cache.kernels_changed.notified() => None,
-            m = message => m,
+            () = cache.kernels_changed.notified() => {
+                self.dirty = true;
+                return Ok(());
+            }
+            a = answer => a,
         };
-        match answer.transpose().map_err(WatchError::StreamFailed)? {
-            None => Ok(()),
-            Some(Some(resp)) => self.apply(&resp),
-            Some(None) => Err(WatchError::Ended("stream closed by server".into())),
+        match answer {
+            Some(Ok(Some(resp))) => self.apply(&resp),
+            Some(Ok(None)) | None => Err(WatchError::Ended("stream closed by server".into())),
+            Some(Err(e)) => Err(WatchError::StreamFailed(e)),
         }
+    }
+
+    /// Starts and stops following to match the kernels (O(records held)).
+    async fn sync(&mut self) -> Result<(), WatchError> {
+        let (wanted, held) = {
+            let d = self.cache.peek();
+            let wanted: BTreeSet<Uuid> = d.in_use.vfolders().copied().collect();
+            let held: BTreeSet<Uuid> = d.vfolders.keys().copied().collect();
+            (wanted, held)
+        };
+        let (add, drop) = diff(&wanted, &self.followed, &held);
+        self.forget(&drop).await?;
+        for batch in add.chunks(FETCH_BATCH) {
+            self.follow(batch).await?;
+        }
+        Ok(())
     }
 
     /// Starts over: the next round reads and watches every record again
@@ -203,6 +255,18 @@ impl Follower {
         self.stream = None;
         self.followed.clear();
         self.by_watch.clear();
+        self.published().clear();
+        self.dirty = true;
+    }
+
+    /// The records the cache knows as followed: a relist keeps the values
+    /// the follower holds for those (read later than the listing, or about
+    /// to be brought past it by their watch, never back).
+    fn published(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<Uuid>> {
+        self.cache
+            .followed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn key(&self, id: &Uuid) -> String {
@@ -214,7 +278,13 @@ impl Follower {
     async fn follow(&mut self, ids: &[Uuid]) -> Result<(), WatchError> {
         let keys: Vec<String> = ids.iter().map(|id| self.key(id)).collect();
         let (revision, got) = fetch(&mut self.kv, &keys, None).await?;
-        let held = self.cache.peek();
+        let held: std::collections::HashSet<Uuid> = {
+            let d = self.cache.peek();
+            ids.iter()
+                .filter(|id| d.vfolders.contains_key(id))
+                .copied()
+                .collect()
+        };
         let mut events = Vec::new();
         for ((id, key), kv) in ids.iter().zip(&keys).zip(got) {
             match kv {
@@ -226,7 +296,7 @@ impl Follower {
                 }),
                 // Absent (not made yet, or deleted while not followed): a
                 // record held from before goes.
-                None if held.vfolders.contains_key(id) => events.push(RawEvent {
+                None if held.contains(id) => events.push(RawEvent {
                     key: key.clone(),
                     value: None,
                     revision,
@@ -235,8 +305,11 @@ impl Follower {
                 None => {}
             }
         }
+        // Known as followed before they are applied: a relist meanwhile
+        // (read at an older revision) must not replace what is applied.
+        self.published().extend(ids.iter().copied());
         if !events.is_empty() {
-            apply_events(&self.parser, &self.cache, &self.store, &events);
+            apply_changes(&self.parser, &self.cache, &self.store, &events);
         }
         for (id, key) in ids.iter().zip(keys) {
             self.watch_key(*id, key, revision + 1).await?;
@@ -252,16 +325,17 @@ impl Follower {
             .with_start_revision(from)
             .with_watch_id(watch_id);
         match self.stream.as_mut() {
-            Some(s) => s.watch(key, Some(opts)).await,
+            Some(s) => s.requests.watch(key, Some(opts)).await,
             None => self
                 .watch
                 .watch(key, Some(opts))
                 .await
-                .map(|s| self.stream = Some(s)),
+                .map(|s| self.stream = Some(Stream::new(s))),
         }
         .map_err(WatchError::WatchStartFailed)?;
         self.followed.insert(id, watch_id);
         self.by_watch.insert(watch_id, id);
+        self.published().insert(id);
         Ok(())
     }
 
@@ -278,8 +352,12 @@ impl Follower {
         for id in ids {
             if let Some(watch_id) = self.followed.remove(id) {
                 self.by_watch.remove(&watch_id);
+                self.published().remove(id);
                 if let Some(s) = self.stream.as_mut() {
-                    s.cancel(watch_id).await.map_err(WatchError::StreamFailed)?;
+                    s.requests
+                        .cancel(watch_id)
+                        .await
+                        .map_err(WatchError::StreamFailed)?;
                 }
             }
             events.push(RawEvent {
@@ -289,23 +367,25 @@ impl Follower {
                 created: 0,
             });
         }
-        apply_events(&self.parser, &self.cache, &self.store, &events);
+        apply_changes(&self.parser, &self.cache, &self.store, &events);
         Ok(())
     }
 
-    /// Applies one answer of the stream: a record's changes, or the end of
-    /// its watch (then it is read and watched again next round).
+    /// Applies one answer of the stream: a record's changes. A watch the
+    /// server ended (compacted, refused) fails the round: everything is
+    /// read and watched again after the backoff.
     fn apply(&mut self, resp: &WatchResponse) -> Result<(), WatchError> {
         let Some(id) = self.by_watch.get(&resp.watch_id()).copied() else {
             return Ok(()); // a watch cancelled meanwhile, or a progress note
         };
         if resp.canceled() {
-            tracing::info!(vfolder = %id, reason = resp.cancel_reason(), compacted = resp.compact_revision(), "watch of a followed vfolder record ended; reading it again");
-            self.by_watch.remove(&resp.watch_id());
-            self.followed.remove(&id);
-            self.cache.kernels_changed.notify_one();
-            return Ok(());
+            return Err(WatchError::Ended(format!(
+                "the watch of vfolder {id} ended (compacted at {}): {}",
+                resp.compact_revision(),
+                resp.cancel_reason()
+            )));
         }
+        let key = self.key(&id);
         let events: Vec<RawEvent> = resp
             .events()
             .iter()
@@ -319,10 +399,11 @@ impl Follower {
                 })
             })
             // Only the record this watch is for.
-            .filter(|e| e.key == self.key(&id))
+            .filter(|e| e.key == key)
             .collect();
         if !events.is_empty() {
-            apply_events(&self.parser, &self.cache, &self.store, &events);
+            crate::state::watch::count_received(&self.cache, &events);
+            apply_changes(&self.parser, &self.cache, &self.store, &events);
         }
         Ok(())
     }
@@ -340,8 +421,10 @@ mod tests {
     fn a_round_follows_what_is_wanted_and_drops_what_is_not() {
         let wanted: BTreeSet<Uuid> = [id(1), id(2)].into();
         let followed: HashMap<Uuid, i64> = [(id(2), 7), (id(3), 8)].into();
-        let (add, drop) = diff(&wanted, &followed);
+        // Held from the store (id 4) or a relist, wanted by no kernel: dropped too.
+        let held: BTreeSet<Uuid> = [id(2), id(4)].into();
+        let (add, drop) = diff(&wanted, &followed, &held);
         assert_eq!(add, vec![id(1)]);
-        assert_eq!(drop, vec![id(3)]);
+        assert_eq!(drop, vec![id(3), id(4)]);
     }
 }

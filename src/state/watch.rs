@@ -158,10 +158,10 @@ pub struct DesiredCache {
     /// Woken when this node's kernels may want other vfolder records (an
     /// agent's [`crate::state::follow`] task).
     pub kernels_changed: Notify,
-    /// Set by a relist: the records it carried were read at its revision,
-    /// which the follower may have seen past (a record deleted since), so
-    /// the follower reads every record again.
-    pub refollow: AtomicBool,
+    /// The vfolder records an agent's follower follows: a relist keeps the
+    /// values held for them (read later than the listing, or about to be
+    /// brought past it by their watch: never back to the listing's).
+    pub followed: Mutex<std::collections::HashSet<Uuid>>,
     /// Counts what the watch streams bring (`vfolderd_etcd_watch_*`), once
     /// the daemon has set them.
     pub counters: std::sync::OnceLock<WatchCounters>,
@@ -259,8 +259,8 @@ impl DesiredCache {
             d.inherit_tombstones(&cur.desired);
         }
         if let Some(prefix) = followed {
-            d.keep_vfolders(&cur.desired, prefix);
-            self.refollow.store(true, Ordering::Release);
+            let ids = self.followed.lock().unwrap_or_else(|p| p.into_inner());
+            d.keep_vfolders(&cur.desired, prefix, &ids);
         }
         self.revision.store(d.revision, Ordering::Relaxed);
         cur.desired = Arc::new(d);
@@ -884,24 +884,18 @@ fn apply_listing(parser: &DesiredParser, cache: &DesiredCache, store: &Ledger, l
 }
 
 /// Applies watch events to the cache and the store, noting what changed.
-pub(crate) fn apply_events(
-    parser: &DesiredParser,
-    cache: &DesiredCache,
-    store: &Ledger,
-    events: &[RawEvent],
-) {
+fn apply_events(parser: &DesiredParser, cache: &DesiredCache, store: &Ledger, events: &[RawEvent]) {
     // "Connected" once these are applied, not before: the lifecycle worker
     // acts only while connected, on a state that has what etcd sent.
-    let reconnect = || {
-        if !cache.connected.swap(true, Ordering::Relaxed) {
-            cache.touch();
-        }
-    };
-    if events.is_empty() {
-        reconnect();
-        return;
+    count_received(cache, events);
+    apply_changes(parser, cache, store, events);
+    if !cache.connected.swap(true, Ordering::Relaxed) {
+        cache.touch();
     }
-    tracing::trace!(events = events.len(), "watch events");
+}
+
+/// Counts events a watch stream brought (`vfolderd_etcd_watch_*`).
+pub(crate) fn count_received(cache: &DesiredCache, events: &[RawEvent]) {
     if let Some(c) = cache.counters.get() {
         c.events.inc_by(events.len() as u64);
         let bytes: usize = events
@@ -910,6 +904,20 @@ pub(crate) fn apply_events(
             .sum();
         c.bytes.inc_by(bytes as u64);
     }
+}
+
+/// Applies changes (from a watch, or records an agent read or forgot) to
+/// the cache and the store, noting what changed.
+pub(crate) fn apply_changes(
+    parser: &DesiredParser,
+    cache: &DesiredCache,
+    store: &Ledger,
+    events: &[RawEvent],
+) {
+    if events.is_empty() {
+        return;
+    }
+    tracing::trace!(events = events.len(), "desired-state changes");
     let follows = parser.keys.follows_vfolders();
     let mut kernels_changed = false;
     // Parse first, outside the lock: parsing is the part that meets hostile input.
@@ -936,12 +944,14 @@ pub(crate) fn apply_events(
                     changes.kernels.insert(id);
                     kernels_changed = true;
                 }
-                // A followed record concerns the kernels that use it.
+                // A followed record concerns the kernels that use it (and,
+                // as their kernel events do, the volumes they may leave).
                 Classified::Object(ObjectKey::Vfolder(id)) if follows => {
                     let node = format!("{}/", parser.keys.node);
+                    let users = d.in_use.users(&id);
+                    changes.volumes |= !users.is_empty();
                     changes.kernels.extend(
-                        d.in_use
-                            .users(&id)
+                        users
                             .into_iter()
                             .filter_map(|k| k.strip_prefix(&node).map(String::from)),
                     );
@@ -969,7 +979,6 @@ pub(crate) fn apply_events(
     if kernels_changed {
         cache.kernels_changed.notify_one();
     }
-    reconnect();
 }
 
 #[cfg(test)]
