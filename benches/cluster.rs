@@ -134,7 +134,10 @@ impl Node {
             .arg(env!("CARGO_BIN_EXE_vfolderd"))
             .args(["run", "--config"])
             .arg(d.join("node.yaml"))
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_DAEMON_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stderr(log)
             .spawn()
             .expect("unshare (util-linux) and vfolderd");
@@ -466,6 +469,10 @@ async fn main() {
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-cluster.json");
     std::fs::write(&out, serde_json::to_string_pretty(&json).unwrap()).unwrap();
     println!("\nJSON: {}", out.display());
+    // The sampled agent's log, for what happened around the leader kill.
+    let log = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-cluster-a0.log");
+    let _ = std::fs::copy(d.join("a0/vfolderd.log"), &log);
+    println!("a0's log: {}", log.display());
     drop(all);
     drop(agent_nodes);
     drop(storage);
