@@ -315,6 +315,19 @@ fn connect_options(cfg: &NodeConfig) -> Result<ConnectOptions, DaemonError> {
     Ok(crate::etcd::connect_options(&cfg.etcd, options)?)
 }
 
+/// The settings the endpoint guard probes members with: TLS, no user (no
+/// Authenticate per probe), no require-leader (a member mid-election is
+/// alive). `None` if they cannot be built (then there is no guard).
+fn probe_options(cfg: &NodeConfig) -> Option<ConnectOptions> {
+    let anonymous = crate::config::EtcdConfig {
+        user: None,
+        password_file: None,
+        ..cfg.etcd.clone()
+    };
+    let base = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
+    crate::etcd::connect_options(&anonymous, base).ok()
+}
+
 /// The etcd client, once etcd answers. Without auth the client connects
 /// lazily; with a user it authenticates at once, which fails while etcd is
 /// down: retried, while the loop serves the stored desired state.
@@ -348,6 +361,7 @@ impl EtcdSide {
         elections: Option<Arc<Elections>>,
     ) -> Self {
         let endpoints = s.cfg.etcd.endpoints.clone();
+        let (probe, tls) = (probe_options(s.cfg), s.cfg.etcd.tls.is_some());
         let (parser, cache, ledger) = (s.parser.clone(), s.cache.clone(), ledger.clone());
         let (health, metrics, keys) = (s.health.clone(), s.metrics.clone(), s.keys.clone());
         let liveness_value = liveness_value(s);
@@ -356,7 +370,7 @@ impl EtcdSide {
             storage: s.cfg.has_role(Role::Storage),
         };
         let task = tokio::spawn(async move {
-            let client = connect(&endpoints, options).await;
+            let client = connect(&endpoints, options.clone()).await;
             let _watcher = {
                 let (client, parser, cache, ledger) = (
                     client.clone(),
@@ -374,6 +388,26 @@ impl EtcdSide {
                     )
                 })
             };
+            // Dead members out of the client's balancer (it keeps picking them).
+            let _endpoint_guard = probe.filter(|_| endpoints.len() > 1).map(|probe| {
+                let (client, endpoints) = (client.clone(), endpoints.clone());
+                let gauge = metrics.etcd_endpoints_out.clone();
+                supervised(
+                    "etcd endpoint guard",
+                    health.clone(),
+                    metrics.clone(),
+                    move || {
+                        let gauge = gauge.clone();
+                        crate::state::endpoints::run_endpoint_guard(
+                            client.clone(),
+                            endpoints.clone(),
+                            probe.clone(),
+                            tls,
+                            move |n| gauge.set(n as i64),
+                        )
+                    },
+                )
+            });
             // An agent follows only the vfolder records its kernels use.
             let _follower = parser.keys.follows_vfolders().then(|| {
                 let (client, parser, cache, ledger) = (

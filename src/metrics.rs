@@ -45,6 +45,9 @@ pub struct Metrics {
     pub watch_events: IntCounter,
     /// `vfolderd_etcd_watch_bytes_total`: bytes of their keys and values.
     pub watch_bytes: IntCounter,
+    /// `vfolderd_etcd_endpoints_out`: configured etcd members taken out of
+    /// the client because they did not answer.
+    pub etcd_endpoints_out: IntGauge,
     /// `vfolderd_desired_objects{kind}`: records held in the desired state
     /// (an agent holds only the vfolder records its kernels use).
     pub desired_objects: IntGaugeVec,
@@ -147,6 +150,11 @@ impl Metrics {
         let watch_bytes = IntCounter::new(
             "vfolderd_etcd_watch_bytes_total",
             "Bytes of the keys and values the etcd watch streams brought",
+        )
+        .expect("metric");
+        let etcd_endpoints_out = IntGauge::new(
+            "vfolderd_etcd_endpoints_out",
+            "Configured etcd members taken out of the client because they did not answer",
         )
         .expect("metric");
         let desired_objects = IntGaugeVec::new(
@@ -257,6 +265,7 @@ impl Metrics {
             Box::new(watch_events.clone()),
             Box::new(watch_bytes.clone()),
             Box::new(desired_objects.clone()),
+            Box::new(etcd_endpoints_out.clone()),
             Box::new(etcd_connected.clone()),
             Box::new(ready.clone()),
             Box::new(status_writes.clone()),
@@ -281,6 +290,7 @@ impl Metrics {
             watch_events,
             watch_bytes,
             desired_objects,
+            etcd_endpoints_out,
             etcd_connected,
             ready,
             status_writes,

@@ -109,6 +109,19 @@ async fn killing_the_etcd_leader_mid_stream_loses_no_change() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // The client's balancer keeps picking a dead member: the node took
+        // it out, so its requests go to the live ones.
+        until("the dead member is out of the node's client", 30, || {
+            node.metric("vfolderd_etcd_endpoints_out") == Some(1.0)
+        })
+        .await;
+        let killed = killed.unwrap();
+        assert!(
+            node.log()
+                .lines()
+                .any(|l| l.contains("taken out of the client") && l.contains(&killed)),
+            "the log names the member taken out ({killed})"
+        );
     })
     .await;
 }

@@ -194,6 +194,9 @@ pub async fn run_follower(
         match f.round().await {
             Ok(()) => delay = RETRY_MIN,
             Err(e) => {
+                if e.is_outage() {
+                    crate::state::endpoints::suspect();
+                }
                 let error = crate::error::error_chain(&e);
                 tracing::warn!(%error, retry_in = ?delay, "following vfolder records failed; keeping the ones held");
                 f.restart();

@@ -3,6 +3,7 @@
 pub mod brake;
 pub mod desired;
 pub mod election;
+pub mod endpoints;
 pub mod follow;
 pub mod inuse;
 pub mod ledger;

@@ -424,6 +424,7 @@ pub async fn run_status_writer(
                     break;
                 }
                 Err(e) => {
+                    crate::state::endpoints::suspect();
                     tracing::warn!(error = %crate::error::error_chain(&e), retry_in = ?delay, "status write failed; will retry");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}

@@ -758,6 +758,9 @@ pub async fn run_watcher(
         match event {
             WatchEvent::Failed { error, outage } => {
                 cache.connected.store(false, Ordering::Relaxed);
+                if outage {
+                    crate::state::endpoints::suspect();
+                }
                 cache.touch();
                 if outage {
                     tracing::warn!(%error, retry_in = ?delay, "etcd unreachable or watch interrupted; keeping the last desired state");
