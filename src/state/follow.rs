@@ -18,8 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, EventType, KvClient, Txn, TxnOp, TxnOpResponse, WatchClient, WatchOptions,
-    WatchResponse,
+    Client, KvClient, Txn, TxnOp, TxnOpResponse, WatchClient, WatchOptions, WatchResponse,
 };
 use uuid::Uuid;
 
@@ -389,18 +388,8 @@ impl Follower {
             )));
         }
         let key = self.key(&id);
-        let events: Vec<RawEvent> = resp
-            .events()
-            .iter()
-            .filter_map(|ev| {
-                let kv = ev.kv()?;
-                Some(RawEvent {
-                    key: String::from_utf8_lossy(kv.key()).into_owned(),
-                    value: (ev.event_type() == EventType::Put).then(|| kv.value().to_vec()),
-                    revision: kv.mod_revision(),
-                    created: kv.create_revision(),
-                })
-            })
+        let events: Vec<RawEvent> = crate::state::watch::raw_events(resp)
+            .into_iter()
             // Only the record this watch is for.
             .filter(|e| e.key == key)
             .collect();

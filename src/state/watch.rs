@@ -695,21 +695,24 @@ impl WatchStream for ClientStream {
             }
             return Ok(Some(WatchBatch::Canceled(resp.cancel_reason().to_string())));
         }
-        let events = resp
-            .events()
-            .iter()
-            .filter_map(|ev| {
-                let kv = ev.kv()?;
-                Some(RawEvent {
-                    key: String::from_utf8_lossy(kv.key()).into_owned(),
-                    value: (ev.event_type() == EventType::Put).then(|| kv.value().to_vec()),
-                    revision: kv.mod_revision(),
-                    created: kv.create_revision(),
-                })
-            })
-            .collect();
-        Ok(Some(WatchBatch::Events(events)))
+        Ok(Some(WatchBatch::Events(raw_events(&resp))))
     }
+}
+
+/// The changes one watch answer carries.
+pub(crate) fn raw_events(resp: &etcd_client::WatchResponse) -> Vec<RawEvent> {
+    resp.events()
+        .iter()
+        .filter_map(|ev| {
+            let kv = ev.kv()?;
+            Some(RawEvent {
+                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                value: (ev.event_type() == EventType::Put).then(|| kv.value().to_vec()),
+                revision: kv.mod_revision(),
+                created: kv.create_revision(),
+            })
+        })
+        .collect()
 }
 
 /// Lists the desired ranges in one transaction, so all three are at one
