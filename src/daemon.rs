@@ -431,12 +431,17 @@ impl EtcdSide {
                 )
             });
             let _liveness = {
-                let (client, keys) = (client.clone(), keys.clone());
+                let (client, keys, h) = (client.clone(), keys.clone(), health.clone());
                 supervised("liveness", health.clone(), metrics.clone(), move || {
                     let value = liveness_value.clone();
-                    run_liveness(client.clone(), keys.clone(), NODE_LEASE_TTL, move || {
-                        value()
-                    })
+                    let health = h.clone();
+                    run_liveness(
+                        client.clone(),
+                        keys.clone(),
+                        NODE_LEASE_TTL,
+                        move || value(),
+                        health,
+                    )
                 })
             };
             let _elector = elections.map(|el| {
@@ -478,7 +483,6 @@ fn liveness_value(s: &Shared<'_>) -> Arc<dyn Fn() -> serde_json::Value + Send + 
             "state": if held.is_some() { "Held" } else { "Running" },
             "reason": held,
             "version": env!("CARGO_PKG_VERSION"),
-            "revision": cache.revision.load(Ordering::Relaxed),
             "ready": health.ready.load(Ordering::Relaxed),
             "roles": roles,
             "started_at": started,
@@ -1049,7 +1053,11 @@ impl<'a> PassLoop<'a> {
 
     fn publish_readiness(&self, live: bool) {
         let (cache, m, health) = (self.s.cache, self.s.metrics, self.s.health);
-        *health.held.lock().unwrap_or_else(|p| p.into_inner()) = cache.brake().held;
+        let held = cache.brake().held;
+        let was_held = std::mem::replace(
+            &mut *health.held.lock().unwrap_or_else(|p| p.into_inner()),
+            held.clone(),
+        );
         let connected = cache.connected.load(Ordering::Relaxed);
         m.etcd_connected.set(i64::from(connected));
         m.watch_revision.set(cache.revision.load(Ordering::Relaxed));
@@ -1062,7 +1070,10 @@ impl<'a> PassLoop<'a> {
             m.desired_objects.with_label_values(&[kind]).set(n as i64);
         }
         let ready = self.converged_once && connected && live;
-        health.ready.store(ready, Ordering::Relaxed);
+        let was_ready = health.ready.swap(ready, Ordering::Relaxed);
+        if was_ready != ready || was_held != held {
+            health.changed.notify_one();
+        }
         health.serving.store(self.converged_once, Ordering::Relaxed);
         m.ready.set(i64::from(ready));
     }

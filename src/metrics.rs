@@ -420,6 +420,9 @@ pub struct Health {
     pub tasks_down: std::sync::atomic::AtomicUsize,
     /// Why the safety brake holds the node, if it does.
     pub held: std::sync::Mutex<Option<String>>,
+    /// Readiness or the brake changed: the liveness key says so now, not
+    /// at its next keep-alive.
+    pub changed: tokio::sync::Notify,
     /// When the pass in flight started (none between passes).
     pub pass_started: std::sync::Mutex<Option<std::time::Instant>>,
     /// A pass running longer than this is stuck: `/healthz` says 503.

@@ -353,3 +353,103 @@ async fn outage_and_restart(kernel_after_first_list: bool) {
     })
     .await;
 }
+
+/// What an operator watching an agent's status keys sees while kernels come
+/// (issue 16 item 4): each kernel's status is written once, straight to
+/// `Ready`, even though its vfolder record is read only once the kernel
+/// names it (no `Pending` "no record" flash); the shared volume's status,
+/// whose `users` count moves with every kernel, is rewritten at most once
+/// per 10 s; and the node's liveness key is not rewritten at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_writes_each_new_kernel_status_once() {
+    require_private_mount_namespace();
+    within(120, async {
+        let etcd = Etcd::start().await;
+        let share = tempfile::tempdir().unwrap();
+        let volume = format!(
+            "mount: {{at: requested, fstype: bind, path: {}}}\n",
+            share.path().display()
+        );
+        etcd.put(&format!("{P}/volumes/shared"), &volume).await;
+        let ids: Vec<String> = (0..12).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+        for id in &ids {
+            let v = format!("{{name: f-{}, owner: alice, volume: shared}}\n", &id[..8]);
+            etcd.put(&format!("{P}/vfolders/{id}"), &v).await;
+        }
+        let role = |roles| NodeOpts {
+            roles,
+            ..Default::default()
+        };
+        let _storage = Node::start(&etcd, "s1", role("[storage]"));
+        let agent = Node::start(&etcd, "a1", role("[agent]"));
+        for id in &ids {
+            etcd.wait_state(&format!("{P}/status/vfolders/{id}"), "Ready")
+                .await;
+        }
+        // The volume is mounted for a first kernel.
+        let kernel = |i: usize| format!("mounts: [{{vfolder: {}}}]\n", ids[i]);
+        etcd.put(&agent.kernel_key("k0"), &kernel(0)).await;
+        etcd.wait_state(&agent.kernel_status("k0"), "Ready").await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+
+        let mut c = etcd.client().await;
+        let from = c.get("x", None).await.unwrap().header().unwrap().revision() + 1;
+        let t0 = Instant::now();
+        let kernels = 10;
+        for i in 1..=kernels {
+            let k = format!("k{i}");
+            etcd.put(&agent.kernel_key(&k), &kernel(i)).await;
+            etcd.wait_state(&agent.kernel_status(&k), "Ready").await;
+            // Past the whole pass that follows a kernel change (its
+            // volumes' `users`), so each change could write the volume.
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+        let elapsed = t0.elapsed();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        // Every write under the agent's status keys since `from`, in order.
+        let prefix = format!("{P}/status/nodes/a1");
+        let fence = format!("{prefix}~fence");
+        let opts = etcd_client::WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(from);
+        let mut stream = c.watch(prefix.as_str(), Some(opts)).await.unwrap();
+        c.put(fence.as_str(), "", None).await.unwrap();
+        let mut puts: Vec<(String, serde_json::Value)> = Vec::new();
+        'read: while let Some(resp) = stream.message().await.unwrap() {
+            for e in resp.events() {
+                let kv = e.kv().unwrap();
+                let key = kv.key_str().unwrap().to_string();
+                if key == fence {
+                    break 'read;
+                }
+                if e.event_type() == etcd_client::EventType::Put {
+                    puts.push((key, serde_json::from_slice(kv.value()).unwrap()));
+                }
+            }
+        }
+        for i in 1..=kernels {
+            let key = agent.kernel_status(&format!("k{i}"));
+            let states: Vec<&serde_json::Value> = puts
+                .iter()
+                .filter(|(k, _)| *k == key)
+                .map(|(_, v)| &v["state"])
+                .collect();
+            assert_eq!(states, ["Ready"], "{key} written once, as Ready: {puts:?}");
+        }
+        let volume_puts = puts
+            .iter()
+            .filter(|(k, _)| *k == agent.volume_status("shared"))
+            .count();
+        let allowed = 1 + elapsed.as_secs() as usize / 10;
+        assert!(
+            volume_puts <= allowed,
+            "the volume's status (its `users` moving with each kernel) written {volume_puts} times in {elapsed:?}: {puts:?}"
+        );
+        assert!(
+            !puts.iter().any(|(k, _)| *k == prefix),
+            "the liveness key is not rewritten: {puts:?}"
+        );
+    })
+    .await;
+}

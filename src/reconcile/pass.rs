@@ -348,11 +348,22 @@ impl Reconciler {
         let report_desired = report_desired.as_ref().unwrap_or(input.desired);
 
         let actions = self.plan(&want, &actual, scope.as_ref(), input.live, now);
-        if actions
+        // What is about to change is reported first: at once before a
+        // volume mount (seconds, maybe), otherwise held back by the writer
+        // unless the work outlasts its grace (a kernel that is Ready a few
+        // milliseconds later is reported once, as Ready).
+        let mounts_volume = actions
             .iter()
-            .any(|a| matches!(a, Action::MountVolume { .. }))
-        {
-            self.pre_report(report_desired, &want, &actual, &actions, scope.as_ref());
+            .any(|a| matches!(a, Action::MountVolume { .. }));
+        if mounts_volume || !scope::kernels_acted_on(&actions).is_empty() {
+            self.pre_report(
+                report_desired,
+                &want,
+                &actual,
+                &actions,
+                scope.as_ref(),
+                mounts_volume,
+            );
         }
         let t_planned = t_start.elapsed();
         let n_actions = actions.len();
@@ -535,6 +546,7 @@ impl Reconciler {
         actual: &Actual,
         actions: &[Action],
         kernels: Option<&BTreeSet<String>>,
+        prompt: bool,
     ) {
         let mut pre = report(&self.report_inputs(), desired, want, actual);
         // A kernel with actions still to run is not Ready yet, even if
@@ -543,7 +555,7 @@ impl Reconciler {
             pre.mark_attaching(&self.keys, k);
         }
         let entries = self.merged_entries(pre, kernels);
-        self.send(entries);
+        self.send(entries, prompt);
     }
 
     /// Runs `actions` (objects inside their backoff are skipped) and folds the
@@ -743,7 +755,7 @@ impl Reconciler {
             summary =
                 scope::node_wide_summary(scoped_converged, &prev.summary, &self.kernel_states);
         }
-        self.send(entries);
+        self.send(entries, false);
         let sas_expiry: Vec<(String, u64)> = actual
             .owned_mounts
             .values()
@@ -817,9 +829,15 @@ impl Reconciler {
     }
 
     /// Hands `entries` to the writer, with the terms to write them under.
-    fn send(&self, entries: StatusEntries) {
+    /// Hands `entries` to the writer (`prompt`: a `Pending` in them is
+    /// written at once, see [`StatusBatch::prompt`]).
+    fn send(&self, entries: StatusEntries, prompt: bool) {
         let led = self.report_led.clone();
-        self.status_tx.send_replace(StatusBatch { entries, led });
+        self.status_tx.send_replace(StatusBatch {
+            entries,
+            led,
+            prompt,
+        });
     }
 
     fn report_inputs(&mut self) -> ReportInputs<'_> {

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use serde_json::Value;
 
@@ -29,17 +31,33 @@ pub enum StatusError {
 /// Fields that change without the status meaning anything new.
 const VOLATILE: &[&str] = &["since", "scanned_at"];
 
+/// Figures that move with every kernel (a volume's `users`) or every write
+/// a user makes (its free bytes): a change to them alone is written at most
+/// once per [`FIGURES_EVERY`] per key. Written with every change, a volume
+/// shared by a node's kernels doubled the writes per kernel change, and at
+/// thousands of nodes the free bytes of a busy share would be a write per
+/// node per probe.
+const FIGURES: &[&str] = &["users", "capacity_bytes", "free_bytes"];
+/// How often a key whose figures alone changed is rewritten.
+const FIGURES_EVERY: Duration = Duration::from_secs(10);
+/// How long a status may say `Pending` before it is written: work that
+/// ends sooner (a bind, a record the follower is reading) is reported only
+/// by its outcome. Work that starts a volume mount is reported at once
+/// ([`StatusBatch::prompt`]): it can take seconds.
+const PENDING_GRACE: Duration = Duration::from_millis(100);
+
 /// etcd's default `--max-txn-ops`.
 const MAX_TXN_OPS: usize = 128;
 /// Status transactions sent at once.
 const TXNS_IN_FLIGHT: usize = 8;
 
-/// A digest of what a status value says (volatile fields aside). The
-/// writer remembers digests, not values: at 10,000 kernels a second copy of
-/// every status was ~15 MiB resident.
-fn digest(v: &Value) -> u64 {
+/// Digests of what a status value says (volatile fields aside): of its
+/// meaning, and of its [`FIGURES`]. The writer remembers digests, not
+/// values: at 10,000 kernels a second copy of every status was ~15 MiB
+/// resident.
+fn digests(v: &Value) -> (u64, u64) {
     use std::hash::{Hash, Hasher};
-    fn feed(v: &Value, h: &mut impl Hasher, top: bool) {
+    fn feed(v: &Value, h: &mut impl Hasher) {
         match v {
             Value::Null => 0u8.hash(h),
             Value::Bool(b) => (1u8, b).hash(h),
@@ -48,36 +66,76 @@ fn digest(v: &Value) -> u64 {
             Value::Array(a) => {
                 (4u8, a.len()).hash(h);
                 for x in a {
-                    feed(x, h, false);
+                    feed(x, h);
                 }
             }
             Value::Object(m) => {
                 5u8.hash(h);
                 for (k, x) in m {
-                    if top && VOLATILE.contains(&k.as_str()) {
-                        continue;
-                    }
                     k.hash(h);
-                    feed(x, h, false);
+                    feed(x, h);
                 }
             }
         }
     }
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    feed(v, &mut h, true);
-    h.finish()
+    let mut meaning = std::collections::hash_map::DefaultHasher::new();
+    let mut figures = std::collections::hash_map::DefaultHasher::new();
+    match v {
+        Value::Object(m) => {
+            5u8.hash(&mut meaning);
+            for (k, x) in m {
+                let h = if FIGURES.contains(&k.as_str()) {
+                    &mut figures
+                } else if VOLATILE.contains(&k.as_str()) {
+                    continue;
+                } else {
+                    &mut meaning
+                };
+                k.hash(h);
+                feed(x, h);
+            }
+        }
+        v => feed(v, &mut meaning),
+    }
+    (meaning.finish(), figures.finish())
+}
+
+/// Whether a status value says `Pending`.
+fn is_pending(v: &Value) -> bool {
+    v.get("state").and_then(Value::as_str) == Some("Pending")
 }
 
 /// What the writer knows of a key it wrote (or adopted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Written {
-    /// Digest of the value.
+    /// Digest of what the value means (its figures and volatile fields aside).
     digest: u64,
+    /// Digest of its figures.
+    figures: u64,
+    /// It says `Pending`.
+    pending: bool,
+    /// When this process wrote it (`None`: read from etcd).
+    at: Option<Instant>,
     /// The revision of the term it was written under ([`Term::rev`]); 0 for
     /// this node's own keys, which need no election.
     term: i64,
     /// Its mod revision as written (0: not known).
     rev: i64,
+}
+
+impl Written {
+    /// What is remembered of `v`.
+    fn of(v: &Value, term: i64, rev: i64, at: Option<Instant>) -> Self {
+        let (digest, figures) = digests(v);
+        Self {
+            digest,
+            figures,
+            pending: is_pending(v),
+            at,
+            term,
+            rev,
+        }
+    }
 }
 
 /// A put, its key, and what the writer remembers of it once written.
@@ -99,6 +157,10 @@ pub struct StatusWriter {
     written: Option<BTreeMap<String, Written>>,
     /// Scope → the term whose existing keys were adopted.
     adopted: BTreeMap<Scope, i64>,
+    /// Keys whose `Pending` is held back, and since when it is.
+    pending_since: BTreeMap<String, Instant>,
+    /// When a held-back write is due (the next sync writes it).
+    due: Option<Instant>,
 }
 
 /// The scope of a vfolder status value: its volume's, or the cluster's for
@@ -121,7 +183,15 @@ impl StatusWriter {
             keys,
             written: None,
             adopted: BTreeMap::new(),
+            pending_since: BTreeMap::new(),
+            due: None,
         }
+    }
+
+    /// When a write held back by the last sync is due: a `Pending` older
+    /// than [`PENDING_GRACE`], or figures older than [`FIGURES_EVERY`].
+    pub fn due(&self) -> Option<Instant> {
+        self.due
     }
 
     /// Every key under `prefix` with its value and mod revision, page by page.
@@ -179,12 +249,7 @@ impl StatusWriter {
                 {
                     continue;
                 }
-                let w = Written {
-                    digest: digest(&v),
-                    term: 0,
-                    rev,
-                };
-                out.insert(k, w);
+                out.insert(k, Written::of(&v, 0, rev, None));
             }
         }
         Ok(out)
@@ -214,12 +279,7 @@ impl StatusWriter {
         let prefix = self.keys.vfolder_status_prefix();
         for (k, v, rev) in self.read_prefix(&prefix).await? {
             if let Some(term) = scope_of(&v).and_then(|s| new.get(&s)) {
-                let w = Written {
-                    digest: digest(&v),
-                    term: *term,
-                    rev,
-                };
-                written.insert(k, w);
+                written.insert(k, Written::of(&v, *term, rev, None));
             }
         }
         self.adopted.extend(new);
@@ -293,8 +353,11 @@ impl StatusWriter {
     }
 
     /// The transactions that make etcd hold `batch`.
-    fn jobs(&self, batch: &StatusBatch, written: &BTreeMap<String, Written>) -> Vec<Job> {
+    fn jobs(&mut self, batch: &StatusBatch, written: &BTreeMap<String, Written>) -> Vec<Job> {
         let now = chrono_now();
+        let at = Instant::now();
+        let mut held = BTreeMap::new();
+        self.due = None;
         let vfolders = self.keys.vfolder_status_prefix();
         // Term revision (0: no guard) → its term and puts.
         let mut puts: BTreeMap<i64, (Option<&Term>, Vec<Put>)> = BTreeMap::new();
@@ -308,15 +371,28 @@ impl StatusWriter {
                 }
                 _ => None,
             };
-            let w = Written {
-                digest: digest(v),
-                term: term.map_or(0, |t| t.rev),
-                rev: 0,
+            let w = Written::of(v, term.map_or(0, |t| t.rev), 0, Some(at));
+            let old = written.get(k);
+            let hold = match old {
+                Some(o) if o.digest == w.digest && o.term == w.term => {
+                    // The same meaning: written again only for figures, and
+                    // not more often than every FIGURES_EVERY.
+                    match o.at {
+                        _ if o.figures == w.figures => continue,
+                        Some(t) if at < t + FIGURES_EVERY => Some(t + FIGURES_EVERY),
+                        _ => None,
+                    }
+                }
+                // A new `Pending`: held back while it is young.
+                _ if w.pending && !batch.prompt && old.is_none_or(|o| !o.pending) => {
+                    let since = self.pending_since.get(k).copied().unwrap_or(at);
+                    held.insert(k.clone(), since);
+                    (at < since + PENDING_GRACE).then_some(since + PENDING_GRACE)
+                }
+                _ => None,
             };
-            if written
-                .get(k)
-                .is_some_and(|o| o.digest == w.digest && o.term == w.term)
-            {
+            if let Some(due) = hold {
+                self.due = Some(self.due.map_or(due, |d| d.min(due)));
                 continue;
             }
             let mut v = Value::clone(v);
@@ -340,6 +416,7 @@ impl StatusWriter {
                 });
             }
         }
+        self.pending_since = held;
         jobs.extend(self.deletions(batch, written));
         jobs
     }
@@ -400,6 +477,9 @@ pub struct StatusBatch {
     pub entries: StatusEntries,
     /// `None`: no election (a node alone, or an agent).
     pub led: Option<Arc<Led>>,
+    /// Write its `Pending` states at once (a volume mount is starting),
+    /// rather than only once they outlast [`PENDING_GRACE`].
+    pub prompt: bool,
 }
 
 /// Writes the latest report in the background, so a slow or unreachable etcd
@@ -413,12 +493,24 @@ pub async fn run_status_writer(
     written: impl Fn(usize) + Send,
 ) {
     let mut delay = Duration::from_millis(200);
-    while rx.changed().await.is_ok() {
+    loop {
+        // A new report, or the time a write held back is due.
+        match writer.due() {
+            Some(due) => tokio::select! {
+                r = rx.changed() => if r.is_err() { return },
+                () = tokio::time::sleep_until(due) => {}
+            },
+            None => {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
         loop {
             let entries = rx.borrow_and_update().clone();
             match writer.sync(&entries).await {
                 Ok(n) => {
-                    tracing::trace!(written = n, "status synced");
+                    tracing::trace!(written = n, held_until = ?writer.due(), "status synced");
                     written(n);
                     delay = Duration::from_millis(200);
                     break;
@@ -443,12 +535,15 @@ pub fn chrono_now() -> String {
 }
 
 /// Keeps `P/status/nodes/<node>` alive under a lease while vfolderd runs.
-/// `value` is re-read each tick, so readiness and revision stay current.
+/// The lease's keep-alives are the heartbeat; the key is rewritten only
+/// when its value changes (`value` is re-read at each keep-alive and when
+/// `health` says readiness or the brake changed).
 pub async fn run_liveness(
     mut client: Client,
     keys: Keys,
     ttl: i64,
     value: impl Fn() -> Value + Send,
+    health: Arc<crate::metrics::Health>,
 ) {
     let tick = Duration::from_secs((ttl as u64 / 3).max(1));
     loop {
@@ -468,6 +563,7 @@ pub async fn run_liveness(
             }
         };
         let mut last: Option<Value> = None;
+        let mut next_keep_alive = Instant::now();
         loop {
             let v = value();
             if last.as_ref() != Some(&v) {
@@ -485,22 +581,43 @@ pub async fn run_liveness(
                 }
                 last = Some(v);
             }
-            if keeper.keep_alive().await.is_err() {
-                break;
+            if Instant::now() >= next_keep_alive {
+                if keeper.keep_alive().await.is_err() {
+                    break;
+                }
+                match tokio::time::timeout(tick, stream.message()).await {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                    _ => break, // lease expired or stream broke: grant a new one
+                }
+                next_keep_alive = Instant::now() + tick;
             }
-            match tokio::time::timeout(tick, stream.message()).await {
-                Ok(Ok(Some(r))) if r.ttl() > 0 => {}
-                _ => break, // lease expired or stream broke: grant a new one
+            tokio::select! {
+                () = tokio::time::sleep_until(next_keep_alive) => {}
+                () = health.changed.notified() => {}
             }
-            tokio::time::sleep(tick).await;
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::digest;
+    use super::digests;
     use serde_json::json;
+
+    fn digest(v: &serde_json::Value) -> u64 {
+        digests(v).0
+    }
+
+    #[test]
+    fn figures_are_digested_apart_from_the_meaning() {
+        let a = json!({"state": "Mounted", "users": 2, "free_bytes": 10, "capacity_bytes": 20});
+        let b = json!({"state": "Mounted", "users": 3, "free_bytes": 9, "capacity_bytes": 20});
+        assert_eq!(digests(&a).0, digests(&b).0, "the same meaning");
+        assert_ne!(digests(&a).1, digests(&b).1, "other figures");
+        let c = json!({"state": "Stale", "users": 2, "free_bytes": 10, "capacity_bytes": 20});
+        assert_ne!(digests(&a).0, digests(&c).0);
+        assert_eq!(digests(&a).1, digests(&c).1);
+    }
 
     #[test]
     fn digest_ignores_volatile_fields_and_sees_everything_else() {
