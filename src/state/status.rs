@@ -85,6 +85,11 @@ fn digests(v: &Value) -> (u64, u64) {
             5u8.hash(&mut meaning);
             for (k, x) in m {
                 let h = if FIGURES.contains(&k.as_str()) {
+                    // Whether a volume has users at all is meaning: an
+                    // unused one goes after its linger.
+                    if k == "users" {
+                        (k, x.as_u64() == Some(0)).hash(&mut meaning);
+                    }
                     &mut figures
                 } else if VOLATILE.contains(&k.as_str()) {
                     continue;
@@ -617,6 +622,9 @@ mod tests {
         let c = json!({"state": "Stale", "users": 2, "free_bytes": 10, "capacity_bytes": 20});
         assert_ne!(digests(&a).0, digests(&c).0);
         assert_eq!(digests(&a).1, digests(&c).1);
+        let unused =
+            json!({"state": "Mounted", "users": 0, "free_bytes": 10, "capacity_bytes": 20});
+        assert_ne!(digests(&a).0, digests(&unused).0, "no users at all is news");
     }
 
     #[test]
