@@ -569,30 +569,34 @@ pub async fn run_liveness(
         };
         let mut last: Option<Value> = None;
         let mut next_keep_alive = Instant::now();
-        loop {
+        // The lease holds until `renewed + ttl`. A slow answer (etcd or a
+        // proxy under load) or a failed put keeps it: granting a new lease
+        // for every slow answer multiplied the leases, and the load, at
+        // 4,000 nodes behind a grpc-proxy. Only a lease surely gone (its
+        // TTL passed with no renewal, etcd says so, the stream broke) is
+        // replaced.
+        let mut renewed = Instant::now();
+        let ttl_time = Duration::from_secs(ttl.max(1) as u64);
+        while renewed.elapsed() < ttl_time {
             let v = value();
             if last.as_ref() != Some(&v) {
                 let body = serde_json::to_vec(&v).expect("json");
-                if client
-                    .put(
-                        keys.node_status(),
-                        body,
-                        Some(PutOptions::new().with_lease(lease)),
-                    )
-                    .await
-                    .is_err()
-                {
-                    break;
+                let opts = Some(PutOptions::new().with_lease(lease));
+                match client.put(keys.node_status(), body, opts).await {
+                    Ok(_) => last = Some(v),
+                    Err(e) => {
+                        tracing::debug!(error = %crate::error::error_chain(&StatusError::LeaseFailed(e)), "node liveness key; retried at the next keep-alive");
+                    }
                 }
-                last = Some(v);
             }
             if Instant::now() >= next_keep_alive {
                 if keeper.keep_alive().await.is_err() {
                     break;
                 }
                 match tokio::time::timeout(tick, stream.message()).await {
-                    Ok(Ok(Some(r))) if r.ttl() > 0 => {}
-                    _ => break, // lease expired or stream broke: grant a new one
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => renewed = Instant::now(),
+                    Err(_) => {} // no answer yet: the lease holds; tried again
+                    _ => break,  // expired, or the stream broke
                 }
                 next_keep_alive = Instant::now() + tick;
             }
