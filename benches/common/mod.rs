@@ -1,6 +1,8 @@
 //! What the end-to-end benchmarks share: processes, flags, /proc, HTTP.
 #![allow(dead_code)]
 
+pub mod etcd3;
+
 use std::process::Child;
 use std::time::Duration;
 

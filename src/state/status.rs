@@ -400,6 +400,7 @@ impl StatusWriter {
                 self.due = Some(self.due.map_or(due, |d| d.min(due)));
                 continue;
             }
+            tracing::trace!(key = %k, "status put");
             let mut v = Value::clone(v);
             if let Value::Object(m) = &mut v {
                 m.insert("since".into(), Value::String(now.clone()));
