@@ -355,12 +355,26 @@ impl Reconciler {
         let mounts_volume = actions
             .iter()
             .any(|a| matches!(a, Action::MountVolume { .. }));
-        if mounts_volume || !scope::kernels_acted_on(&actions).is_empty() {
+        // Kernels in their backoff are skipped by the executor: not attaching.
+        let resting: BTreeSet<&str> = self
+            .retries
+            .waiting(now)
+            .filter_map(|o| match o {
+                Owner::Kernel(k) => Some(k.as_str()),
+                _ => None,
+            })
+            .collect();
+        let attaching: Vec<String> = scope::kernels_acted_on(&actions)
+            .into_iter()
+            .filter(|k| !resting.contains(k))
+            .map(str::to_string)
+            .collect();
+        if mounts_volume || !attaching.is_empty() {
             self.pre_report(
                 report_desired,
                 &want,
                 &actual,
-                &actions,
+                &attaching,
                 scope.as_ref(),
                 mounts_volume,
             );
@@ -544,14 +558,14 @@ impl Reconciler {
         desired: &Desired,
         want: &Want,
         actual: &Actual,
-        actions: &[Action],
+        attaching: &[String],
         kernels: Option<&BTreeSet<String>>,
         prompt: bool,
     ) {
         let mut pre = report(&self.report_inputs(), desired, want, actual);
         // A kernel with actions still to run is not Ready yet, even if
         // everything it has so far is optional (best-effort startup binds).
-        for k in scope::kernels_acted_on(actions) {
+        for k in attaching {
             pre.mark_attaching(&self.keys, k);
         }
         let entries = self.merged_entries(pre, kernels);

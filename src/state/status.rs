@@ -85,8 +85,11 @@ fn digests(v: &Value) -> (u64, u64) {
             5u8.hash(&mut meaning);
             for (k, x) in m {
                 let h = if FIGURES.contains(&k.as_str()) {
-                    // Whether a volume has users at all is meaning: an
-                    // unused one goes after its linger.
+                    // That a figure is there at all is meaning (a volume's
+                    // first free bytes place new vfolders), and so is
+                    // whether a volume has users (an unused one goes after
+                    // its linger).
+                    k.hash(&mut meaning);
                     if k == "users" {
                         (k, x.as_u64() == Some(0)).hash(&mut meaning);
                     }
@@ -166,6 +169,9 @@ pub struct StatusWriter {
     pending_since: BTreeMap<String, Instant>,
     /// When a held-back write is due (the next sync writes it).
     due: Option<Instant>,
+    /// Hold young `Pending`s and recent figures back (off for the last
+    /// write before the writer ends).
+    hold: bool,
 }
 
 /// The scope of a vfolder status value: its volume's, or the cluster's for
@@ -190,6 +196,7 @@ impl StatusWriter {
             adopted: BTreeMap::new(),
             pending_since: BTreeMap::new(),
             due: None,
+            hold: true,
         }
     }
 
@@ -396,7 +403,7 @@ impl StatusWriter {
                 }
                 _ => None,
             };
-            if let Some(due) = hold {
+            if let Some(due) = hold.filter(|_| self.hold) {
                 self.due = Some(self.due.map_or(due, |d| d.min(due)));
                 continue;
             }
@@ -501,16 +508,23 @@ pub async fn run_status_writer(
     let mut delay = Duration::from_millis(200);
     loop {
         // A new report, or the time a write held back is due.
-        match writer.due() {
+        let closed = match writer.due() {
             Some(due) => tokio::select! {
-                r = rx.changed() => if r.is_err() { return },
-                () = tokio::time::sleep_until(due) => {}
+                r = rx.changed() => r.is_err(),
+                () = tokio::time::sleep_until(due) => false,
             },
-            None => {
-                if rx.changed().await.is_err() {
-                    return;
+            None => rx.changed().await.is_err(),
+        };
+        if closed {
+            // The last report, held-back parts included.
+            if writer.due().is_some() {
+                writer.hold = false;
+                let last = rx.borrow().clone();
+                if let Ok(n) = writer.sync(&last).await {
+                    written(n);
                 }
             }
+            return;
         }
         loop {
             let entries = rx.borrow_and_update().clone();
@@ -577,33 +591,46 @@ pub async fn run_liveness(
         // TTL passed with no renewal, etcd says so, the stream broke) is
         // replaced.
         let mut renewed = Instant::now();
+        // When each keep-alive not answered yet was sent (answers come in
+        // order): an answer renews the lease from its request's sending.
+        let mut unanswered = std::collections::VecDeque::new();
         let ttl_time = Duration::from_secs(ttl.max(1) as u64);
         while renewed.elapsed() < ttl_time {
             let v = value();
             if last.as_ref() != Some(&v) {
                 let body = serde_json::to_vec(&v).expect("json");
                 let opts = Some(PutOptions::new().with_lease(lease));
-                match client.put(keys.node_status(), body, opts).await {
-                    Ok(_) => last = Some(v),
-                    Err(e) => {
+                let put = client.put(keys.node_status(), body, opts);
+                match tokio::time::timeout(tick, put).await {
+                    Ok(Ok(_)) => last = Some(v),
+                    Ok(Err(e)) => {
                         tracing::debug!(error = %crate::error::error_chain(&StatusError::LeaseFailed(e)), "node liveness key; retried at the next keep-alive");
                     }
+                    Err(_) => tracing::debug!("node liveness key: no answer; retried"),
                 }
             }
             if Instant::now() >= next_keep_alive {
                 if keeper.keep_alive().await.is_err() {
                     break;
                 }
-                match tokio::time::timeout(tick, stream.message()).await {
-                    Ok(Ok(Some(r))) if r.ttl() > 0 => renewed = Instant::now(),
-                    Err(_) => {} // no answer yet: the lease holds; tried again
-                    _ => break,  // expired, or the stream broke
-                }
-                next_keep_alive = Instant::now() + tick;
+                unanswered.push_back(Instant::now());
+                // Not answered yet: asked again sooner, while the lease holds.
+                let every = if unanswered.len() > 1 {
+                    Duration::from_secs(1)
+                } else {
+                    tick
+                };
+                next_keep_alive = Instant::now() + every;
             }
             tokio::select! {
                 () = tokio::time::sleep_until(next_keep_alive) => {}
                 () = health.changed.notified() => {}
+                answer = stream.message() => match answer {
+                    Ok(Some(r)) if r.ttl() > 0 => {
+                        renewed = unanswered.pop_front().unwrap_or_else(Instant::now);
+                    }
+                    _ => break, // expired, or the stream broke
+                },
             }
         }
     }
