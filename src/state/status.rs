@@ -591,46 +591,33 @@ pub async fn run_liveness(
         // TTL passed with no renewal, etcd says so, the stream broke) is
         // replaced.
         let mut renewed = Instant::now();
-        // When each keep-alive not answered yet was sent (answers come in
-        // order): an answer renews the lease from its request's sending.
-        let mut unanswered = std::collections::VecDeque::new();
         let ttl_time = Duration::from_secs(ttl.max(1) as u64);
         while renewed.elapsed() < ttl_time {
             let v = value();
             if last.as_ref() != Some(&v) {
                 let body = serde_json::to_vec(&v).expect("json");
                 let opts = Some(PutOptions::new().with_lease(lease));
-                let put = client.put(keys.node_status(), body, opts);
-                match tokio::time::timeout(tick, put).await {
-                    Ok(Ok(_)) => last = Some(v),
-                    Ok(Err(e)) => {
+                match client.put(keys.node_status(), body, opts).await {
+                    Ok(_) => last = Some(v),
+                    Err(e) => {
                         tracing::debug!(error = %crate::error::error_chain(&StatusError::LeaseFailed(e)), "node liveness key; retried at the next keep-alive");
                     }
-                    Err(_) => tracing::debug!("node liveness key: no answer; retried"),
                 }
             }
             if Instant::now() >= next_keep_alive {
                 if keeper.keep_alive().await.is_err() {
                     break;
                 }
-                unanswered.push_back(Instant::now());
-                // Not answered yet: asked again sooner, while the lease holds.
-                let every = if unanswered.len() > 1 {
-                    Duration::from_secs(1)
-                } else {
-                    tick
-                };
-                next_keep_alive = Instant::now() + every;
+                match tokio::time::timeout(tick, stream.message()).await {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => renewed = Instant::now(),
+                    Err(_) => {} // no answer yet: the lease holds; tried again
+                    _ => break,  // expired, or the stream broke
+                }
+                next_keep_alive = Instant::now() + tick;
             }
             tokio::select! {
                 () = tokio::time::sleep_until(next_keep_alive) => {}
                 () = health.changed.notified() => {}
-                answer = stream.message() => match answer {
-                    Ok(Some(r)) if r.ttl() > 0 => {
-                        renewed = unanswered.pop_front().unwrap_or_else(Instant::now);
-                    }
-                    _ => break, // expired, or the stream broke
-                },
             }
         }
     }
