@@ -129,16 +129,8 @@ async fn main() {
         );
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::tmpfs_dir("8g");
     let d = dir.path().to_path_buf();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &d,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=8g"),
-    )
-    .unwrap();
     let mut etcd = Etcd::start(&d, 3);
     let endpoints = etcd.endpoints();
     let mut c = loop {

@@ -377,16 +377,8 @@ async fn main() {
         1 << 20,
         1 << 20,
     );
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::tmpfs_dir("12g");
     let d = dir.path().to_path_buf();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &d,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=12g"),
-    )
-    .unwrap();
     let etcd = Etcd::start(&d, 3);
     let members = etcd.endpoints();
     let mut c = loop {

@@ -136,17 +136,7 @@ async fn each_agent_holds_and_hears_only_the_vfolders_its_kernels_use() {
     require_private_mount_namespace();
     within(180, async {
         let etcd = Etcd::start().await;
-        let share = tempfile::tempdir().unwrap();
-        let volume = format!(
-            "mount: {{at: requested, fstype: bind, path: {}}}\n",
-            share.path().display()
-        );
-        etcd.put(&format!("{P}/volumes/shared"), &volume).await;
-        let ids: Vec<String> = (0..20).map(|_| uuid::Uuid::new_v4().to_string()).collect();
-        for id in &ids {
-            let v = format!("{{name: f-{}, owner: alice, volume: shared}}\n", &id[..8]);
-            etcd.put(&format!("{P}/vfolders/{id}"), &v).await;
-        }
+        let (share, ids) = shared_volume_with_records(&etcd, 20).await;
         let role = |roles| NodeOpts {
             roles,
             ..Default::default()
@@ -365,17 +355,7 @@ async fn an_agent_writes_each_new_kernel_status_once() {
     require_private_mount_namespace();
     within(120, async {
         let etcd = Etcd::start().await;
-        let share = tempfile::tempdir().unwrap();
-        let volume = format!(
-            "mount: {{at: requested, fstype: bind, path: {}}}\n",
-            share.path().display()
-        );
-        etcd.put(&format!("{P}/volumes/shared"), &volume).await;
-        let ids: Vec<String> = (0..12).map(|_| uuid::Uuid::new_v4().to_string()).collect();
-        for id in &ids {
-            let v = format!("{{name: f-{}, owner: alice, volume: shared}}\n", &id[..8]);
-            etcd.put(&format!("{P}/vfolders/{id}"), &v).await;
-        }
+        let (_share, ids) = shared_volume_with_records(&etcd, 12).await;
         let role = |roles| NodeOpts {
             roles,
             ..Default::default()
@@ -452,4 +432,21 @@ async fn an_agent_writes_each_new_kernel_status_once() {
         );
     })
     .await;
+}
+
+/// A bind volume `shared` on a host directory (standing in for a network
+/// share) and `n` vfolder records on it: the directory and the ids.
+async fn shared_volume_with_records(etcd: &Etcd, n: usize) -> (tempfile::TempDir, Vec<String>) {
+    let share = tempfile::tempdir().unwrap();
+    let volume = format!(
+        "mount: {{at: requested, fstype: bind, path: {}}}\n",
+        share.path().display()
+    );
+    etcd.put(&format!("{P}/volumes/shared"), &volume).await;
+    let ids: Vec<String> = (0..n).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    for id in &ids {
+        let v = format!("{{name: f-{}, owner: alice, volume: shared}}\n", &id[..8]);
+        etcd.put(&format!("{P}/vfolders/{id}"), &v).await;
+    }
+    (share, ids)
 }

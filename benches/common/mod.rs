@@ -70,3 +70,18 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
             .unwrap_or_default(),
     )
 }
+
+/// A temporary directory with a tmpfs of `size` mounted on it (root, in a
+/// private mount namespace): etcd's data off the disk, for every bench run alike.
+pub fn tmpfs_dir(size: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        dir.path(),
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some(format!("size={size}").as_str()),
+    )
+    .unwrap();
+    dir
+}
