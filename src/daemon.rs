@@ -911,7 +911,14 @@ impl<'a> PassLoop<'a> {
     /// kernels join the pass; a vfolder's verdict moving makes a whole pass.
     /// The state is copied only when something is refused.
     fn apply_limits(&mut self, desired: &mut Arc<crate::state::desired::Desired>, policy: &Policy) {
-        let verdicts = desired.limit_verdicts(policy);
+        let mut verdicts = desired.limit_verdicts(policy);
+        // An agent's own count covers only the records it holds: the
+        // storage node's verdicts come on top.
+        for (id, why) in self.s.cache.verdicts.refusals() {
+            if desired.vfolders.contains_key(&id) {
+                verdicts.vfolders.entry(id).or_insert(why);
+            }
+        }
         if verdicts.vfolders != self.limits.vfolders {
             self.pending.all = true;
         }
@@ -1028,6 +1035,10 @@ impl<'a> PassLoop<'a> {
                     now_needed |= o.progressed();
                 }
                 self.s.metrics.record_outcome(o, &work.desired);
+                let verdicts = &self.s.cache.verdicts;
+                if verdicts.wait_for(o.missing_vfolders.iter().copied()) {
+                    self.s.cache.kernels_changed.notify_one();
+                }
                 self.converged_once = true;
                 self.backoff = PASS_BACKOFF_MIN;
                 self.reread_at = o.reread_at;

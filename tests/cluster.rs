@@ -434,6 +434,61 @@ async fn an_agent_writes_each_new_kernel_status_once() {
     .await;
 }
 
+/// `limits.vfolders_per_owner` counts every record, which only the storage
+/// node holds: an agent whose kernel asks for a refused folder shows the
+/// storage node's verdict (not a wait for a directory that never comes),
+/// and once the owner deletes another folder the kernel gets its folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_kernel_shows_the_storage_nodes_refusal_until_it_is_lifted() {
+    require_private_mount_namespace();
+    within(150, async {
+        let etcd = Etcd::start().await;
+        let role = |roles| NodeOpts {
+            roles,
+            ..Default::default()
+        };
+        let storage = Node::start(&etcd, "s1", role("[storage]"));
+        let agent = Node::start(&etcd, "a1", role("[agent]"));
+        for n in [&storage, &agent] {
+            let policies = n.dir.path().join("policies");
+            std::fs::create_dir_all(&policies).unwrap();
+            let limits = "fstypes: {bind: {}}\nlimits: {vfolders_per_owner: 1}\n";
+            std::fs::write(policies.join("limits.yaml"), limits).unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await; // the policy watchers
+                                                          // alice's first folder is hers; her second is one too many.
+        let (share, ids) = shared_volume_with_records(&etcd, 2).await;
+        let status = |id: &String| format!("{P}/status/vfolders/{id}");
+        etcd.wait_state(&status(&ids[0]), "Ready").await;
+        etcd.wait_state(&status(&ids[1]), "Rejected").await;
+
+        let k = format!("mounts: [{{vfolder: {}}}]\n", ids[1]);
+        etcd.put(&agent.kernel_key("k1"), &k).await;
+        let st = etcd
+            .wait_for(
+                &agent.kernel_status("k1"),
+                "the storage node's verdict",
+                |v| {
+                    v["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("policy limits.vfolders_per_owner"))
+                },
+            )
+            .await;
+        assert_eq!(st["state"], "Pending", "{st}");
+
+        // alice deletes her first folder: the second is hers now.
+        etcd.delete(&format!("{P}/vfolders/{}", ids[0])).await;
+        etcd.wait_state(&status(&ids[1]), "Ready").await;
+        etcd.wait_state(&agent.kernel_status("k1"), "Ready").await;
+        let folder = agent.home("k1").join(format!("f-{}", &ids[1][..8]));
+        std::fs::write(folder.join("notes.txt"), "hello").unwrap();
+        let landed = share.path().join(shard(&ids[1])).join("notes.txt");
+        assert_eq!(std::fs::read_to_string(landed).unwrap(), "hello");
+    })
+    .await;
+}
+
 /// A bind volume `shared` on a host directory (standing in for a network
 /// share) and `n` vfolder records on it: the directory and the ids.
 async fn shared_volume_with_records(etcd: &Etcd, n: usize) -> (tempfile::TempDir, Vec<String>) {

@@ -90,6 +90,9 @@ pub struct PassOutcome {
     pub sas_expiry: Vec<(String, u64)>,
     /// When the next SAS or token file enters its renewal window.
     pub renew_deadline: Option<Instant>,
+    /// vfolders a kernel's bind found no directory for: an agent asks
+    /// whether their storage node refuses them ([`crate::state::verdict`]).
+    pub missing_vfolders: BTreeSet<Uuid>,
 }
 
 impl PassOutcome {
@@ -98,6 +101,7 @@ impl PassOutcome {
         PassOutcome {
             actions: Vec::new(),
             followup: Changes::default(),
+            missing_vfolders: BTreeSet::new(),
             ..self.clone()
         }
     }
@@ -189,6 +193,8 @@ pub struct Reconciler {
     /// The store was rebuilt: the first whole live pass adopts what sits at
     /// the targets vfolderd would mount.
     adopt: bool,
+    /// vfolders whose bind found no directory in this pass.
+    missing_vfolders: BTreeSet<Uuid>,
 }
 
 /// What the executor did, folded into per-object results.
@@ -225,6 +231,7 @@ impl Reconciler {
             prev: None,
             want_cache: None,
             adopt: false,
+            missing_vfolders: BTreeSet::new(),
         }
     }
 
@@ -619,6 +626,14 @@ impl Reconciler {
             if let Err(e) = &o.result {
                 tracing::warn!(action = %o.action.kind(), owner = ?o.owner, error = %status_message(e), "action failed");
             }
+            if let (Action::Bind { bind }, Err(ExecError::SourceMissing(_))) =
+                (&o.action, &o.result)
+            {
+                let vfolder = bind.label.strip_prefix("vfolder:").map(Uuid::parse_str);
+                if let Some(Ok(id)) = vfolder {
+                    self.missing_vfolders.insert(id);
+                }
+            }
             if let Action::MakeDir {
                 path,
                 owner: None,
@@ -796,6 +811,7 @@ impl Reconciler {
             scoped_converged,
             scope: kernels,
             followup,
+            missing_vfolders: std::mem::take(&mut self.missing_vfolders),
         })
     }
 

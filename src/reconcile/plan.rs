@@ -634,8 +634,8 @@ fn vfolder_bind(
 ) -> MountResolution {
     let vf = match d.vfolders.get(vid).map(|e| &e.spec) {
         None => return MountResolution::Pending(format!("vfolder {vid} has no record")),
-        Some(Err(_)) => {
-            return MountResolution::Pending(format!("vfolder {vid} record is rejected"))
+        Some(Err(why)) => {
+            return MountResolution::Pending(format!("vfolder {vid} is refused: {why}"))
         }
         Some(Ok(vf)) if vf.trash => {
             // A running kernel keeps its bind (its kernel is held); a new one waits.

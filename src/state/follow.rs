@@ -25,6 +25,7 @@ use uuid::Uuid;
 use crate::keys::ObjectKey;
 use crate::state::desired::DesiredParser;
 use crate::state::ledger::Ledger;
+use crate::state::verdict::{refusal, RECHECK};
 use crate::state::watch::{apply_changes, DesiredCache, RawEvent, WatchError, MAX_ETCD_MESSAGE};
 
 /// Records read per transaction (etcd's `--max-txn-ops` is 128 by default).
@@ -163,6 +164,8 @@ struct Follower {
     next_watch_id: i64,
     /// What the kernels want may have changed since it was last compared.
     dirty: bool,
+    /// When the storage node's refusals are next read again.
+    recheck_at: Option<tokio::time::Instant>,
 }
 
 /// Runs forever; cancel by dropping the task.
@@ -187,6 +190,7 @@ pub async fn run_follower(
         stream: None,
         next_watch_id: 1,
         dirty: true,
+        recheck_at: None,
     };
     let mut delay = RETRY_MIN;
     loop {
@@ -213,7 +217,15 @@ impl Follower {
     async fn round(&mut self) -> Result<(), WatchError> {
         if std::mem::take(&mut self.dirty) {
             self.sync().await?;
+            self.check_verdicts(false).await?;
         }
+        let recheck_at = self.recheck_at;
+        let recheck = async {
+            match recheck_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let (cache, stream) = (&self.cache, &mut self.stream);
         let answer = async {
             match stream.as_mut() {
@@ -226,6 +238,7 @@ impl Follower {
                 self.dirty = true;
                 return Ok(());
             }
+            () = recheck => return self.check_verdicts(true).await,
             a = answer => a,
         };
         match answer {
@@ -247,6 +260,40 @@ impl Follower {
         self.forget(&drop).await?;
         for batch in add.chunks(FETCH_BATCH) {
             self.follow(batch).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads the statuses of the followed vfolders a kernel waits for (and,
+    /// when `recheck`, of those refused) and takes up the storage node's
+    /// verdicts; a verdict that changed wakes the loop for a whole pass.
+    async fn check_verdicts(&mut self, recheck: bool) -> Result<(), WatchError> {
+        let verdicts = &self.cache.verdicts;
+        let ids: BTreeSet<Uuid> = verdicts
+            .to_check(recheck)
+            .into_iter()
+            .filter(|id| self.followed.contains_key(id))
+            .collect();
+        if !ids.is_empty() {
+            let keys: Vec<String> = ids
+                .iter()
+                .map(|id| self.parser.keys.vfolder_status(id))
+                .collect();
+            let (_, got) = fetch(&mut self.kv, &keys, None).await?;
+            let found = ids
+                .iter()
+                .zip(got)
+                .filter_map(|(id, kv)| Some((*id, refusal(kv?.value())?)))
+                .collect();
+            if verdicts.record(&ids, found) {
+                tracing::info!(vfolders = ?ids, "the storage node's verdicts changed");
+                self.cache.verdicts_changed();
+            }
+        }
+        if recheck || self.recheck_at.is_none() {
+            self.recheck_at = verdicts
+                .any_refused()
+                .then(|| tokio::time::Instant::now() + RECHECK);
         }
         Ok(())
     }
@@ -346,6 +393,7 @@ impl Follower {
         if ids.is_empty() {
             return Ok(());
         }
+        self.cache.verdicts.forget(ids);
         let revision = self
             .cache
             .revision

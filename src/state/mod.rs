@@ -10,4 +10,5 @@ pub mod ledger;
 pub mod nodefiles;
 pub mod policywatch;
 pub mod status;
+pub mod verdict;
 pub mod watch;

@@ -162,6 +162,9 @@ pub struct DesiredCache {
     /// values held for them (read later than the listing, or about to be
     /// brought past it by their watch: never back to the listing's).
     pub followed: Mutex<std::collections::HashSet<Uuid>>,
+    /// The storage node's verdicts on vfolders this agent's kernels wait
+    /// for (read by the follower, applied by the loop as limits).
+    pub verdicts: crate::state::verdict::Verdicts,
     /// Counts what the watch streams bring (`vfolderd_etcd_watch_*`), once
     /// the daemon has set them.
     pub counters: std::sync::OnceLock<WatchCounters>,
@@ -229,6 +232,17 @@ impl DesiredCache {
     /// volume, rotated credentials, a reconnect): a whole pass.
     pub fn touch(&self) {
         self.lock().changes.all = true;
+        self.changed.notify_one();
+    }
+
+    /// Wakes the loop for a whole pass under a new generation: the storage
+    /// node's verdicts (applied with the limits) changed, so what the
+    /// state resolved to before no longer holds.
+    pub fn verdicts_changed(&self) {
+        let mut cur = self.lock();
+        cur.generation += 1;
+        cur.changes.all = true;
+        drop(cur);
         self.changed.notify_one();
     }
 
