@@ -565,9 +565,10 @@ pub async fn run_liveness(
     value: impl Fn() -> Value + Send,
     health: Arc<crate::metrics::Health>,
 ) {
-    let tick = Duration::from_secs((ttl as u64 / 3).max(1));
+    let ttl = Duration::from_secs(ttl.max(1) as u64);
+    let tick = (ttl / 3).max(Duration::from_secs(1));
     loop {
-        let lease = match client.lease_grant(ttl, None).await {
+        let lease = match client.lease_grant(ttl.as_secs() as i64, None).await {
             Ok(l) => l.id(),
             Err(e) => {
                 tracing::debug!(error = %crate::error::error_chain(&StatusError::LeaseFailed(e)), "node lease");
@@ -575,28 +576,62 @@ pub async fn run_liveness(
                 continue;
             }
         };
-        let (mut keeper, mut stream) = match client.lease_keep_alive(lease).await {
-            Ok(x) => x,
-            Err(_) => {
-                tokio::time::sleep(tick).await;
-                continue;
-            }
+        let granted = Instant::now();
+        let Ok((keeper, stream)) = client.lease_keep_alive(lease).await else {
+            tokio::time::sleep(tick).await;
+            continue;
         };
+        let mut held = HeldLease {
+            lease,
+            keeper,
+            stream,
+            valid_until: granted + ttl,
+            asked: None,
+        };
+        let why = held.hold(&mut client, &keys, tick, &value, &health).await;
+        tracing::info!(
+            lease = format!("{lease:x}"),
+            why,
+            "node liveness lease given up; granting another"
+        );
+    }
+}
+
+/// A liveness lease being kept: at most one keep-alive is unanswered at a
+/// time, and the lease is given up only once it may be gone.
+struct HeldLease {
+    lease: i64,
+    keeper: etcd_client::LeaseKeeper,
+    stream: etcd_client::LeaseKeepAliveStream,
+    /// Until when the lease surely holds: the last answered keep-alive's
+    /// send time plus the TTL (etcd renewed it no earlier than that).
+    valid_until: Instant,
+    /// When the unanswered keep-alive was sent.
+    asked: Option<Instant>,
+}
+
+impl HeldLease {
+    /// Keeps the lease and the key; returns why the lease was given up.
+    /// A slow answer (etcd or a proxy under load) is waited for as long as
+    /// the lease surely holds, rather than given up after one tick: at
+    /// 4,000 nodes behind a grpc-proxy, every lease replaced for a slow
+    /// answer was one more lease and one more put on the loaded path. A
+    /// failed put keeps the lease too (the put is tried again).
+    async fn hold(
+        &mut self,
+        client: &mut Client,
+        keys: &Keys,
+        tick: Duration,
+        value: &impl Fn() -> Value,
+        health: &crate::metrics::Health,
+    ) -> &'static str {
         let mut last: Option<Value> = None;
-        let mut next_keep_alive = Instant::now();
-        // The lease holds until `renewed + ttl`. A slow answer (etcd or a
-        // proxy under load) or a failed put keeps it: granting a new lease
-        // for every slow answer multiplied the leases, and the load, at
-        // 4,000 nodes behind a grpc-proxy. Only a lease surely gone (its
-        // TTL passed with no renewal, etcd says so, the stream broke) is
-        // replaced.
-        let mut renewed = Instant::now();
-        let ttl_time = Duration::from_secs(ttl.max(1) as u64);
-        while renewed.elapsed() < ttl_time {
+        let mut next_ask = Instant::now() + tick;
+        loop {
             let v = value();
             if last.as_ref() != Some(&v) {
                 let body = serde_json::to_vec(&v).expect("json");
-                let opts = Some(PutOptions::new().with_lease(lease));
+                let opts = Some(PutOptions::new().with_lease(self.lease));
                 match client.put(keys.node_status(), body, opts).await {
                     Ok(_) => last = Some(v),
                     Err(e) => {
@@ -604,19 +639,32 @@ pub async fn run_liveness(
                     }
                 }
             }
-            if Instant::now() >= next_keep_alive {
-                if keeper.keep_alive().await.is_err() {
-                    break;
+            if self.asked.is_none() && Instant::now() >= next_ask {
+                if self.keeper.keep_alive().await.is_err() {
+                    return "the keep-alive stream broke";
                 }
-                match tokio::time::timeout(tick, stream.message()).await {
-                    Ok(Ok(Some(r))) if r.ttl() > 0 => renewed = Instant::now(),
-                    Err(_) => {} // no answer yet: the lease holds; tried again
-                    _ => break,  // expired, or the stream broke
-                }
-                next_keep_alive = Instant::now() + tick;
+                self.asked = Some(Instant::now());
             }
+            let wake = match self.asked {
+                Some(_) => self.valid_until,
+                None => next_ask,
+            };
+            let waiting = self.asked.is_some();
             tokio::select! {
-                () = tokio::time::sleep_until(next_keep_alive) => {}
+                answer = self.stream.message(), if waiting => match answer {
+                    Ok(Some(r)) if r.ttl() > 0 => {
+                        let sent = self.asked.take().unwrap_or_else(Instant::now);
+                        self.valid_until = sent + Duration::from_secs(r.ttl() as u64);
+                        next_ask = (sent + tick).max(Instant::now());
+                    }
+                    Ok(Some(_)) => return "etcd says the lease expired",
+                    _ => return "the keep-alive stream broke",
+                },
+                () = tokio::time::sleep_until(wake) => {
+                    if waiting {
+                        return "no keep-alive answer before the lease could end";
+                    }
+                }
                 () = health.changed.notified() => {}
             }
         }

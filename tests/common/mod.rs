@@ -423,6 +423,7 @@ pub struct Proxy {
     /// `http://127.0.0.1:PORT` to give the daemon.
     pub endpoint: String,
     cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
     conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -434,20 +435,21 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (cut2, conns2) = (cut.clone(), conns.clone());
+        let (cut2, stalled2, conns2) = (cut.clone(), stalled.clone(), conns.clone());
         let accept = tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
+                let Ok((inbound, _)) = listener.accept().await else {
                     return;
                 };
                 if cut2.load(std::sync::atomic::Ordering::SeqCst) {
                     continue; // dropped: connection refused in effect
                 }
-                let up = upstream.clone();
+                let (up, stalled) = (upstream.clone(), stalled2.clone());
                 let h = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&up).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    if let Ok(outbound) = tokio::net::TcpStream::connect(&up).await {
+                        forward(inbound, outbound, stalled).await;
                     }
                 });
                 conns2.lock().unwrap().push(h.abort_handle());
@@ -456,6 +458,7 @@ impl Proxy {
         Proxy {
             endpoint,
             cut,
+            stalled,
             conns,
             accept,
         }
@@ -473,6 +476,69 @@ impl Proxy {
     pub fn restore(&self) {
         self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
     }
+
+    /// Holds back etcd's answers (`true`) or lets them through (`false`),
+    /// keeping every connection alive: answers are late, not lost.
+    pub fn stall(&self, on: bool) {
+        self.stalled.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Copies both ways. While `stalled`, etcd's HTTP/2 frames are held back,
+/// in order, except its PINGs: the connection stays alive (the client's
+/// HTTP/2 keep-alive gets its answers) while every answer is late, as
+/// behind an etcd or a proxy under load.
+async fn forward(
+    inbound: tokio::net::TcpStream,
+    outbound: tokio::net::TcpStream,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const PING: u8 = 6;
+    let (mut client_r, mut client_w) = inbound.into_split();
+    let (mut etcd_r, mut etcd_w) = outbound.into_split();
+    let up = async {
+        let _ = tokio::io::copy(&mut client_r, &mut etcd_w).await;
+        let _ = etcd_w.shutdown().await;
+    };
+    let down = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut pending: Vec<u8> = Vec::new(); // bytes not yet a whole frame
+        let mut held: std::collections::VecDeque<Vec<u8>> = Default::default();
+        loop {
+            let stall = stalled.load(std::sync::atomic::Ordering::SeqCst);
+            while !stall && !held.is_empty() {
+                let frame = held.pop_front().unwrap();
+                if client_w.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+            let read = tokio::time::timeout(Duration::from_millis(20), etcd_r.read(&mut buf));
+            let n = match read.await {
+                Err(_) => continue, // look at the stall again
+                Ok(Ok(n @ 1..)) => n,
+                Ok(_) => break,
+            };
+            pending.extend_from_slice(&buf[..n]);
+            // Whole frames: a 9-byte header (24-bit length, type, flags, stream).
+            while pending.len() >= 9 {
+                let len = (usize::from(pending[0]) << 16)
+                    | (usize::from(pending[1]) << 8)
+                    | usize::from(pending[2]);
+                if pending.len() < 9 + len {
+                    break;
+                }
+                let frame: Vec<u8> = pending.drain(..9 + len).collect();
+                if stalled.load(std::sync::atomic::Ordering::SeqCst) && frame[3] != PING {
+                    held.push_back(frame);
+                } else if client_w.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let _ = client_w.shutdown().await;
+    };
+    tokio::join!(up, down);
 }
 
 impl Drop for Proxy {
