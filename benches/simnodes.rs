@@ -44,7 +44,9 @@ use common::{arg, free_port, pct, proc_rss_kib, Kill};
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use serde_json::{json, Value};
 use vfolderd::keys::Keys;
-use vfolderd::state::status::{run_liveness, run_status_writer, StatusBatch, StatusWriter};
+use vfolderd::state::status::{
+    run_liveness, run_status_writer, LivenessLease, StatusBatch, StatusWriter,
+};
 
 const P: &str = "/vfolderd";
 
@@ -164,7 +166,7 @@ async fn sim_node(
     tokio::spawn(run_liveness(
         client.clone(),
         keys.clone(),
-        15,
+        LivenessLease::Own(15),
         || json!({"state": "Running", "ready": true, "roles": ["agent"]}),
         health,
     ));

@@ -37,7 +37,7 @@ use crate::state::election::{run_elections, Elections};
 use crate::state::ledger::{Ledger, LedgerError};
 use crate::state::policywatch::{run_dir_watcher, run_policy_watcher};
 use crate::state::status::{
-    chrono_now, run_liveness, run_status_writer, StatusBatch, StatusWriter,
+    chrono_now, run_liveness, run_status_writer, LivenessLease, StatusBatch, StatusWriter,
 };
 use crate::state::watch::{
     parse_listing, run_watcher, BrakeConfig, BrakeState, Changes, DesiredCache,
@@ -432,16 +432,15 @@ impl EtcdSide {
             });
             let _liveness = {
                 let (client, keys, h) = (client.clone(), keys.clone(), health.clone());
+                let shared = elections.as_ref().map(|el| el.lease());
                 supervised("liveness", health.clone(), metrics.clone(), move || {
                     let value = liveness_value.clone();
                     let health = h.clone();
-                    run_liveness(
-                        client.clone(),
-                        keys.clone(),
-                        NODE_LEASE_TTL,
-                        move || value(),
-                        health,
-                    )
+                    let lease = match &shared {
+                        Some(rx) => LivenessLease::Shared(rx.clone()),
+                        None => LivenessLease::Own(NODE_LEASE_TTL),
+                    };
+                    run_liveness(client.clone(), keys.clone(), lease, move || value(), health)
                 })
             };
             let _elector = elections.map(|el| {

@@ -489,6 +489,67 @@ async fn an_agents_kernel_shows_the_storage_nodes_refusal_until_it_is_lifted() {
     .await;
 }
 
+/// A node's heartbeat is one lease: an agent's liveness key has its own;
+/// a storage node's lives under its leadership lease (one keep-alive
+/// stream per node, whatever its roles).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_node_keeps_one_lease() {
+    require_private_mount_namespace();
+    within(90, async {
+        let etcd = Etcd::start().await;
+        let role = |roles| NodeOpts {
+            roles,
+            ..Default::default()
+        };
+        let storage = Node::start(&etcd, "s1", role("[storage]"));
+        let agent = Node::start(&etcd, "a1", role("[agent]"));
+        let mut c = etcd.client().await;
+        let mut leases = Vec::new();
+        for n in [&storage, &agent] {
+            let key = format!("{P}/status/nodes/{}", n.name);
+            etcd.wait_for(&key, "ready", |v| v["ready"] == true).await;
+            let r = c.get(key.as_str(), None).await.unwrap();
+            leases.push(r.kvs()[0].lease());
+        }
+        let (s1, a1) = (leases[0], leases[1]);
+        // The storage node's candidacy: `P/leaders/cluster/<lease in hex>`.
+        let leaders = etcd
+            .client()
+            .await
+            .get(
+                format!("{P}/leaders/"),
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .unwrap();
+        let candidacies: Vec<(String, i64)> = leaders
+            .kvs()
+            .iter()
+            .map(|kv| (kv.key_str().unwrap().to_string(), kv.lease()))
+            .collect();
+        assert_eq!(
+            candidacies,
+            [(format!("{P}/leaders/cluster/{s1:x}"), s1)],
+            "the storage node campaigns under its liveness lease"
+        );
+        let mut all: Vec<i64> = etcd
+            .client()
+            .await
+            .leases()
+            .await
+            .unwrap()
+            .leases()
+            .iter()
+            .map(|l| l.id())
+            .collect();
+        all.sort();
+        let mut want = vec![s1, a1];
+        want.sort();
+        assert_eq!(all, want, "two nodes, two leases");
+    })
+    .await;
+}
+
 /// A bind volume `shared` on a host directory (standing in for a network
 /// share) and `n` vfolder records on it: the directory and the ids.
 async fn shared_volume_with_records(etcd: &Etcd, n: usize) -> (tempfile::TempDir, Vec<String>) {

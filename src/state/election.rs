@@ -147,6 +147,9 @@ pub struct Elections {
     /// resumes its lease, and so its terms, instead of waiting a TTL for
     /// its own last lease to expire before anyone leads its volumes.
     lease_file: Option<std::path::PathBuf>,
+    /// The lease held now: a storage node's liveness key lives under it
+    /// too (one lease, one keep-alive stream per node).
+    lease: tokio::sync::watch::Sender<Option<i64>>,
 }
 
 #[derive(Default)]
@@ -165,6 +168,7 @@ impl Elections {
             ttl,
             wanted_changed: Notify::new(),
             lease_file: None,
+            lease: tokio::sync::watch::Sender::new(None),
         }
     }
 
@@ -192,6 +196,12 @@ impl Elections {
             drop(i);
             self.wanted_changed.notify_one();
         }
+    }
+
+    /// The lease held now (`None` between a lost lease and the next),
+    /// changes included.
+    pub fn lease(&self) -> tokio::sync::watch::Receiver<Option<i64>> {
+        self.lease.subscribe()
     }
 
     /// What this node leads now.
@@ -281,6 +291,7 @@ pub async fn run_elections(
             if let Some(at) = sent.checked_sub(ttl.saturating_sub(left)) {
                 el.renewed(at);
             }
+            el.lease.send_replace(Some(lease));
             let ended = hold_lease(&client, &keys, &el, lease, &wake).await;
             lease_lost(&client, &el, lease, &ended, &*wake).await;
             continue;
@@ -296,6 +307,7 @@ pub async fn run_elections(
         };
         delay = Duration::from_millis(500);
         el.renewed(sent);
+        el.lease.send_replace(Some(lease));
         if let Some(f) = &el.lease_file {
             if let Err(e) = std::fs::write(f, format!("{lease}\n")) {
                 tracing::warn!(file = %f.display(), error = %e, "cannot keep the leadership lease id");
@@ -315,6 +327,7 @@ async fn lease_lost(
     wake: &(dyn Fn() + Send + Sync),
 ) {
     el.set(|t| t.clear());
+    el.lease.send_replace(None);
     wake();
     tracing::warn!(error = %crate::error::error_chain(ended), "leadership lease lost: no directory work until this node leads again");
     if let Some(f) = &el.lease_file {

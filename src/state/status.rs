@@ -554,21 +554,96 @@ pub fn chrono_now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
+/// Which lease the liveness key lives under.
+pub enum LivenessLease {
+    /// One of its own, of this TTL in seconds, kept alive here (an agent).
+    Own(i64),
+    /// The storage node's leadership lease, kept alive by the elector
+    /// ([`crate::state::election::Elections::lease`]): one lease per node.
+    Shared(tokio::sync::watch::Receiver<Option<i64>>),
+}
+
 /// Keeps `P/status/nodes/<node>` alive under a lease while vfolderd runs.
 /// The lease's keep-alives are the heartbeat; the key is rewritten only
 /// when its value changes (`value` is re-read at each keep-alive and when
 /// `health` says readiness or the brake changed).
 pub async fn run_liveness(
+    client: Client,
+    keys: Keys,
+    lease: LivenessLease,
+    value: impl Fn() -> Value + Send,
+    health: Arc<crate::metrics::Health>,
+) {
+    match lease {
+        LivenessLease::Own(ttl) => own_lease(client, keys, ttl, value, health).await,
+        LivenessLease::Shared(rx) => shared_lease(client, keys, rx, value, health).await,
+    }
+}
+
+/// Puts the key under each lease the elector holds, and again when its
+/// value changes; a failed put is tried again every second. While the
+/// elector holds no lease the key is gone with the last one: the node is
+/// not live to anyone reading it, which is what it is.
+async fn shared_lease(
+    mut client: Client,
+    keys: Keys,
+    mut rx: tokio::sync::watch::Receiver<Option<i64>>,
+    value: impl Fn() -> Value + Send,
+    health: Arc<crate::metrics::Health>,
+) {
+    let mut last: Option<(i64, Value)> = None;
+    loop {
+        let lease = *rx.borrow_and_update();
+        let mut retry = false;
+        if let Some(lease) = lease {
+            let v = value();
+            if last.as_ref() != Some(&(lease, v.clone())) {
+                let body = serde_json::to_vec(&v).expect("json");
+                let opts = Some(PutOptions::new().with_lease(lease));
+                match client.put(keys.node_status(), body, opts).await {
+                    Ok(_) => last = Some((lease, v)),
+                    Err(e) => {
+                        retry = true;
+                        tracing::debug!(error = %crate::error::error_chain(&StatusError::LeaseFailed(e)), "node liveness key; retried in 1 s");
+                    }
+                }
+            }
+        }
+        let again = async {
+            match retry {
+                true => tokio::time::sleep(Duration::from_secs(1)).await,
+                false => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            () = health.changed.notified() => {}
+            () = again => {}
+        }
+    }
+}
+
+/// Grants and keeps a lease of its own. A keep-alive goes every `ttl / 3`
+/// whether or not the last was answered, as etcd's own client does: behind
+/// a grpc-proxy at 4,000 nodes an answer can be late or never come, and a
+/// loop that waited for each one before asking again kept only ~2,400 of
+/// 4,000 liveness keys, where this one kept them all (BENCHMARKS.md). The
+/// lease is taken as renewed when an answer arrives, whenever that is (an
+/// answer that came after its wait ended is read before the lease is
+/// judged gone); a lease that in fact ended says so at the next answer
+/// (`ttl` 0), and only then, or when no answer came for a whole TTL, or the
+/// stream broke, is a new lease granted. A failed put keeps the lease too.
+async fn own_lease(
     mut client: Client,
     keys: Keys,
     ttl: i64,
     value: impl Fn() -> Value + Send,
     health: Arc<crate::metrics::Health>,
 ) {
-    let ttl = Duration::from_secs(ttl.max(1) as u64);
-    let tick = (ttl / 3).max(Duration::from_secs(1));
+    let tick = Duration::from_secs((ttl as u64 / 3).max(1));
+    let ttl_time = Duration::from_secs(ttl.max(1) as u64);
     loop {
-        let lease = match client.lease_grant(ttl.as_secs() as i64, None).await {
+        let lease = match client.lease_grant(ttl, None).await {
             Ok(l) => l.id(),
             Err(e) => {
                 tracing::debug!(error = %crate::error::error_chain(&StatusError::LeaseFailed(e)), "node lease");
@@ -576,19 +651,48 @@ pub async fn run_liveness(
                 continue;
             }
         };
-        let granted = Instant::now();
-        let Ok((keeper, stream)) = client.lease_keep_alive(lease).await else {
+        let Ok((mut keeper, mut stream)) = client.lease_keep_alive(lease).await else {
             tokio::time::sleep(tick).await;
             continue;
         };
-        let mut held = HeldLease {
-            lease,
-            keeper,
-            stream,
-            valid_until: granted + ttl,
-            asked: None,
+        let mut last: Option<Value> = None;
+        let mut next_keep_alive = Instant::now();
+        let mut renewed = Instant::now();
+        let why = loop {
+            if let Err(why) = read_late_answers(&mut stream, &mut renewed).await {
+                break why;
+            }
+            if renewed.elapsed() >= ttl_time {
+                break "no keep-alive answer for a whole TTL";
+            }
+            let v = value();
+            if last.as_ref() != Some(&v) {
+                let body = serde_json::to_vec(&v).expect("json");
+                let opts = Some(PutOptions::new().with_lease(lease));
+                match client.put(keys.node_status(), body, opts).await {
+                    Ok(_) => last = Some(v),
+                    Err(e) => {
+                        tracing::debug!(error = %crate::error::error_chain(&StatusError::LeaseFailed(e)), "node liveness key; retried at the next keep-alive");
+                    }
+                }
+            }
+            if Instant::now() >= next_keep_alive {
+                if keeper.keep_alive().await.is_err() {
+                    break "the keep-alive stream broke";
+                }
+                match tokio::time::timeout(tick, stream.message()).await {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => renewed = Instant::now(),
+                    Err(_) => {} // no answer yet: the lease holds; asked again
+                    Ok(Ok(Some(_))) => break "etcd says the lease expired",
+                    Ok(_) => break "the keep-alive stream broke",
+                }
+                next_keep_alive = Instant::now() + tick;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(next_keep_alive) => {}
+                () = health.changed.notified() => {}
+            }
         };
-        let why = held.hold(&mut client, &keys, tick, &value, &health).await;
         tracing::info!(
             lease = format!("{lease:x}"),
             why,
@@ -597,76 +701,19 @@ pub async fn run_liveness(
     }
 }
 
-/// A liveness lease being kept: at most one keep-alive is unanswered at a
-/// time, and the lease is given up only once it may be gone.
-struct HeldLease {
-    lease: i64,
-    keeper: etcd_client::LeaseKeeper,
-    stream: etcd_client::LeaseKeepAliveStream,
-    /// Until when the lease surely holds: the last answered keep-alive's
-    /// send time plus the TTL (etcd renewed it no earlier than that).
-    valid_until: Instant,
-    /// When the unanswered keep-alive was sent.
-    asked: Option<Instant>,
-}
-
-impl HeldLease {
-    /// Keeps the lease and the key; returns why the lease was given up.
-    /// A slow answer (etcd or a proxy under load) is waited for as long as
-    /// the lease surely holds, rather than given up after one tick: at
-    /// 4,000 nodes behind a grpc-proxy, every lease replaced for a slow
-    /// answer was one more lease and one more put on the loaded path. A
-    /// failed put keeps the lease too (the put is tried again).
-    async fn hold(
-        &mut self,
-        client: &mut Client,
-        keys: &Keys,
-        tick: Duration,
-        value: &impl Fn() -> Value,
-        health: &crate::metrics::Health,
-    ) -> &'static str {
-        let mut last: Option<Value> = None;
-        let mut next_ask = Instant::now() + tick;
-        loop {
-            let v = value();
-            if last.as_ref() != Some(&v) {
-                let body = serde_json::to_vec(&v).expect("json");
-                let opts = Some(PutOptions::new().with_lease(self.lease));
-                match client.put(keys.node_status(), body, opts).await {
-                    Ok(_) => last = Some(v),
-                    Err(e) => {
-                        tracing::debug!(error = %crate::error::error_chain(&StatusError::LeaseFailed(e)), "node liveness key; retried at the next keep-alive");
-                    }
-                }
-            }
-            if self.asked.is_none() && Instant::now() >= next_ask {
-                if self.keeper.keep_alive().await.is_err() {
-                    return "the keep-alive stream broke";
-                }
-                self.asked = Some(Instant::now());
-            }
-            let wake = match self.asked {
-                Some(_) => self.valid_until,
-                None => next_ask,
-            };
-            let waiting = self.asked.is_some();
-            tokio::select! {
-                answer = self.stream.message(), if waiting => match answer {
-                    Ok(Some(r)) if r.ttl() > 0 => {
-                        let sent = self.asked.take().unwrap_or_else(Instant::now);
-                        self.valid_until = sent + Duration::from_secs(r.ttl() as u64);
-                        next_ask = (sent + tick).max(Instant::now());
-                    }
-                    Ok(Some(_)) => return "etcd says the lease expired",
-                    _ => return "the keep-alive stream broke",
-                },
-                () = tokio::time::sleep_until(wake) => {
-                    if waiting {
-                        return "no keep-alive answer before the lease could end";
-                    }
-                }
-                () = health.changed.notified() => {}
-            }
+/// Reads the keep-alive answers already here (they came after their wait
+/// ended): each renews the lease; a gone lease or a broken stream is an error.
+async fn read_late_answers(
+    stream: &mut etcd_client::LeaseKeepAliveStream,
+    renewed: &mut Instant,
+) -> Result<(), &'static str> {
+    loop {
+        // A zero timeout polls the answer once: ready, or not yet.
+        match tokio::time::timeout(Duration::ZERO, stream.message()).await {
+            Err(_) => return Ok(()),
+            Ok(Ok(Some(r))) if r.ttl() > 0 => *renewed = Instant::now(),
+            Ok(Ok(Some(_))) => return Err("etcd says the lease expired"),
+            Ok(_) => return Err("the keep-alive stream broke"),
         }
     }
 }
