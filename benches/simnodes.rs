@@ -175,7 +175,7 @@ async fn sim_node(
     tokio::spawn(run_status_writer(
         StatusWriter::new(client.clone(), keys.clone()),
         rx,
-        move |n| {
+        move |n, _| {
             c.status_keys_written.fetch_add(n as u64, Ordering::Relaxed);
         },
     ));

@@ -11,7 +11,8 @@
 #   tests    etcd-server etcd-client (a real etcd), rclone fuse3 (FUSE mounts of
 #            blob containers), util-linux (unshare, findmnt), procps, iproute2,
 #            npm + azurite (the Azure Blob emulator), runc + busybox-static
-#            (tests/kernel.rs starts real containers on a busybox root)
+#            (tests/kernel.rs starts real containers on a busybox root),
+#            prometheus (promtool: tests/operator.rs lints /metrics and tests the alert rules)
 set -euo pipefail
 
 packages=(
@@ -22,6 +23,7 @@ packages=(
   util-linux procps
   runc busybox-static
   btrfs-progs
+  prometheus
 )
 
 # Installed packages and what they provide, one name per line: nodesource's
@@ -43,6 +45,14 @@ missing() {
 apt_install() {
   echo "installing (apt): $*" >&2
   export DEBIAN_FRONTEND=noninteractive
+  # Packages with services (etcd-server, prometheus) are installed for their
+  # binaries: no service is started (policy-rc.d, as in Debian's containers).
+  local policy=/usr/sbin/policy-rc.d
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   local log
   log=$(mktemp)
   if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends "$@"; } >"$log" 2>&1; then

@@ -180,6 +180,7 @@ pub async fn run(
     let _ = cache.counters.set(crate::state::watch::WatchCounters {
         events: metrics.watch_events.clone(),
         bytes: metrics.watch_bytes.clone(),
+        restarts: metrics.ops.watch_restarts.clone(),
     });
     // An invalid policy at start is fatal: never run with an open policy by accident.
     let policy = Policy::load_dir(&cfg.policies)?.unwrap_or_default();
@@ -454,8 +455,14 @@ impl EtcdSide {
                 })
             });
             let writer = StatusWriter::new(client, keys);
-            run_status_writer(writer, status_rx, move |n| {
-                metrics.status_writes.inc_by(n as u64)
+            run_status_writer(writer, status_rx, move |n, took| {
+                metrics.status_writes.inc_by(n as u64);
+                if n > 0 {
+                    metrics
+                        .ops
+                        .status_write_duration
+                        .observe(took.as_secs_f64());
+                }
             })
             .await;
         });
@@ -1138,6 +1145,8 @@ where
     F: Fn() -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    // At 0 from the start: an alert on its increase sees the first death.
+    metrics.task_restarts.with_label_values(&[name]);
     AbortOnDrop(tokio::spawn(async move {
         let mut delay = TASK_RESTART_MIN;
         loop {

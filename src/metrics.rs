@@ -9,8 +9,8 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::reconcile::pass::PassOutcome;
@@ -79,6 +79,115 @@ pub struct Metrics {
     pub vfolders_over_quota: IntGaugeVec,
     /// `vfolderd_usage_scan_duration_seconds`: time of one vfolder's usage scan.
     pub scan_duration: Histogram,
+    /// How long mounts, unmounts and status writes take; what went wrong with them.
+    pub ops: Ops,
+}
+
+/// The latencies and failures an operator watches a node's work by.
+pub struct Ops {
+    /// `vfolderd_mount_duration_seconds{op="mount"|"unmount",fstype}`.
+    pub mount_duration: HistogramVec,
+    /// `vfolderd_mount_helper_timeouts_total{fstype}`: helpers killed at `mount_timeout`.
+    pub helper_timeouts: IntCounterVec,
+    /// `vfolderd_stale_heals_total`: stale volume mounts detached to be mounted again.
+    pub stale_heals: IntCounter,
+    /// `vfolderd_etcd_watch_restarts_total{how="resume"|"relist"}`.
+    pub watch_restarts: IntCounterVec,
+    /// `vfolderd_status_write_duration_seconds`: one write of the changed statuses.
+    pub status_write_duration: Histogram,
+}
+
+impl Ops {
+    /// Creates the series in `registry`; every label value they can take
+    /// starts at 0, so `increase()` sees the first one.
+    fn new(registry: &Registry) -> Self {
+        let buckets = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0, 60.0,
+        ];
+        let mount_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "vfolderd_mount_duration_seconds",
+                "Time of one volume mount, bind or unmount, by fstype",
+            )
+            .buckets(buckets.clone()),
+            &["op", "fstype"],
+        )
+        .expect("metric");
+        let helper_timeouts = IntCounterVec::new(
+            Opts::new(
+                "vfolderd_mount_helper_timeouts_total",
+                "Mount helpers still running at mount_timeout (killed)",
+            ),
+            &["fstype"],
+        )
+        .expect("metric");
+        let stale_heals = IntCounter::new(
+            "vfolderd_stale_heals_total",
+            "Stale volume mounts detached to be mounted again",
+        )
+        .expect("metric");
+        let watch_restarts = IntCounterVec::new(
+            Opts::new(
+                "vfolderd_etcd_watch_restarts_total",
+                "Watches of the desired state started again: resumed at their revision, or relisted",
+            ),
+            &["how"],
+        )
+        .expect("metric");
+        let status_write_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "vfolderd_status_write_duration_seconds",
+                "Time of one write of the changed status keys to etcd (retries apart)",
+            )
+            .buckets(buckets),
+        )
+        .expect("metric");
+        for f in crate::spec::Fstype::LABELS {
+            helper_timeouts.with_label_values(&[f]);
+        }
+        for how in ["resume", "relist"] {
+            watch_restarts.with_label_values(&[how]);
+        }
+        for c in [
+            Box::new(mount_duration.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(helper_timeouts.clone()),
+            Box::new(stale_heals.clone()),
+            Box::new(watch_restarts.clone()),
+            Box::new(status_write_duration.clone()),
+        ] {
+            registry.register(c).expect("register");
+        }
+        Self {
+            mount_duration,
+            helper_timeouts,
+            stale_heals,
+            watch_restarts,
+            status_write_duration,
+        }
+    }
+
+    /// Times and counts what one pass's actions did.
+    fn record(&self, a: &crate::reconcile::pass::ActionResult) {
+        use crate::reconcile::plan::ActionKind;
+        let op = match a.kind {
+            ActionKind::Mount | ActionKind::Bind => Some("mount"),
+            ActionKind::Unmount => Some("unmount"),
+            _ => None,
+        };
+        if let (Some(op), Some(fstype)) = (op, a.fstype) {
+            self.mount_duration
+                .with_label_values(&[op, fstype])
+                .observe(a.elapsed.as_secs_f64());
+        }
+        if a.helper_timeout {
+            let fstype = a.fstype.unwrap_or("other");
+            self.helper_timeouts.with_label_values(&[fstype]).inc();
+        }
+        if a.kind == ActionKind::Detach && a.ok {
+            self.stale_heals.inc();
+        }
+    }
 }
 
 impl Metrics {
@@ -245,6 +354,10 @@ impl Metrics {
             .buckets(vec![0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0]),
         )
         .expect("metric");
+        for result in ["ok", "refused"] {
+            policy_reloads.with_label_values(&[result]);
+        }
+        let ops = Ops::new(&registry);
         for c in [
             Box::new(task_restarts.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(volume_capacity.clone()),
@@ -305,6 +418,7 @@ impl Metrics {
             vfolders,
             vfolders_over_quota,
             scan_duration,
+            ops,
         }
     }
 
@@ -331,6 +445,7 @@ impl Metrics {
             self.actions
                 .with_label_values(&[a.kind.as_str(), result])
                 .inc();
+            self.ops.record(a);
         }
     }
 

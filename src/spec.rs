@@ -65,6 +65,22 @@ impl Fstype {
             Fstype::Other(s) => s,
         }
     }
+
+    /// Its name as a metric label: one of a fixed few (any other fstype
+    /// is `other`), so a hostile record cannot grow the label set.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Fstype::Cifs => "cifs",
+            Fstype::Nfs => "nfs",
+            Fstype::Tmpfs => "tmpfs",
+            Fstype::Bind => "bind",
+            Fstype::AzureBlob => "azureblob",
+            Fstype::Other(_) => "other",
+        }
+    }
+
+    /// Every [`Fstype::label`].
+    pub const LABELS: [&'static str; 6] = ["cifs", "nfs", "tmpfs", "bind", "azureblob", "other"];
 }
 
 impl From<String> for Fstype {

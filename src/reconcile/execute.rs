@@ -110,11 +110,30 @@ impl ExecError {
     }
 }
 
+/// The fstype a mount or an unmount is of, as a metric label.
+fn fstype_of(action: &Action, owned: &HashMap<PathBuf, OwnedMount>) -> Option<&'static str> {
+    match action {
+        Action::MountVolume { volume } => Some(volume.fstype.label()),
+        Action::Bind { .. } => Some(Fstype::Bind.label()),
+        Action::Unmount { target, kind } => Some(match kind {
+            MountKind::Bind => Fstype::Bind.label(),
+            _ => owned
+                .get(target)
+                .map_or("other", |m| Fstype::from(m.fstype.clone()).label()),
+        }),
+        _ => None,
+    }
+}
+
 /// The outcome of one action.
 #[derive(Debug)]
 pub struct Outcome {
     /// The action.
     pub action: Action,
+    /// How long it ran (zero when not attempted).
+    pub elapsed: Duration,
+    /// For a mount or an unmount: the fstype it was of, as a metric label.
+    pub fstype: Option<&'static str>,
     /// Which object it was for.
     pub owner: Option<Owner>,
     /// Its result.
@@ -326,11 +345,13 @@ impl Executor {
                         .then(|| format!("volume at {} failed", root.display())),
                     _ => None,
                 });
+            let started = std::time::Instant::now();
             let result = match (owner.as_ref().and_then(|o| deferred.get(o)), blocked) {
                 (Some(last), _) => Err(ExecError::Deferred(last.clone())),
                 (None, Some(why)) => Err(ExecError::Skipped(why)),
                 (None, None) => self.run(&action, &mut staged),
             };
+            let elapsed = started.elapsed();
             if result.is_err() {
                 // A record staged for what did not happen goes again.
                 self.unstage(&action, &mut staged);
@@ -354,6 +375,8 @@ impl Executor {
                 }
             }
             out.push(Outcome {
+                fstype: fstype_of(&action, owned),
+                elapsed,
                 action,
                 owner,
                 result,

@@ -58,6 +58,12 @@ pub struct ActionResult {
     pub kind: ActionKind,
     /// Whether it succeeded.
     pub ok: bool,
+    /// How long it ran.
+    pub elapsed: std::time::Duration,
+    /// A mount's or an unmount's fstype (a metric label).
+    pub fstype: Option<&'static str>,
+    /// A mount helper that ran out of time.
+    pub helper_timeout: bool,
 }
 
 /// What one pass did.
@@ -622,6 +628,15 @@ impl Reconciler {
             results.push(ActionResult {
                 kind: o.action.kind(),
                 ok: o.result.is_ok(),
+                elapsed: o.elapsed,
+                fstype: o.fstype,
+                helper_timeout: matches!(
+                    &o.result,
+                    Err(ExecError::Helper {
+                        source: crate::reconcile::sys::HelperError::Timeout(_),
+                        ..
+                    })
+                ),
             });
             if let Err(e) = &o.result {
                 tracing::warn!(action = %o.action.kind(), owner = ?o.owner, error = %status_message(e), "action failed");

@@ -503,7 +503,7 @@ pub struct StatusBatch {
 pub async fn run_status_writer(
     mut writer: StatusWriter,
     mut rx: tokio::sync::watch::Receiver<StatusBatch>,
-    written: impl Fn(usize) + Send,
+    written: impl Fn(usize, Duration) + Send,
 ) {
     let mut delay = Duration::from_millis(200);
     loop {
@@ -520,18 +520,20 @@ pub async fn run_status_writer(
             if writer.due().is_some() {
                 writer.hold = false;
                 let last = rx.borrow().clone();
+                let t = Instant::now();
                 if let Ok(n) = writer.sync(&last).await {
-                    written(n);
+                    written(n, t.elapsed());
                 }
             }
             return;
         }
         loop {
             let entries = rx.borrow_and_update().clone();
+            let t = Instant::now();
             match writer.sync(&entries).await {
                 Ok(n) => {
                     tracing::trace!(written = n, held_until = ?writer.due(), "status synced");
-                    written(n);
+                    written(n, t.elapsed());
                     delay = Duration::from_millis(200);
                     break;
                 }

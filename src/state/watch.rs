@@ -177,6 +177,15 @@ pub struct WatchCounters {
     pub events: prometheus::IntCounter,
     /// Bytes of their keys and values.
     pub bytes: prometheus::IntCounter,
+    /// Watches started again, by how (`resume` at their revision, `relist`).
+    pub restarts: prometheus::IntCounterVec,
+}
+
+/// Counts a watch started again (`resume` or `relist`), once counters exist.
+fn count_restart(cache: &DesiredCache, how: &str) {
+    if let Some(c) = cache.counters.get() {
+        c.restarts.with_label_values(&[how]).inc();
+    }
 }
 
 /// What the safety brake concluded from the last list.
@@ -769,11 +778,15 @@ pub async fn run_watcher(
     let prefixes = parser.keys.watched_prefixes();
     let mut state = WatchState::Empty;
     let mut delay = RETRY_MIN;
+    let mut listed_once = false;
     loop {
         let (event, next) = step(&mut etcd, &prefixes, state).await;
         state = next;
         match event {
             WatchEvent::Failed { error, outage } => {
+                if matches!(state, WatchState::Watching { .. }) {
+                    count_restart(&cache, "resume"); // from its revision, no relist
+                }
                 cache.connected.store(false, Ordering::Relaxed);
                 if outage {
                     crate::state::endpoints::suspect();
@@ -804,6 +817,9 @@ pub async fn run_watcher(
                 }
                 judge_listing(&mut etcd, &brake, &cache, &l).await;
                 apply_listing(&parser, &cache, &store, l);
+                if std::mem::replace(&mut listed_once, true) {
+                    count_restart(&cache, "relist");
+                }
                 delay = RETRY_MIN;
             }
             WatchEvent::Applied(events) => apply_events(&parser, &cache, &store, &events),
