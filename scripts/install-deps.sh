@@ -12,7 +12,8 @@
 #            blob containers), util-linux (unshare, findmnt), procps, iproute2,
 #            npm + azurite (the Azure Blob emulator), runc + busybox-static
 #            (tests/kernel.rs starts real containers on a busybox root),
-#            prometheus (promtool: tests/operator.rs lints /metrics and tests the alert rules)
+#            prometheus (promtool: tests/operator.rs lints /metrics and tests the alert rules),
+#            systemd (systemd-analyze verify on config/systemd/vfolderd.service; not run as init)
 set -euo pipefail
 
 packages=(
@@ -23,7 +24,7 @@ packages=(
   util-linux procps
   runc busybox-static
   btrfs-progs
-  prometheus
+  prometheus systemd
 )
 
 # Installed packages and what they provide, one name per line: nodesource's

@@ -141,16 +141,151 @@ async fn a_live_metrics_page_passes_promtool_and_has_every_metric_the_rules_read
 
         let exported = families(&body);
         let rules = std::fs::read_to_string(config("config/prometheus/alerts.yml")).unwrap();
+        let dashboard = dashboard_exprs().join("\n");
         // Only with a blob volume mounted (tests/azure.rs checks it there).
         let only_with_blob = "vfolderd_sas_expiry_timestamp_seconds";
         let missing: Vec<String> = referenced(&rules)
             .into_iter()
+            .chain(referenced(&dashboard))
             .filter(|m| !exported.contains(m) && m != only_with_blob)
             .collect();
         assert!(
             missing.is_empty(),
-            "the rules read metrics no node exports: {missing:?}"
+            "the rules or the dashboard read metrics no node exports: {missing:?}"
         );
     })
     .await;
+}
+
+/// Options that give a service a mount (or user, or network) namespace of
+/// its own: vfolderd's mounts must be the host's (kernels bind from the
+/// host's table), and idmapped binds make user namespaces.
+const NAMESPACING: [&str; 20] = [
+    "ProtectSystem",
+    "ProtectHome",
+    "PrivateTmp",
+    "PrivateDevices",
+    "PrivateMounts",
+    "PrivateNetwork",
+    "PrivateUsers",
+    "DynamicUser",
+    "MountFlags",
+    "ReadOnlyPaths",
+    "ReadWritePaths",
+    "InaccessiblePaths",
+    "TemporaryFileSystem",
+    "BindPaths",
+    "BindReadOnlyPaths",
+    "RestrictNamespaces",
+    "ProtectKernelTunables",
+    "ProtectKernelModules",
+    "ProtectControlGroups",
+    "ProtectProc",
+];
+
+#[test]
+fn the_systemd_unit_verifies_and_keeps_the_hosts_mounts() {
+    let unit = std::fs::read_to_string(config("config/systemd/vfolderd.service")).unwrap();
+    let settings: Vec<(&str, &str)> = unit
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .collect();
+    let get = |key: &str| -> Vec<&str> {
+        settings
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+            .collect()
+    };
+    for (key, _) in &settings {
+        assert!(
+            !NAMESPACING.contains(key),
+            "{key} would give vfolderd a namespace of its own"
+        );
+    }
+    assert_eq!(
+        get("KillMode"),
+        ["process"],
+        "FUSE daemons outlive a restart"
+    );
+    assert_eq!(get("Restart"), ["always"]);
+    let after = get("After").join(" ");
+    for unit in ["network-online.target", "local-fs.target"] {
+        assert!(after.contains(unit), "After= {after}");
+    }
+    assert_eq!(
+        get("ExecStart"),
+        ["/usr/bin/vfolderd run --config /etc/vfolderd/node.yaml"]
+    );
+
+    // systemd-analyze verify checks the command exists: point it at this build.
+    let dir = tempfile::tempdir().unwrap();
+    let built = unit.replace("/usr/bin/vfolderd", env!("CARGO_BIN_EXE_vfolderd"));
+    std::fs::write(dir.path().join("vfolderd.service"), built).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "./vfolderd.service"])
+        .current_dir(dir.path())
+        .output()
+        .expect("systemd-analyze (Debian systemd; scripts/install-deps.sh installs it)");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify: {said}"
+    );
+}
+
+/// Every query of the Grafana dashboard, its `$instance` variable set to all.
+fn dashboard_exprs() -> Vec<String> {
+    let text = std::fs::read_to_string(config("config/grafana/vfolderd.json")).unwrap();
+    let d: serde_json::Value = serde_json::from_str(&text).unwrap();
+    d["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .map(|t| t["expr"].as_str().unwrap().replace("$instance", ".*"))
+        .collect()
+}
+
+#[test]
+fn the_dashboard_is_grafana_json_whose_queries_parse() {
+    let text = std::fs::read_to_string(config("config/grafana/vfolderd.json")).unwrap();
+    let d: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(d["uid"], "vfolderd");
+    let vars: Vec<&str> = d["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(vars, ["datasource", "instance"]);
+    let panels = d["panels"].as_array().unwrap();
+    let ids: BTreeSet<u64> = panels.iter().map(|p| p["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids.len(), panels.len(), "panel ids are unique");
+    for p in panels {
+        let g = &p["gridPos"];
+        let (x, w) = (g["x"].as_u64().unwrap(), g["w"].as_u64().unwrap());
+        assert!(x + w <= 24, "{} fits the 24-column grid", p["title"]);
+        assert_eq!(p["datasource"]["uid"], "${datasource}", "{}", p["title"]);
+    }
+    // PromQL that parses: each query as a recording rule for promtool.
+    let exprs = dashboard_exprs();
+    assert!(exprs.len() >= 17, "{exprs:?}");
+    let rules: Vec<serde_json::Value> = exprs
+        .iter()
+        .enumerate()
+        .map(|(i, e)| serde_json::json!({"record": format!("vfolderd:dashboard:{i}"), "expr": e}))
+        .collect();
+    let file = serde_json::json!({"groups": [{"name": "dashboard", "rules": rules}]});
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dashboard-rules.yml");
+    std::fs::write(&path, file.to_string()).unwrap(); // JSON is YAML
+    let (ok, out) = promtool(&["check", "rules", path.to_str().unwrap()], None);
+    assert!(ok, "the dashboard's queries: {out}");
 }
