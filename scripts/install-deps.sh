@@ -50,9 +50,9 @@ apt_install() {
   # binaries: no service is started (policy-rc.d, as in Debian's containers).
   local policy=/usr/sbin/policy-rc.d
   if [ ! -e "$policy" ]; then
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
     printf '#!/bin/sh\nexit 101\n' >"$policy"
     chmod 755 "$policy"
-    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
   fi
   local log
   log=$(mktemp)

@@ -912,6 +912,23 @@ impl<'a> PassLoop<'a> {
         }
     }
 
+    /// On an agent, the vfolders a pass found no directory for are looked
+    /// up by the follower (the storage node may refuse them): after every
+    /// pass, since a chained pass skips the kernel's binds in backoff.
+    fn ask_verdicts(&self, o: &PassOutcome) {
+        if !self.s.keys.follows_vfolders() {
+            return;
+        }
+        if self
+            .s
+            .cache
+            .verdicts
+            .wait_for(o.missing_vfolders.iter().copied())
+        {
+            self.s.cache.kernels_changed.notify_one();
+        }
+    }
+
     /// Applies the policy's limits to `desired`. Limits count across
     /// objects, so one kernel's change can move another's verdict: those
     /// kernels join the pass; a vfolder's verdict moving makes a whole pass.
@@ -993,6 +1010,7 @@ impl<'a> PassLoop<'a> {
             match result {
                 Ok(o) => {
                     self.s.metrics.record_pass(&o);
+                    self.ask_verdicts(&o);
                     let again = o.progressed() && !o.scoped_converged;
                     last = Some(o);
                     if !again {
@@ -1041,10 +1059,6 @@ impl<'a> PassLoop<'a> {
                     now_needed |= o.progressed();
                 }
                 self.s.metrics.record_outcome(o, &work.desired);
-                let verdicts = &self.s.cache.verdicts;
-                if verdicts.wait_for(o.missing_vfolders.iter().copied()) {
-                    self.s.cache.kernels_changed.notify_one();
-                }
                 self.converged_once = true;
                 self.backoff = PASS_BACKOFF_MIN;
                 self.reread_at = o.reread_at;

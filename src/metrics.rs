@@ -175,7 +175,7 @@ impl Ops {
             ActionKind::Unmount => Some("unmount"),
             _ => None,
         };
-        if let (Some(op), Some(fstype)) = (op, a.fstype) {
+        if let (Some(op), Some(fstype), true) = (op, a.fstype, a.attempted) {
             self.mount_duration
                 .with_label_values(&[op, fstype])
                 .observe(a.elapsed.as_secs_f64());

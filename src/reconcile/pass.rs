@@ -64,6 +64,8 @@ pub struct ActionResult {
     pub fstype: Option<&'static str>,
     /// A mount helper that ran out of time.
     pub helper_timeout: bool,
+    /// Whether it ran (not skipped because one it depends on failed).
+    pub attempted: bool,
 }
 
 /// What one pass did.
@@ -630,6 +632,7 @@ impl Reconciler {
                 ok: o.result.is_ok(),
                 elapsed: o.elapsed,
                 fstype: o.fstype,
+                attempted: o.result.as_ref().err().is_none_or(ExecError::was_attempted),
                 helper_timeout: matches!(
                     &o.result,
                     Err(ExecError::Helper {

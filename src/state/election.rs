@@ -278,6 +278,7 @@ pub async fn run_elections(
     // longer kept alive).
     el.set(|t| t.clear());
     el.lock().renewed = None;
+    el.lease.send_replace(None);
     let mut delay = Duration::from_millis(500);
     loop {
         let sent = Instant::now();
@@ -369,6 +370,13 @@ async fn hold_lease(
         sync_campaigns(client, keys, el, lease, &mut campaigns, &tx);
         tokio::select! {
             _ = tick.tick() => {
+                // No answer for a whole TTL: the lease is gone on etcd's side.
+                if el.lock().renewed.is_none_or(|r| r.elapsed() > el.ttl) {
+                    return ElectionError::Expired;
+                }
+                if sent.len() >= 2 * KEEPALIVES_PER_TTL as usize {
+                    sent.pop_front(); // answers that never came
+                }
                 sent.push_back(Instant::now());
                 if let Err(e) = keeper.keep_alive().await {
                     return ElectionError::Lease(e);

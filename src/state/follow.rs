@@ -257,6 +257,9 @@ impl Follower {
             (wanted, held)
         };
         let (add, drop) = diff(&wanted, &self.followed, &held);
+        // A refusal of a vfolder no kernel here wants any more goes too
+        // (after a restart it may be neither followed nor held).
+        self.cache.verdicts.retain(&wanted);
         self.forget(&drop).await?;
         for batch in add.chunks(FETCH_BATCH) {
             self.follow(batch).await?;
@@ -269,17 +272,24 @@ impl Follower {
     /// verdicts; a verdict that changed wakes the loop for a whole pass.
     async fn check_verdicts(&mut self, recheck: bool) -> Result<(), WatchError> {
         let verdicts = &self.cache.verdicts;
-        let ids: BTreeSet<Uuid> = verdicts
+        // Not followed yet (a relist under way): looked up once they are.
+        let (ids, later): (BTreeSet<Uuid>, BTreeSet<Uuid>) = verdicts
             .to_check(recheck)
             .into_iter()
-            .filter(|id| self.followed.contains_key(id))
-            .collect();
+            .partition(|id| self.followed.contains_key(id));
+        verdicts.wait_for(later);
         if !ids.is_empty() {
             let keys: Vec<String> = ids
                 .iter()
                 .map(|id| self.parser.keys.vfolder_status(id))
                 .collect();
-            let (_, got) = fetch(&mut self.kv, &keys, None).await?;
+            let got = match fetch(&mut self.kv, &keys, None).await {
+                Ok((_, got)) => got,
+                Err(e) => {
+                    verdicts.wait_for(ids); // asked again after the backoff
+                    return Err(e);
+                }
+            };
             let found = ids
                 .iter()
                 .zip(got)

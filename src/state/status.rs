@@ -679,6 +679,7 @@ async fn own_lease(
                 }
             }
             if Instant::now() >= next_keep_alive {
+                let sent = Instant::now();
                 if keeper.keep_alive().await.is_err() {
                     break "the keep-alive stream broke";
                 }
@@ -688,7 +689,8 @@ async fn own_lease(
                     Ok(Ok(Some(_))) => break "etcd says the lease expired",
                     Ok(_) => break "the keep-alive stream broke",
                 }
-                next_keep_alive = Instant::now() + tick;
+                // Every tick from the last send, however long the answer took.
+                next_keep_alive = sent + tick;
             }
             tokio::select! {
                 () = tokio::time::sleep_until(next_keep_alive) => {}

@@ -86,6 +86,13 @@ impl Verdicts {
         }
     }
 
+    /// Keeps only what concerns `wanted`.
+    pub fn retain(&self, wanted: &BTreeSet<Uuid>) {
+        self.refused().retain(|id, _| wanted.contains(id));
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        waiting.retain(|id| wanted.contains(id));
+    }
+
     /// The refusals in force, for the pass's limits.
     pub fn refusals(&self) -> BTreeMap<Uuid, String> {
         self.refused().clone()

@@ -505,12 +505,13 @@ async fn forward(
         let mut buf = vec![0u8; 64 * 1024];
         let mut pending: Vec<u8> = Vec::new(); // bytes not yet a whole frame
         let mut held: std::collections::VecDeque<Vec<u8>> = Default::default();
+        let mut first = true; // etcd's SETTINGS: never held (a PING must not pass it)
         loop {
-            let stall = stalled.load(std::sync::atomic::Ordering::SeqCst);
-            while !stall && !held.is_empty() {
-                let frame = held.pop_front().unwrap();
-                if client_w.write_all(&frame).await.is_err() {
-                    return;
+            if !stalled.load(std::sync::atomic::Ordering::SeqCst) {
+                while let Some(frame) = held.pop_front() {
+                    if client_w.write_all(&frame).await.is_err() {
+                        return;
+                    }
                 }
             }
             let read = tokio::time::timeout(Duration::from_millis(20), etcd_r.read(&mut buf));
@@ -529,13 +530,24 @@ async fn forward(
                     break;
                 }
                 let frame: Vec<u8> = pending.drain(..9 + len).collect();
-                if stalled.load(std::sync::atomic::Ordering::SeqCst) && frame[3] != PING {
+                // Behind held frames a frame waits its turn (order is
+                // meaning), PINGs apart.
+                let stall = stalled.load(std::sync::atomic::Ordering::SeqCst) || !held.is_empty();
+                if stall && !first && frame[3] != PING {
                     held.push_back(frame);
                 } else if client_w.write_all(&frame).await.is_err() {
                     return;
                 }
+                first = false;
             }
         }
+        // Late, not lost: what was held goes before the end.
+        while let Some(frame) = held.pop_front() {
+            if client_w.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+        let _ = client_w.write_all(&pending).await;
         let _ = client_w.shutdown().await;
     };
     tokio::join!(up, down);
