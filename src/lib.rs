@@ -15,7 +15,7 @@
 //!   with [`reconcile::observe`], [`reconcile::scope`], [`reconcile::bookkeeping`].
 //! - [`metrics`]: `/metrics`, `/healthz`, `/readyz`; [`error`]: error chains.
 //! - [`azure`]: blob containers, SAS tokens, datasets; [`secret`]: a string that never prints.
-//! - [`cli`]: the operator commands.
+//! - [`cli`]: the operator commands; [`inspect`]: `get` and `describe`.
 
 pub mod azure;
 pub mod cli;
@@ -23,6 +23,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod etcd;
+pub mod inspect;
 pub mod keys;
 pub mod lifecycle;
 pub mod memory;

@@ -71,6 +71,48 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// List kernels, volumes or vfolders: record and status, as etcd has them.
+    ///
+    /// Reads etcd only (the daemon may run or not). Kernels and volume
+    /// statuses are this node's unless --node or --all-nodes says otherwise.
+    /// Secrets in records are shown as ***.
+    ///
+    /// Example: vfolderd get kernels --config /etc/vfolderd/node.yaml -o wide
+    Get {
+        /// Node config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// What to list.
+        #[arg(value_enum)]
+        kind: vfolderd::inspect::Kind,
+        /// Another node's kernels and volume statuses.
+        #[arg(long, conflicts_with = "all_nodes")]
+        node: Option<String>,
+        /// Every node's.
+        #[arg(long)]
+        all_nodes: bool,
+        /// table, wide, json or yaml.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: vfolderd::inspect::Output,
+    },
+    /// Show one kernel, volume or vfolder: record (secrets as ***), status,
+    /// and why it is not Ready or Mounted, following what it depends on
+    /// (vfolder records and statuses, volumes, the node's liveness).
+    ///
+    /// Example: vfolderd describe kernel k1 --config /etc/vfolderd/node.yaml
+    Describe {
+        /// Node config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// kernel, volume or vfolder.
+        #[arg(value_enum)]
+        kind: vfolderd::inspect::Kind,
+        /// Its id or name.
+        name: String,
+        /// The node whose kernel (or volume status) it is; this node by default.
+        #[arg(long)]
+        node: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -321,6 +363,36 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", vfolderd::cli::accept_reset(&load(&config)?).await?)
         }
         Cmd::Status { config } => print!("{}", vfolderd::cli::status(&load(&config)?).await?),
+        Cmd::Get {
+            config,
+            kind,
+            node,
+            all_nodes,
+            output,
+        } => {
+            let cfg = load(&config)?;
+            let nodes = match (all_nodes, node) {
+                (true, _) => vfolderd::inspect::Nodes::All,
+                (false, n) => vfolderd::inspect::Nodes::One(n.unwrap_or_else(|| cfg.node.clone())),
+            };
+            print!(
+                "{}",
+                vfolderd::inspect::get(&cfg, kind, &nodes, output).await?
+            )
+        }
+        Cmd::Describe {
+            config,
+            kind,
+            name,
+            node,
+        } => {
+            let cfg = load(&config)?;
+            let node = node.unwrap_or_else(|| cfg.node.clone());
+            print!(
+                "{}",
+                vfolderd::inspect::describe(&cfg, kind, &name, &node).await?
+            )
+        }
     }
     Ok(())
 }

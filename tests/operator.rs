@@ -289,3 +289,111 @@ fn the_dashboard_is_grafana_json_whose_queries_parse() {
     let (ok, out) = promtool(&["check", "rules", path.to_str().unwrap()], None);
     assert!(ok, "the dashboard's queries: {out}");
 }
+
+/// `get` and `describe` as an operator uses them: what is running, what
+/// waits and why, no secret shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_and_describe_show_what_waits_and_why_without_secrets() {
+    require_private_mount_namespace();
+    within(90, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(&etcd, "n1", NodeOpts::default());
+        let (ok_id, missing) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        etcd.put(&format!("{P}/volumes/data"), &tmpfs_volume("requested"))
+            .await;
+        // A share whose record carries its password inline; this kernel has
+        // no CIFS client, so it fails.
+        etcd.put(
+            &format!("{P}/volumes/share"),
+            "mount: {at: startup, fstype: cifs, path: //acct.file.core.windows.net/share, \
+             options: \"username=acct,password=hunter2secret\"}\n",
+        )
+        .await;
+        etcd.put(
+            &format!("{P}/vfolders/{ok_id}"),
+            "{name: work, owner: alice, volume: data}\n",
+        )
+        .await;
+        let kernel = |id: uuid::Uuid| format!("mounts: [{{vfolder: {id}}}]\n");
+        etcd.put(&node.kernel_key("k1"), &kernel(ok_id)).await;
+        etcd.put(&node.kernel_key("k2"), &kernel(missing)).await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        etcd.wait_state(&node.kernel_status("k2"), "Pending").await;
+        etcd.wait_state(&node.volume_status("share"), "Failed")
+            .await;
+
+        let table = node.cli(&["get", "kernels"]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[0].starts_with("NODE") && lines[0].contains("REASON"),
+            "{table}"
+        );
+        let row = |k: &str| {
+            lines
+                .iter()
+                .find(|l| l.split_whitespace().nth(1) == Some(k))
+                .copied()
+        };
+        let k1: Vec<&str> = row("k1").expect("k1 listed").split_whitespace().collect();
+        // Its folder is bound; the failed startup share is not (best effort).
+        assert_eq!(k1[..4], ["n1", "k1", "Ready", "1/2"], "{table}");
+        assert!(
+            row("k2").is_some_and(|l| l.contains("Pending") && l.contains("no record")),
+            "{table}"
+        );
+
+        let json: serde_json::Value =
+            serde_json::from_str(&node.cli(&["get", "kernels", "-o", "json"])).unwrap();
+        let items = json.as_array().unwrap();
+        assert_eq!(items.len(), 2, "{json}");
+        assert_eq!(items[0]["name"], "k1");
+        assert_eq!(items[0]["status"]["state"], "Ready");
+        assert_eq!(
+            items[0]["desired"]["mounts"][0]["vfolder"],
+            ok_id.to_string()
+        );
+
+        for out in [
+            node.cli(&["get", "volumes", "-o", "yaml"]),
+            node.cli(&["get", "volumes", "-o", "wide"]),
+            node.cli(&["describe", "volume", "share"]),
+        ] {
+            assert!(!out.contains("hunter2"), "a secret shown: {out}");
+        }
+        let share = node.cli(&["describe", "volume", "share"]);
+        assert!(
+            share.contains("password=***") && share.contains("State:   Failed"),
+            "{share}"
+        );
+
+        let k2 = node.cli(&["describe", "kernel", "k2"]);
+        let want = format!("mount 1: vfolder {missing}: no record at {P}/vfolders/{missing}");
+        assert!(k2.contains(&want), "{k2}");
+        let k1 = node.cli(&["describe", "kernel", "k1"]);
+        assert!(k1.contains("Why:\n  nothing is in the way"), "{k1}");
+        let vf = node.cli(&["describe", "vfolder", &ok_id.to_string()]);
+        assert!(
+            vf.contains("State:   Ready") && vf.contains("nothing is in the way"),
+            "{vf}"
+        );
+
+        // Another node's kernels: none; a kernel nobody knows: an error.
+        let other = node.cli(&["get", "kernels", "--node", "n9"]);
+        assert_eq!(other.lines().count(), 1, "{other}");
+        let unknown = node.cli_output(&["describe", "kernel", "nope"]);
+        assert!(!unknown.status.success());
+        assert!(String::from_utf8_lossy(&unknown.stderr)
+            .contains("kernel nope: no record and no status"));
+        for cmd in ["get", "describe"] {
+            let help = Command::new(env!("CARGO_BIN_EXE_vfolderd"))
+                .args([cmd, "--help"])
+                .output()
+                .unwrap();
+            assert!(
+                String::from_utf8_lossy(&help.stdout).contains("Example: vfolderd"),
+                "{cmd} --help"
+            );
+        }
+    })
+    .await;
+}
