@@ -625,11 +625,12 @@ async fn shared_lease(
     }
 }
 
-/// Grants and keeps a lease of its own. A keep-alive goes every `ttl / 3`
-/// whether or not the last was answered, as etcd's own client does: behind
-/// a grpc-proxy at 4,000 nodes an answer can be late or never come, and a
-/// loop that waited for each one before asking again kept only ~2,400 of
-/// 4,000 liveness keys, where this one kept them all (BENCHMARKS.md). The
+/// Grants and keeps a lease of its own. A keep-alive goes a tick (`ttl / 3`)
+/// after the last one's answer, or after waiting a tick for it in vain (etcd's
+/// own client, too, asks again without an answer). Behind a grpc-proxy at
+/// 4,000 nodes an answer can be late or never come, and a loop that waited
+/// for each one before asking again kept only ~2,400 of 4,000 liveness
+/// keys, where this one kept them all (BENCHMARKS.md). The
 /// lease is taken as renewed when an answer arrives, whenever that is (an
 /// answer that came after its wait ended is read before the lease is
 /// judged gone); a lease that in fact ended says so at the next answer
@@ -679,7 +680,6 @@ async fn own_lease(
                 }
             }
             if Instant::now() >= next_keep_alive {
-                let sent = Instant::now();
                 if keeper.keep_alive().await.is_err() {
                     break "the keep-alive stream broke";
                 }
@@ -689,8 +689,10 @@ async fn own_lease(
                     Ok(Ok(Some(_))) => break "etcd says the lease expired",
                     Ok(_) => break "the keep-alive stream broke",
                 }
-                // Every tick from the last send, however long the answer took.
-                next_keep_alive = sent + tick;
+                // A tick after the answer (or the wait) ended: the cadence
+                // measured behind the proxy (BENCHMARKS.md). A slow answer
+                // stretches it to at most two ticks, inside the TTL.
+                next_keep_alive = Instant::now() + tick;
             }
             tokio::select! {
                 () = tokio::time::sleep_until(next_keep_alive) => {}
