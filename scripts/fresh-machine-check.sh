@@ -143,6 +143,16 @@ in_root 'scripts/test.sh' >"$cache/test.log" 2>&1 || { grep -E '^test .*FAILED|^
 grep '^TOTAL' "$cache/test.log"
 say "tests done (log: $cache/test.log)"
 
+step="the Debian package: dpkg -i, then its binary by hand"
+say "installing the package scripts/test.sh built (target/debian/) with dpkg -i"
+in_root 'dpkg -i target/debian/vfolderd_*.deb && cd / && vfolderd --version &&
+  vfolderd get --help | grep -q "Example: vfolderd get" &&
+  systemd-analyze verify /lib/systemd/system/vfolderd.service &&
+  test -f /etc/vfolderd/policies/default.yaml' >"$cache/package.log" 2>&1 ||
+  { tail -20 "$cache/package.log"; false; }
+grep '^vfolderd ' "$cache/package.log"
+say "package installed and run (log: $cache/package.log)"
+
 if [ "$keep" != --keep ]; then
   # Unmount first: /dev and the toolchain are bound in, and must not be deleted through the root.
   umount -R -l "$root"

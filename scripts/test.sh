@@ -11,6 +11,10 @@ if [ "$(id -u)" != 0 ]; then
 fi
 scripts/install-deps.sh
 cargo build --all-targets --quiet
+# The Debian package, built once here (tests/operator.rs checks what it holds;
+# the fresh-machine check installs it with dpkg -i).
+VFOLDERD_DEB=$(scripts/package.sh)
+export VFOLDERD_DEB
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e

@@ -397,3 +397,88 @@ async fn get_and_describe_show_what_waits_and_why_without_secrets() {
     })
     .await;
 }
+
+/// The package `scripts/package.sh` builds: scripts/test.sh builds it first
+/// and names it in `VFOLDERD_DEB`; run alone, this test builds it (in a
+/// target directory of its own: the running `cargo test` holds this one).
+fn debian_package() -> PathBuf {
+    if let Ok(p) = std::env::var("VFOLDERD_DEB") {
+        return PathBuf::from(p);
+    }
+    let out = Command::new(config("scripts/package.sh"))
+        .env("CARGO_TARGET_DIR", config("target/package-test"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "scripts/package.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn dpkg_deb(args: &[&str]) -> String {
+    let out = Command::new("dpkg-deb").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "dpkg-deb {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn the_debian_package_holds_the_binary_the_unit_and_the_config() {
+    let deb = debian_package();
+    let deb = deb.to_str().unwrap();
+    let info = dpkg_deb(&["--info", deb]);
+    assert!(info.contains("Package: vfolderd"), "{info}");
+    let depends = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Depends: "))
+        .unwrap_or("");
+    for d in ["libc6", "util-linux", "mount"] {
+        assert!(
+            depends.split(", ").any(|x| x == d),
+            "depends on {d}: {info}"
+        );
+    }
+    let files = dpkg_deb(&["--contents", deb]);
+    for f in [
+        "./usr/bin/vfolderd",
+        "./lib/systemd/system/vfolderd.service",
+        "./etc/vfolderd/node.yaml",
+        "./etc/vfolderd/policies/default.yaml",
+        "./usr/share/doc/vfolderd/README.md",
+        "./usr/share/doc/vfolderd/prometheus/alerts.yml",
+    ] {
+        assert!(
+            files.lines().any(|l| l.ends_with(f)),
+            "{f} in the package: {files}"
+        );
+    }
+    // An operator's edits of the config survive an upgrade.
+    let conffiles = dpkg_deb(&["--info", deb, "conffiles"]);
+    assert!(
+        conffiles.lines().any(|l| l == "/etc/vfolderd/node.yaml"),
+        "{conffiles}"
+    );
+    // What it unpacks runs, and its unit is the one in the repository.
+    let root = tempfile::tempdir().unwrap();
+    dpkg_deb(&["-x", deb, root.path().to_str().unwrap()]);
+    let version = Command::new(root.path().join("usr/bin/vfolderd"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    let version = String::from_utf8_lossy(&version.stdout);
+    assert_eq!(
+        version.trim(),
+        format!("vfolderd {}", env!("CARGO_PKG_VERSION"))
+    );
+    let unit =
+        std::fs::read_to_string(root.path().join("lib/systemd/system/vfolderd.service")).unwrap();
+    assert_eq!(
+        unit,
+        std::fs::read_to_string(config("config/systemd/vfolderd.service")).unwrap()
+    );
+}
