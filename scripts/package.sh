@@ -11,6 +11,7 @@ if ! cargo deb --version >/dev/null 2>&1; then
   echo "installing (cargo): cargo-deb" >&2
   cargo install --quiet --locked cargo-deb >&2
 fi
-rm -rf target/debian
-cargo deb --quiet --output target/debian/ >&2
-ls target/debian/*.deb
+out="${CARGO_TARGET_DIR:-target}/debian"
+rm -rf "$out"
+cargo deb --quiet --output "$out/" >&2
+ls "$out"/*.deb

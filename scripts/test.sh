@@ -11,10 +11,12 @@ if [ "$(id -u)" != 0 ]; then
 fi
 scripts/install-deps.sh
 cargo build --all-targets --quiet
-# The Debian package, built once here (tests/operator.rs checks what it holds;
-# the fresh-machine check installs it with dpkg -i).
-VFOLDERD_DEB=$(scripts/package.sh)
-export VFOLDERD_DEB
+# The Debian package, built once here for a whole run (tests/operator.rs
+# checks what it holds; the fresh-machine check installs it with dpkg -i).
+if [ $# -eq 0 ]; then
+  VFOLDERD_DEB=$(scripts/package.sh)
+  export VFOLDERD_DEB
+fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e

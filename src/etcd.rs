@@ -90,3 +90,42 @@ pub fn connect_options(
     }
     Ok(base)
 }
+
+/// Every key under `prefix` with its value, read 1,000 keys a page, every
+/// page at the first page's revision (one snapshot), with the answer size
+/// the daemon allows: a cluster's records do not fit etcd's default 4 MiB.
+pub async fn get_prefix(
+    client: &etcd_client::Client,
+    prefix: &str,
+) -> Result<Vec<(String, Vec<u8>)>, etcd_client::Error> {
+    use etcd_client::GetOptions;
+    let mut kv = client
+        .kv_client()
+        .max_decoding_message_size(crate::state::watch::MAX_ETCD_MESSAGE);
+    let end = crate::keys::prefix_end(prefix);
+    let mut from = prefix.as_bytes().to_vec();
+    let (mut out, mut revision) = (Vec::new(), 0);
+    loop {
+        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(1000);
+        if revision > 0 {
+            opts = opts.with_revision(revision);
+        }
+        let resp = kv.get(from.clone(), Some(opts)).await?;
+        if revision == 0 {
+            revision = resp.header().map_or(0, |h| h.revision());
+        }
+        for kv in resp.kvs() {
+            out.push((
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                kv.value().to_vec(),
+            ));
+        }
+        match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => return Ok(out),
+        }
+    }
+}

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use etcd_client::{Client, GetOptions};
+use etcd_client::Client;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -115,18 +115,12 @@ pub async fn read(
     })
 }
 
-/// Key (after `prefix`) → value, for every key under `prefix`.
+/// Key (after `prefix`) → value, for every key under `prefix` (paged).
 async fn list(client: &mut Client, prefix: &str) -> Result<BTreeMap<String, Vec<u8>>, CliError> {
-    let resp = client
-        .get(prefix, Some(GetOptions::new().with_prefix()))
-        .await?;
-    Ok(resp
-        .kvs()
-        .iter()
-        .filter_map(|kv| {
-            let key = kv.key_str().ok()?.strip_prefix(prefix)?.to_string();
-            Some((key, kv.value().to_vec()))
-        })
+    Ok(crate::etcd::get_prefix(client, prefix)
+        .await?
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v)))
         .collect())
 }
 
@@ -145,7 +139,7 @@ fn join_kernels(
     }
     for (key, value) in &status {
         if let Some(at) = place(key, "kernels", node) {
-            slot(&mut out, "kernel", at).status = serde_json::from_slice(value).ok();
+            slot(&mut out, "kernel", at).status = status_value(value);
         }
     }
     out.into_values().collect()
@@ -192,7 +186,7 @@ fn join_volumes(
         let Some((node, name)) = place(key, "volumes", node) else {
             continue;
         };
-        if let Ok(v) = serde_json::from_slice(value) {
+        if let Some(v) = status_value(value) {
             reported.entry(name).or_default().push((node, v));
         }
     }
@@ -244,40 +238,78 @@ fn join_by_name(
         slot(&mut out, kind, (None, name.clone())).desired = Some(redacted_yaml(value));
     }
     for (name, value) in &status {
-        slot(&mut out, kind, (None, name.clone())).status = serde_json::from_slice(value).ok();
+        slot(&mut out, kind, (None, name.clone())).status = status_value(value);
     }
     out.into_values().collect()
 }
 
 /// A record as JSON with every secret replaced: a value under a
-/// secret-looking key, secret `k=v` pairs and key-like runs in any string
-/// (inline cifs passwords exist in the wild). Unparsable YAML is shown as
-/// redacted text.
+/// secret-looking key, secret `k=v` pairs (a comma-separated option list
+/// split on its commas, `user=name%password` too) and key-like runs, in
+/// any string and any map key (inline cifs passwords exist in the wild,
+/// and `{vers=3.0,password=x}` is a YAML map). A record that does not
+/// parse is not shown at all: its text cannot be redacted reliably.
 pub fn redacted_yaml(value: &[u8]) -> Value {
     match serde_yaml::from_slice::<Value>(value) {
         Ok(mut v) => {
             redact_value(&mut v);
             v
         }
-        Err(_) => Value::String(crate::names::redact(&String::from_utf8_lossy(value))),
+        Err(_) => Value::String(format!("<unparsable record, {} bytes>", value.len())),
     }
 }
 
-fn redact_value(v: &mut Value) {
+/// A status value, redacted too (the daemon redacts what it writes; this
+/// does not rely on it).
+fn status_value(v: &[u8]) -> Option<Value> {
+    let mut v = serde_json::from_slice(v).ok()?;
+    redact_value(&mut v);
+    Some(v)
+}
+
+/// Redacts every string and map key in `v`.
+pub fn redact_value(v: &mut Value) {
     match v {
-        Value::String(s) => *s = crate::names::redact(s),
+        Value::String(s) => *s = redact_text(s),
         Value::Array(a) => a.iter_mut().for_each(redact_value),
         Value::Object(m) => {
-            for (k, x) in m.iter_mut() {
+            let old = std::mem::take(m);
+            for (k, mut x) in old {
                 if crate::names::is_secret_key(&k.to_ascii_lowercase()) {
-                    *x = Value::String("***".into());
+                    x = Value::String("***".into());
                 } else {
-                    redact_value(x);
+                    redact_value(&mut x);
                 }
+                m.insert(redact_text(&k), x);
             }
         }
         _ => {}
     }
+}
+
+/// [`crate::names::redact`], after each comma-separated `k=v` part whose
+/// key is secret had its whole value replaced (a password may hold `&`,
+/// quotes or spaces, where the general rule stops), and a `user=name%pw`
+/// part its password.
+fn redact_text(s: &str) -> String {
+    let parts: Vec<String> = s
+        .split(',')
+        .map(|part| {
+            let Some((k, v)) = part.split_once('=') else {
+                return part.to_string();
+            };
+            let key = k.trim().to_ascii_lowercase();
+            if crate::names::is_secret_key(&key) {
+                format!("{k}=***")
+            } else if matches!(key.as_str(), "user" | "username") && v.contains('%') {
+                let name = v.split('%').next().unwrap_or("");
+                format!("{k}={name}%***")
+            } else {
+                part.to_string()
+            }
+        })
+        .collect();
+    crate::names::redact(&parts.join(","))
 }
 
 /// Prints `items` as asked.
@@ -485,6 +517,11 @@ fn table(rows: &[Vec<String>]) -> String {
         for (c, cell) in r.iter().enumerate() {
             let _ = write!(line, "{cell:<w$}  ", w = widths[c]);
         }
+        // A record's text may hold control characters: never to the terminal.
+        let line: String = line
+            .chars()
+            .map(|ch| if ch.is_control() { '?' } else { ch })
+            .collect();
         out.push_str(line.trim_end());
         out.push('\n');
     }
@@ -535,7 +572,7 @@ fn kind_name(kind: Kind) -> &'static str {
     }
 }
 
-/// The object `name` of `kind` (a volume: once per node reporting it).
+/// The object `name` of `kind` (a kernel or a volume: as `keys.node` has it).
 async fn read_one(
     client: &mut Client,
     keys: &Keys,
@@ -562,7 +599,7 @@ async fn read_one(
         name: name.to_string(),
         node,
         desired: record.as_deref().map(redacted_yaml),
-        status: status.and_then(|s| serde_json::from_slice(&s).ok()),
+        status: status.as_deref().and_then(status_value),
     }])
 }
 
@@ -610,8 +647,14 @@ async fn why_kernel(client: &mut Client, keys: &Keys, k: &Item) -> Result<Vec<St
         ));
         return Ok(why);
     }
-    if k.status.is_none() {
-        why.push(liveness(client, keys).await?);
+    match k
+        .status
+        .as_ref()
+        .map(|s| (s["state"].as_str(), s["error"].as_str()))
+    {
+        None => why.push(liveness(client, keys).await?),
+        Some((Some(state), Some(e))) if state != "Ready" => why.push(format!("{state}: {e}")),
+        _ => {}
     }
     let entries = k
         .desired
@@ -624,7 +667,9 @@ async fn why_kernel(client: &mut Client, keys: &Keys, k: &Item) -> Result<Vec<St
         if let Some(id) = m["vfolder"].as_str() {
             why.extend(why_mount_vfolder(client, keys, n, id).await?);
         } else if let Some(v) = m["volume"].as_str() {
-            why.extend(why_mount_volume(client, keys, &format!("mount {n}: volume {v}"), v).await?);
+            why.extend(
+                why_token(client, keys, &format!("mount {n}: token of volume {v}"), v).await?,
+            );
         }
     }
     Ok(why)
@@ -636,7 +681,7 @@ async fn liveness(client: &mut Client, keys: &Keys) -> Result<String, CliError> 
     Ok(match value(client, &key).await? {
         None => format!("no status: node {} has no liveness key ({key}): its vfolderd is not running or cannot reach etcd", keys.node),
         Some(v) => {
-            let v: Value = serde_json::from_slice(&v).unwrap_or_default();
+            let v = status_value(&v).unwrap_or_default();
             format!("no status yet: node {} is {} (ready: {}); the kernel is new or the node is still listing", keys.node, v["state"].as_str().unwrap_or("?"), v["ready"])
         }
     })
@@ -668,7 +713,7 @@ async fn why_mount_vfolder(
             "{what}: no status: no storage node leads its volume yet"
         )),
         Some(s) => {
-            let s: Value = serde_json::from_slice(&s).unwrap_or_default();
+            let s = status_value(&s).unwrap_or_default();
             let state = s["state"].as_str().unwrap_or("?");
             if !matches!(state, "Ready" | "OverQuota" | "InUse") {
                 let e = s["error"]
@@ -683,6 +728,28 @@ async fn why_mount_vfolder(
         why.extend(why_mount_volume(client, keys, &format!("{what}: volume {v}"), v).await?);
     }
     Ok(why)
+}
+
+/// A token file needs its volume's record (not a mount), not refused.
+async fn why_token(
+    client: &mut Client,
+    keys: &Keys,
+    what: &str,
+    volume: &str,
+) -> Result<Vec<String>, CliError> {
+    let p = &keys.prefix;
+    if value(client, &format!("{p}/volumes/{volume}"))
+        .await?
+        .is_none()
+    {
+        return Ok(vec![format!("{what}: no record at {p}/volumes/{volume}")]);
+    }
+    let status = value(client, &keys.volume_status(volume)).await?;
+    let s = status.as_deref().and_then(status_value).unwrap_or_default();
+    Ok(match (s["state"].as_str(), s["error"].as_str()) {
+        (Some("Rejected"), e) => vec![format!("{what}: Rejected: {}", e.unwrap_or("-"))],
+        _ => Vec::new(),
+    })
 }
 
 /// A volume a mount needs: its record and its status on this node.
@@ -702,7 +769,7 @@ async fn why_mount_volume(
     Ok(match value(client, &keys.volume_status(volume)).await? {
         None => vec![format!("{what}: not reported by node {} yet", keys.node)],
         Some(s) => {
-            let s: Value = serde_json::from_slice(&s).unwrap_or_default();
+            let s = status_value(&s).unwrap_or_default();
             let state = s["state"].as_str().unwrap_or("?");
             let e = s["error"]
                 .as_str()
@@ -758,8 +825,18 @@ async fn why_vfolder(client: &mut Client, keys: &Keys, it: &Item) -> Result<Vec<
     };
     if let Some(s) = &it.status {
         let state = s["state"].as_str().unwrap_or("?");
-        if let Some(e) = s["error"].as_str() {
-            why.push(format!("{state}: {e}"));
+        let field = |k: &str| s[k].as_str().unwrap_or("-").to_string();
+        match (state, s["error"].as_str()) {
+            (_, Some(e)) => why.push(format!("{state}: {e}")),
+            ("Trashed", None) => why.push(match s["purge_at"].as_str() {
+                Some(at) => format!("Trashed (record deleted): purged after {at}"),
+                None => format!(
+                    "Trashed at {} (trash: true): `vfolderd vfolder restore` brings it back",
+                    field("trashed_at")
+                ),
+            }),
+            ("Pending" | "Purging" | "Cloning", None) => why.push(format!("{state}: under way")),
+            _ => {}
         }
         if let Some(k) = s["kernels"].as_array().filter(|k| !k.is_empty()) {
             let k: Vec<&str> = k.iter().filter_map(Value::as_str).collect();
@@ -775,4 +852,50 @@ async fn why_vfolder(client: &mut Client, keys: &Keys, it: &Item) -> Result<Vec<
         }
     }
     Ok(why)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shown(record: &str) -> String {
+        redacted_yaml(record.as_bytes()).to_string()
+    }
+
+    #[test]
+    fn no_secret_survives_in_a_record() {
+        let cases = [
+            // An option list, a password holding `&` and a quote.
+            (
+                "mount: {options: \"vers=3.0,password=p&ss'w0rd,uid=1000\"}",
+                "ss'w0rd",
+            ),
+            // cifs `user=name%password`.
+            (
+                "mount: {options: \"username=bob%s3cret,vers=3.0\"}",
+                "s3cret",
+            ),
+            // A flow map whose keys are the options.
+            ("mount: {options: {vers=3.0,password=hunter2}}", "hunter2"),
+            // A secret-looking key, nested.
+            ("mount: {credentials: {account_key: AbC}}", "AbC"),
+            // YAML that does not parse is not echoed.
+            ("mount: {password: hunter2\n  bad: [", "hunter2"),
+        ];
+        for (record, secret) in cases {
+            let out = shown(record);
+            assert!(!out.contains(secret), "{record} shown as {out}");
+        }
+        assert!(
+            shown("mount: {options: \"vers=3.0,password=x\"}").contains("vers=3.0,password=***")
+        );
+        assert!(shown("mount: {options: \"username=bob%pw\"}").contains("username=bob%***"));
+    }
+
+    #[test]
+    fn a_table_never_prints_control_characters() {
+        let t = table(&[vec!["NAME".into()], vec!["a\u{1b}[31mred\nx".into()]]);
+        assert!(!t.chars().any(|c| c.is_control() && c != '\n'), "{t:?}");
+        assert_eq!(t.lines().count(), 2, "{t:?}");
+    }
 }
