@@ -16,6 +16,45 @@ use vfolderd::spec::Permission;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Log lines as text, or as one JSON object each (for a log shipper).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// What to log: a level (`info`, `debug`) or a filter
+    /// (`info,vfolderd::state=debug`); overrides RUST_LOG.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line: time, level, target, message, fields, spans.
+    Json,
+}
+
+/// Logs to stderr as `format` says, filtered by `level` (else RUST_LOG,
+/// else info).
+fn init_logging(format: LogFormat, level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(l) => EnvFilter::try_new(l).unwrap_or_else(|_| EnvFilter::new("info")),
+        None => {
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,h2=warn,tonic=warn".into())
+        }
+    };
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => fmt.init(),
+        LogFormat::Json => fmt
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+    }
 }
 
 #[derive(Subcommand)]
@@ -261,15 +300,10 @@ fn load(path: &std::path::Path) -> anyhow::Result<NodeConfig> {
 async fn main() -> anyhow::Result<()> {
     vfolderd::memory::limit_arenas();
     vfolderd::memory::raise_fd_limit();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,h2=warn,tonic=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let cli = Cli::parse();
+    init_logging(cli.log_format, cli.log_level.as_deref());
     vfolderd::error::install_panic_hook();
-    match Cli::parse().cmd {
+    match cli.cmd {
         Cmd::Run { config } => {
             let shutdown = shutdown_signal();
             let cfg = load(&config)?;

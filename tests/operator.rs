@@ -482,3 +482,38 @@ fn the_debian_package_holds_the_binary_the_unit_and_the_config() {
         std::fs::read_to_string(config("config/systemd/vfolderd.service")).unwrap()
     );
 }
+
+/// `--log-format json --log-level L`: one JSON object per line for a log
+/// shipper, at the level asked (the flag wins over RUST_LOG).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line_at_the_level_asked() {
+    require_private_mount_namespace();
+    within(60, async {
+        let etcd = Etcd::start().await;
+        let opts = NodeOpts {
+            run_args: &["--log-format", "json", "--log-level", "info"],
+            ..Default::default()
+        };
+        let node = Node::start(&etcd, "n1", opts);
+        etcd.put(&format!("{P}/volumes/data"), &tmpfs_volume("startup"))
+            .await;
+        etcd.put(&node.kernel_key("k1"), "mounts: []\n").await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let log = node.log();
+        let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(lines.len() >= 3, "{log}");
+        for line in lines {
+            let v: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            for field in ["timestamp", "level", "target", "message"] {
+                assert!(v[field].is_string(), "{field} in {line}");
+            }
+            let level = v["level"].as_str().unwrap();
+            assert!(
+                ["INFO", "WARN", "ERROR"].contains(&level),
+                "RUST_LOG=debug overridden: {line}"
+            );
+        }
+    })
+    .await;
+}

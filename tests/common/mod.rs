@@ -572,6 +572,7 @@ pub struct Node {
     pub listen: String,
     child: Option<Child>,
     own_namespace: bool,
+    run_args: &'static [&'static str],
 }
 
 /// Options of a test node.
@@ -591,6 +592,8 @@ pub struct NodeOpts {
     /// Run the daemon in a mount namespace of its own (as on its own host):
     /// what it mounts is not seen here, only what it writes to shared directories.
     pub own_namespace: bool,
+    /// Extra arguments after `run --config F` (e.g. `--log-format json`).
+    pub run_args: &'static [&'static str],
 }
 
 impl Default for NodeOpts {
@@ -603,6 +606,7 @@ impl Default for NodeOpts {
             mount_timeout: "10s",
             extra_config: "",
             own_namespace: false,
+            run_args: &[],
         }
     }
 }
@@ -707,6 +711,7 @@ impl Node {
             listen,
             child: None,
             own_namespace: opts.own_namespace,
+            run_args: opts.run_args,
         };
         n.spawn();
         n
@@ -731,6 +736,7 @@ impl Node {
         let child = cmd
             .args(["run", "--config"])
             .arg(&self.config)
+            .args(self.run_args)
             .env("RUST_LOG", "info,vfolderd=debug")
             .stdout(Stdio::null())
             .stderr(log)
