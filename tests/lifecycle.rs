@@ -826,6 +826,11 @@ async fn a_record_made_again_during_its_purge_gets_a_fresh_directory() {
             .join(format!("{}.purging", vf.simple()));
         etcd.delete(&format!("{P}/vfolders/{vf}")).await;
         until("the purge starts", 30, || purging.exists()).await;
+        // The status says so too: the `Ready` awaited below is the new
+        // record's, not the old one's still in etcd (under load the status
+        // write may come after the purge started).
+        etcd.wait_for(&key, "no longer the old Ready", |v| v["state"] != "Ready")
+            .await;
         etcd.put(&format!("{P}/vfolders/{vf}"), &record(vf, false))
             .await;
         let st = etcd.wait_state(&key, "Ready").await;
