@@ -91,13 +91,13 @@ pub fn connect_options(
     Ok(base)
 }
 
-/// Every key under `prefix` with its value, read 1,000 keys a page, every
+/// Every key under `prefix` with its value and mod revision, read 1,000 keys a page, every
 /// page at the first page's revision (one snapshot), with the answer size
 /// the daemon allows: a cluster's records do not fit etcd's default 4 MiB.
 pub async fn get_prefix(
     client: &etcd_client::Client,
     prefix: &str,
-) -> Result<Vec<(String, Vec<u8>)>, etcd_client::Error> {
+) -> Result<Vec<(String, Vec<u8>, i64)>, etcd_client::Error> {
     use etcd_client::GetOptions;
     let mut kv = client
         .kv_client()
@@ -118,6 +118,7 @@ pub async fn get_prefix(
             out.push((
                 String::from_utf8_lossy(kv.key()).into_owned(),
                 kv.value().to_vec(),
+                kv.mod_revision(),
             ));
         }
         match resp.kvs().last() {

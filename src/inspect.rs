@@ -120,7 +120,7 @@ async fn list(client: &mut Client, prefix: &str) -> Result<BTreeMap<String, Vec<
     Ok(crate::etcd::get_prefix(client, prefix)
         .await?
         .into_iter()
-        .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v)))
+        .filter_map(|(k, v, _)| Some((k.strip_prefix(prefix)?.to_string(), v)))
         .collect())
 }
 
@@ -730,6 +730,25 @@ async fn why_mount_vfolder(
     Ok(why)
 }
 
+/// A volume `what` needs: `Err` (the reason) without a record, else its
+/// status on this node (`None` before the node reported it).
+async fn volume_here(
+    client: &mut Client,
+    keys: &Keys,
+    what: &str,
+    volume: &str,
+) -> Result<Result<Option<Value>, String>, CliError> {
+    let p = &keys.prefix;
+    if value(client, &format!("{p}/volumes/{volume}"))
+        .await?
+        .is_none()
+    {
+        return Ok(Err(format!("{what}: no record at {p}/volumes/{volume}")));
+    }
+    let status = value(client, &keys.volume_status(volume)).await?;
+    Ok(Ok(status.as_deref().and_then(status_value)))
+}
+
 /// A token file needs its volume's record (not a mount), not refused.
 async fn why_token(
     client: &mut Client,
@@ -737,15 +756,10 @@ async fn why_token(
     what: &str,
     volume: &str,
 ) -> Result<Vec<String>, CliError> {
-    let p = &keys.prefix;
-    if value(client, &format!("{p}/volumes/{volume}"))
-        .await?
-        .is_none()
-    {
-        return Ok(vec![format!("{what}: no record at {p}/volumes/{volume}")]);
-    }
-    let status = value(client, &keys.volume_status(volume)).await?;
-    let s = status.as_deref().and_then(status_value).unwrap_or_default();
+    let s = match volume_here(client, keys, what, volume).await? {
+        Err(why) => return Ok(vec![why]),
+        Ok(s) => s.unwrap_or_default(),
+    };
     Ok(match (s["state"].as_str(), s["error"].as_str()) {
         (Some("Rejected"), e) => vec![format!("{what}: Rejected: {}", e.unwrap_or("-"))],
         _ => Vec::new(),
@@ -759,17 +773,10 @@ async fn why_mount_volume(
     what: &str,
     volume: &str,
 ) -> Result<Vec<String>, CliError> {
-    let p = &keys.prefix;
-    if value(client, &format!("{p}/volumes/{volume}"))
-        .await?
-        .is_none()
-    {
-        return Ok(vec![format!("{what}: no record at {p}/volumes/{volume}")]);
-    }
-    Ok(match value(client, &keys.volume_status(volume)).await? {
-        None => vec![format!("{what}: not reported by node {} yet", keys.node)],
-        Some(s) => {
-            let s = status_value(&s).unwrap_or_default();
+    Ok(match volume_here(client, keys, what, volume).await? {
+        Err(why) => vec![why],
+        Ok(None) => vec![format!("{what}: not reported by node {} yet", keys.node)],
+        Ok(Some(s)) => {
             let state = s["state"].as_str().unwrap_or("?");
             let e = s["error"]
                 .as_str()

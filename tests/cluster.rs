@@ -356,12 +356,7 @@ async fn an_agent_writes_each_new_kernel_status_once() {
     within(120, async {
         let etcd = Etcd::start().await;
         let (_share, ids) = shared_volume_with_records(&etcd, 12).await;
-        let role = |roles| NodeOpts {
-            roles,
-            ..Default::default()
-        };
-        let _storage = Node::start(&etcd, "s1", role("[storage]"));
-        let agent = Node::start(&etcd, "a1", role("[agent]"));
+        let (_storage, agent) = storage_and_agent(&etcd);
         for id in &ids {
             etcd.wait_state(&format!("{P}/status/vfolders/{id}"), "Ready")
                 .await;
@@ -443,12 +438,7 @@ async fn an_agents_kernel_shows_the_storage_nodes_refusal_until_it_is_lifted() {
     require_private_mount_namespace();
     within(150, async {
         let etcd = Etcd::start().await;
-        let role = |roles| NodeOpts {
-            roles,
-            ..Default::default()
-        };
-        let storage = Node::start(&etcd, "s1", role("[storage]"));
-        let agent = Node::start(&etcd, "a1", role("[agent]"));
+        let (storage, agent) = storage_and_agent(&etcd);
         for n in [&storage, &agent] {
             let policies = n.dir.path().join("policies");
             std::fs::create_dir_all(&policies).unwrap();
@@ -497,12 +487,7 @@ async fn each_node_keeps_one_lease() {
     require_private_mount_namespace();
     within(90, async {
         let etcd = Etcd::start().await;
-        let role = |roles| NodeOpts {
-            roles,
-            ..Default::default()
-        };
-        let storage = Node::start(&etcd, "s1", role("[storage]"));
-        let agent = Node::start(&etcd, "a1", role("[agent]"));
+        let (storage, agent) = storage_and_agent(&etcd);
         let mut c = etcd.client().await;
         let mut leases = Vec::new();
         for n in [&storage, &agent] {
@@ -548,6 +533,16 @@ async fn each_node_keeps_one_lease() {
         assert_eq!(all, want, "two nodes, two leases");
     })
     .await;
+}
+
+/// A storage node `s1` and an agent `a1`.
+fn storage_and_agent(etcd: &Etcd) -> (Node, Node) {
+    let role = |roles| NodeOpts {
+        roles,
+        ..Default::default()
+    };
+    let storage = Node::start(etcd, "s1", role("[storage]"));
+    (storage, Node::start(etcd, "a1", role("[agent]")))
 }
 
 /// A bind volume `shared` on a host directory (standing in for a network

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 use serde_json::Value;
 
 use crate::keys::Keys;
@@ -206,43 +206,15 @@ impl StatusWriter {
         self.due
     }
 
-    /// Every key under `prefix` with its value and mod revision, page by page.
+    /// Every key under `prefix` whose value parses, with its mod revision.
     async fn read_prefix(&self, prefix: &str) -> Result<Vec<(String, Value, i64)>, StatusError> {
-        let mut kv = self
-            .client
-            .kv_client()
-            .max_decoding_message_size(crate::state::watch::MAX_ETCD_MESSAGE);
-        let end = crate::keys::prefix_end(prefix);
-        let mut from = prefix.as_bytes().to_vec();
-        let mut out = Vec::new();
-        let mut revision = 0;
-        loop {
-            // Every page at the first page's revision: one snapshot.
-            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(1000);
-            if revision > 0 {
-                opts = opts.with_revision(revision);
-            }
-            let resp = kv
-                .get(from.clone(), Some(opts))
-                .await
-                .map_err(StatusError::LoadFailed)?;
-            if revision == 0 {
-                revision = resp.header().map_or(0, |h| h.revision());
-            }
-            for kv in resp.kvs() {
-                if let Ok(v) = serde_yaml::from_slice::<Value>(kv.value()) {
-                    let k = String::from_utf8_lossy(kv.key()).into_owned();
-                    out.push((k, v, kv.mod_revision()));
-                }
-            }
-            match resp.kvs().last() {
-                Some(last) if resp.more() => {
-                    from = last.key().to_vec();
-                    from.push(0);
-                }
-                _ => return Ok(out),
-            }
-        }
+        let kvs = crate::etcd::get_prefix(&self.client, prefix)
+            .await
+            .map_err(StatusError::LoadFailed)?;
+        Ok(kvs
+            .into_iter()
+            .filter_map(|(k, v, rev)| Some((k, serde_yaml::from_slice::<Value>(&v).ok()?, rev)))
+            .collect())
     }
 
     /// Loads what this node wrote before under its node subtree (and, with
