@@ -174,7 +174,15 @@ pub async fn run(
     let connect_options = connect_options(&cfg)?;
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
-    let server = HttpServer::start(listener, metrics.clone(), health.clone());
+    let (plans_tx, plans) = tokio::sync::mpsc::channel(8);
+    let server = HttpServer::start(
+        listener,
+        crate::http::Served {
+            metrics: metrics.clone(),
+            health: health.clone(),
+            plans: plans_tx,
+        },
+    );
 
     let cache = Arc::new(DesiredCache::default());
     let _ = cache.counters.set(crate::state::watch::WatchCounters {
@@ -230,7 +238,7 @@ pub async fn run(
     health.alive.store(true, Ordering::Relaxed);
     tracing::info!(node = %cfg.node, roles = ?cfg.roles, "waiting for the first complete list of etcd");
     if wait_for_first_list(&cache, &metrics, &mut shutdown).await {
-        let mut passes = PassLoop::new(&shared, tasks.mounts_changed.clone());
+        let mut passes = PassLoop::new(&shared, tasks.mounts_changed.clone(), plans);
         let rec = passes.run(rec, &mut shutdown).await?;
         drop(tasks);
         // The next process on this node must not resume a lease this one
@@ -547,25 +555,21 @@ struct Shared<'a> {
     health: &'a Arc<Health>,
 }
 
-/// The `/metrics`, `/healthz`, `/readyz` server and its stop signal.
+/// The HTTP server ([`crate::http`]) and its stop signal.
 struct HttpServer {
     stop_tx: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl HttpServer {
-    fn start(
-        listener: tokio::net::TcpListener,
-        metrics: Arc<Metrics>,
-        health: Arc<Health>,
-    ) -> Self {
+    fn start(listener: tokio::net::TcpListener, served: crate::http::Served) -> Self {
         let (stop_tx, mut rx) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             let stop = async move {
                 let _ = rx.wait_for(|s| *s).await;
             };
-            if let Err(e) = crate::metrics::serve(listener, metrics, health, stop).await {
-                tracing::error!(error = %e, "metrics server failed");
+            if let Err(e) = crate::http::serve(listener, served, stop).await {
+                tracing::error!(error = %e, "http server failed");
             }
         });
         Self { stop_tx, task }
@@ -747,19 +751,7 @@ fn reconciler(
     })
     .with_watch_gate(tasks.mount_gate.clone());
     Reconciler::new(ReconcilerParts {
-        node: NodeView {
-            agent: cfg.has_role(Role::Agent),
-            storage: cfg.has_role(Role::Storage),
-            volumes_root: cfg.roots.volumes.clone(),
-            kernels_root: cfg.roots.kernels.clone(),
-            policy: s.policy.read().expect("policy lock").clone(),
-            identity: crate::reconcile::plan::Identity {
-                uid: cfg.kernel_uid,
-                gid: cfg.kernel_gid,
-            },
-            led: None,
-            fenced: false,
-        },
+        node: node_view(cfg, s.policy.read().expect("policy lock").clone()),
         keys: s.keys.clone(),
         exec,
         ledger,
@@ -771,6 +763,23 @@ fn reconciler(
         lifecycle: tasks.lifecycle.clone(),
         elections: tasks.elections.clone(),
     })
+}
+
+/// The node facts the planner needs, from its config (no election yet).
+pub fn node_view(cfg: &NodeConfig, policy: Arc<Policy>) -> NodeView {
+    NodeView {
+        agent: cfg.has_role(Role::Agent),
+        storage: cfg.has_role(Role::Storage),
+        volumes_root: cfg.roots.volumes.clone(),
+        kernels_root: cfg.roots.kernels.clone(),
+        policy,
+        identity: crate::reconcile::plan::Identity {
+            uid: cfg.kernel_uid,
+            gid: cfg.kernel_gid,
+        },
+        led: None,
+        fenced: false,
+    }
 }
 
 /// One round of work taken from the desired-state cache.
@@ -804,10 +813,26 @@ struct PassLoop<'a> {
     limits: crate::state::desired::LimitVerdicts,
     /// When the mount table is to be looked at again though nothing signals.
     reread_at: Option<Instant>,
+    /// Plans asked over HTTP, answered between passes.
+    plans: tokio::sync::mpsc::Receiver<crate::http::PlanRequest>,
+}
+
+/// Why the loop woke.
+enum Wake {
+    /// Run a pass.
+    Pass,
+    /// Answer a plan.
+    Plan(crate::http::PlanRequest),
+    /// Shut down.
+    Stop,
 }
 
 impl<'a> PassLoop<'a> {
-    fn new(s: &'a Shared<'a>, mounts_changed: Arc<Notify>) -> Self {
+    fn new(
+        s: &'a Shared<'a>,
+        mounts_changed: Arc<Notify>,
+        plans: tokio::sync::mpsc::Receiver<crate::http::PlanRequest>,
+    ) -> Self {
         Self {
             s,
             mounts_changed,
@@ -820,6 +845,7 @@ impl<'a> PassLoop<'a> {
             remembered_at: None,
             limits: Default::default(),
             reread_at: None,
+            plans,
         }
     }
 
@@ -869,10 +895,42 @@ impl<'a> PassLoop<'a> {
             let (r, last) = self.run_passes(rec, &work).await?;
             rec = r;
             let wake = self.after_passes(&work, last.as_ref());
-            if !self.wait(wake, &rec, shutdown).await {
-                return Ok(rec);
+            loop {
+                match self.wait(wake, &rec, shutdown).await {
+                    Wake::Pass => break,
+                    Wake::Stop => return Ok(rec),
+                    Wake::Plan(ask) => rec = self.answer_plan(rec, ask).await?,
+                }
             }
         }
+    }
+
+    /// Plans over the desired state as it is now (limits as last applied),
+    /// on a blocking thread, acting on nothing.
+    async fn answer_plan(
+        &mut self,
+        mut rec: Reconciler,
+        ask: crate::http::PlanRequest,
+    ) -> Result<Reconciler, DaemonError> {
+        let mut desired = self.s.cache.peek();
+        if !self.limits.kernels.is_empty() || !self.limits.vfolders.is_empty() {
+            Arc::make_mut(&mut desired).apply_limits(&self.limits);
+        }
+        let live = self.s.cache.live.load(Ordering::Acquire) && self.s.cache.brake().held.is_none();
+        rec.node.policy = self.s.policy.read().expect("policy lock").clone();
+        let (rec, result) = tokio::task::spawn_blocking(move || {
+            let r = crate::error::guarded("a plan", || rec.plan_now(&desired, live));
+            (rec, r)
+        })
+        .await
+        .map_err(|e| DaemonError::PassPanicked(e.to_string()))?;
+        let answer = match result {
+            Ok(Ok(view)) => Ok(view),
+            Ok(Err(e)) => Err(crate::error::error_chain(&e)),
+            Err(panic) => Err(panic),
+        };
+        let _ = ask.reply.send(answer);
+        Ok(rec)
     }
 
     /// Takes what changed: watch events that name only kernels make a pass
@@ -1112,29 +1170,30 @@ impl<'a> PassLoop<'a> {
     /// Waits for the next reason to run a pass. Leading edge: the first
     /// change runs a pass at once; changes that arrive during a pass are
     /// coalesced into the next one. False on shutdown.
-    async fn wait(&mut self, wake: Instant, rec: &Reconciler, shutdown: &mut Shutdown<'_>) -> bool {
+    async fn wait(&mut self, wake: Instant, rec: &Reconciler, shutdown: &mut Shutdown<'_>) -> Wake {
         loop {
             tokio::select! {
-                _ = self.s.cache.changed.notified() => return true,
+                _ = self.s.cache.changed.notified() => return Wake::Pass,
+                Some(ask) = self.plans.recv() => return Wake::Plan(ask),
                 _ = self.mounts_changed.notified() => {
                     if !rec.mount_table_current() {
                         // A burst (a container runtime's binds) is read once.
                         tokio::time::sleep(MOUNT_WAKE_COALESCE).await;
-                        return true;
+                        return Wake::Pass;
                     }
                     tracing::trace!("mount-table event already seen");
                 }
                 _ = sleep_until(wake) => {
                     // A deadline (resync, linger, retry, renewal): a whole pass.
                     self.pending.all = true;
-                    return true;
+                    return Wake::Pass;
                 }
                 _ = sleep_until(self.reread_at.unwrap_or(wake)), if self.reread_at.is_some() => {
                     // The table may be behind: a pass over what changed in it.
                     self.reread_at = None;
-                    return true;
+                    return Wake::Pass;
                 }
-                _ = shutdown.as_mut() => return false,
+                _ = shutdown.as_mut() => return Wake::Stop,
             }
         }
     }

@@ -505,8 +505,9 @@ fn bytes(n: &str) -> String {
     format!("{v:.1}Pi")
 }
 
-/// Left-aligned columns, two spaces apart, no trailing blanks.
-fn table(rows: &[Vec<String>]) -> String {
+/// `rows` (the first is the header) as left-aligned columns, two spaces
+/// apart, no trailing blanks, control characters shown as `?`.
+pub fn table(rows: &[Vec<String>]) -> String {
     let cols = rows.first().map_or(0, Vec::len);
     let widths: Vec<usize> = (0..cols)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
@@ -528,40 +529,120 @@ fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
-/// `vfolderd describe KIND NAME`: the record, the status(es), and why the
-/// object is not what it should be, reading what it depends on.
+/// What `explain` finds about one object.
+#[derive(Debug, Serialize)]
+pub struct Explained {
+    /// Its record and status(es).
+    pub objects: Vec<Item>,
+    /// Why it is not Ready or Mounted, following what it depends on.
+    pub why: Vec<String>,
+    /// What this node would do for it now (only for this node's objects).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan: Option<crate::reconcile::explain::PlanView>,
+    /// Why there is no plan, if there is none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan_unavailable: Option<String>,
+}
+
+/// `vfolderd explain KIND NAME`: the record, the status(es), why the object
+/// is not what it should be (reading what it depends on), and — for this
+/// node's objects — what the node would do for it now, backoffs included
+/// (asked of the daemon, or planned here while it is stopped).
+pub async fn explain(
+    cfg: &NodeConfig,
+    kind: Kind,
+    name: &str,
+    node: &str,
+) -> Result<Explained, CliError> {
+    let keys = Keys::new(&cfg.etcd.prefix, node);
+    let mut client = connect(cfg).await?;
+    let objects: Vec<Item> = read_one(&mut client, &keys, kind, name).await?;
+    if objects.is_empty() {
+        return Err(CliError::Invalid(format!(
+            "{} {name}: no record and no status",
+            kind_name(kind)
+        )));
+    }
+    let why = match kind {
+        Kind::Kernels => why_kernel(&mut client, &keys, &objects[0]).await?,
+        Kind::Volumes => objects.iter().flat_map(why_volume).collect(),
+        Kind::Vfolders => why_vfolder(&mut client, &keys, &objects[0]).await?,
+    };
+    let (plan, plan_unavailable) = if node != cfg.node {
+        (
+            None,
+            Some(format!(
+                "plans are made on the node itself (run this on {node})"
+            )),
+        )
+    } else {
+        let object = match kind {
+            Kind::Kernels => format!("kernel/{name}"),
+            Kind::Volumes => format!("volume/{name}"),
+            Kind::Vfolders => String::new(),
+        };
+        match crate::plancmd::plan(cfg, None).await {
+            Ok(v) if kind == Kind::Vfolders => (Some(v.touching(name)), None),
+            Ok(v) => (Some(v.only(&object)), None),
+            Err(e) => (None, Some(crate::error::error_chain(&e))),
+        }
+    };
+    Ok(Explained {
+        objects,
+        why,
+        plan,
+        plan_unavailable,
+    })
+}
+
+/// `explain`'s findings as `out` says.
+pub fn render_explained(e: &Explained, out: Output) -> Result<String, CliError> {
+    match out {
+        Output::Json => Ok(serde_json::to_string_pretty(e)
+            .map_err(|e| CliError::Invalid(e.to_string()))?
+            + "\n"),
+        Output::Yaml => serde_yaml::to_string(e).map_err(|e| CliError::Invalid(e.to_string())),
+        Output::Table | Output::Wide => Ok(explained_text(e)),
+    }
+}
+
+fn explained_text(e: &Explained) -> String {
+    let mut out = String::new();
+    for it in &e.objects {
+        header(&mut out, it);
+    }
+    out.push_str("Why:\n");
+    if e.why.is_empty() {
+        out.push_str("  nothing is in the way\n");
+    }
+    for line in &e.why {
+        let _ = writeln!(out, "  - {line}");
+    }
+    out.push_str("Plan:\n");
+    match (&e.plan, &e.plan_unavailable) {
+        (Some(p), _) => {
+            for line in crate::reconcile::explain::table(p).lines() {
+                let _ = writeln!(out, "  {line}");
+            }
+        }
+        (None, Some(why)) => {
+            let _ = writeln!(out, "  unavailable: {why}");
+        }
+        (None, None) => {}
+    }
+    out
+}
+
+/// `vfolderd describe KIND NAME`: what `explain` says, then the object's
+/// recent events.
 pub async fn describe(
     cfg: &NodeConfig,
     kind: Kind,
     name: &str,
     node: &str,
 ) -> Result<String, CliError> {
-    let keys = Keys::new(&cfg.etcd.prefix, node);
-    let mut client = connect(cfg).await?;
-    let items: Vec<Item> = read_one(&mut client, &keys, kind, name).await?;
-    if items.is_empty() {
-        return Err(CliError::Invalid(format!(
-            "{} {name}: no record and no status",
-            kind_name(kind)
-        )));
-    }
-    let mut out = String::new();
-    for it in &items {
-        header(&mut out, it);
-    }
-    let why = match kind {
-        Kind::Kernels => why_kernel(&mut client, &keys, &items[0]).await?,
-        Kind::Volumes => items.iter().flat_map(why_volume).collect(),
-        Kind::Vfolders => why_vfolder(&mut client, &keys, &items[0]).await?,
-    };
-    out.push_str("Why:\n");
-    if why.is_empty() {
-        out.push_str("  nothing is in the way\n");
-    }
-    for line in why {
-        let _ = writeln!(out, "  - {line}");
-    }
-    Ok(out)
+    let e = explain(cfg, kind, name, node).await?;
+    Ok(explained_text(&e))
 }
 
 fn kind_name(kind: Kind) -> &'static str {

@@ -134,6 +134,50 @@ enum Cmd {
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: vfolderd::inspect::Output,
     },
+    /// What this node would do now: the actions, in order, each with the
+    /// object it serves and why, and the objects waiting out a backoff.
+    ///
+    /// Asks the running daemon over its listen address; with the daemon
+    /// stopped, plans here from etcd (or the stored desired state when
+    /// etcd is unreachable). Acts on nothing. Shows no option values.
+    ///
+    /// Example: vfolderd plan --config /etc/vfolderd/node.yaml --kernel k1
+    Plan {
+        /// Node config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Only what serves this kernel.
+        #[arg(long, conflicts_with = "volume")]
+        kernel: Option<String>,
+        /// Only what serves this volume.
+        #[arg(long)]
+        volume: Option<String>,
+        /// table, json or yaml.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: vfolderd::inspect::Output,
+    },
+    /// Why a kernel is not Ready, a volume not Mounted, a vfolder not Ready:
+    /// its record (secrets as ***), its status, the chain of reasons through
+    /// what it depends on, and what this node would do for it now (its
+    /// planned actions and backoff, from the daemon or, stopped, planned here).
+    ///
+    /// Example: vfolderd explain kernel k1 --config /etc/vfolderd/node.yaml
+    Explain {
+        /// Node config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// kernel, volume or vfolder.
+        #[arg(value_enum)]
+        kind: vfolderd::inspect::Kind,
+        /// Its id or name.
+        name: String,
+        /// The node whose kernel (or volume status) it is; this node by default.
+        #[arg(long)]
+        node: Option<String>,
+        /// table, json or yaml.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: vfolderd::inspect::Output,
+    },
     /// Show one kernel, volume or vfolder: record (secrets as ***), status,
     /// and why it is not Ready or Mounted, following what it depends on
     /// (vfolder records and statuses, volumes, the node's liveness).
@@ -413,6 +457,33 @@ async fn main() -> anyhow::Result<()> {
                 "{}",
                 vfolderd::inspect::get(&cfg, kind, &nodes, output).await?
             )
+        }
+        Cmd::Plan {
+            config,
+            kernel,
+            volume,
+            output,
+        } => {
+            let cfg = load(&config)?;
+            let object = match (kernel, volume) {
+                (Some(k), _) => Some(format!("kernel/{k}")),
+                (None, Some(v)) => Some(format!("volume/{v}")),
+                (None, None) => None,
+            };
+            let view = vfolderd::plancmd::plan(&cfg, object.as_deref()).await?;
+            print!("{}", vfolderd::plancmd::render(&view, output)?);
+        }
+        Cmd::Explain {
+            config,
+            kind,
+            name,
+            node,
+            output,
+        } => {
+            let cfg = load(&config)?;
+            let node = node.unwrap_or_else(|| cfg.node.clone());
+            let e = vfolderd::inspect::explain(&cfg, kind, &name, &node).await?;
+            print!("{}", vfolderd::inspect::render_explained(&e, output)?);
         }
         Cmd::Describe {
             config,

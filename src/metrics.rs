@@ -1,6 +1,5 @@
 //! Prometheus metrics and the HTTP endpoint serving `/metrics`, `/healthz`, `/readyz`.
 
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -550,21 +549,14 @@ struct AppState {
     health: Arc<Health>,
 }
 
-/// Serves the endpoints on an already-bound listener until `shutdown` resolves.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let app = Router::new()
+/// `/metrics`, `/healthz` and `/readyz` ([`crate::http`] serves them with
+/// the rest).
+pub fn router(metrics: Arc<Metrics>, health: Arc<Health>) -> Router {
+    Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(AppState { metrics, health });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+        .with_state(AppState { metrics, health })
 }
 
 async fn metrics_handler(State(s): State<AppState>) -> String {

@@ -517,3 +517,122 @@ async fn json_logs_are_one_object_per_line_at_the_level_asked() {
     })
     .await;
 }
+
+/// Issue 17 item 1: `vfolderd plan` says what the node would do, in order and
+/// why — from the running daemon (with the backoff of a failing volume), and
+/// with the daemon stopped (from etcd, acting on nothing) — and `explain`
+/// joins the reason chain to that plan. No option value is ever shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_and_explain_say_what_the_node_would_do_and_why() {
+    require_private_mount_namespace();
+    within(120, async {
+        let etcd = Etcd::start().await;
+        let opts = NodeOpts {
+            helper_double: true,
+            ..NodeOpts::default()
+        };
+        let mut node = Node::start(&etcd, "n1", opts);
+        let id = uuid::Uuid::new_v4();
+        etcd.put(&format!("{P}/volumes/data"), &tmpfs_volume("requested"))
+            .await;
+        etcd.put(
+            &format!("{P}/vfolders/{id}"),
+            "{name: work, owner: alice, volume: data}\n",
+        )
+        .await;
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {id}}}]\n"),
+        )
+        .await;
+        let st = etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let bind = st["mounts"][0]["target"].as_str().unwrap().to_string();
+
+        // Converged: nothing to do.
+        let calm = node.cli(&["plan"]);
+        assert!(
+            calm.contains("No changes: the node is as wanted."),
+            "{calm}"
+        );
+        assert!(calm.contains("plan made by the running daemon"), "{calm}");
+
+        // A share whose helper fails waits out its backoff; the plan says so.
+        std::fs::write(node.dir.path().join("helper-fail"), "").unwrap();
+        etcd.put(
+            &format!("{P}/volumes/share"),
+            "mount: {at: startup, fstype: cifs, path: //acct.file.core.windows.net/share, \
+             options: \"username=acct,password=hunter2secret\"}\n",
+        )
+        .await;
+        etcd.wait_state(&node.volume_status("share"), "Failed")
+            .await;
+        let json: serde_json::Value =
+            serde_json::from_str(&node.cli(&["plan", "--volume", "share", "-o", "json"])).unwrap();
+        assert_eq!(json["source"], "daemon", "{json}");
+        let step = &json["steps"][0];
+        assert_eq!(step["action"], "mount", "{json}");
+        assert_eq!(step["object"], "volume/share", "{json}");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(
+            step["waits_until"].as_u64().is_some_and(|t| t >= now),
+            "{json}"
+        );
+        let backoff = &json["backoffs"][0];
+        assert_eq!(backoff["object"], "volume/share", "{json}");
+        assert!(backoff["attempts"].as_u64().unwrap() >= 1, "{json}");
+        assert!(
+            backoff["error"].as_str().unwrap().contains("Host is down"),
+            "{json}"
+        );
+        let explained = node.cli(&["explain", "volume", "share"]);
+        assert!(
+            explained.contains("Plan:") && explained.contains("in backoff until"),
+            "{explained}"
+        );
+        for out in [&explained, &node.cli(&["plan", "-o", "yaml"])] {
+            assert!(!out.contains("hunter2"), "a secret shown: {out}");
+        }
+
+        // Stopped: the CLI plans itself, from etcd, and acts on nothing.
+        assert!(node.stop());
+        etcd.delete(&node.kernel_key("k1")).await;
+        let stopped: serde_json::Value =
+            serde_json::from_str(&node.cli(&["plan", "-o", "json"])).unwrap();
+        assert_eq!(stopped["source"], "etcd", "{stopped}");
+        let steps = stopped["steps"].as_array().unwrap();
+        let unbind = steps
+            .iter()
+            .find(|s| s["action"] == "unmount" && s["target"] == bind.as_str())
+            .unwrap_or_else(|| panic!("no unmount of {bind}: {stopped}"));
+        assert_eq!(unbind["object"], "kernel/k1", "{stopped}");
+        assert!(
+            unbind["why"]
+                .as_str()
+                .unwrap()
+                .contains("kernel k1 no longer wants"),
+            "{stopped}"
+        );
+        // Its volume lingers (a daemon starting now would keep it that long).
+        assert!(
+            !steps
+                .iter()
+                .any(|s| s["action"] == "unmount" && s["object"] == "volume/data"),
+            "{stopped}"
+        );
+        let k1 = node.cli(&["plan", "--kernel", "k1"]);
+        assert!(
+            k1.contains("the daemon is stopped")
+                && k1.contains("unmount")
+                && k1.contains("kernel/k1"),
+            "{k1}"
+        );
+        assert!(
+            node.mount_at(std::path::Path::new(&bind)).is_some(),
+            "a plan must not act"
+        );
+    })
+    .await;
+}

@@ -101,6 +101,15 @@ impl Retries {
             .map(|(o, _)| o)
     }
 
+    /// Objects still inside their backoff at `now`: failures in a row, and
+    /// when their actions run again.
+    pub fn pending(&self, now: Instant) -> impl Iterator<Item = (&Owner, u32, Instant)> {
+        self.by_owner
+            .iter()
+            .filter(move |(_, r)| now < r.not_before)
+            .map(|(o, r)| (o, r.attempts, r.not_before))
+    }
+
     /// Forgets objects `keep` says no longer exist.
     pub fn retain(&mut self, mut keep: impl FnMut(&Owner) -> bool) {
         self.by_owner.retain(|o, _| keep(o));
@@ -151,6 +160,26 @@ impl Linger {
             .iter()
             .filter(|(_, since)| now < **since + self.period)
             .map(|(v, _)| v.clone())
+            .collect()
+    }
+
+    /// What [`Linger::update`] would return at `now`, changing nothing (a
+    /// volume not yet idle would start its linger now: kept).
+    pub fn kept<'a>(
+        &self,
+        owned: impl IntoIterator<Item = &'a String>,
+        wanted: impl Fn(&str) -> bool,
+        now: Instant,
+    ) -> BTreeSet<String> {
+        owned
+            .into_iter()
+            .filter(|v| !wanted(v))
+            .filter(|v| {
+                self.idle_since
+                    .get(*v)
+                    .is_none_or(|s| now < *s + self.period)
+            })
+            .cloned()
             .collect()
     }
 

@@ -4,6 +4,7 @@ pub mod actual;
 pub mod bookkeeping;
 pub mod btrfs;
 pub mod execute;
+pub mod explain;
 pub mod fsops;
 pub mod mountapi;
 pub mod mountevents;

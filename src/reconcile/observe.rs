@@ -270,6 +270,12 @@ impl Observer {
         Ok((table, changed))
     }
 
+    /// The whole mount table read now, leaving what the next pass reads as
+    /// changed untouched (for a plan asked between passes).
+    pub fn fresh_table(&self) -> Result<Arc<MountTable>, ObserveError> {
+        Ok(Arc::new(self.mountinfo.read()?))
+    }
+
     /// The resync: a remount the table could not tell from the mounts made
     /// with it is looked for (at most once a second).
     pub fn suspect_attrs(&self) {

@@ -14,6 +14,7 @@ use crate::keys::Keys;
 use crate::lifecycle::{LifeStatus, LifecycleBoard};
 use crate::reconcile::bookkeeping::{renewal_deadline, Linger, Retries};
 use crate::reconcile::execute::{status_message, ExecError, Executor, Outcome};
+use crate::reconcile::explain::{self, PlanSource, PlanView};
 use crate::reconcile::observe::{attribute, MountChanges, ObserveError, Observer};
 use crate::reconcile::plan::{
     plan, resolve, Action, ActionKind, Actual, NodeView, Want, WantKernel,
@@ -522,39 +523,15 @@ impl Reconciler {
         self.spare_hung_volumes(actions, want, actual)
     }
 
-    /// Drops the actions that would touch a volume that does not answer (a
-    /// bind from it, a directory in it): they would put the pass to sleep
-    /// in the kernel. Their kernels wait, `Pending` with the reason.
+    /// Drops the actions that would touch a volume that does not answer;
+    /// their kernels wait, `Pending` with the reason.
     fn spare_hung_volumes(
         &mut self,
         actions: Vec<Action>,
         want: &Want,
         actual: &Actual,
     ) -> Vec<Action> {
-        if actual.hung_volumes.is_empty() {
-            return actions;
-        }
-        let roots: Vec<&Path> = actual
-            .hung_volumes
-            .iter()
-            .filter_map(|v| want.volumes.get(v).map(|w| w.target.as_path()))
-            .collect();
-        let mut waiting: Vec<(String, String)> = Vec::new();
-        let kept = actions
-            .into_iter()
-            .filter(|a| match a {
-                Action::Bind { bind } | Action::Remount { bind }
-                    if actual.hung_volumes.contains(&bind.volume) =>
-                {
-                    waiting.push((bind.kernel.clone(), bind.volume.clone()));
-                    false
-                }
-                Action::MakeDir { path, .. } | Action::RemoveDir { path } => {
-                    !roots.iter().any(|r| path.starts_with(r))
-                }
-                _ => true,
-            })
-            .collect();
+        let (kept, waiting) = without_hung_volumes(actions, want, actual);
         for (kernel, volume) in waiting {
             let message = format!("volume {volume} does not answer; its binds wait until it does");
             let failure = Failure {
@@ -564,6 +541,53 @@ impl Reconciler {
             self.failures.insert(Owner::Kernel(kernel), failure);
         }
         kept
+    }
+
+    /// The actions this node would take now, and why, acting on nothing:
+    /// the whole desired state resolved afresh, the mount table read whole
+    /// (what the next pass reads as changed is left as it is), linger and
+    /// backoffs as this process keeps them.
+    pub fn plan_now(&mut self, desired: &Desired, live: bool) -> Result<PlanView, PassError> {
+        if let Some(e) = &self.elections {
+            self.node.led = Some(e.led());
+            self.node.fenced = e.fenced();
+        }
+        let now = Instant::now();
+        let linger = &self.linger;
+        let (want, actual, actions) = plan_once(
+            &self.node,
+            &self.observer,
+            &self.ledger,
+            desired,
+            live,
+            |owned, wanted| linger.kept(owned, wanted, now),
+        )?;
+        let unix = |t: Instant| unix_now() + t.saturating_duration_since(now).as_secs();
+        let pending: BTreeMap<&Owner, (u32, Instant)> = self
+            .retries
+            .pending(now)
+            .map(|(o, n, t)| (o, (n, t)))
+            .collect();
+        let steps = explain::steps(&actions, &want, &actual, |o| {
+            pending.get(o).map(|(_, t)| unix(*t))
+        });
+        let backoffs = pending
+            .iter()
+            .map(|(o, (attempts, t))| explain::Backoff {
+                object: explain::object_name(o),
+                attempts: *attempts,
+                until: unix(*t),
+                error: self.failures.get(*o).map(|f| f.message.clone()),
+            })
+            .collect();
+        Ok(PlanView {
+            node: self.keys.node.clone(),
+            source: PlanSource::Daemon,
+            revision: desired.revision,
+            live,
+            steps,
+            backoffs,
+        })
     }
 
     /// Says `Pending` for what is about to change before a possibly slow
@@ -925,4 +949,68 @@ impl Reconciler {
         ));
         self.entries.clone()
     }
+}
+
+/// The actions whose volume answers, and the (kernel, volume) pairs whose
+/// binds wait for a volume that does not (they would put the pass to
+/// sleep in the kernel).
+fn without_hung_volumes(
+    actions: Vec<Action>,
+    want: &Want,
+    actual: &Actual,
+) -> (Vec<Action>, Vec<(String, String)>) {
+    if actual.hung_volumes.is_empty() {
+        return (actions, Vec::new());
+    }
+    let roots: Vec<&Path> = actual
+        .hung_volumes
+        .iter()
+        .filter_map(|v| want.volumes.get(v).map(|w| w.target.as_path()))
+        .collect();
+    let mut waiting: Vec<(String, String)> = Vec::new();
+    let kept = actions
+        .into_iter()
+        .filter(|a| match a {
+            Action::Bind { bind } | Action::Remount { bind }
+                if actual.hung_volumes.contains(&bind.volume) =>
+            {
+                waiting.push((bind.kernel.clone(), bind.volume.clone()));
+                false
+            }
+            Action::MakeDir { path, .. } | Action::RemoveDir { path } => {
+                !roots.iter().any(|r| path.starts_with(r))
+            }
+            _ => true,
+        })
+        .collect();
+    (kept, waiting)
+}
+
+/// The planner over the node as it is now, acting on nothing (the daemon's
+/// `GET /plan`, and `vfolderd plan` with the daemon stopped). `keep` says
+/// which owned volumes nothing wants still linger.
+pub fn plan_once(
+    node: &NodeView,
+    observer: &Observer,
+    ledger: &Ledger,
+    desired: &Desired,
+    live: bool,
+    keep: impl FnOnce(Vec<&String>, &dyn Fn(&str) -> bool) -> BTreeSet<String>,
+) -> Result<(Want, Actual, Vec<Action>), PassError> {
+    let want = resolve(node, desired);
+    let mounts = observer.fresh_table()?;
+    let actual = observer.observe(ledger, &want, mounts, None)?;
+    let owned: Vec<&String> = actual
+        .owned_mounts
+        .values()
+        .filter(|m| m.kind == MountKind::Volume)
+        .map(|m| &m.volume)
+        .collect();
+    let keep = keep(owned, &|v: &str| want.volumes.contains_key(v));
+    let mut actions = plan(node, &want, &actual, &keep);
+    if !live {
+        actions = scope::without_teardown(actions);
+    }
+    let (actions, _) = without_hung_volumes(actions, &want, &actual);
+    Ok((want, actual, actions))
 }

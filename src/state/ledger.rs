@@ -292,7 +292,7 @@ impl Ledger {
 
     /// [`Ledger::open`], with sled's panics on damaged files caught and a
     /// held lock told apart from damage.
-    fn open_guarded(dir: &Path) -> Result<Self, LedgerError> {
+    pub fn open_guarded(dir: &Path) -> Result<Self, LedgerError> {
         match std::panic::catch_unwind(|| Self::open(dir)) {
             Ok(Err(LedgerError::Sled { source, .. })) if is_lock_error(&source) => {
                 Err(LedgerError::Locked {
