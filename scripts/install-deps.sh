@@ -13,7 +13,8 @@
 #            npm + azurite (the Azure Blob emulator), runc + busybox-static
 #            (tests/kernel.rs starts real containers on a busybox root),
 #            prometheus (promtool: tests/operator.rs lints /metrics and tests the alert rules),
-#            systemd (systemd-analyze verify on config/systemd/vfolderd.service; not run as init)
+#            systemd (systemd-analyze verify on config/systemd/vfolderd.service; not run as init),
+#            chromium + fonts-dejavu-core (tests/operator.rs renders the status page headless)
 set -euo pipefail
 
 packages=(
@@ -25,6 +26,7 @@ packages=(
   runc busybox-static
   btrfs-progs
   prometheus systemd
+  chromium fonts-dejavu-core
 )
 
 # Installed packages and what they provide, one name per line: nodesource's

@@ -174,13 +174,18 @@ pub async fn run(
     let connect_options = connect_options(&cfg)?;
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
+    let (status_tx, status_rx) = tokio::sync::watch::channel(StatusBatch::default());
     let (plans_tx, plans) = tokio::sync::mpsc::channel(8);
+    let (events, events_rx) = crate::state::events::EventLog::new();
     let server = HttpServer::start(
         listener,
         crate::http::Served {
             metrics: metrics.clone(),
             health: health.clone(),
             plans: plans_tx,
+            events: events.clone(),
+            keys: keys.clone(),
+            statuses: status_rx.clone(),
         },
     );
 
@@ -218,15 +223,15 @@ pub async fn run(
         health: &health,
     };
     let tasks = Background::start(&shared, &deps);
-    let (status_tx, status_rx) = tokio::sync::watch::channel(StatusBatch::default());
     let etcd_side = EtcdSide::start(
         &shared,
         connect_options,
         &ledger,
         status_rx,
         tasks.elections.clone(),
+        events_rx,
     );
-    let mut rec = reconciler(&shared, &deps, ledger, status_tx, &tasks);
+    let mut rec = reconciler(&shared, &deps, ledger, status_tx, &tasks, events);
     if rebuilt {
         rec.adopt_after_rebuild();
     }
@@ -368,6 +373,7 @@ impl EtcdSide {
         ledger: &Ledger,
         status_rx: tokio::sync::watch::Receiver<StatusBatch>,
         elections: Option<Arc<Elections>>,
+        events: tokio::sync::mpsc::Receiver<crate::state::events::Event>,
     ) -> Self {
         let endpoints = s.cfg.etcd.endpoints.clone();
         let (probe, tls) = (probe_options(s.cfg), s.cfg.etcd.tls.is_some());
@@ -462,6 +468,12 @@ impl EtcdSide {
                     })
                 })
             });
+            let _events = AbortOnDrop(tokio::spawn(crate::state::events::run_event_writer(
+                client.clone(),
+                keys.clone(),
+                events,
+                health.clone(),
+            )));
             let writer = StatusWriter::new(client, keys);
             run_status_writer(writer, status_rx, move |n, took| {
                 metrics.status_writes.inc_by(n as u64);
@@ -724,6 +736,7 @@ fn reconciler(
     ledger: Ledger,
     status_tx: tokio::sync::watch::Sender<StatusBatch>,
     tasks: &Background,
+    events: Arc<crate::state::events::EventLog>,
 ) -> Reconciler {
     let cfg = s.cfg;
     let exec = Executor::new(
@@ -762,6 +775,7 @@ fn reconciler(
         usage: tasks.usage.clone(),
         lifecycle: tasks.lifecycle.clone(),
         elections: tasks.elections.clone(),
+        events,
     })
 }
 

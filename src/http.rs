@@ -32,6 +32,12 @@ pub struct Served {
     pub health: Arc<Health>,
     /// Asks the reconcile loop for a plan.
     pub plans: mpsc::Sender<PlanRequest>,
+    /// Recent events (the status page).
+    pub events: Arc<crate::state::events::EventLog>,
+    /// The node's key layout (its name, its status keys).
+    pub keys: crate::keys::Keys,
+    /// The statuses the last pass reported.
+    pub statuses: tokio::sync::watch::Receiver<crate::state::status::StatusBatch>,
 }
 
 /// How long `GET /plan` waits for the loop (a pass may be running).
@@ -43,11 +49,20 @@ pub async fn serve(
     served: Served,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = crate::metrics::router(served.metrics.clone(), served.health.clone()).merge(
-        Router::new()
-            .route("/plan", get(plan))
-            .with_state(served.plans.clone()),
-    );
+    let page = Page {
+        node: served.keys.node.clone(),
+        keys: served.keys.clone(),
+        health: served.health.clone(),
+        statuses: served.statuses.clone(),
+        events: served.events.clone(),
+    };
+    let app = crate::metrics::router(served.metrics.clone(), served.health.clone())
+        .merge(
+            Router::new()
+                .route("/plan", get(plan))
+                .with_state(served.plans.clone()),
+        )
+        .merge(Router::new().route("/", get(status_page)).with_state(page));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
@@ -85,4 +100,34 @@ async fn plan(
 
 fn unavailable(why: &str) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response()
+}
+
+/// `GET /`: the node at a glance — readiness, volumes with capacity bars,
+/// kernels with their mounts, recent events. Plain HTML, no script (it
+/// reloads itself every 10 s); every text from etcd is escaped.
+async fn status_page(State(p): State<Page>) -> axum::response::Html<String> {
+    let batch = p.statuses.borrow().clone();
+    axum::response::Html(crate::statuspage::render(&crate::statuspage::PageInput {
+        node: &p.node,
+        keys: &p.keys,
+        ready: p.health.ready.load(std::sync::atomic::Ordering::Relaxed),
+        held: p
+            .health
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone(),
+        entries: &batch.entries,
+        events: &p.events.recent(),
+    }))
+}
+
+/// What the status page reads.
+#[derive(Clone)]
+struct Page {
+    node: String,
+    keys: crate::keys::Keys,
+    health: Arc<Health>,
+    statuses: tokio::sync::watch::Receiver<crate::state::status::StatusBatch>,
+    events: Arc<crate::state::events::EventLog>,
 }

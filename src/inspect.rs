@@ -642,7 +642,32 @@ pub async fn describe(
     node: &str,
 ) -> Result<String, CliError> {
     let e = explain(cfg, kind, name, node).await?;
-    Ok(explained_text(&e))
+    let mut out = explained_text(&e);
+    let keys = Keys::new(&cfg.etcd.prefix, node);
+    let mut client = connect(cfg).await?;
+    let object = format!("{}/{name}", kind_name(kind));
+    let events = crate::state::events::read(&mut client, &keys, &object).await?;
+    out.push_str("Events:\n");
+    if events.is_empty() {
+        out.push_str("  (none)\n");
+    } else {
+        let mut rows = vec![["TIME", "TYPE", "REASON", "FROM", "MESSAGE"]
+            .map(String::from)
+            .to_vec()];
+        for ev in events {
+            rows.push(vec![
+                ev.time,
+                format!("{:?}", ev.kind),
+                ev.reason,
+                ev.from.unwrap_or_else(|| "-".into()),
+                redact_text(&ev.message),
+            ]);
+        }
+        for line in table(&rows).lines() {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    Ok(out)
 }
 
 fn kind_name(kind: Kind) -> &'static str {

@@ -190,6 +190,10 @@ impl Keys {
     pub fn kernel_status(&self, id: &str) -> String {
         format!("{}kernels/{id}", self.node_status_prefix())
     }
+    /// `P/events/<node>/` — this node's events ([`crate::state::events`]).
+    pub fn events_prefix(&self) -> String {
+        format!("{}/events/{}/", self.prefix, self.node)
+    }
     /// `P/status/vfolders/`.
     pub fn vfolder_status_prefix(&self) -> String {
         format!("{}/status/vfolders/", self.prefix)

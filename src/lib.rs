@@ -36,6 +36,7 @@ pub mod reconcile;
 pub mod secret;
 pub mod spec;
 pub mod state;
+pub mod statuspage;
 pub mod usage;
 
 pub use daemon::{run, Deps};

@@ -541,6 +541,8 @@ pub struct Health {
     pub pass_started: std::sync::Mutex<Option<std::time::Instant>>,
     /// A pass running longer than this is stuck: `/healthz` says 503.
     pub pass_limit: std::sync::Mutex<std::time::Duration>,
+    /// The lease the liveness key is under (events live under it too).
+    pub node_lease: crate::state::events::NodeLease,
 }
 
 #[derive(Clone)]

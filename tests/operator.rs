@@ -636,3 +636,163 @@ async fn plan_and_explain_say_what_the_node_would_do_and_why() {
     })
     .await;
 }
+
+/// Runs headless Chromium (Debian `chromium`) on `url` with `args`.
+fn chromium(url: &str, args: &[&str]) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("chromium (Debian chromium; scripts/install-deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The width and height of a PNG (its IHDR chunk).
+fn png_size(bytes: &[u8]) -> (u32, u32) {
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
+    assert_eq!(&bytes[12..16], b"IHDR");
+    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    (be(&bytes[16..20]), be(&bytes[20..24]))
+}
+
+/// Issue 17 items 3 and 6: a failing volume is an event in etcd (under the
+/// node's lease, shown by `describe`), and the status page at `GET /`, as
+/// headless Chromium renders it, shows the node, the volumes with capacity
+/// bars, the kernels with their mounts, and the event — and no secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_and_events_show_the_node_in_a_browser() {
+    require_private_mount_namespace();
+    within(180, async {
+        let etcd = Etcd::start().await;
+        let opts = NodeOpts {
+            helper_double: true,
+            extra_config: "probe_interval: 1s\n",
+            ..NodeOpts::default()
+        };
+        let node = Node::start(&etcd, "n1", opts);
+        let id = uuid::Uuid::new_v4();
+        etcd.put(&format!("{P}/volumes/data"), &tmpfs_volume("requested"))
+            .await;
+        etcd.put(
+            &format!("{P}/vfolders/{id}"),
+            "{name: work, owner: alice, volume: data}\n",
+        )
+        .await;
+        std::fs::write(node.dir.path().join("helper-fail"), "").unwrap();
+        etcd.put(
+            &format!("{P}/volumes/share"),
+            "mount: {at: startup, fstype: cifs, path: //acct.file.core.windows.net/share, \
+             options: \"username=acct,password=hunter2secret\"}\n",
+        )
+        .await;
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {id}}}]\n"),
+        )
+        .await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        etcd.wait_state(&node.volume_status("share"), "Failed")
+            .await;
+        etcd.wait_for(&node.volume_status("data"), "a capacity", |v| {
+            v["capacity_bytes"].as_u64().is_some()
+        })
+        .await;
+
+        // The event, as etcdctl would list it, under the node's lease.
+        let prefix = format!("{P}/events/n1/volume/share/");
+        let mut client = etcd.client().await;
+        let got = loop {
+            let r = client
+                .get(
+                    prefix.as_str(),
+                    Some(etcd_client::GetOptions::new().with_prefix()),
+                )
+                .await
+                .unwrap();
+            if !r.kvs().is_empty() {
+                break r;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        };
+        let kv = &got.kvs()[0];
+        let event: serde_json::Value = serde_json::from_slice(kv.value()).unwrap();
+        assert_eq!(event["type"], "Warning", "{event}");
+        assert_eq!(event["reason"], "Failed", "{event}");
+        assert!(
+            event["message"].as_str().unwrap().contains("Host is down"),
+            "{event}"
+        );
+        assert_ne!(kv.lease(), 0, "an event lives under the node's lease");
+        let described = node.cli(&["describe", "volume", "share"]);
+        assert!(
+            described.contains("Events:") && described.contains("Warning  Failed"),
+            "{described}"
+        );
+        // A kernel that became Ready as planned wrote no event.
+        assert!(etcd
+            .dump(&format!("{P}/events/n1/kernel/"))
+            .await
+            .is_empty());
+
+        let url = format!("http://{}/", node.listen);
+        let dom = chromium(&url, &["--dump-dom"]);
+        for want in [
+            "vfolderd on n1",
+            "Ready",
+            "Volumes (2)",
+            "Kernels (1)",
+            &format!("vfolder:{id}"),
+            "Host is down",
+            "% used",
+            "used</td>",
+        ] {
+            assert!(dom.contains(want), "{want:?} missing from the page: {dom}");
+        }
+        assert!(
+            dom.contains("id=\"events\"") && dom.contains("volume/share"),
+            "{dom}"
+        );
+        assert!(!dom.contains("hunter2"), "a secret on the page: {dom}");
+        assert!(!dom.contains("<script"), "the page has no script: {dom}");
+
+        // The screenshot the README shows is what Chromium draws of it.
+        let shot = std::env::temp_dir().join(format!("vfolderd-status-{}.png", std::process::id()));
+        chromium(
+            &url,
+            &[
+                &format!("--screenshot={}", shot.display()),
+                "--window-size=1100,700",
+            ],
+        );
+        let png = std::fs::read(&shot).unwrap();
+        assert_eq!(png_size(&png), (1100, 700));
+        // (How the README's copy is made.)
+        if let Some(dir) = std::env::var_os("VFOLDERD_SCREENSHOT_TO") {
+            std::fs::copy(&shot, std::path::Path::new(&dir).join("status-page.png")).unwrap();
+        }
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        assert!(
+            readme.contains("](docs/status-page.png)"),
+            "the README shows the page"
+        );
+        let committed =
+            std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/status-page.png")).unwrap();
+        assert_eq!(png_size(&committed), (1100, 700));
+        let _ = std::fs::remove_file(&shot);
+    })
+    .await;
+}

@@ -27,6 +27,7 @@ use crate::reconcile::scope;
 use crate::reconcile::usagescan::UsageBoard;
 use crate::state::desired::Desired;
 use crate::state::election::{Elections, Led, Scope};
+use crate::state::events::EventLog;
 use crate::state::ledger::{Ledger, MountKind, Owner};
 use crate::state::status::{StatusBatch, StatusEntries};
 use crate::state::watch::Changes;
@@ -158,6 +159,8 @@ pub struct ReconcilerParts {
     pub lifecycle: Arc<LifecycleBoard>,
     /// Per-volume leadership among storage nodes (storage role).
     pub elections: Option<Arc<Elections>>,
+    /// Where status changes that are events go.
+    pub events: Arc<EventLog>,
 }
 
 /// State carried from pass to pass (moved onto a blocking thread for each pass).
@@ -204,6 +207,11 @@ pub struct Reconciler {
     adopt: bool,
     /// vfolders whose bind found no directory in this pass.
     missing_vfolders: BTreeSet<Uuid>,
+    /// Where status changes that are events go.
+    events: Arc<EventLog>,
+    /// The statuses of the last report after acting (events compare with
+    /// these: the `Pending` said before acting is not news).
+    settled: StatusEntries,
 }
 
 /// What the executor did, folded into per-object results.
@@ -241,6 +249,8 @@ impl Reconciler {
             want_cache: None,
             adopt: false,
             missing_vfolders: BTreeSet::new(),
+            events: p.events,
+            settled: StatusEntries::default(),
         }
     }
 
@@ -607,7 +617,7 @@ impl Reconciler {
         for k in attaching {
             pre.mark_attaching(&self.keys, k);
         }
-        let entries = self.merged_entries(pre, kernels);
+        let entries = self.merged_entries(pre, kernels, false);
         self.send(entries, prompt);
     }
 
@@ -821,7 +831,7 @@ impl Reconciler {
         let report = report(&self.report_inputs(), desired, want, actual);
         let scoped_converged = report.summary.converged;
         let mut summary = report.summary.clone();
-        let entries = self.merged_entries(report, kernels.as_ref());
+        let entries = self.merged_entries(report, kernels.as_ref(), true);
         if let (Some(_), Some(prev)) = (&kernels, &self.prev) {
             summary =
                 scope::node_wide_summary(scoped_converged, &prev.summary, &self.kernel_states);
@@ -929,10 +939,13 @@ impl Reconciler {
 
     /// The statuses to hold after this pass, serialised for the writer
     /// (see [`scope::merge_scoped`]).
+    /// `settled`: the report after acting, whose changes of state are
+    /// events ([`crate::state::events`]).
     fn merged_entries(
         &mut self,
         report: Report,
         kernels: Option<&BTreeSet<String>>,
+        settled: bool,
     ) -> StatusEntries {
         let status_keys = kernels.map(|ks| {
             ks.iter()
@@ -942,11 +955,19 @@ impl Reconciler {
         let ids = kernels.map(|ks| ks.iter().cloned().collect::<Vec<_>>());
         self.kernel_states =
             scope::merge_scoped(&self.kernel_states, report.kernel_states.clone(), ids);
-        self.entries = Arc::new(scope::merge_scoped(
-            &self.entries,
-            report.into_values(),
-            status_keys,
-        ));
+        let values = report.into_values();
+        if settled {
+            for (k, v) in &values {
+                let old = self.settled.get(k).map(|o| o.as_ref());
+                if let Some(e) = crate::state::events::of_change(&self.keys, k, old, v) {
+                    self.events.record(e);
+                }
+            }
+        }
+        self.entries = Arc::new(scope::merge_scoped(&self.entries, values, status_keys));
+        if settled {
+            self.settled = self.entries.clone();
+        }
         self.entries.clone()
     }
 }

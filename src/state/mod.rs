@@ -4,6 +4,7 @@ pub mod brake;
 pub mod desired;
 pub mod election;
 pub mod endpoints;
+pub mod events;
 pub mod follow;
 pub mod inuse;
 pub mod ledger;

@@ -568,6 +568,7 @@ async fn shared_lease(
     let mut last: Option<(i64, Value)> = None;
     loop {
         let lease = *rx.borrow_and_update();
+        health.node_lease.set(lease);
         let mut retry = false;
         if let Some(lease) = lease {
             let v = value();
@@ -630,6 +631,7 @@ async fn own_lease(
             tokio::time::sleep(tick).await;
             continue;
         };
+        health.node_lease.set(Some(lease));
         let mut last: Option<Value> = None;
         let mut next_keep_alive = Instant::now();
         let mut renewed = Instant::now();
