@@ -11,6 +11,9 @@ use etcd_client::Client;
 use serde::Serialize;
 use serde_json::Value;
 
+mod watch;
+pub use watch::watch;
+
 use crate::cli::{connect, CliError};
 use crate::config::NodeConfig;
 use crate::keys::Keys;

@@ -60,12 +60,16 @@ fn init_logging(format: LogFormat, level: Option<&str>) {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the reconciler (the daemon).
+    ///
+    /// Example: vfolderd run --config /etc/vfolderd/node.yaml
     Run {
         /// Node config file.
         #[arg(long)]
         config: PathBuf,
     },
     /// Put volume specs (the seed's `volumes:` list, or one spec) into etcd.
+    ///
+    /// Example: vfolderd apply --config /etc/vfolderd/node.yaml -f volumes.yaml
     Apply {
         /// Node config file (for the etcd endpoints and prefix).
         #[arg(long)]
@@ -74,12 +78,16 @@ enum Cmd {
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
     },
-    /// vfolder records.
+    /// vfolder records: create, list, trash, restore, clone, delete.
+    ///
+    /// Example: vfolderd vfolder list --config /etc/vfolderd/node.yaml
     Vfolder {
         #[command(subcommand)]
         cmd: VfolderCmd,
     },
     /// Unmount everything vfolderd owns on this node (binds first); the daemon must be stopped.
+    ///
+    /// Example: vfolderd drain --config /etc/vfolderd/node.yaml  (after systemctl stop vfolderd)
     Drain {
         /// Node config file.
         #[arg(long)]
@@ -89,6 +97,8 @@ enum Cmd {
         force: bool,
     },
     /// Blob datasets: create a container, upload, list, mint a SAS URL.
+    ///
+    /// Example: vfolderd dataset ls --config /etc/vfolderd/node.yaml imagenet
     Dataset {
         #[command(subcommand)]
         cmd: DatasetCmd,
@@ -105,6 +115,8 @@ enum Cmd {
         config: PathBuf,
     },
     /// Print every status key as a table.
+    ///
+    /// Example: vfolderd status --config /etc/vfolderd/node.yaml
     Status {
         /// Node config file.
         #[arg(long)]
@@ -133,9 +145,15 @@ enum Cmd {
         /// table, wide, json or yaml.
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: vfolderd::inspect::Output,
+        /// After the list, print a row for each object that changes (json:
+        /// one object per line), until interrupted.
+        #[arg(short = 'w', long)]
+        watch: bool,
     },
-    /// What this node would do now: the actions, in order, each with the
-    /// object it serves and why, and the objects waiting out a backoff.
+    /// What this node would do now, in order, and why.
+    ///
+    /// Each action with the object it serves and its reason, and the
+    /// objects waiting out a backoff.
     ///
     /// Asks the running daemon over its listen address; with the daemon
     /// stopped, plans here from etcd (or the stored desired state when
@@ -156,10 +174,13 @@ enum Cmd {
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: vfolderd::inspect::Output,
     },
-    /// Why a kernel is not Ready, a volume not Mounted, a vfolder not Ready:
-    /// its record (secrets as ***), its status, the chain of reasons through
-    /// what it depends on, and what this node would do for it now (its
-    /// planned actions and backoff, from the daemon or, stopped, planned here).
+    /// Why a kernel, volume or vfolder is not Ready or Mounted, and what this
+    /// node would do for it now.
+    ///
+    /// Shows its record (secrets as ***), its status, the chain of reasons
+    /// through what it depends on (vfolder records and statuses, volumes,
+    /// policy verdicts, the node's liveness), and its planned actions and
+    /// backoff (from the daemon, or planned here while it is stopped).
     ///
     /// Example: vfolderd explain kernel k1 --config /etc/vfolderd/node.yaml
     Explain {
@@ -178,9 +199,11 @@ enum Cmd {
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: vfolderd::inspect::Output,
     },
-    /// Show one kernel, volume or vfolder: record (secrets as ***), status,
-    /// and why it is not Ready or Mounted, following what it depends on
-    /// (vfolder records and statuses, volumes, the node's liveness).
+    /// Show one kernel, volume or vfolder: what `explain` says, and its
+    /// recent events.
+    ///
+    /// Events are read from P/events/<node>/<kind>/<name>/ (this node's, or
+    /// --node's).
     ///
     /// Example: vfolderd describe kernel k1 --config /etc/vfolderd/node.yaml
     Describe {
@@ -201,6 +224,8 @@ enum Cmd {
 #[derive(Subcommand)]
 enum DatasetCmd {
     /// Create the volume's container if it is missing.
+    ///
+    /// Example: vfolderd dataset create-container --config /etc/vfolderd/node.yaml imagenet
     CreateContainer {
         /// Node config file.
         #[arg(long)]
@@ -209,6 +234,8 @@ enum DatasetCmd {
         volume: String,
     },
     /// Upload a file or a directory tree (content type from the extension).
+    ///
+    /// Example: vfolderd dataset push --config /etc/vfolderd/node.yaml imagenet ./train/
     Push {
         /// Node config file.
         #[arg(long)]
@@ -222,6 +249,8 @@ enum DatasetCmd {
         parallel: usize,
     },
     /// List the container's blobs.
+    ///
+    /// Example: vfolderd dataset ls --config /etc/vfolderd/node.yaml imagenet
     Ls {
         /// Node config file.
         #[arg(long)]
@@ -230,6 +259,8 @@ enum DatasetCmd {
         volume: String,
     },
     /// Print a container SAS URL (read+list, or read/write with --write).
+    ///
+    /// Example: vfolderd dataset sas --config /etc/vfolderd/node.yaml imagenet --hours 2
     Sas {
         /// Node config file.
         #[arg(long)]
@@ -251,6 +282,8 @@ enum DatasetCmd {
 #[derive(Subcommand)]
 enum VfolderCmd {
     /// Create a vfolder record with a fresh uuid and print the uuid.
+    ///
+    /// Example: vfolderd vfolder create --config /etc/vfolderd/node.yaml --name work --owner alice
     Create {
         /// Node config file.
         #[arg(long)]
@@ -272,7 +305,9 @@ enum VfolderCmd {
         #[arg(long)]
         quota_bytes: Option<u64>,
     },
-    /// Every vfolder: record and status (`vfolderd vfolder list --config F`).
+    /// Every vfolder: record and status.
+    ///
+    /// Example: vfolderd vfolder list --config /etc/vfolderd/node.yaml
     List {
         /// Node config file.
         #[arg(long)]
@@ -289,6 +324,8 @@ enum VfolderCmd {
         id: uuid::Uuid,
     },
     /// Take a vfolder out of the trash (its record drops `trash`).
+    ///
+    /// Example: vfolderd vfolder restore --config /etc/vfolderd/node.yaml 0123abcd-...
     Restore {
         /// Node config file.
         #[arg(long)]
@@ -319,6 +356,8 @@ enum VfolderCmd {
     /// Delete a vfolder's record: its directory goes to the trash and is
     /// purged after the storage nodes' `trash_retention` (making the record
     /// again before then restores it).
+    ///
+    /// Example: vfolderd vfolder delete --config /etc/vfolderd/node.yaml 0123abcd-...
     Delete {
         /// Node config file.
         #[arg(long)]
@@ -447,16 +486,27 @@ async fn main() -> anyhow::Result<()> {
             node,
             all_nodes,
             output,
+            watch,
         } => {
             let cfg = load(&config)?;
             let nodes = match (all_nodes, node) {
                 (true, _) => vfolderd::inspect::Nodes::All,
                 (false, n) => vfolderd::inspect::Nodes::One(n.unwrap_or_else(|| cfg.node.clone())),
             };
-            print!(
-                "{}",
-                vfolderd::inspect::get(&cfg, kind, &nodes, output).await?
-            )
+            if watch {
+                use std::io::Write;
+                vfolderd::inspect::watch(&cfg, kind, &nodes, output, |s| {
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(s.as_bytes());
+                    let _ = out.flush();
+                })
+                .await?;
+            } else {
+                print!(
+                    "{}",
+                    vfolderd::inspect::get(&cfg, kind, &nodes, output).await?
+                )
+            }
         }
         Cmd::Plan {
             config,

@@ -796,3 +796,119 @@ async fn the_status_page_and_events_show_the_node_in_a_browser() {
     })
     .await;
 }
+
+/// Issue 17 item 2: every command's `--help` carries an example.
+#[test]
+fn every_command_has_help_with_an_example() {
+    let help = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_vfolderd"))
+            .args(args)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?} --help");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // The commands as `--help` lists them (a new one is checked too).
+    let commands = |text: &str| -> Vec<String> {
+        text.lines()
+            .skip_while(|l| !l.starts_with("Commands:"))
+            .skip(1)
+            .take_while(|l| l.starts_with("  "))
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .filter(|c| c != "help")
+            .collect()
+    };
+    let top = commands(&help(&[]));
+    assert!(top.len() >= 11, "{top:?}");
+    let mut checked = 0;
+    for c in &top {
+        let text = help(&[c]);
+        assert!(
+            text.contains("Example: vfolderd "),
+            "vfolderd {c} --help has no example:\n{text}"
+        );
+        checked += 1;
+        for sub in commands(&text) {
+            let text = help(&[c, &sub]);
+            assert!(
+                text.contains("Example: "),
+                "vfolderd {c} {sub} --help has no example:\n{text}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 21, "{checked} commands checked");
+}
+
+/// Issue 17 item 2: `get kernels --watch` prints the list, then a row each
+/// time a kernel's record or status changes, as `kubectl get -w` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_watch_prints_a_row_when_a_kernel_changes() {
+    require_private_mount_namespace();
+    within(90, async {
+        let etcd = Etcd::start().await;
+        let node = Node::start(&etcd, "n1", NodeOpts::default());
+        let id = uuid::Uuid::new_v4();
+        etcd.put(&format!("{P}/volumes/data"), &tmpfs_volume("requested"))
+            .await;
+        etcd.put(
+            &format!("{P}/vfolders/{id}"),
+            "{name: work, owner: alice, volume: data}\n",
+        )
+        .await;
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {id}}}]\n"),
+        )
+        .await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vfolderd"))
+            .args(["get", "kernels", "--watch", "--config"])
+            .arg(&node.config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        // The next line holding all of `what`.
+        let next = |what: &[&str]| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            let mut seen = Vec::new();
+            loop {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(l) if what.iter().all(|w| l.contains(w)) => return l,
+                    Ok(l) => seen.push(l),
+                    Err(_) => panic!("no line with {what:?}; got {seen:?}"),
+                }
+            }
+        };
+        next(&["NODE", "STATE"]);
+        next(&["n1", " k1 ", "Ready"]);
+        etcd.put(
+            &node.kernel_key("k2"),
+            &format!("mounts: [{{vfolder: {id}}}]\n"),
+        )
+        .await;
+        next(&["n1", " k2 ", "Ready"]);
+        etcd.delete(&node.kernel_key("k1")).await;
+        next(&[" k1 ", "Deleted"]);
+        let _ = child.kill();
+        let _ = child.wait();
+    })
+    .await;
+}
