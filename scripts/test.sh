@@ -13,14 +13,24 @@ scripts/install-deps.sh
 cargo build --all-targets --quiet
 # The Debian package, built once here for a whole run (tests/operator.rs
 # checks what it holds; the fresh-machine check installs it with dpkg -i).
+skip=()
 if [ $# -eq 0 ]; then
   VFOLDERD_DEB=$(scripts/package.sh)
   export VFOLDERD_DEB
+  # The previous release, built from this repository's history, for
+  # tests/upgrade.rs. A clone without that history cannot run the test: it
+  # is skipped, said here and counted by no TOTAL.
+  if VFOLDERD_PREVIOUS=$(scripts/previous-release.sh); then
+    export VFOLDERD_PREVIOUS
+  else
+    echo "WARNING: the previous release is not in this clone's history; tests/upgrade.rs is skipped" >&2
+    skip=(-- --skip the_previous_release)
+  fi
 fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-unshare --mount --propagation private -- cargo test --no-fail-fast "$@" 2>&1 | tee "$log"
+unshare --mount --propagation private -- cargo test --no-fail-fast "$@" "${skip[@]}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 # The daemon tests of the mount table once more, with its fallback forced
 # (/proc/self/mountinfo, for kernels before 6.8); not for a filtered run.

@@ -75,16 +75,20 @@ pub struct Deps {
     pub mountinfo: Arc<dyn MountInfoSource>,
     /// The file polled for mount-table change events.
     pub mountinfo_path: PathBuf,
+    /// Which source `mountinfo` is (reported as a kernel feature).
+    pub mount_table: crate::features::MountTableSource,
 }
 
 impl Deps {
     /// The real kernel, with `helper` as the mount(8) program for cifs, nfs
     /// and FUSE, and the mount table read as `mode` says.
     pub fn linux(helper: &std::path::Path, mode: crate::config::MountTableMode) -> Self {
+        let (mountinfo, kind) = mount_table_source(mode);
         Self {
             mounter: Arc::new(LinuxMounter::new(helper)),
-            mountinfo: mount_table_source(mode),
+            mountinfo,
             mountinfo_path: ProcMountInfo::default().path,
+            mount_table: kind,
         }
     }
 }
@@ -92,10 +96,20 @@ impl Deps {
 /// The mount table's source: `statmount` where the kernel has it, unless
 /// the config forces mountinfo. Logged: the two differ in cost, and in
 /// whether mount ids are ever reused.
-pub fn mount_table_source(mode: crate::config::MountTableMode) -> Arc<dyn MountInfoSource> {
+pub fn mount_table_source(
+    mode: crate::config::MountTableMode,
+) -> (Arc<dyn MountInfoSource>, crate::features::MountTableSource) {
     let (source, why) = pick_mount_table(mode, true);
     tracing::info!("mount table: {why}");
-    source
+    use crate::features::MountTableSource as M;
+    let kind = if why.contains("fanotify mount events,") || why.ends_with("fanotify mount events") {
+        M::StatmountEvents
+    } else if why.starts_with("listmount") {
+        M::Statmount
+    } else {
+        M::Mountinfo
+    };
+    (source, kind)
 }
 
 /// [`mount_table_source`] without the log line, and why; `events: false`
@@ -638,6 +652,7 @@ impl Background {
             Self::policy_watch(s),
             Self::mount_watch(deps, mounts_changed.clone(), gate_rx),
             Self::prober(s, &volume_targets, (&stale, &capacity)),
+            Self::feature_probe(s, deps, &volume_targets),
         ];
         if s.cfg.has_role(Role::Storage) {
             tasks.push(Self::lifecycle(s, &lifecycle));
@@ -653,6 +668,20 @@ impl Background {
             elections,
             _tasks: tasks,
         }
+    }
+
+    /// Tries idmapped mounts on each filesystem type volumes are mounted
+    /// with ([`crate::features`]).
+    fn feature_probe(s: &Shared<'_>, deps: &Deps, targets: &VolumeTargets) -> AbortOnDrop<()> {
+        let features = Arc::new(crate::features::Features::probe(deps.mount_table));
+        s.metrics.set_features(&features);
+        let _ = s.health.features.set(features.clone());
+        let (targets, mountinfo, metrics) =
+            (targets.clone(), deps.mountinfo.clone(), s.metrics.clone());
+        let every = s.cfg.probe_interval.max(Duration::from_secs(1));
+        AbortOnDrop(tokio::spawn(crate::features::run_feature_probe(
+            features, targets, mountinfo, metrics, every,
+        )))
     }
 
     fn usage_scanner(s: &Shared<'_>, board: &Arc<UsageBoard>) -> AbortOnDrop<()> {

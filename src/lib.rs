@@ -23,6 +23,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod etcd;
+pub mod features;
 pub mod http;
 pub mod inspect;
 pub mod keys;

@@ -94,6 +94,12 @@ pub struct Ops {
     pub watch_restarts: IntCounterVec,
     /// `vfolderd_status_write_duration_seconds`: one write of the changed statuses.
     pub status_write_duration: Histogram,
+    /// `vfolderd_kernel_feature{feature,value}` 1: the kernel features in use
+    /// ([`crate::features`]).
+    pub kernel_feature: IntGaugeVec,
+    /// `vfolderd_idmap_supported{fstype}`: whether an idmapped mount of a
+    /// volume's filesystem type works (1) or not (0), once tried.
+    pub idmap_supported: IntGaugeVec,
 }
 
 impl Ops {
@@ -142,6 +148,22 @@ impl Ops {
             .buckets(buckets),
         )
         .expect("metric");
+        let kernel_feature = IntGaugeVec::new(
+            Opts::new(
+                "vfolderd_kernel_feature",
+                "Kernel features in use (1): the mount-table source, the new mount API",
+            ),
+            &["feature", "value"],
+        )
+        .expect("metric");
+        let idmap_supported = IntGaugeVec::new(
+            Opts::new(
+                "vfolderd_idmap_supported",
+                "Whether idmapped mounts work on a volume filesystem type (tried on a detached copy)",
+            ),
+            &["fstype"],
+        )
+        .expect("metric");
         for f in crate::spec::Fstype::LABELS {
             helper_timeouts.with_label_values(&[f]);
         }
@@ -154,6 +176,8 @@ impl Ops {
             Box::new(stale_heals.clone()),
             Box::new(watch_restarts.clone()),
             Box::new(status_write_duration.clone()),
+            Box::new(kernel_feature.clone()),
+            Box::new(idmap_supported.clone()),
         ] {
             registry.register(c).expect("register");
         }
@@ -163,6 +187,8 @@ impl Ops {
             stale_heals,
             watch_restarts,
             status_write_duration,
+            kernel_feature,
+            idmap_supported,
         }
     }
 
@@ -190,6 +216,23 @@ impl Ops {
 }
 
 impl Metrics {
+    /// Publishes the kernel features probed at start.
+    pub fn set_features(&self, f: &crate::features::Features) {
+        let k = &self.ops.kernel_feature;
+        k.with_label_values(&["mount_table", f.mount_table.as_str()])
+            .set(1);
+        let api = if f.new_mount_api { "yes" } else { "no" };
+        k.with_label_values(&["new_mount_api", api]).set(1);
+    }
+
+    /// Publishes an idmap verdict.
+    pub fn set_idmap(&self, fstype: &str, works: bool) {
+        self.ops
+            .idmap_supported
+            .with_label_values(&[fstype])
+            .set(i64::from(works));
+    }
+
     /// Creates and registers every series.
     pub fn new() -> Self {
         let registry = Registry::new();
@@ -543,6 +586,8 @@ pub struct Health {
     pub pass_limit: std::sync::Mutex<std::time::Duration>,
     /// The lease the liveness key is under (events live under it too).
     pub node_lease: crate::state::events::NodeLease,
+    /// The kernel features in use (`/readyz` lists them).
+    pub features: std::sync::OnceLock<Arc<crate::features::Features>>,
 }
 
 #[derive(Clone)]
@@ -620,7 +665,13 @@ async fn readyz(State(s): State<AppState>) -> (StatusCode, String) {
         );
     }
     let (code, text) = readyz_text(&s.health);
-    (code, text.to_string())
+    let features = s
+        .health
+        .features
+        .get()
+        .map(|f| f.report())
+        .unwrap_or_default();
+    (code, format!("{text}{features}"))
 }
 
 fn readyz_text(health: &Health) -> (StatusCode, &'static str) {

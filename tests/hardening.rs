@@ -480,7 +480,7 @@ fn a_verdict_about_a_replaced_mount_never_lands_on_its_replacement() {
         )
         .unwrap()
     };
-    let source = vfolderd::daemon::mount_table_source(Default::default());
+    let (source, _) = vfolderd::daemon::mount_table_source(Default::default());
     let text_id = || {
         ProcMountInfo::default()
             .read()

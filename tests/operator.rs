@@ -912,3 +912,62 @@ async fn get_watch_prints_a_row_when_a_kernel_changes() {
     })
     .await;
 }
+
+/// Issue 17 item 8: `/readyz` and the metrics say which kernel features
+/// the node runs on — the mount-table source, the new mount API, and,
+/// tried on a detached copy of a mounted volume, idmapped mounts per fstype.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_and_metrics_report_the_kernel_features_in_use() {
+    require_private_mount_namespace();
+    within(90, async {
+        let etcd = Etcd::start().await;
+        let opts = NodeOpts {
+            extra_config: "probe_interval: 1s\n",
+            ..NodeOpts::default()
+        };
+        let node = Node::start(&etcd, "n1", opts);
+        etcd.put(&format!("{P}/volumes/data"), &tmpfs_volume("requested"))
+            .await;
+        let id = uuid::Uuid::new_v4();
+        etcd.put(
+            &format!("{P}/vfolders/{id}"),
+            "{name: work, owner: alice, volume: data}\n",
+        )
+        .await;
+        etcd.put(
+            &node.kernel_key("k1"),
+            &format!("mounts: [{{vfolder: {id}}}]\n"),
+        )
+        .await;
+        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        until("an idmap verdict for tmpfs", 30, || {
+            node.metric_now("vfolderd_idmap_supported{fstype=\"tmpfs\"}")
+                .is_some()
+        })
+        .await;
+        // The source the daemon logged it picked is the one reported.
+        let log = node.log();
+        let source = if log.contains("kept by fanotify mount events") {
+            "statmount+fanotify"
+        } else if log.contains("mount table: listmount") {
+            "statmount"
+        } else {
+            "mountinfo"
+        };
+        let series =
+            format!("vfolderd_kernel_feature{{feature=\"mount_table\",value=\"{source}\"}}");
+        assert_eq!(node.metric_now(&series), Some(1.0), "{series}");
+        let (code, body) = http_get(&node.listen, "/readyz");
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains(&format!("mount table: {source}")), "{body}");
+        assert!(
+            body.contains("new mount API (open_tree, mount_setattr): yes"),
+            "{body}"
+        );
+        // Linux 6.3+ idmaps tmpfs; the verdict was a real try on it.
+        let works = node.metric_now("vfolderd_idmap_supported{fstype=\"tmpfs\"}");
+        assert_eq!(works, Some(1.0));
+        assert!(body.contains("idmapped mounts on tmpfs: yes"), "{body}");
+    })
+    .await;
+}

@@ -573,6 +573,8 @@ pub struct Node {
     child: Option<Child>,
     own_namespace: bool,
     run_args: &'static [&'static str],
+    /// The vfolderd binary `spawn` runs.
+    pub binary: PathBuf,
 }
 
 /// Options of a test node.
@@ -594,6 +596,8 @@ pub struct NodeOpts {
     pub own_namespace: bool,
     /// Extra arguments after `run --config F` (e.g. `--log-format json`).
     pub run_args: &'static [&'static str],
+    /// Another vfolderd binary than this build's (the previous release).
+    pub binary: Option<&'static Path>,
 }
 
 impl Default for NodeOpts {
@@ -607,6 +611,7 @@ impl Default for NodeOpts {
             extra_config: "",
             own_namespace: false,
             run_args: &[],
+            binary: None,
         }
     }
 }
@@ -692,8 +697,9 @@ impl Node {
         } else {
             String::new()
         };
-        // scripts/test.sh runs the daemon tests once more with the fallback forced.
-        if let Ok(mode) = std::env::var("VFOLDERD_TEST_MOUNT_TABLE") {
+        // scripts/test.sh runs the daemon tests once more with the fallback
+        // forced (a key the previous release does not know).
+        if let (Ok(mode), None) = (std::env::var("VFOLDERD_TEST_MOUNT_TABLE"), opts.binary) {
             helper_line.push_str(&format!("mount_table: {mode}\n"));
         }
         let cfg = format!(
@@ -712,6 +718,10 @@ impl Node {
             child: None,
             own_namespace: opts.own_namespace,
             run_args: opts.run_args,
+            binary: opts.binary.map_or_else(
+                || PathBuf::from(env!("CARGO_BIN_EXE_vfolderd")),
+                Path::to_path_buf,
+            ),
         };
         n.spawn();
         n
@@ -728,10 +738,10 @@ impl Node {
             // unshare execs the daemon (no fork): the child is the daemon.
             let mut c = Command::new("unshare");
             c.args(["--mount", "--propagation", "private", "--"])
-                .arg(env!("CARGO_BIN_EXE_vfolderd"));
+                .arg(&self.binary);
             c
         } else {
-            Command::new(env!("CARGO_BIN_EXE_vfolderd"))
+            Command::new(&self.binary)
         };
         let child = cmd
             .args(["run", "--config"])
