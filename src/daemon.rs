@@ -175,6 +175,7 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
+    crate::keys::set_log_prefix(&cfg.etcd.prefix);
     let mut shutdown = std::pin::pin!(shutdown);
     let mut shutdown: Shutdown<'_> = shutdown.as_mut();
     let keys =

@@ -239,6 +239,28 @@ pub fn prefix_end(prefix: &str) -> Vec<u8> {
     vec![0]
 }
 
+/// The prefix this process logs vfolder keys under (set once at start:
+/// log lines about a vfolder carry `P/vfolders/<uuid>` where the code that
+/// logs them holds no [`Keys`]).
+static LOG_PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets the prefix [`vfolder_log_key`] uses (the first call wins).
+pub fn set_log_prefix(prefix: &str) {
+    let _ = LOG_PREFIX.set(prefix.to_string());
+}
+
+/// `P/volumes/<name>`, for a log line.
+pub fn volume_log_key(name: &str) -> String {
+    let p = LOG_PREFIX.get().map_or("", String::as_str);
+    format!("{p}/volumes/{name}")
+}
+
+/// `P/vfolders/<uuid>`, for a log line.
+pub fn vfolder_log_key(id: &Uuid) -> String {
+    let p = LOG_PREFIX.get().map_or("", String::as_str);
+    format!("{p}/vfolders/{id}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

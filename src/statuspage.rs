@@ -253,6 +253,7 @@ mod tests {
         let events = [Event {
             time: "t".into(),
             object: "kernel/<k>".into(),
+            key: "/p/nodes/n1/kernels/<k>".into(),
             kind: EventType::Warning,
             reason: "Failed".into(),
             from: None,

@@ -492,6 +492,7 @@ async fn json_logs_are_one_object_per_line_at_the_level_asked() {
         let etcd = Etcd::start().await;
         let opts = NodeOpts {
             run_args: &["--log-format", "json", "--log-level", "info"],
+            helper_double: true,
             ..Default::default()
         };
         let node = Node::start(&etcd, "n1", opts);
@@ -499,12 +500,91 @@ async fn json_logs_are_one_object_per_line_at_the_level_asked() {
             .await;
         etcd.put(&node.kernel_key("k1"), "mounts: []\n").await;
         etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        // Objects that fail: a share whose helper fails, a kernel that is
+        // not a kernel. Every line about them names their key.
+        std::fs::write(node.dir.path().join("helper-fail"), "").unwrap();
+        let share = format!("{P}/volumes/share");
+        etcd.put(
+            &share,
+            "mount: {at: requested, fstype: cifs, path: //acct.file.core.windows.net/share}\n",
+        )
+        .await;
+        let id = uuid::Uuid::new_v4();
+        etcd.put(
+            &format!("{P}/vfolders/{id}"),
+            "{name: work, owner: alice, volume: share}\n",
+        )
+        .await;
+        etcd.put(
+            &node.kernel_key("k2"),
+            &format!("mounts: [{{vfolder: {id}}}]\n"),
+        )
+        .await;
+        etcd.put(&node.kernel_key("bad"), "mounts: [{bogus: 1}]\n")
+            .await;
+        etcd.wait_state(&node.volume_status("share"), "Failed")
+            .await;
+        etcd.wait_state(&node.kernel_status("bad"), "Rejected")
+            .await;
+        let parsed = || -> Vec<serde_json::Value> {
+            node.log()
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect()
+        };
+        until("the share's failure event logged", 20, || {
+            parsed()
+                .iter()
+                .any(|v| v["message"] == "event" && v["object"] == "volume/share")
+        })
+        .await;
+        let about = |v: &serde_json::Value, what: &str| {
+            v.as_object()
+                .unwrap()
+                .values()
+                .any(|x| x.as_str().is_some_and(|s| s.contains(what)))
+        };
+        let all = parsed();
+        let failed: Vec<_> = all
+            .iter()
+            .filter(|v| v["message"] == "action failed")
+            .collect();
+        assert!(!failed.is_empty());
+        for v in &failed {
+            assert!(v["key"].as_str().is_some_and(|k| k.starts_with(P)), "{v}");
+        }
+        assert!(
+            failed.iter().any(|v| v["key"] == share.as_str()),
+            "{failed:?}"
+        );
+        for v in all.iter().filter(|v| about(v, "share") || about(v, "bad")) {
+            let key = v["key"].as_str().unwrap_or_default();
+            assert!(
+                key.starts_with(P),
+                "a line about an object without its key: {v}"
+            );
+        }
+        let bad = node.kernel_key("bad");
+        assert!(
+            all.iter().any(|v| v["key"] == bad.as_str()),
+            "the rejection names its key"
+        );
         let log = node.log();
         let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
         assert!(lines.len() >= 3, "{log}");
         for line in lines {
             let v: serde_json::Value =
                 serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            // A field named like the line's own (message, target, level)
+            // would be a second key a log shipper keeps only one of.
+            for own in [
+                "\"message\":",
+                "\"target\":",
+                "\"level\":",
+                "\"timestamp\":",
+            ] {
+                assert_eq!(line.matches(own).count(), 1, "{own} twice in {line}");
+            }
             for field in ["timestamp", "level", "target", "message"] {
                 assert!(v[field].is_string(), "{field} in {line}");
             }

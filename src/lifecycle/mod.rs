@@ -558,7 +558,7 @@ fn clone_step(
                 .map_err(|e| crate::error::error_chain(&e))
         })
         .map_err(|e| format!("cannot start the clone: {e}"))?;
-    tracing::info!(vfolder = %id, %source, "clone started");
+    tracing::info!(vfolder = %id, key = %crate::keys::vfolder_log_key(&id), %source, "clone started");
     let job = CloneJob {
         progress: p,
         thread,
@@ -586,12 +586,12 @@ fn reap(progress: &mut Progress, id: Uuid) -> Result<(), String> {
     match outcome {
         Ok(()) => {
             let reflinked = job.progress.reflinked.load(Ordering::Relaxed);
-            tracing::info!(vfolder = %id, source = %job.source, reflinked, "cloned");
+            tracing::info!(vfolder = %id, key = %crate::keys::vfolder_log_key(&id), source = %job.source, reflinked, "cloned");
             progress.clone_failed.remove(&id);
             Ok(())
         }
         Err(e) => {
-            tracing::warn!(vfolder = %id, source = %job.source, error = %e, "clone failed");
+            tracing::warn!(vfolder = %id, key = %crate::keys::vfolder_log_key(&id), source = %job.source, error = %e, "clone failed");
             progress
                 .clone_failed
                 .insert(id, (std::time::Instant::now(), e.clone()));
@@ -702,7 +702,7 @@ pub async fn run_lifecycle(
             // comes back; the others carry on without it.
             let now_in = at.lock().unwrap_or_else(|p| p.into_inner()).clone();
             if let Some((name, target, _)) = now_in.filter(|a| a.2.elapsed() >= ROUND_LIMIT) {
-                tracing::warn!(volume = %name, limit = ?ROUND_LIMIT, "the lifecycle is stuck in this volume: it is left out until it answers");
+                tracing::warn!(volume = %name, key = %crate::keys::volume_log_key(&name), limit = ?ROUND_LIMIT, "the lifecycle is stuck in this volume: it is left out until it answers");
                 abandoned.store(true, Ordering::Relaxed);
                 stuck.0.insert(name, (target, task));
                 break None;
@@ -774,7 +774,7 @@ impl Stuck {
         self.0.retain(|name, (_, task)| {
             let still = !task.is_finished();
             if !still {
-                tracing::info!(volume = %name, "the volume answers again: back in the lifecycle");
+                tracing::info!(volume = %name, key = %crate::keys::volume_log_key(name), "the volume answers again: back in the lifecycle");
             }
             still
         });
@@ -847,7 +847,7 @@ fn round(
         let look = match look(&d, name, &served.target, orphans) {
             Ok(l) => l,
             Err(e) => {
-                tracing::warn!(volume = %name, error = %crate::error::error_chain(&e), "cannot read the volume's trash");
+                tracing::warn!(volume = %name, key = %crate::keys::volume_log_key(name), error = %crate::error::error_chain(&e), "cannot read the volume's trash");
                 all.extend(
                     before
                         .iter()
@@ -900,7 +900,7 @@ fn sweep_if_due(d: &Desired, name: &str, target: &Path, progress: &mut Progress)
     purge_leftover_staging(d, target, progress);
     let found = sweep(d, target);
     if !found.is_empty() {
-        tracing::warn!(volume = %name, orphans = found.len(), "vfolder directories without a record (deleted while no storage node watched, or while malformed): to the trash, purged after the retention");
+        tracing::warn!(volume = %name, key = %crate::keys::volume_log_key(name), orphans = found.len(), "vfolder directories without a record (deleted while no storage node watched, or while malformed): to the trash, purged after the retention");
     }
     progress
         .swept
@@ -918,10 +918,10 @@ fn purge_leftover_staging(d: &Desired, target: &Path, progress: &Progress) {
         }
         match trashfs::purge_staged(target, clone::STAGING, &id) {
             Ok(()) => {
-                tracing::info!(vfolder = %id, "a clone's leftover staging directory goes to the purge")
+                tracing::info!(vfolder = %id, key = %crate::keys::vfolder_log_key(&id), "a clone's leftover staging directory goes to the purge")
             }
             Err(e) => {
-                tracing::warn!(vfolder = %id, error = %crate::error::error_chain(&e), "cannot purge a clone's leftover staging directory")
+                tracing::warn!(vfolder = %id, key = %crate::keys::vfolder_log_key(&id), error = %crate::error::error_chain(&e), "cannot purge a clone's leftover staging directory")
             }
         }
     }
@@ -976,7 +976,7 @@ fn act_all(
             Ok(again) => more |= again,
             Err(e) => {
                 let e = crate::error::error_chain(&e);
-                tracing::warn!(vfolder = %id, error = %e, "lifecycle step failed");
+                tracing::warn!(vfolder = %id, key = %crate::keys::vfolder_log_key(&id), error = %e, "lifecycle step failed");
                 if let Some(s) = statuses.get_mut(&id) {
                     if matches!(step, Step::Trash { .. }) {
                         // Still where it was: not in the trash.
@@ -1109,17 +1109,17 @@ fn act(
                 deleted_at: *deleted_at,
             };
             trashfs::move_to_trash(target, &live_path(target, id), id, info)?;
-            tracing::info!(vfolder = %id, "moved to the trash");
+            tracing::info!(vfolder = %id, key = %crate::keys::vfolder_log_key(id), "moved to the trash");
         }
         Step::Restore { id } => {
             trashfs::restore(target, &live_path(target, id), id)?;
-            tracing::info!(vfolder = %id, "restored from the trash");
+            tracing::info!(vfolder = %id, key = %crate::keys::vfolder_log_key(id), "restored from the trash");
             cache.touch();
         }
         Step::Note { id, info } => trashfs::write_info(target, id, *info)?,
         Step::StartPurge { id } => {
             trashfs::start_purge(target, id)?;
-            tracing::info!(vfolder = %id, "purge started");
+            tracing::info!(vfolder = %id, key = %crate::keys::vfolder_log_key(id), "purge started");
         }
         Step::Purge { id } => return purge(cache, target, id, progress),
         Step::Clone { .. } => unreachable!("clones run on threads of their own"),
@@ -1148,7 +1148,7 @@ fn purge(
         let users = d.in_use.users(id);
         drop(d);
         if !users.is_empty() {
-            tracing::warn!(vfolder = %id, kernels = ?users, "purge paused: a kernel wants this vfolder");
+            tracing::warn!(vfolder = %id, key = %crate::keys::vfolder_log_key(id), kernels = ?users, "purge paused: a kernel wants this vfolder");
             return Ok(false);
         }
         let (files, done) = trashfs::purge_some(target, id, PURGE_BATCH)?;
@@ -1156,7 +1156,7 @@ fn purge(
         *left = left.saturating_sub(files);
         if done {
             progress.files_left.remove(id);
-            tracing::info!(vfolder = %id, "purged");
+            tracing::info!(vfolder = %id, key = %crate::keys::vfolder_log_key(id), "purged");
             return Ok(true);
         }
         if started.elapsed() >= PURGE_SLICE {

@@ -690,7 +690,7 @@ impl Executor {
         let Some(server) = earlier.filter(HelperProcess::alive) else {
             return Ok(());
         };
-        tracing::warn!(target = %target.display(), pid = server.pid, "killing the FUSE server of an earlier attempt");
+        tracing::warn!(mount_point = %target.display(), pid = server.pid, "killing the FUSE server of an earlier attempt");
         signal_process(&server, rustix::process::Signal::KILL);
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while server.alive() && std::time::Instant::now() < deadline {
@@ -990,7 +990,7 @@ impl Executor {
             short: ids.short,
         };
         if let Err(e) = self.ledger.stamp_mount(target, stamp) {
-            tracing::warn!(target = %target.display(), error = %crate::error::error_chain(&e), "cannot record the id of a new mount");
+            tracing::warn!(mount_point = %target.display(), error = %crate::error::error_chain(&e), "cannot record the id of a new mount");
         }
     }
 

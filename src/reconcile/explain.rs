@@ -121,7 +121,7 @@ pub fn steps(
             Step {
                 order: i + 1,
                 action: a.kind().as_str().to_string(),
-                target: target(a).display().to_string(),
+                target: action_target(a).display().to_string(),
                 waits_until: owner.as_ref().and_then(&waits),
                 object: owner.as_ref().map(object_name),
                 why: why(a, want, &actual.owned_mounts),
@@ -130,7 +130,8 @@ pub fn steps(
         .collect()
 }
 
-fn target(a: &Action) -> PathBuf {
+/// The mount point, directory or file `a` changes.
+pub fn action_target(a: &Action) -> PathBuf {
     match a {
         Action::Unmount { target, .. } | Action::Detach { target } | Action::Forget { target } => {
             target.clone()

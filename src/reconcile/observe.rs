@@ -388,7 +388,7 @@ impl Observer {
             match self.look_below((target, mount), paths.clone()) {
                 Some(found) => dirs.extend(found),
                 None => {
-                    tracing::warn!(volume = %vol, timeout = ?self.stat_timeout, "volume does not answer; nothing below it is touched until it does");
+                    tracing::warn!(volume = %vol, key = %crate::keys::volume_log_key(vol), timeout = ?self.stat_timeout, "volume does not answer; nothing below it is touched until it does");
                     hung.insert(vol.clone());
                     dirs.extend(paths);
                 }

@@ -676,7 +676,23 @@ impl Reconciler {
                 ),
             });
             if let Err(e) = &o.result {
-                tracing::warn!(action = %o.action.kind(), owner = ?o.owner, error = %status_message(e), "action failed");
+                // A best-effort bind serves no owner, but still its kernel.
+                let about = o.owner.clone().or_else(|| match &o.action {
+                    Action::Bind { bind } | Action::Remount { bind } => {
+                        Some(Owner::Kernel(bind.kernel.clone()))
+                    }
+                    _ => None,
+                });
+                let key = about.as_ref().map(|w| self.keys.object_key(&owner_key(w)));
+                let object = about.as_ref().map(explain::object_name);
+                tracing::warn!(
+                    action = %o.action.kind(),
+                    object = object.as_deref(),
+                    key = key.as_deref(),
+                    path = %crate::reconcile::explain::action_target(&o.action).display(),
+                    error = %status_message(e),
+                    "action failed"
+                );
             }
             if let (Action::Bind { bind }, Err(ExecError::SourceMissing(_))) =
                 (&o.action, &o.result)
@@ -969,6 +985,14 @@ impl Reconciler {
             self.settled = self.entries.clone();
         }
         self.entries.clone()
+    }
+}
+
+/// The desired key an owner's record lives at.
+fn owner_key(o: &Owner) -> crate::keys::ObjectKey {
+    match o {
+        Owner::Kernel(k) => crate::keys::ObjectKey::Kernel(k.clone()),
+        Owner::Volume(v) => crate::keys::ObjectKey::Volume(v.clone()),
     }
 }
 

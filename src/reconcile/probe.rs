@@ -93,7 +93,7 @@ pub async fn run_prober(
         }
         if *map != before {
             for (t, (_, why)) in map.iter().filter(|(t, _)| !before.contains_key(*t)) {
-                tracing::warn!(target = %t.display(), reason = %why, "stale volume mount");
+                tracing::warn!(mount_point = %t.display(), reason = %why, "stale volume mount");
             }
             drop(map);
             on_change();

@@ -201,7 +201,7 @@ async fn scan_with_timeout(
         }),
         Ok(_) => None,
         Err(_) => {
-            tracing::warn!(vfolder = %id, ?timeout, "usage scan did not finish; its volume may be hung");
+            tracing::warn!(vfolder = %id, key = %crate::keys::vfolder_log_key(&id), ?timeout, "usage scan did not finish; its volume may be hung");
             None
         }
     }

@@ -44,6 +44,8 @@ pub struct Event {
     pub time: String,
     /// `kernel/<id>`, `volume/<name>` or `vfolder/<uuid>`.
     pub object: String,
+    /// The object's record key (`P/nodes/<node>/kernels/<id>`, ...).
+    pub key: String,
     /// Normal or Warning.
     #[serde(rename = "type")]
     pub kind: EventType,
@@ -64,7 +66,7 @@ fn troubled(state: &str) -> bool {
 /// The event a status change from `old` to `new` makes, if any. `key` is
 /// the status key; `keys` tells what object it is about.
 pub fn of_change(keys: &Keys, key: &str, old: Option<&Value>, new: &Value) -> Option<Event> {
-    let object = object_of(keys, key)?;
+    let (object, record) = object_of(keys, key)?;
     let state = |v: &Value| v.get("state").and_then(Value::as_str).map(str::to_string);
     let to = state(new)?;
     let from = old.and_then(state);
@@ -92,25 +94,28 @@ pub fn of_change(keys: &Keys, key: &str, old: Option<&Value>, new: &Value) -> Op
             EventType::Normal
         },
         object,
+        key: record,
         reason: to,
         from,
         message,
     })
 }
 
-/// `kernel/<id>`, `volume/<name>` or `vfolder/<uuid>` for a status key.
-fn object_of(keys: &Keys, key: &str) -> Option<String> {
+/// `kernel/<id>`, `volume/<name>` or `vfolder/<uuid>` for a status key,
+/// and the key of its record.
+fn object_of(keys: &Keys, key: &str) -> Option<(String, String)> {
+    let p = &keys.prefix;
     let mine = key.strip_prefix(&keys.node_status_prefix());
     if let Some(rest) = mine {
         let (dir, name) = rest.split_once('/')?;
         return match dir {
-            "kernels" => Some(format!("kernel/{name}")),
-            "volumes" => Some(format!("volume/{name}")),
+            "kernels" => Some((format!("kernel/{name}"), keys.kernels_prefix() + name)),
+            "volumes" => Some((format!("volume/{name}"), format!("{p}/volumes/{name}"))),
             _ => None,
         };
     }
     let id = key.strip_prefix(&keys.vfolder_status_prefix())?;
-    Some(format!("vfolder/{id}"))
+    Some((format!("vfolder/{id}"), format!("{p}/vfolders/{id}")))
 }
 
 /// Where events go: the recent ones in memory, all of them to the writer.
@@ -137,10 +142,10 @@ impl EventLog {
     pub fn record(&self, e: Event) {
         match e.kind {
             EventType::Warning => {
-                tracing::warn!(object = %e.object, reason = %e.reason, message = %e.message, "event")
+                tracing::warn!(object = %e.object, key = %e.key, reason = %e.reason, detail = %e.message, "event")
             }
             EventType::Normal => {
-                tracing::info!(object = %e.object, reason = %e.reason, message = %e.message, "event")
+                tracing::info!(object = %e.object, key = %e.key, reason = %e.reason, detail = %e.message, "event")
             }
         }
         {
