@@ -117,17 +117,31 @@ pub fn steps(
         .iter()
         .enumerate()
         .map(|(i, a)| {
+            // The backoff is the owner's (as the executor skips by it);
+            // the object shown is its kernel for a best-effort bind too.
             let owner = owner_of(a, &actual.owned_mounts);
+            let object = owner.clone().or_else(|| kernel_of(a));
             Step {
                 order: i + 1,
                 action: a.kind().as_str().to_string(),
                 target: action_target(a).display().to_string(),
                 waits_until: owner.as_ref().and_then(&waits),
-                object: owner.as_ref().map(object_name),
+                object: object.as_ref().map(object_name),
                 why: why(a, want, &actual.owned_mounts),
             }
         })
         .collect()
+}
+
+/// The kernel a best-effort bind serves (it has no owner: its failure
+/// fails no one, but it is still that kernel's).
+fn kernel_of(a: &Action) -> Option<Owner> {
+    match a {
+        Action::Bind { bind } | Action::Remount { bind } => {
+            Some(Owner::Kernel(bind.kernel.clone()))
+        }
+        _ => None,
+    }
 }
 
 /// The mount point, directory or file `a` changes.
@@ -152,7 +166,7 @@ fn why(a: &Action, want: &Want, owned: &HashMap<PathBuf, OwnedMount>) -> String 
             let users = users_of(want, &volume.name);
             if users.is_empty() {
                 format!(
-                    "volume {} is served by this node and not mounted",
+                    "volume {} is not mounted; this node mounts it (a startup volume, or the storage role)",
                     volume.name
                 )
             } else {
