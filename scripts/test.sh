@@ -20,17 +20,24 @@ if [ $# -eq 0 ]; then
   # The previous release, built from this repository's history, for
   # tests/upgrade.rs. A clone without that history cannot run the test: it
   # is skipped, said here and counted by no TOTAL.
-  if VFOLDERD_PREVIOUS=$(scripts/previous-release.sh); then
-    export VFOLDERD_PREVIOUS
-  else
-    echo "WARNING: the previous release is not in this clone's history; tests/upgrade.rs is skipped" >&2
-    skip=(-- --skip the_previous_release)
-  fi
+  prev_status=0
+  VFOLDERD_PREVIOUS=$(scripts/previous-release.sh) || prev_status=$?
+  case $prev_status in
+    0) export VFOLDERD_PREVIOUS ;;
+    2)
+      echo "WARNING: the previous release is not in this clone's history; tests/upgrade.rs is skipped" >&2
+      skip=(-- --skip the_previous_release)
+      ;;
+    *)
+      echo "error: scripts/previous-release.sh failed ($prev_status)" >&2
+      exit 1
+      ;;
+  esac
 fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-unshare --mount --propagation private -- cargo test --no-fail-fast "$@" "${skip[@]}" 2>&1 | tee "$log"
+unshare --mount --propagation private -- cargo test --no-fail-fast "$@" ${skip[@]+"${skip[@]}"} 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 # The daemon tests of the mount table once more, with its fallback forced
 # (/proc/self/mountinfo, for kernels before 6.8); not for a filtered run.

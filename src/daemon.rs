@@ -388,7 +388,7 @@ impl EtcdSide {
         ledger: &Ledger,
         status_rx: tokio::sync::watch::Receiver<StatusBatch>,
         elections: Option<Arc<Elections>>,
-        events: tokio::sync::mpsc::Receiver<crate::state::events::Event>,
+        events: tokio::sync::mpsc::Receiver<crate::state::events::Order>,
     ) -> Self {
         let endpoints = s.cfg.etcd.endpoints.clone();
         let (probe, tls) = (probe_options(s.cfg), s.cfg.etcd.tls.is_some());
@@ -653,7 +653,7 @@ impl Background {
             Self::policy_watch(s),
             Self::mount_watch(deps, mounts_changed.clone(), gate_rx),
             Self::prober(s, &volume_targets, (&stale, &capacity)),
-            Self::feature_probe(s, deps, &volume_targets),
+            Self::feature_probe(s, deps, &volume_targets, &stale),
         ];
         if s.cfg.has_role(Role::Storage) {
             tasks.push(Self::lifecycle(s, &lifecycle));
@@ -673,7 +673,12 @@ impl Background {
 
     /// Tries idmapped mounts on each filesystem type volumes are mounted
     /// with ([`crate::features`]).
-    fn feature_probe(s: &Shared<'_>, deps: &Deps, targets: &VolumeTargets) -> AbortOnDrop<()> {
+    fn feature_probe(
+        s: &Shared<'_>,
+        deps: &Deps,
+        targets: &VolumeTargets,
+        stale: &StaleMap,
+    ) -> AbortOnDrop<()> {
         let features = Arc::new(crate::features::Features::probe(deps.mount_table));
         s.metrics.set_features(&features);
         let _ = s.health.features.set(features.clone());
@@ -681,7 +686,12 @@ impl Background {
             (targets.clone(), deps.mountinfo.clone(), s.metrics.clone());
         let every = s.cfg.probe_interval.max(Duration::from_secs(1));
         AbortOnDrop(tokio::spawn(crate::features::run_feature_probe(
-            features, targets, mountinfo, metrics, every,
+            features,
+            targets,
+            stale.clone(),
+            mountinfo,
+            metrics,
+            every,
         )))
     }
 
@@ -951,11 +961,21 @@ impl<'a> PassLoop<'a> {
 
     /// Plans over the desired state as it is now (limits as last applied),
     /// on a blocking thread, acting on nothing.
+    /// Every plan asked meanwhile gets the same answer; one nobody waits
+    /// for any more (its client gave up) is not made.
     async fn answer_plan(
         &mut self,
         mut rec: Reconciler,
         ask: crate::http::PlanRequest,
     ) -> Result<Reconciler, DaemonError> {
+        let mut asks = vec![ask];
+        while let Ok(more) = self.plans.try_recv() {
+            asks.push(more);
+        }
+        asks.retain(|a| !a.reply.is_closed());
+        if asks.is_empty() {
+            return Ok(rec);
+        }
         let mut desired = self.s.cache.peek();
         if !self.limits.kernels.is_empty() || !self.limits.vfolders.is_empty() {
             Arc::make_mut(&mut desired).apply_limits(&self.limits);
@@ -973,7 +993,9 @@ impl<'a> PassLoop<'a> {
             Ok(Err(e)) => Err(crate::error::error_chain(&e)),
             Err(panic) => Err(panic),
         };
-        let _ = ask.reply.send(answer);
+        for a in asks {
+            let _ = a.reply.send(answer.clone());
+        }
         Ok(rec)
     }
 

@@ -12,8 +12,9 @@
 //! never attached anywhere) is given an idmap, once per filesystem type.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Where the mount table is read from.
@@ -139,46 +140,61 @@ pub fn try_idmap(dir: &Path) -> Result<(), String> {
     .map_err(|e| format!("mount_setattr: {e}"))
 }
 
-/// How long one idmap try may take (a hung volume must not hold the task).
-const TRY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Every `every`, tries idmaps on the owned volume mounts of a filesystem
-/// type not judged yet, and publishes the verdicts as metrics.
+/// When the owned volume mounts change, tries idmaps on those of a
+/// filesystem type not judged yet (stale ones aside), on one blocking
+/// thread at a time: a try stuck in a hung volume holds that thread only,
+/// and nothing is tried again until it returns. Publishes the verdicts as
+/// metrics. Costs nothing while the volume mounts stay as they are.
 pub async fn run_feature_probe(
-    features: std::sync::Arc<Features>,
+    features: Arc<Features>,
     targets: crate::reconcile::probe::VolumeTargets,
-    mountinfo: std::sync::Arc<dyn crate::reconcile::actual::MountInfoSource>,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    stale: crate::reconcile::probe::StaleMap,
+    mountinfo: Arc<dyn crate::reconcile::actual::MountInfoSource>,
+    metrics: Arc<crate::metrics::Metrics>,
     every: Duration,
 ) {
+    let busy = Arc::new(AtomicBool::new(false));
+    let mut last: Vec<(PathBuf, u64)> = Vec::new();
     loop {
-        let owned: Vec<_> = targets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(t, _)| t.clone())
-            .collect();
-        if !owned.is_empty() {
-            if let Ok(table) = mountinfo.read() {
-                for t in owned {
-                    let Some(fstype) = table.top(&t).map(|m| m.fstype.clone()) else {
-                        continue;
-                    };
-                    if !features.idmap_unknown(&fstype) {
-                        continue;
-                    }
-                    let tried = tokio::time::timeout(
-                        TRY_TIMEOUT,
-                        tokio::task::spawn_blocking(move || try_idmap(&t)),
-                    )
-                    .await;
-                    if let Ok(Ok(v)) = tried {
-                        metrics.set_idmap(&fstype, v.is_ok());
-                        features.set_idmap(&fstype, v);
-                    }
-                }
-            }
+        let now = targets.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if now != last && !busy.swap(true, Ordering::AcqRel) {
+            last = now.clone();
+            let (features, stale, mountinfo) = (features.clone(), stale.clone(), mountinfo.clone());
+            let (metrics, busy) = (metrics.clone(), busy.clone());
+            tokio::task::spawn_blocking(move || {
+                try_each_fstype(&features, &now, &stale, mountinfo.as_ref(), &metrics);
+                busy.store(false, Ordering::Release);
+            });
         }
         tokio::time::sleep(every).await;
+    }
+}
+
+fn try_each_fstype(
+    features: &Features,
+    targets: &[(PathBuf, u64)],
+    stale: &crate::reconcile::probe::StaleMap,
+    mountinfo: &dyn crate::reconcile::actual::MountInfoSource,
+    metrics: &crate::metrics::Metrics,
+) {
+    let Ok(table) = mountinfo.read() else {
+        return;
+    };
+    for (t, _) in targets {
+        if stale
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(t)
+        {
+            continue;
+        }
+        let Some(fstype) = table.top(t).map(|m| m.fstype.clone()) else {
+            continue;
+        };
+        if features.idmap_unknown(&fstype) {
+            let v = try_idmap(t);
+            metrics.set_idmap(&fstype, v.is_ok());
+            features.set_idmap(&fstype, v);
+        }
     }
 }

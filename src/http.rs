@@ -80,8 +80,14 @@ async fn plan(
     Query(q): Query<PlanQuery>,
 ) -> Response {
     let (reply, answer) = oneshot::channel();
-    if plans.send(PlanRequest { reply }).await.is_err() {
-        return unavailable("the reconcile loop is not running");
+    match plans.try_send(PlanRequest { reply }) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            return unavailable("plans are already waiting for the reconcile loop; try again")
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            return unavailable("the reconcile loop is not running")
+        }
     }
     match tokio::time::timeout(PLAN_WAIT, answer).await {
         Ok(Ok(Ok(view))) => {

@@ -646,7 +646,18 @@ pub async fn describe(
 ) -> Result<String, CliError> {
     let e = explain(cfg, kind, name, node).await?;
     let mut out = explained_text(&e);
-    let keys = Keys::new(&cfg.etcd.prefix, node);
+    // A vfolder's events are its storage node's (the one its status names).
+    let writer = match kind {
+        Kind::Vfolders => e
+            .objects
+            .first()
+            .and_then(|it| it.status.as_ref())
+            .and_then(|s| s["node"].as_str())
+            .unwrap_or(node)
+            .to_string(),
+        _ => node.to_string(),
+    };
+    let keys = Keys::new(&cfg.etcd.prefix, &writer);
     let mut client = connect(cfg).await?;
     let object = format!("{}/{name}", kind_name(kind));
     let events = crate::state::events::read(&mut client, &keys, &object).await?;

@@ -658,19 +658,19 @@ async fn readyz(State(s): State<AppState>) -> (StatusCode, String) {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
-    if let Some(reason) = held {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("held by the safety brake: {reason}; nothing is torn down until `vfolderd accept-reset`\n"),
-        );
-    }
-    let (code, text) = readyz_text(&s.health);
     let features = s
         .health
         .features
         .get()
         .map(|f| f.report())
         .unwrap_or_default();
+    if let Some(reason) = held {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("held by the safety brake: {reason}; nothing is torn down until `vfolderd accept-reset`\n{features}"),
+        );
+    }
+    let (code, text) = readyz_text(&s.health);
     (code, format!("{text}{features}"))
 }
 

@@ -121,13 +121,15 @@ async fn plan_here(cfg: &NodeConfig, addr: SocketAddr) -> Result<PlanView, PlanE
     if !db.is_dir() {
         return Err(PlanError::NoState(db.display().to_string()));
     }
-    let ledger = Ledger::open_guarded(&db).map_err(|source| PlanError::Store { addr, source })?;
     let policy = Arc::new(Policy::load_dir(&cfg.policies)?.unwrap_or_default());
     let keys =
         Keys::new(&cfg.etcd.prefix, &cfg.node).watching_all_kernels(cfg.has_role(Role::Storage));
     let parser = DesiredParser::with_policy(keys, (*policy).clone(), cfg.roots.kernels.clone());
-    let (mut desired, source) = match tokio::time::timeout(LIST_TIMEOUT, listed(cfg, &parser)).await
-    {
+    // etcd first: the store is held only for the plan itself (a daemon
+    // starting meanwhile would find it locked).
+    let listed = tokio::time::timeout(LIST_TIMEOUT, listed(cfg, &parser)).await;
+    let ledger = Ledger::open_guarded(&db).map_err(|source| PlanError::Store { addr, source })?;
+    let (mut desired, source) = match listed {
         Ok(Ok(d)) => (d, PlanSource::Etcd),
         _ => (stored(&ledger, &parser)?, PlanSource::Stored),
     };

@@ -1,9 +1,10 @@
 //! `vfolderd get KIND --watch`: the list, then a row for each object that
 //! changes (its record or a status), as kubectl's `get -w` does. It watches
-//! the record and status ranges of that kind from the revision it listed
-//! at, so nothing between the list and the watch is missed; a burst of
-//! changes is read once (the list is read again, 300 ms after the first
-//! change, and only rows that differ are printed).
+//! the record and status ranges of that kind (of the node asked about)
+//! from the revision it listed at, so nothing between the list and the
+//! watch is missed. A burst of changes is read once: the list is read again
+//! (paged), 300 ms after the first change, and only rows that differ are
+//! printed — a cost of one list per burst, for an operator's terminal.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -43,7 +44,7 @@ pub async fn watch(
     // Each range's answers, forwarded to one channel.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(), CliError>>(64);
     let mut forwarders = Vec::new();
-    for prefix in prefixes(&keys, kind) {
+    for prefix in prefixes(&keys, kind, nodes) {
         let mut stream = client.watch(prefix, Some(opts.clone())).await?;
         let tx = tx.clone();
         forwarders.push(crate::daemon::AbortOnDrop(tokio::spawn(async move {
@@ -91,12 +92,17 @@ async fn connect(cfg: &NodeConfig) -> Result<Client, CliError> {
     Ok(Client::connect(&cfg.etcd.endpoints, Some(opts)).await?)
 }
 
-/// The record and status ranges of `kind`.
-fn prefixes(keys: &Keys, kind: Kind) -> Vec<String> {
+/// The record and status ranges of `kind` (of `nodes`' kernels and
+/// volume statuses).
+fn prefixes(keys: &Keys, kind: Kind, nodes: &Nodes) -> Vec<String> {
     let p = &keys.prefix;
+    let of = |what: &str, rest: &str| match nodes {
+        Nodes::One(n) => format!("{p}/{what}/{n}/{rest}"),
+        Nodes::All => format!("{p}/{what}/"),
+    };
     match kind {
-        Kind::Kernels => vec![format!("{p}/nodes/"), format!("{p}/status/nodes/")],
-        Kind::Volumes => vec![format!("{p}/volumes/"), format!("{p}/status/nodes/")],
+        Kind::Kernels => vec![of("nodes", "kernels/"), of("status/nodes", "kernels/")],
+        Kind::Volumes => vec![format!("{p}/volumes/"), of("status/nodes", "volumes/")],
         Kind::Vfolders => vec![format!("{p}/vfolders/"), format!("{p}/status/vfolders/")],
     }
 }

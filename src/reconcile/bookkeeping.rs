@@ -174,10 +174,9 @@ impl Linger {
         owned
             .into_iter()
             .filter(|v| !wanted(v))
-            .filter(|v| {
-                self.idle_since
-                    .get(*v)
-                    .is_none_or(|s| now < *s + self.period)
+            .filter(|v| match self.idle_since.get(*v) {
+                Some(since) => now < *since + self.period,
+                None => !self.period.is_zero(),
             })
             .cloned()
             .collect()
@@ -231,6 +230,25 @@ mod tests {
         ExecError::MountFailed {
             target: PathBuf::from("/v/x"),
             errno: nix::errno::Errno::EBUSY,
+        }
+    }
+
+    /// A plan's linger verdict is the one the next pass reaches.
+    #[test]
+    fn kept_says_what_update_would_without_changing_anything() {
+        let now = Instant::now();
+        let owned = ["a".to_string(), "b".to_string()];
+        for period in [Duration::ZERO, Duration::from_secs(60)] {
+            let mut l = Linger::new(period);
+            let wanted = |v: &str| v == "a";
+            let kept = l.kept(owned.iter(), wanted, now);
+            assert_eq!(kept, l.update(owned.iter(), wanted, now), "{period:?}");
+            let later = now + Duration::from_secs(61);
+            assert_eq!(
+                l.kept(owned.iter(), wanted, later),
+                l.update(owned.iter(), wanted, later),
+                "{period:?}"
+            );
         }
     }
 

@@ -572,7 +572,13 @@ impl Reconciler {
             live,
             |owned, wanted| linger.kept(owned, wanted, now),
         )?;
-        let unix = |t: Instant| unix_now() + t.saturating_duration_since(now).as_secs();
+        // Rounded up: a time shown is never before the backoff ends.
+        let wall = std::time::SystemTime::now();
+        let unix = |t: Instant| {
+            let at = wall + t.saturating_duration_since(now);
+            at.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
+        };
         let pending: BTreeMap<&Owner, (u32, Instant)> = self
             .retries
             .pending(now)
@@ -972,19 +978,43 @@ impl Reconciler {
         self.kernel_states =
             scope::merge_scoped(&self.kernel_states, report.kernel_states.clone(), ids);
         let values = report.into_values();
+        let merged = Arc::new(scope::merge_scoped(
+            &self.entries,
+            values,
+            status_keys.clone(),
+        ));
         if settled {
-            for (k, v) in &values {
-                let old = self.settled.get(k).map(|o| o.as_ref());
-                if let Some(e) = crate::state::events::of_change(&self.keys, k, old, v) {
+            self.record_events(&merged, status_keys.as_deref());
+            self.settled = merged.clone();
+        }
+        self.entries = merged;
+        self.entries.clone()
+    }
+
+    /// The events of a report after acting: what changed since the last one
+    /// among the keys it holds (`scoped`: only those), and the objects whose
+    /// status went (their events go too).
+    fn record_events(&self, merged: &StatusEntries, scoped: Option<&[String]>) {
+        use crate::state::events::of_change;
+        let mut look = |k: &String| match (self.settled.get(k), merged.get(k)) {
+            (old, Some(v)) => {
+                if let Some(e) = of_change(&self.keys, k, old.map(|o| o.as_ref()), v) {
                     self.events.record(e);
                 }
             }
+            (Some(_), None) => self.events.forget(&self.keys, k),
+            (None, None) => {}
+        };
+        match scoped {
+            Some(keys) => keys.iter().for_each(&mut look),
+            None => {
+                merged.keys().for_each(&mut look);
+                self.settled
+                    .keys()
+                    .filter(|k| !merged.contains_key(*k))
+                    .for_each(&mut look);
+            }
         }
-        self.entries = Arc::new(scope::merge_scoped(&self.entries, values, status_keys));
-        if settled {
-            self.settled = self.entries.clone();
-        }
-        self.entries.clone()
     }
 }
 

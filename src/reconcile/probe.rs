@@ -93,7 +93,17 @@ pub async fn run_prober(
         }
         if *map != before {
             for (t, (_, why)) in map.iter().filter(|(t, _)| !before.contains_key(*t)) {
-                tracing::warn!(mount_point = %t.display(), reason = %why, "stale volume mount");
+                let volume = t
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                tracing::warn!(
+                    object = %format!("volume/{volume}"),
+                    key = %crate::keys::volume_log_key(&volume),
+                    mount_point = %t.display(),
+                    reason = %why,
+                    "stale volume mount"
+                );
             }
             drop(map);
             on_change();

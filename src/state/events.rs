@@ -118,17 +118,26 @@ fn object_of(keys: &Keys, key: &str) -> Option<(String, String)> {
     Some((format!("vfolder/{id}"), format!("{p}/vfolders/{id}")))
 }
 
+/// What the writer is asked to do.
+#[derive(Debug)]
+pub enum Order {
+    /// Write an event.
+    Write(Event),
+    /// The object is gone (its status went): its events go too.
+    Forget(String),
+}
+
 /// Where events go: the recent ones in memory, all of them to the writer.
 pub struct EventLog {
     recent: Mutex<VecDeque<Event>>,
-    tx: tokio::sync::mpsc::Sender<Event>,
+    tx: tokio::sync::mpsc::Sender<Order>,
     /// Events dropped because etcd fell behind.
     pub dropped: AtomicU64,
 }
 
 impl EventLog {
     /// A log and the writer's end of it.
-    pub fn new() -> (Arc<Self>, tokio::sync::mpsc::Receiver<Event>) {
+    pub fn new() -> (Arc<Self>, tokio::sync::mpsc::Receiver<Order>) {
         let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
         let log = Self {
             recent: Mutex::new(VecDeque::with_capacity(RECENT)),
@@ -155,8 +164,27 @@ impl EventLog {
             }
             r.push_back(e.clone());
         }
-        if self.tx.try_send(e).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+        self.send(Order::Write(e));
+    }
+
+    /// The object whose status key `status_key` was has gone.
+    pub fn forget(&self, keys: &Keys, status_key: &str) {
+        if let Some((object, _)) = object_of(keys, status_key) {
+            self.recent
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|e| e.object != object);
+            self.send(Order::Forget(object));
+        }
+    }
+
+    fn send(&self, o: Order) {
+        if self.tx.try_send(o).is_err() {
+            // etcd fell behind by a whole queue: said once per thousand.
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed);
+            if n.is_multiple_of(1000) {
+                tracing::warn!(dropped = n + 1, "events not written: etcd is behind");
+            }
         }
     }
 
@@ -192,66 +220,97 @@ fn event_key(keys: &Keys, object: &str, seq: u64) -> String {
 }
 
 /// Writes events to etcd in order, each under the node's lease, trimming
-/// each object to its newest [`PER_OBJECT`]. Runs until the log is dropped.
+/// each object to its newest [`PER_OBJECT`] and deleting the events of
+/// objects that went. Runs until the log is dropped.
 pub async fn run_event_writer(
     mut client: Client,
     keys: Keys,
-    mut rx: tokio::sync::mpsc::Receiver<Event>,
+    mut rx: tokio::sync::mpsc::Receiver<Order>,
     health: Arc<crate::metrics::Health>,
 ) {
     let lease = &health.node_lease;
-    let mut kept = existing(&mut client, &keys).await;
+    // The keys written before (a restart keeps the cap), read once etcd answers.
+    let mut kept: Option<HashMap<String, VecDeque<String>>> = None;
     let mut last_seq = 0u64;
-    while let Some(e) = rx.recv().await {
+    while let Some(order) = rx.recv().await {
         let lease = loop {
             match lease.get() {
                 Some(l) => break l,
                 None => tokio::time::sleep(Duration::from_millis(500)).await,
             }
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as u64);
-        last_seq = now.max(last_seq + 1);
-        let key = event_key(&keys, &e.object, last_seq);
-        let body = serde_json::to_vec(&e).expect("json");
-        let queue = kept.entry(e.object.clone()).or_default();
-        queue.push_back(key.clone());
-        let mut ops = vec![TxnOp::put(
-            key.as_str(),
-            body,
-            Some(PutOptions::new().with_lease(lease)),
-        )];
-        while queue.len() > PER_OBJECT {
-            if let Some(old) = queue.pop_front() {
-                ops.push(TxnOp::delete(old.as_str(), None));
-            }
+        if kept.is_none() {
+            kept = existing(&client, &keys).await;
         }
+        let known = kept.get_or_insert_with(HashMap::new);
+        let ops = match order {
+            Order::Write(e) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros() as u64);
+                last_seq = now.max(last_seq + 1);
+                write_ops(&keys, known, &e, last_seq, lease)
+            }
+            Order::Forget(object) => {
+                known.remove(&object);
+                let prefix = format!("{}{object}/", keys.events_prefix());
+                vec![TxnOp::delete(
+                    prefix.as_str(),
+                    Some(etcd_client::DeleteOptions::new().with_prefix()),
+                )]
+            }
+        };
         if let Err(e) = client.txn(Txn::new().and_then(ops)).await {
             tracing::debug!(error = %crate::error::error_chain(&e), "event not written");
         }
     }
 }
 
-/// The event keys this node wrote before (a restart keeps the cap).
-async fn existing(client: &mut Client, keys: &Keys) -> HashMap<String, VecDeque<String>> {
-    let prefix = keys.events_prefix();
-    let opts = GetOptions::new().with_prefix().with_keys_only();
-    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    if let Ok(resp) = client.get(prefix.as_str(), Some(opts)).await {
-        for kv in resp.kvs() {
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            if let Some((object, _)) = key[prefix.len()..].rsplit_once('/') {
-                out.entry(object.to_string()).or_default().push(key);
-            }
+/// The put of `e` as `seq` under `lease`, and the deletes that keep its
+/// object at [`PER_OBJECT`].
+fn write_ops(
+    keys: &Keys,
+    known: &mut HashMap<String, VecDeque<String>>,
+    e: &Event,
+    seq: u64,
+    lease: i64,
+) -> Vec<TxnOp> {
+    let key = event_key(keys, &e.object, seq);
+    let body = serde_json::to_vec(e).expect("json");
+    let queue = known.entry(e.object.clone()).or_default();
+    queue.push_back(key.clone());
+    let mut ops = vec![TxnOp::put(
+        key.as_str(),
+        body,
+        Some(PutOptions::new().with_lease(lease)),
+    )];
+    while queue.len() > PER_OBJECT {
+        if let Some(old) = queue.pop_front() {
+            ops.push(TxnOp::delete(old.as_str(), None));
         }
     }
-    out.into_iter()
-        .map(|(o, mut ks)| {
-            ks.sort();
-            (o, ks.into())
-        })
-        .collect()
+    ops
+}
+
+/// The event keys this node wrote before, by object (paged); `None` if
+/// etcd did not answer (asked again with the next event).
+async fn existing(client: &Client, keys: &Keys) -> Option<HashMap<String, VecDeque<String>>> {
+    let prefix = keys.events_prefix();
+    let all = crate::etcd::get_prefix(client, &prefix).await.ok()?;
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (key, _, _) in all {
+        if let Some((object, _)) = key[prefix.len()..].rsplit_once('/') {
+            out.entry(object.to_string()).or_default().push(key);
+        }
+    }
+    Some(
+        out.into_iter()
+            .map(|(o, mut ks)| {
+                ks.sort();
+                (o, ks.into())
+            })
+            .collect(),
+    )
 }
 
 /// An object's events as etcd holds them, oldest first (for `describe`).

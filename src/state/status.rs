@@ -673,6 +673,7 @@ async fn own_lease(
                 () = health.changed.notified() => {}
             }
         };
+        health.node_lease.set(None);
         tracing::info!(
             lease = format!("{lease:x}"),
             why,
