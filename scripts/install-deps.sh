@@ -14,7 +14,9 @@
 #            (tests/kernel.rs starts real containers on a busybox root),
 #            prometheus (promtool: tests/operator.rs lints /metrics and tests the alert rules),
 #            systemd (systemd-analyze verify on config/systemd/vfolderd.service; not run as init),
-#            chromium + fonts-dejavu-core (tests/operator.rs renders the status page headless)
+#            chromium + fonts-dejavu-core (tests/operator.rs renders the status page headless),
+#            git (scripts/previous-release.sh builds the previous release from this
+#            repository's history for tests/upgrade.rs)
 set -euo pipefail
 
 packages=(
@@ -27,6 +29,7 @@ packages=(
   btrfs-progs
   prometheus systemd
   chromium fonts-dejavu-core
+  git
 )
 
 # Installed packages and what they provide, one name per line: nodesource's

@@ -12,6 +12,10 @@ if [ -x "$bin" ] && [ "$(cat "$out/rev" 2>/dev/null)" = "$rev" ]; then
   echo "$bin"
   exit 0
 fi
+if ! command -v git >/dev/null; then
+  echo "git is not installed (scripts/install-deps.sh installs it)" >&2
+  exit 1
+fi
 if ! git cat-file -e "$rev^{commit}" 2>/dev/null; then
   echo "previous release $rev is not in this clone's history (a shallow clone?)" >&2
   exit 2
