@@ -242,7 +242,10 @@ pub async fn run_event_writer(
         if kept.is_none() {
             kept = existing(&client, &keys).await;
         }
-        let known = kept.get_or_insert_with(HashMap::new);
+        // Until etcd said what it holds, this event is written uncounted
+        // (and the next one asks again).
+        let mut scratch = HashMap::new();
+        let known = kept.as_mut().unwrap_or(&mut scratch);
         let ops = match order {
             Order::Write(e) => {
                 let now = std::time::SystemTime::now()
