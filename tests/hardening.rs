@@ -12,22 +12,6 @@ fn kernel_yaml(vfolder: &uuid::Uuid) -> String {
     format!("mounts: [{{vfolder: {vfolder}}}]\n")
 }
 
-/// A tmpfs volume `data`, a vfolder `mine` on it, and kernel `k` using it,
-/// Ready. Returns the vfolder's id.
-async fn ready_kernel_with_a_folder(etcd: &Etcd, node: &Node, k: &str) -> uuid::Uuid {
-    let id = uuid::Uuid::new_v4();
-    etcd.put(&format!("{P}/volumes/data"), &tmpfs_volume("requested"))
-        .await;
-    etcd.put(
-        &format!("{P}/vfolders/{id}"),
-        "{name: mine, owner: alice, volume: data}",
-    )
-    .await;
-    etcd.put(&node.kernel_key(k), &kernel_yaml(&id)).await;
-    etcd.wait_state(&node.kernel_status(k), "Ready").await;
-    id
-}
-
 /// Item 1: `fstype: "é="` made `redact` panic inside the desired-state lock;
 /// one `etcdctl put` took the daemon down, and after a restart the watcher
 /// died silently. Now the value is Rejected and everything else converges,

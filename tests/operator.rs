@@ -85,20 +85,7 @@ async fn a_live_metrics_page_passes_promtool_and_has_every_metric_the_rules_read
         let etcd = Etcd::start().await;
         let node = Node::start(&etcd, "n1", NodeOpts::default());
         // Something to count: a volume mounted, a kernel with a folder.
-        let id = uuid::Uuid::new_v4();
-        etcd.put(&format!("{P}/volumes/data"), &tmpfs_volume("requested"))
-            .await;
-        etcd.put(
-            &format!("{P}/vfolders/{id}"),
-            "{name: work, owner: alice, volume: data}\n",
-        )
-        .await;
-        etcd.put(
-            &node.kernel_key("k1"),
-            &format!("mounts: [{{vfolder: {id}}}]\n"),
-        )
-        .await;
-        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        ready_kernel_with_a_folder(&etcd, &node, "k1").await;
         etcd.delete(&node.kernel_key("k1")).await;
         until("the kernel's binds are gone", 30, || {
             node.metric("vfolderd_owned_mounts{kind=\"bind\"}") == Some(0.0)
@@ -612,20 +599,8 @@ async fn plan_and_explain_say_what_the_node_would_do_and_why() {
             ..NodeOpts::default()
         };
         let mut node = Node::start(&etcd, "n1", opts);
-        let id = uuid::Uuid::new_v4();
-        etcd.put(&format!("{P}/volumes/data"), &tmpfs_volume("requested"))
-            .await;
-        etcd.put(
-            &format!("{P}/vfolders/{id}"),
-            "{name: work, owner: alice, volume: data}\n",
-        )
-        .await;
-        etcd.put(
-            &node.kernel_key("k1"),
-            &format!("mounts: [{{vfolder: {id}}}]\n"),
-        )
-        .await;
-        let st = etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        ready_kernel_with_a_folder(&etcd, &node, "k1").await;
+        let st = etcd.get_json(&node.kernel_status("k1")).await.unwrap();
         let bind = st["mounts"][0]["target"].as_str().unwrap().to_string();
 
         // Converged: nothing to do.
@@ -960,20 +935,7 @@ async fn get_watch_prints_a_row_when_a_kernel_changes() {
     within(90, async {
         let etcd = Etcd::start().await;
         let node = Node::start(&etcd, "n1", NodeOpts::default());
-        let id = uuid::Uuid::new_v4();
-        etcd.put(&format!("{P}/volumes/data"), &tmpfs_volume("requested"))
-            .await;
-        etcd.put(
-            &format!("{P}/vfolders/{id}"),
-            "{name: work, owner: alice, volume: data}\n",
-        )
-        .await;
-        etcd.put(
-            &node.kernel_key("k1"),
-            &format!("mounts: [{{vfolder: {id}}}]\n"),
-        )
-        .await;
-        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        let id = ready_kernel_with_a_folder(&etcd, &node, "k1").await;
 
         let mut child = Command::new(env!("CARGO_BIN_EXE_vfolderd"))
             .args(["get", "kernels", "--watch", "--config"])
@@ -1037,20 +999,7 @@ async fn readyz_and_metrics_report_the_kernel_features_in_use() {
             ..NodeOpts::default()
         };
         let node = Node::start(&etcd, "n1", opts);
-        etcd.put(&format!("{P}/volumes/data"), &tmpfs_volume("requested"))
-            .await;
-        let id = uuid::Uuid::new_v4();
-        etcd.put(
-            &format!("{P}/vfolders/{id}"),
-            "{name: work, owner: alice, volume: data}\n",
-        )
-        .await;
-        etcd.put(
-            &node.kernel_key("k1"),
-            &format!("mounts: [{{vfolder: {id}}}]\n"),
-        )
-        .await;
-        etcd.wait_state(&node.kernel_status("k1"), "Ready").await;
+        ready_kernel_with_a_folder(&etcd, &node, "k1").await;
         until("an idmap verdict for tmpfs", 30, || {
             node.metric_now("vfolderd_idmap_supported{fstype=\"tmpfs\"}")
                 .is_some()

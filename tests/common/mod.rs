@@ -1072,3 +1072,23 @@ impl Drop for Frozen {
         let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
     }
 }
+
+/// A tmpfs volume `data`, a vfolder `mine` on it, and kernel `k` using it,
+/// Ready. Returns the vfolder's id.
+pub async fn ready_kernel_with_a_folder(etcd: &Etcd, node: &Node, k: &str) -> uuid::Uuid {
+    let id = uuid::Uuid::new_v4();
+    etcd.put(&format!("{P}/volumes/data"), &tmpfs_volume("requested"))
+        .await;
+    etcd.put(
+        &format!("{P}/vfolders/{id}"),
+        "{name: mine, owner: alice, volume: data}",
+    )
+    .await;
+    etcd.put(
+        &node.kernel_key(k),
+        &format!("mounts: [{{vfolder: {id}}}]\n"),
+    )
+    .await;
+    etcd.wait_state(&node.kernel_status(k), "Ready").await;
+    id
+}
